@@ -1,0 +1,136 @@
+"""The ``esvr`` command: a thin parser over the flows.
+
+Every command that runs a flow takes ``--config FILE``, ``--set KEY=VALUE`` (repeatable) and
+``--out DIR``; it prepares the embedded Prefect + MLflow runtime under the run folder *before*
+importing Prefect, then calls the flow. Errors in user input end with a one-line message and exit
+status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from esvr.flows.config import ConfigError, PipelineConfig, dump_config, load_config
+
+DEFAULT_CONFIG = Path("configs/demo.yaml")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help=f"run recipe (YAML); default {DEFAULT_CONFIG} if present")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set simulate.max_turns=6 (repeatable)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder for every output (default: run.out_dir)")
+
+
+def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    config = load_config(path, args.overrides)
+    if args.out is not None:
+        config.run.out_dir = args.out
+    return config
+
+
+def prepared(args: argparse.Namespace) -> PipelineConfig:
+    """Load the config and point Prefect/MLflow at its run folder (before Prefect is imported)."""
+    from esvr.flows.runtime import prepare
+
+    config = resolve_config(args)
+    prepare(config.run.out_dir)
+    return config
+
+
+def _print_artifacts(artifacts: dict[str, Any]) -> None:
+    for name, path in artifacts.items():
+        print(f"{name}: {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.pipeline import pipeline_flow
+
+    _print_artifacts(pipeline_flow(config))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(dump_config(resolve_config(args)), end="")
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.smoke import smoke_flow
+
+    _print_artifacts(smoke_flow(config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esvr",
+        description="Emotional support dialogue systems via value reinforcement (Kim et al., ACL 2025): "
+        "a Prefect + MLflow pipeline.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline (or run.stages) on a recipe")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="inspect run recipes")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print the resolved config (recipe + overrides + defaults)")
+    _common(show)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("smoke", help="one reply and one scored choice from the supporter model")
+    _common(p)
+    p.set_defaults(func=cmd_smoke)
+
+    # Benchmarks print numbers; each stage adds its own under `esvr bench <stage>`.
+    bench = sub.add_parser("bench", help="benchmarks that print numbers")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="STAGE")
+    add_bench_commands(bench_sub)
+
+    add_stage_commands(sub)
+    return parser
+
+
+def add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """One subcommand per pipeline stage."""
+
+
+def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
+    """One benchmark per stage that has a speed target."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"esvr: config error:\n{exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"esvr: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esvr: interrupted; finished work is kept and cached, run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""MLflow helpers: one MLflow run per flow run, nested for sub-flows.
+
+Each flow opens `flow_run(...)`; inside it, params (the flattened config), prompt files,
+metrics and artifacts go to that run. Secrets never reach MLflow: config keys that look like
+credentials are dropped, and model configs only ever hold the *name* of the variable with the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from esvr.flows.config import PipelineConfig, flatten
+from esvr.flows.runtime import RunPaths, default_tracking_uri
+from esvr.prompts import PROMPTS_DIR
+
+_SECRET = re.compile(r"(api_?key|token|secret|password|passwd)(?!_env)", re.IGNORECASE)
+_MAX_PARAM_LEN = 500
+
+
+def setup(config: PipelineConfig) -> str:
+    """Select the tracking server and the experiment; returns the experiment id."""
+    out_dir = config.run.out_dir.resolve()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
+    mlflow.set_tracking_uri(uri)
+    name = config.run.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        # With the embedded SQLite store, artifacts go to the run folder rather than ./mlruns.
+        location = RunPaths(out_dir).mlflow_artifacts.as_uri() if uri.startswith("sqlite:") else None
+        try:
+            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created concurrently
+            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow takes them: no credentials, values as bounded strings."""
+    out = {}
+    for key, value in params.items():
+        if _SECRET.search(key):
+            continue
+        text = "" if value is None else str(value)
+        out[key] = text if len(text) <= _MAX_PARAM_LEN else text[: _MAX_PARAM_LEN - 3] + "..."
+    return out
+
+
+@contextmanager
+def flow_run(
+    name: str,
+    config: PipelineConfig,
+    *,
+    section: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    prompts: Iterable[str] = (),
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for a flow run: nested under the active one, or top-level.
+
+    A top-level run logs the whole flattened config; a nested run logs only its own section,
+    so the stage runs stay readable in MLflow's comparison view.
+    """
+    if mlflow.active_run() is None:
+        setup(config)
+    nested = mlflow.active_run() is not None
+    all_tags = {"esvr.stage": name, "esvr.run_name": config.run.name, **(tags or {})}
+    with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as run:
+        if not nested:
+            params = flatten(config)
+        elif section is not None:
+            params = flatten(getattr(config, section), prefix=f"{section}.")
+        else:
+            params = {}
+        params_safe = safe_params(params)
+        items = list(params_safe.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            mlflow.log_params(dict(items[i : i + 100]))
+        log_prompts(prompts)
+        yield run
+
+
+def log_prompts(names: Iterable[str]) -> None:
+    """Log prompt files (paths relative to prompts/) under the run's ``prompts/`` artifacts."""
+    for name in names:
+        path = PROMPTS_DIR / name
+        subdir = str(Path("prompts") / Path(name).parent)
+        mlflow.log_artifact(str(path), artifact_path=subdir.rstrip("/."))
+
+
+def log_metrics(metrics: Mapping[str, float | int], step: int | None = None) -> None:
+    clean = {re.sub(r"[^\w\-. /:]", "_", k): float(v) for k, v in metrics.items() if v is not None}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_usage(models: Mapping[str, Any]) -> None:
+    """Token and call counters of chat models, by role."""
+    for role, model in models.items():
+        log_metrics(model.usage.as_metrics(f"usage.{role}"))
+
+
+def runs_by_tag(experiment: str, **tags: str) -> list[mlflow.entities.Run]:
+    """Finished runs of an experiment whose tags match, newest first."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])

@@ -1,0 +1,262 @@
+"""Local transformers backend: ``hf:<path-or-hub-id>[+<adapter>]`` and ``default``.
+
+- Batched generation with left padding; requests that share sampling settings run together.
+- Concurrent ``achat`` calls (many simulated dialogues in flight) are gathered by a micro-batcher
+  into one ``generate`` call, so async callers get batching without knowing about it.
+- LoRA adapters through peft; CUDA (bf16) when present, else CPU (fp32).
+- ``score_choices`` is exact: the summed log-probability of each answer's tokens after the prompt,
+  normalized over the answers (one forward pass for all of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message, ModelSpec
+
+
+def resolve_model_path(name: str) -> str:
+    """'default' -> the converted SmolLM2 folder; anything else is a local path or a hub id."""
+    if name == "default":
+        from esvr.models.default_model import ensure_default_model
+
+        return str(ensure_default_model())
+    return name
+
+
+def split_hf_spec(spec: str) -> tuple[str, str | None]:
+    """``hf:base+adapter`` -> (base, adapter); ``default`` -> ('default', None)."""
+    body = spec[3:] if spec.startswith("hf:") else spec
+    base, _, adapter = body.partition("+")
+    return base, adapter or None
+
+
+def _folder_fingerprint(path: str) -> str:
+    """Identifies a local model folder's contents cheaply (names and sizes; adapter bytes in full)."""
+    p = Path(path)
+    if not p.exists():
+        return path  # a hub id: the name is the identity
+    h = hashlib.blake2b(digest_size=12)
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(p)).encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        if size < 64 << 20:  # adapters and configs: hash the bytes, retraining changes the id
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(base: str, adapter: str | None = None, device: torch.device | None = None):
+    """(model, tokenizer) ready for inference; the adapter, if any, is applied with peft."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or pick_device()
+    path = resolve_model_path(base)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+class HFChat(ChatModel):
+    def __init__(
+        self,
+        base: str,
+        adapter: str | None = None,
+        *,
+        device: str | None = None,
+        batch_size: int = 8,
+        batch_wait_s: float = 0.02,
+    ):
+        super().__init__()
+        self.base, self.adapter = base, adapter
+        self.device = pick_device(device)
+        self.model, self.tokenizer = load_causal_lm(base, adapter, self.device)
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        path = resolve_model_path(base)
+        self.cache_id = f"hf:{base}@{_folder_fingerprint(path)}"
+        if adapter:
+            self.cache_id += f"+{adapter}@{_folder_fingerprint(adapter)}"
+        self._lock = threading.Lock()  # one generate at a time on this model
+        self._queue: queue.Queue[tuple[ChatRequest, Future]] | None = None
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> HFChat:
+        base, adapter = split_hf_spec(spec.spec)
+        return cls(base, adapter, device=spec.device, batch_size=spec.batch_size)
+
+    # -- generation ----------------------------------------------------------------------------
+    def _prompt_text(self, messages: Sequence[Message]) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def _generate(self, requests: list[ChatRequest]) -> list[list[str]]:
+        out: list[list[str]] = [[] for _ in requests]
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.temperature, r.max_tokens, r.stop, r.seed), []).append(i)
+        for (temperature, max_tokens, stop, seed), idx in groups.items():
+            # Greedy decoding gives one answer however many are asked for; sampling expands.
+            flat = [(i, k) for i in idx for k in range(requests[i].n if temperature > 0 else 1)]
+            for start in range(0, len(flat), self.batch_size):
+                chunk = flat[start : start + self.batch_size]
+                texts = self._generate_texts(
+                    [self._prompt_text(requests[i].message_dicts()) for i, _ in chunk],
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    stop=stop,
+                    seed=seed + start,
+                )
+                for (i, _), text in zip(chunk, texts):
+                    out[i].append(text)
+            for i in idx:
+                if temperature <= 0:
+                    out[i] = out[i] * requests[i].n
+        return out
+
+    def _generate_texts(
+        self, prompts: list[str], *, temperature: float, max_tokens: int, stop: tuple[str, ...], seed: int
+    ) -> list[str]:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=tok)
+        with self._lock, torch.inference_mode():
+            torch.manual_seed(seed)
+            try:
+                ids = self.model.generate(**enc, **kwargs)
+            except Exception as exc:  # e.g. out of memory: name the model and the batch
+                raise ChatError(f"{self.cache_id}: generation failed for a batch of {len(prompts)}: {exc}") from exc
+        new = ids[:, enc["input_ids"].shape[1] :]
+        self._count(calls=len(prompts), prompt_tokens=int(enc["attention_mask"].sum()), completion_tokens=int((new != tok.pad_token_id).sum()))
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        return [_cut_at_stop(t, stop).strip() for t in texts]
+
+    # -- async micro-batching --------------------------------------------------------------------
+    async def achat(self, messages: Sequence[Message], **kwargs: Any) -> list[str]:
+        req = ChatRequest.build(messages, **kwargs)
+        fut: Future = Future()
+        self._ensure_batcher().put((req, fut))
+        return await asyncio.wrap_future(fut)
+
+    def _ensure_batcher(self) -> queue.Queue:
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._batch_loop, name=f"batcher-{self.cache_id[:20]}", daemon=True).start()
+        return self._queue
+
+    def _batch_loop(self) -> None:
+        q = self._queue
+        assert q is not None
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            batch = [item]
+            try:  # gather what arrives within a short window, up to a full batch
+                while len(batch) < self.batch_size:
+                    nxt = q.get(timeout=self.batch_wait_s)
+                    if nxt is None:
+                        q.put(None)
+                        break
+                    batch.append(nxt)
+            except queue.Empty:
+                pass
+            try:
+                results = self._generate([r for r, _ in batch])
+                for (_, fut), res in zip(batch, results):
+                    fut.set_result(res)
+            except Exception as exc:
+                for _, fut in batch:
+                    fut.set_exception(exc)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _score(self, messages: list[Message], choices: list[str]) -> dict[str, float]:
+        tok = self.tokenizer
+        prompt_ids = tok(self._prompt_text(messages), add_special_tokens=False)["input_ids"]
+        choice_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
+        seqs = [prompt_ids + c for c in choice_ids]
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        scores = []
+        start = len(prompt_ids)
+        for row, c in enumerate(choice_ids):
+            positions = torch.arange(start - 1, start - 1 + len(c), device=self.device)
+            targets = torch.tensor(c, device=self.device)
+            scores.append(logprobs[row, positions, targets].sum())
+        probs = torch.softmax(torch.stack(scores), dim=0).tolist()
+        self._count(calls=1, prompt_tokens=len(prompt_ids))
+        return dict(zip(choices, probs))
+
+    # -- streaming ------------------------------------------------------------------------------
+    def stream(self, messages: Sequence[Message], **kwargs: Any) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        req = ChatRequest.build(messages, **kwargs)
+        tok = self.tokenizer
+        enc = tok([self._prompt_text(messages)], return_tensors="pt", add_special_tokens=False).to(self.device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        gen_kwargs: dict[str, Any] = dict(**enc, max_new_tokens=req.max_tokens, streamer=streamer, pad_token_id=tok.pad_token_id)
+        if req.temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=req.temperature)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+        def run() -> None:
+            with self._lock, torch.inference_mode():
+                self.model.generate(**gen_kwargs)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._queue = None
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stop:
+        pos = text.find(s)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut]

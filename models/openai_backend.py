@@ -1,0 +1,249 @@
+"""OpenAI-compatible backend: ``openai:<model>``, OpenAI itself or any compatible server.
+
+Async underneath, with a concurrency limit and retries (exponential backoff with full jitter) on
+429, 5xx, timeouts and dropped connections; other errors (400, 401, 404) fail at once because
+retrying cannot fix them. The sync API runs the async one on a private event-loop thread, so it
+works the same from plain code, Prefect tasks and running event loops.
+
+The API key is read from the environment variable the spec names; it is never stored or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
+
+import openai
+
+from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message, ModelSpec
+
+T = TypeVar("T")
+_RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class OpenAIChat(ChatModel):
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 20.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.cache_id = f"openai:{model}@{base_url or 'api.openai.com'}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"openai-{model}", daemon=True)
+        self._thread.start()
+        self._client: openai.AsyncOpenAI | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> OpenAIChat:
+        return cls(
+            spec.spec.partition(":")[2],
+            base_url=spec.base_url,
+            api_key_env=spec.api_key_env,
+            concurrency=spec.concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+        )
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the private loop and wait for it (from any thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await a coroutine that must run on the private loop (client and semaphore live there)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    def _ensure_client(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        if self._client is None:
+            key = os.environ.get(self.api_key_env)
+            if not key and self.base_url is None:
+                raise ChatError(
+                    f"{self.cache_id}: no API key: set the environment variable {self.api_key_env} "
+                    "or point base_url at an OpenAI-compatible server"
+                )
+            # Our own retry loop replaces the client's, so retries are counted and bounded here.
+            self._client = openai.AsyncOpenAI(
+                api_key=key or "not-needed", base_url=self.base_url, max_retries=0, timeout=self.timeout_s
+            )
+            self._semaphore = asyncio.Semaphore(self.concurrency)
+        assert self._semaphore is not None
+        return self._client, self._semaphore
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.backoff_max_s)
+        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
+
+    async def _call(self, what: str, **kwargs: Any) -> Any:
+        """One API call with bounded retries; raises ChatError naming model, server and cause."""
+        client, semaphore = self._ensure_client()
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                async with semaphore:
+                    response = await client.chat.completions.create(model=self.model, **kwargs)
+                usage = getattr(response, "usage", None)
+                self._count(
+                    calls=1,
+                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                    completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                )
+                return response
+            except openai.APIStatusError as exc:
+                if exc.status_code not in _RETRYABLE_STATUS:
+                    self._count(failures=1)
+                    raise ChatError(f"{self.cache_id}: {what} failed with HTTP {exc.status_code}: {exc.message}") from exc
+                header = exc.response.headers.get("retry-after") if exc.response is not None else None
+                try:
+                    retry_after = float(header) if header else None
+                except ValueError:
+                    retry_after = None
+                last = exc
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                last = exc
+            if attempt < self.max_retries:
+                self._count(retries=1)
+                await asyncio.sleep(self._backoff(attempt, retry_after))
+        self._count(failures=1)
+        raise ChatError(
+            f"{self.cache_id}: {what} failed after {self.max_retries + 1} attempts: {type(last).__name__}: {last}"
+        ) from last
+
+    # -- chat -------------------------------------------------------------------------------------
+    async def _achat_request(self, req: ChatRequest) -> list[str]:
+        kwargs: dict[str, Any] = dict(
+            messages=req.message_dicts(), n=req.n, temperature=req.temperature, max_tokens=req.max_tokens, seed=req.seed
+        )
+        if req.stop:
+            kwargs["stop"] = list(req.stop)
+        response = await self._call("chat completion", **kwargs)
+        texts = [(c.message.content or "").strip() for c in response.choices]
+        if len(texts) < req.n:  # servers that ignore n: ask again for the rest
+            more = await asyncio.gather(
+                *[self._achat_request(ChatRequest(req.messages, 1, req.temperature, req.max_tokens, req.stop, req.seed + k + 1)) for k in range(req.n - len(texts))]
+            )
+            texts += [m[0] for m in more]
+        return texts
+
+    def _generate(self, requests: list[ChatRequest]) -> list[list[str]]:
+        async def all_of() -> list[list[str]]:
+            return list(await asyncio.gather(*[self._achat_request(r) for r in requests]))
+
+        return self._run(all_of())
+
+    async def achat(self, messages: Sequence[Message], **kwargs: Any) -> list[str]:
+        return await self._on_loop(self._achat_request(ChatRequest.build(messages, **kwargs)))
+
+    # -- scoring ----------------------------------------------------------------------------------
+    async def _ascore(self, messages: list[Message], choices: list[str]) -> dict[str, float]:
+        """Distribution over answers from the top log-probabilities of the reply's tokens.
+
+        Walks the greedy reply token by token; at the first position where the answers that are
+        still consistent with the text so far diverge, the top alternatives' probabilities are
+        summed per answer. Falls back to the greedy reply itself when logprobs are unavailable.
+        """
+        response = await self._call(
+            "scoring", messages=messages, max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=20
+        )
+        choice = response.choices[0]
+        reply = (choice.message.content or "").strip()
+        content = getattr(getattr(choice, "logprobs", None), "content", None)
+        if content:
+            prefix = ""
+            for position in content:
+                alive = [c for c in choices if c.startswith(prefix.lstrip())]
+                mass: dict[str, float] = {}
+                for alt in position.top_logprobs:
+                    candidate = (prefix + alt.token).lstrip()
+                    for c in alive:
+                        if candidate and (c.startswith(candidate) or candidate.startswith(c)):
+                            mass[c] = mass.get(c, 0.0) + math.exp(alt.logprob)
+                if len(mass) > 1 or (mass and len(alive) == 1):
+                    return {c: mass.get(c, 0.0) for c in choices}
+                prefix += position.token
+                if not alive:
+                    break
+        matched = [c for c in choices if reply.lower().startswith(c.lower())]
+        return {c: (1.0 if matched and c == matched[0] else 0.0) for c in choices}
+
+    def _score(self, messages: list[Message], choices: list[str]) -> dict[str, float]:
+        return self._run(self._ascore(messages, choices))
+
+    async def ascore_choices(self, messages: Sequence[Message], choices: Sequence[str]) -> dict[str, float]:
+        dist = await self._on_loop(self._ascore([dict(m) for m in messages], list(choices)))
+        total = sum(dist.values())
+        return {c: (dist[c] / total if total > 0 else 1.0 / len(choices)) for c in choices}
+
+    # -- streaming --------------------------------------------------------------------------------
+    def stream(self, messages: Sequence[Message], **kwargs: Any) -> Iterator[str]:
+        req = ChatRequest.build(messages, **kwargs)
+        done = object()
+        sync_queue: list = []
+        cond = threading.Condition()
+
+        async def pump() -> None:
+            client, semaphore = self._ensure_client()
+            try:
+                async with semaphore:
+                    stream = await client.chat.completions.create(
+                        model=self.model, messages=req.message_dicts(), temperature=req.temperature,
+                        max_tokens=req.max_tokens, stream=True,
+                    )
+                    async for event in stream:
+                        delta = event.choices[0].delta.content if event.choices else None
+                        if delta:
+                            with cond:
+                                sync_queue.append(delta)
+                                cond.notify()
+                self._count(calls=1)
+            except Exception as exc:  # surfaced to the reader below
+                with cond:
+                    sync_queue.append(ChatError(f"{self.cache_id}: streaming failed: {exc}"))
+                    cond.notify()
+            finally:
+                with cond:
+                    sync_queue.append(done)
+                    cond.notify()
+
+        asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        while True:
+            with cond:
+                while not sync_queue:
+                    cond.wait()
+                item = sync_queue.pop(0)
+            if item is done:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._run(self._client.close())
+            except Exception:
+                pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
