@@ -1,0 +1,200 @@
+"""Dataset construction on hand-built threads and labels (tasks/datasets.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from esvr.prompts import value_names
+from esvr.tasks.datasets import (
+    DatasetsConfig,
+    assign_splits,
+    build_datasets,
+    extract_examples,
+    load_split,
+    read_labels,
+    read_threads,
+    stats_metrics,
+    top_values,
+)
+
+V = value_names()
+
+
+def probs(*top: int) -> list[float]:
+    """20 probabilities where the given value indexes rank first, in the given order."""
+    p = [0.01 * (i % 5) for i in range(20)]
+    for rank, idx in enumerate(top):
+        p[idx] = 0.9 - 0.1 * rank
+    return p
+
+
+def turn(utt: str, role: str, text: str | None = None) -> dict:
+    return {"utt_id": utt, "role": role, "author": "op" if role == "op" else f"a_{utt}", "text": text or f"text {utt}",
+            "score": 5, "created_utc": 0}
+
+
+def sibling(at: int, utt: str, replies: list[str]) -> dict:
+    return {"turn": at, "utt_id": utt, "author": f"a_{utt}", "text": f"sibling {utt}", "score": 1,
+            "op_replies": [{"utt_id": r, "text": f"reply {r}"} for r in replies]}
+
+
+def write_inputs(tmp: Path, chains: list[dict], labels: dict[str, tuple[float, list[float]]]) -> tuple[Path, Path]:
+    rows = [
+        {"thread_id": c["thread_id"], "post_id": c["post_id"], "subreddit": "offmychest", "created_utc": 0, "dump": "RS_x",
+         "turns": c["turns"], "siblings": c.get("siblings", [])}
+        for c in chains
+    ]
+    schema = {
+        "thread_id": pl.String, "post_id": pl.String, "subreddit": pl.String, "created_utc": pl.Int64, "dump": pl.String,
+        "turns": pl.List(pl.Struct({"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String,
+                                    "score": pl.Int64, "created_utc": pl.Int64})),
+        "siblings": pl.List(pl.Struct({"turn": pl.Int32, "utt_id": pl.String, "author": pl.String, "text": pl.String,
+                                       "score": pl.Int64,
+                                       "op_replies": pl.List(pl.Struct({"utt_id": pl.String, "text": pl.String}))})),
+    }
+    threads = tmp / "threads.parquet"
+    pl.DataFrame(rows, schema=schema).write_parquet(threads)
+    lab = pl.DataFrame(
+        {"utt_id": list(labels), "valence": [v for v, _ in labels.values()], "sentiment": [1] * len(labels),
+         "values": [p for _, p in labels.values()]},
+        schema={"utt_id": pl.String, "valence": pl.Float32, "sentiment": pl.Int8, "values": pl.List(pl.Float32)},
+    )
+    label_path = tmp / "labels.parquet"
+    lab.write_parquet(label_path)
+    return threads, label_path
+
+
+def hand_built(tmp: Path, extra_posts: int = 0) -> tuple[Path, Path]:
+    """Post p1: two overlapping chains sharing (o1, c1, o2); p2: a negative reply; p3: no siblings."""
+    chains = [
+        {"thread_id": "t1", "post_id": "p1",
+         "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op")],
+         "siblings": [sibling(1, "s1", ["s1r"])]},
+        {"thread_id": "t2", "post_id": "p1",
+         "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op"), turn("u4", "commenter"), turn("u5", "op")],
+         "siblings": [sibling(1, "s1", ["s1r"]), sibling(3, "s2", ["s2r"])]},
+        {"thread_id": "t3", "post_id": "p2",
+         "turns": [turn("w1", "op"), turn("w2", "commenter"), turn("w3", "op")]},
+        {"thread_id": "t4", "post_id": "p3",
+         "turns": [turn("x1", "op"), turn("x2", "commenter"), turn("x3", "op")]},
+        {"thread_id": "t5", "post_id": "p4",  # exactly at the threshold: not a success
+         "turns": [turn("y1", "op"), turn("y2", "commenter"), turn("y3", "op")]},
+    ]
+    labels = {
+        "u3": (0.8, probs(0, 1, 2)),  # success: v = V0, V1, V2
+        "u5": (0.9, probs(3, 4, 5)),  # success: v = V3, V4, V5
+        "s1r": (0.2, probs(1, 7, 8)),  # after sibling s1 the OP expressed V1 -> removed from v
+        "s2r": (0.7, probs(5, 4, 3)),  # after sibling s2 the OP expressed all of V3..V5 -> pair dropped
+        "w3": (0.1, probs(0, 1, 2)),
+        "x3": (0.6, probs(9, 10, 11)),
+        "y3": (0.5, probs(0, 1, 2)),
+    }
+    for k in range(extra_posts):
+        chains.append({"thread_id": f"e{k}", "post_id": f"ep{k}",
+                       "turns": [turn(f"e{k}a", "op"), turn(f"e{k}b", "commenter"), turn(f"e{k}c", "op")],
+                       "siblings": [sibling(1, f"e{k}s", [])]})
+        labels[f"e{k}c"] = (0.7, probs(k % 20, (k + 1) % 20, (k + 2) % 20))
+    return write_inputs(tmp, chains, labels)
+
+
+def test_top_values_orders_by_probability():
+    assert top_values(probs(7, 2, 19), 3) == [V[7], V[2], V[19]]
+
+
+def test_success_rule_top3_and_dedupe(tmp_path: Path):
+    threads, labels = hand_built(tmp_path)
+    df, lab = read_threads(threads), read_labels(labels)
+    cfg = DatasetsConfig()
+
+    single, stats = extract_examples(df, lab, cfg, "single_turn")
+    # u3 (0.8) and x3 (0.6) succeed; w3 (0.1) and y3 (exactly 0.5) do not; (u1,u2)->u3 once only
+    assert sorted(e["next_utt_id"] for e in single) == ["u3", "x3"]
+    assert stats["not_positive"] == 2 and stats["duplicates"] == 1
+    ex = next(e for e in single if e["next_utt_id"] == "u3")
+    assert ex["target_values"] == [V[0], V[1], V[2]]
+    assert ex["reply"] == "text u2" and [h["utt_id"] for h in ex["history"]] == ["u1"]
+
+    multi, _ = extract_examples(df, lab, cfg, "multi_turn")
+    # only the 5-utterance chain t2 is multi-turn; both of its successes count
+    assert [(e["next_utt_id"], e["turn"]) for e in multi] == [("u3", 1), ("u5", 2)]
+    assert [h["utt_id"] for h in multi[1]["history"]] == ["u1", "u2", "u3"]
+    assert multi[1]["target_values"] == [V[3], V[4], V[5]]
+
+    stricter, _ = extract_examples(df, lab, cfg.model_copy(update={"valence_threshold": 0.7}), "single_turn")
+    assert [e["next_utt_id"] for e in stricter] == ["u3"]
+
+
+def test_dpo_sibling_rejection_and_value_removal(tmp_path: Path):
+    threads, labels = hand_built(tmp_path)
+    cfg = DatasetsConfig(dev_size=0, test_size=0)
+    manifest = build_datasets(threads, labels, cfg, tmp_path / "out")
+
+    dpo = load_split(manifest, "multi_turn", "rg_dpo", "train")
+    assert len(dpo) == 1  # u5's pair is dropped: the sibling's reply expressed all of V3..V5
+    row = dpo[0]
+    assert row["chosen"] == [{"role": "assistant", "content": "text u2"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "sibling s1"}]
+    assert row["original_target_values"] == [V[0], V[1], V[2]]
+    assert row["target_values"] == [V[0], V[2]]  # V1 was expressed after the rejected sibling
+    assert V[1] not in row["prompt"][1]["content"] and V[2] in row["prompt"][1]["content"]
+    stats = manifest["stats"]
+    assert stats["multi_turn"]["dpo_no_values_left"] == 1
+    assert stats["single_turn"]["dpo_no_sibling"] == 1  # x3's comment had no sibling
+    assert stats["single_turn"]["rg_dpo.train"] == 1
+
+    sft = load_split(manifest, "single_turn", "rg_sft", "train")
+    tvd = load_split(manifest, "single_turn", "tvd", "train")
+    assert len(sft) == len(tvd) == 2
+    # TRL's conversational prompt/completion format
+    first = tvd.filter(lambda r: r["next_utt_id"] == "u3")[0]
+    assert [m["role"] for m in first["prompt"]] == ["system", "user"]
+    assert first["completion"] == [{"role": "assistant", "content": f"{V[0]}, {V[1]}, {V[2]}"}]
+    assert "Patient: text u1" in first["prompt"][1]["content"]
+    metrics = stats_metrics(manifest)
+    assert metrics["single_turn.success"] == 2.0
+
+
+def test_splits_keep_posts_apart_and_follow_sizes(tmp_path: Path):
+    threads, labels = hand_built(tmp_path, extra_posts=40)
+    cfg = DatasetsConfig(dev_size=0.2, test_size=5)
+    manifest = build_datasets(threads, labels, cfg, tmp_path / "out")
+    posts: dict[str, set[str]] = {}
+    chains: dict[str, set[str]] = {}
+    sizes = {}
+    for kind in ("tvd", "rg_sft", "rg_dpo"):
+        for split in ("train", "dev", "test"):
+            ds = load_split(manifest, "single_turn", kind, split)
+            sizes[(kind, split)] = len(ds)
+            for row in ds:
+                posts.setdefault(row["post_id"], set()).add(split)
+                chains.setdefault(row["thread_id"], set()).add(split)
+    assert all(len(s) == 1 for s in posts.values()), "a post appears in two splits"
+    assert all(len(s) == 1 for s in chains.values()), "a thread appears in two splits"
+    n = sum(sizes[("tvd", s)] for s in ("train", "dev", "test"))
+    assert n == 42
+    assert sizes[("tvd", "test")] == 5 and sizes[("tvd", "dev")] == round(0.2 * 42)
+    assert sizes[("rg_sft", "test")] == sizes[("tvd", "test")]
+    # the same post -> split map for every kind
+    tvd_test = {r["example_id"] for r in load_split(manifest, "single_turn", "tvd", "test")}
+    assert {r["example_id"] for r in load_split(manifest, "single_turn", "rg_dpo", "test")} <= tvd_test
+
+
+def test_assign_splits_leaves_training_data_in_small_settings():
+    examples = [{"post_id": f"p{i}"} for i in range(4)]
+    split_of = assign_splits(examples, dev_size=1000, test_size=2000, seed=0)
+    assert sorted(split_of.values()) == ["dev", "dev", "test", "train"]
+    assert set(assign_splits(examples[:2], dev_size=0.5, test_size=0.5, seed=0).values()) == {"train", "dev"}
+
+
+def test_bad_inputs_name_file_and_column(tmp_path: Path):
+    bad = tmp_path / "threads.parquet"
+    pl.DataFrame({"thread_id": ["a"], "post_id": ["b"]}).write_parquet(bad)
+    with pytest.raises(ValueError, match=r"threads.parquet: missing column\(s\) \['siblings', 'turns'\]"):
+        read_threads(bad)
+    lab = tmp_path / "labels.parquet"
+    pl.DataFrame({"utt_id": ["a"], "valence": [0.7], "values": [[0.1, 0.2]]}).write_parquet(lab)
+    with pytest.raises(ValueError, match="column 'values' of utt_id 'a' has 2 entries, expected 20"):
+        read_labels(lab)
