@@ -107,6 +107,12 @@ def chat_model(model: "ModelConfig", out_dir: str | os.PathLike[str], cache: boo
     return CachedChatModel(backend, ResponseCache(RunPaths(Path(out_dir).resolve()).response_cache))
 
 
+def loaded_models() -> dict[str, "ChatModel"]:
+    """The chat models this process has loaded, by spec: their usage counters go to MLflow."""
+    with _models_lock:
+        return {key[0]: model for key, model in _models.items()}
+
+
 def release_models() -> None:
     """Free every loaded chat model (e.g. before a training stage needs the memory)."""
     with _models_lock:

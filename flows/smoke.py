@@ -25,5 +25,6 @@ def smoke_flow(config: PipelineConfig) -> dict[str, str]:
         result = json.loads(Path(result_path).read_text())
         tracking.log_metrics({f"smoke.p_{k}": v for k, v in result["choices"].items()})
         tracking.log_artifact(result_path, "smoke")
+        tracking.log_usage()
         print(f"reply: {result['reply']}")
         return {"smoke": result_path}

@@ -111,10 +111,14 @@ def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None)
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_usage(models: Mapping[str, Any]) -> None:
-    """Token and call counters of chat models, by role."""
-    for role, model in models.items():
-        log_metrics(model.usage.as_metrics(f"usage.{role}"))
+def log_usage(models: Mapping[str, Any] | None = None) -> None:
+    """Token and call counters of chat models (default: every model this process loaded)."""
+    if models is None:
+        from esvr.flows.runtime import loaded_models
+
+        models = loaded_models()
+    for name, model in models.items():
+        log_metrics(model.usage.as_metrics(f"usage.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[-60:]}"))
 
 
 def runs_by_tag(experiment: str, **tags: str) -> list[mlflow.entities.Run]:

@@ -46,3 +46,6 @@ def test_second_run_is_cached_and_mlflow_has_both_runs(prefect_harness, config):
     assert (runs["params.models.supporter.spec"] == f"hf:{config.models.supporter.spec[3:]}").all()
     smoke_runs = mlflow.search_runs(experiment_names=["smoke-test"], filter_string="tags.`esvr.stage` = 'smoke'")
     assert len(smoke_runs) == 2 and smoke_runs["tags.mlflow.parentRunId"].notna().all()
+    # token usage of the models the flow loaded is recorded
+    usage_calls = [c for c in smoke_runs.columns if c.startswith("metrics.usage.") and c.endswith(".calls")]
+    assert usage_calls and smoke_runs[usage_calls[0]].max() >= 2
