@@ -76,6 +76,57 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- stage 1: ingest (tasks/ingest.py, flows/ingest.py) ------------------------------------
+
+
+def add_ingest_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="Pushshift .zst dumps -> threads.parquet (demo: the generated sample dump)")
+    _common(p)
+    p.add_argument("--dumps", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="RS_/RC_YYYY-MM.zst or <sub>_submissions/_comments.zst files (default: ingest.dumps)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("make-sample-dump", help="write realistic Pushshift-format sample dumps (zstd, long window)")
+    p.add_argument("--out", type=Path, required=True, help="folder for RS_<month>.zst and RC_<month>.zst")
+    p.add_argument("--months", nargs="+", default=["2021-06"], metavar="YYYY-MM",
+                   help="one pair of dumps per month; the first holds the hand-built cases")
+    p.add_argument("--posts", type=int, default=150, help="random posts spread over the months")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_sample_dump)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    if args.dumps:
+        config.ingest.dumps = args.dumps
+    from esvr.flows.ingest import ingest_flow
+    from esvr.tasks.ingest import IngestError
+
+    try:
+        _print_artifacts(ingest_flow(config))
+    except IngestError as exc:
+        print(f"esvr ingest: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_make_sample_dump(args: argparse.Namespace) -> int:
+    from esvr.tasks.sample_dump import make_sample_dump
+
+    paths = make_sample_dump(args.out, months=args.months, posts=args.posts, seed=args.seed)
+    for kind, files in paths.items():
+        for f in files:
+            print(f"{kind}: {f}")
+    return 0
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from esvr.tasks.bench_ingest import run_bench
+
+    run_bench(size_mb=args.size_mb, tmp_dir=args.tmp)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esvr",
@@ -109,10 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """One subcommand per pipeline stage."""
+    add_ingest_commands(sub)
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     """One benchmark per stage that has a speed target."""
+    p = bench_sub.add_parser("ingest", help="ingest throughput vs zstd decompression alone and a stdlib-json baseline")
+    p.add_argument("--size-mb", type=int, default=520, help="decompressed size of the generated comments dump")
+    p.add_argument("--tmp", type=Path, default=None, help="folder for the generated dump (deleted afterwards)")
+    p.set_defaults(func=cmd_bench_ingest)
 
 
 def main(argv: list[str] | None = None) -> int:
