@@ -158,8 +158,96 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---- stage 8: evaluate, report (tasks/evaluate.py, tasks/report.py, flows/evaluate.py, flows/report.py)
+
+
+def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="supporters under test x test personas -> ES-Skills, ES-Intensity, ES-Value (stage 8)")
+    _common(p)
+    p.add_argument("--personas", type=Path, default=None, help="personas.jsonl (default: evaluate.personas or <run>/personas/personas.jsonl)")
+    p.add_argument("--supporter", action="append", default=[], metavar="NAME=SPEC",
+                   help="model of a row of evaluate.supporters: a spec, mlflow:<run_id> or an adapter folder (repeatable)")
+    p.add_argument("--tvd", default=None, help="target value detector for rows that use it (default simulate.tvd)")
+    p.add_argument("--rg", default=None, help="reference generator for rows that use it (default simulate.rg)")
+    p.add_argument("--no-report", action="store_true", help="do not build the report afterwards")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="Markdown report (paper Tables 2/3 + plots) from evaluate runs, logged to MLflow")
+    _common(p)
+    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="MLflow run ids of evaluate runs")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="choose evaluate runs by tag (repeatable)")
+    p.add_argument("--summary", nargs="+", type=Path, default=[], metavar="FILE", help="evaluate/summary.json files instead of runs")
+    p.add_argument("--title", default="ES-VR evaluation report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("judge-vs-human", help="Spearman correlation per criterion between human ratings (CSV) and the judge (paper App. H)")
+    _common(p)
+    p.add_argument("--ratings", type=Path, required=True, help="CSV: supporter,persona_id,<criterion>... (docs/evaluation.md)")
+    p.add_argument("--evaluate-dir", type=Path, default=None, help="evaluation folder with */judgments.jsonl (default <run>/evaluate)")
+    p.set_defaults(func=cmd_judge_vs_human)
+
+    p = sub.add_parser("simulator-fidelity", help="seeker simulators and the ES-Intensity judge against ESConv (paper Tables 29 and 11)")
+    _common(p)
+    p.add_argument("--esconv", type=Path, default=None, help="ESConv.json or FailedESConv.json (default evaluate.fidelity.esconv)")
+    p.add_argument("--no-intensity", action="store_true", help="skip the ES-Intensity predictor validation")
+    p.set_defaults(func=cmd_simulator_fidelity)
+
+
+def _name_specs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise ConfigError(f"--supporter {item!r}: expected NAME=SPEC, e.g. 'Ours (SFT)=mlflow:<run_id>'")
+        out[name.strip()] = spec.strip()
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.evaluate import evaluate_flow
+
+    artifacts = evaluate_flow(config, personas_path=args.personas, supporters=_name_specs(args.supporter) or None, tvd=args.tvd, rg=args.rg)
+    if not args.no_report:
+        from esvr.flows.report import report_flow
+
+        artifacts.update(report_flow(config, summaries=[artifacts["evaluate_summary"]]))
+    _print_artifacts(artifacts)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.report import report_flow
+    from esvr.tasks.report import parse_tags
+
+    try:
+        tags = parse_tags(args.tag)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _print_artifacts(report_flow(config, run_ids=args.runs or None, tags=tags or None, summaries=args.summary or None, title=args.title))
+    return 0
+
+
+def cmd_judge_vs_human(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.evaluate import judge_vs_human_flow
+
+    _print_artifacts(judge_vs_human_flow(config, args.ratings, args.evaluate_dir))
+    return 0
+
+
+def cmd_simulator_fidelity(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.evaluate import simulator_fidelity_flow
+
+    _print_artifacts(simulator_fidelity_flow(config, args.esconv, intensity=not args.no_intensity))
+    return 0
+
+
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """One subcommand per pipeline stage."""
+    add_evaluation_commands(sub)
     add_ingest_commands(sub)
 
 

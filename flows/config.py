@@ -98,6 +98,7 @@ class SmokeConfig(Section):
 
 
 from esvr.tasks.ingest import IngestConfig  # noqa: E402  (after Section: the stage module imports it)
+from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
 
 
 class PipelineConfig(Section):
@@ -106,6 +107,7 @@ class PipelineConfig(Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     smoke: SmokeConfig = SmokeConfig()
     ingest: IngestConfig = IngestConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 # --------------------------------------------------------------------------------------------

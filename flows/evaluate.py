@@ -1,0 +1,291 @@
+"""Flow `evaluate`: supporters under test x test personas -> dialogues -> judges -> summary. Stage 8.
+
+Paper §6. Each supporter of ``evaluate.supporters`` talks with the seeker simulator
+(``models.seeker``) over the test personas with stage 6's engine and end rules; the judge
+(``models.judge``) scores ES-Skills and ES-Intensity per dialogue and ES-Value per pair against
+``evaluate.reference``; the summary carries means, Mann-Whitney p-values and the paper's marks.
+Artifacts under ``<run>/evaluate/``: ``<slug>/dialogues.jsonl``, ``<slug>/judgments.jsonl``,
+``<slug>/es_value.jsonl``, ``summary.json``. Everything resumes: dialogues by file, judgments by
+Prefect's cache and the response cache.
+
+Also here: `judge_vs_human_flow` (App. H) and `simulator_fidelity_flow` (App. E.2, F.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from esvr.flows import tracking
+from esvr.flows.config import ModelConfig, PipelineConfig
+from esvr.flows.runtime import RunPaths, chat_model
+from esvr.tasks.baselines import BASELINE_PROMPTS
+from esvr.tasks.evaluate import (
+    SupporterUnderTest,
+    evaluation_dialogues_task,
+    evaluation_simulate_config,
+    finetune_baseline_task,
+    judge_dialogues_task,
+    judge_values_task,
+    make_agents,
+    read_jsonl,
+    summarize,
+    summary_metrics,
+)
+from esvr.tasks.judges import JUDGE_PROMPTS
+
+SupporterRef = ModelConfig | str
+
+
+def _model_config(value: SupporterRef | None) -> ModelConfig | None:
+    if value is None or isinstance(value, ModelConfig):
+        return value
+    from esvr.tasks.components import resolve_component
+
+    return ModelConfig(spec=resolve_component(value))
+
+
+def _base_config(base: str) -> ModelConfig:
+    return ModelConfig(spec=base if base == "default" or base.startswith("hf:") else f"hf:{base}")
+
+
+def supporter_model(config: PipelineConfig, s: SupporterUnderTest, override: SupporterRef | None, stage_dir: Path) -> ModelConfig:
+    """The chat model of a supporter under test: the flow's override, a component, a fine-tuned
+    baseline (trained here, cached), the row's model, or models.supporter."""
+    if override is not None:
+        return _model_config(override)  # type: ignore[return-value]
+    if s.component is not None:
+        return _model_config(s.component)  # type: ignore[return-value]
+    if s.finetune is not None:
+        spec = finetune_baseline_task(
+            s.finetune, Path(s.finetune_data), _base_config(config.models.base), config.evaluate.finetune_train, stage_dir / "baselines" / s.slug
+        )
+        return ModelConfig(spec=spec)
+    return s.model or config.models.supporter
+
+
+def _prompts_digest() -> str:
+    from esvr.tasks.components import prompts_digest
+
+    return prompts_digest(list(JUDGE_PROMPTS))
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(
+    config: PipelineConfig,
+    personas_path: str | Path | None = None,
+    supporters: dict[str, SupporterRef] | None = None,
+    tvd: SupporterRef | None = None,
+    rg: SupporterRef | None = None,
+) -> dict[str, str]:
+    """Evaluate ``evaluate.supporters``; returns {'evaluate_summary': summary.json, 'evaluate_dir': folder}.
+
+    `supporters`: models for rows by name (a spec, a component reference such as
+    ``mlflow:<run_id>`` or an adapter folder, or a ModelConfig), e.g. the pipeline's trained
+    ``{"Ours (SFT)": sft_spec, "Ours (DPO)": dpo_spec}``; names must be rows of the config.
+    `tvd`, `rg`: the target value detector and reference generator for rows that use them (None:
+    ``simulate.tvd`` / ``simulate.rg``, else the row's own supporter model, zero-shot).
+    """
+    cfg = config.evaluate
+    run = RunPaths(config.run.out_dir.resolve())
+    stage_dir = run.stage("evaluate")
+    overrides = dict(supporters or {})
+    unknown = sorted(set(overrides) - {s.name for s in cfg.supporters})
+    if unknown:
+        raise ValueError(f"evaluate_flow: supporters {unknown} are not rows of evaluate.supporters {[s.name for s in cfg.supporters]}")
+    personas_file = Path(personas_path) if personas_path else (cfg.personas or run.out_dir / "personas" / "personas.jsonl")
+    sim_cfg = evaluation_simulate_config(config.simulate, cfg)
+    use_cache = config.models.cache
+    tags = {"esvr.kind": "evaluate", "esvr.evaluate.reference": cfg.reference, "esvr.evaluate.judge": config.models.judge.spec}
+    with tracking.flow_run("evaluate", config, section="evaluate", tags=tags, prompts=(*JUDGE_PROMPTS, *BASELINE_PROMPTS)) as active:
+        from esvr.flows.simulate import emotion_scorer
+        from esvr.tasks.personas import read_personas
+
+        personas = read_personas(personas_file, [cfg.split])
+        if cfg.max_personas is not None:
+            personas = personas[: cfg.max_personas]
+        if not personas:
+            raise ValueError(f"{personas_file}: no persona in split {cfg.split!r} to evaluate on")
+        tracking.log_metrics({"evaluate.personas": len(personas)})
+        seeker = chat_model(config.models.seeker, run.out_dir, cache=use_cache)
+        judge = chat_model(config.models.judge, run.out_dir, cache=use_cache)
+        rephraser = judge
+        scorer = emotion_scorer(config.model_copy(update={"simulate": sim_cfg}))
+        default_tvd = _model_config(tvd) if tvd is not None else sim_cfg.tvd
+        default_rg = _model_config(rg) if rg is not None else sim_cfg.rg
+        print(f"evaluating {len(cfg.supporters)} supporters on {len(personas)} {cfg.split} personas "
+              f"(max {cfg.max_turns} turns), judge {config.models.judge.spec}, seeker {config.models.seeker.spec}, "
+              f"reference {cfg.reference!r}")
+
+        dialogue_paths: dict[str, Path] = {}
+        used_models: dict[str, Any] = {"seeker": seeker, "judge": judge}
+        components: dict[str, dict[str, str | None]] = {}
+        for s in cfg.supporters:
+            model_cfg = supporter_model(config, s, overrides.get(s.name), stage_dir)
+            sup = chat_model(model_cfg, run.out_dir, cache=use_cache)
+            tvd_cfg = s.tvd or default_tvd
+            rg_cfg = s.rg or default_rg
+            # without a trained component the row's own model plays it zero-shot (same prompts)
+            tvd_model = chat_model(tvd_cfg, run.out_dir, cache=use_cache) if tvd_cfg is not None else sup
+            rg_model = chat_model(rg_cfg, run.out_dir, cache=use_cache) if rg_cfg is not None else sup
+            agents = make_agents(s, sim_cfg, sup, seeker, tvd_model=tvd_model, rg_model=rg_model, rephraser=rephraser, emotion_scorer=scorer)
+            components[s.name] = {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}
+            used_models[f"supporter.{s.slug}"] = sup
+            out = stage_dir / s.slug / "dialogues.jsonl"
+            res = evaluation_dialogues_task(personas, out, agents, sim_cfg.concurrency, config.run.seed)
+            tracking.log_metrics({k.replace("evaluate.simulate", f"{s.slug}.simulate"): v for k, v in res["metrics"].items()})
+            if res["errors"]:
+                print(f"{s.name}: {len(res['errors'])} dialogues hit backend errors and were not written; rerun to retry: {res['errors'][:2]}")
+            print(f"{s.name}: {res['written']} new dialogues, {res['skipped']} already done -> {out}")
+            dialogue_paths[s.name] = out
+
+        settings = dataclasses.asdict(cfg.judge_settings(config.run.seed))
+        digest = _prompts_digest()
+        judgment_paths = {
+            s.name: Path(
+                judge_dialogues_task(
+                    config.models.judge, dialogue_paths[s.name], s.name, cfg.complete_only, settings, digest,
+                    stage_dir / s.slug / "judgments.jsonl", run.out_dir, use_cache,
+                )
+            )
+            for s in cfg.supporters
+        }
+        value_paths = {
+            s.name: Path(
+                judge_values_task(
+                    config.models.judge, dialogue_paths[s.name], dialogue_paths[cfg.reference], s.name, cfg.reference,
+                    cfg.complete_only, settings, digest, stage_dir / s.slug / "es_value.jsonl", run.out_dir, use_cache,
+                )
+            )
+            for s in cfg.supporters
+            if s.name != cfg.reference
+        }
+        from esvr.tasks.simulate import load_dialogues
+
+        summary = summarize(
+            {n: read_jsonl(p) for n, p in judgment_paths.items()},
+            {n: read_jsonl(p) for n, p in value_paths.items()},
+            cfg.reference,
+            cfg.supporters,
+            dialogues={n: load_dialogues(p) for n, p in dialogue_paths.items()},
+            table_score=cfg.table_score,
+            extra={
+                "run_id": active.info.run_id,
+                "run_name": config.run.name,
+                "judge": config.models.judge.spec,
+                "seeker": config.models.seeker.spec,
+                "personas": len(personas),
+                "split": cfg.split,
+                "max_turns": cfg.max_turns,
+                "complete_only": cfg.complete_only,
+                "value_judgments": cfg.value_judgments,
+                "judge_reasoning": cfg.judge_reasoning,
+                "components": components,
+            },
+        )
+        summary_path = stage_dir / "summary.json"
+        summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        tracking.log_metrics(summary_metrics(summary))
+        tracking.log_usage(used_models)
+        tracking.log_artifact(summary_path, "evaluate")
+        for s in cfg.supporters:
+            tracking.log_artifact(stage_dir / s.slug, f"evaluate/{s.slug}")
+        for m in summary["models"]:
+            sk = m["skills"]["overall"]["score"]
+            print(f"  {m['name']:<28} dialogues {m['n_dialogues']:>3}  overall {_fmt(sk['mean'])}{sk['mark']}  "
+                  f"intensity {_fmt(m['intensity']['score']['mean'])}{m['intensity']['score']['mark']}  "
+                  f"words/turn {_fmt(m['words_per_turn']['mean'], 1)}")
+        artifacts = {"evaluate_summary": str(summary_path), "evaluate_dir": str(stage_dir)}
+        if cfg.human_ratings is not None:
+            artifacts.update(judge_vs_human_flow(config, cfg.human_ratings, stage_dir))
+        return artifacts
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# --------------------------------------------------------------------------------------------
+# App. H: the judge against human ratings
+# --------------------------------------------------------------------------------------------
+
+
+@flow(name="judge-vs-human", log_prints=True)
+def judge_vs_human_flow(config: PipelineConfig, ratings_csv: str | Path, evaluate_dir: str | Path | None = None) -> dict[str, str]:
+    """Spearman correlation per criterion between human ratings (CSV) and the judge's scores in an
+    evaluation folder (default ``<run>/evaluate``); writes ``judge_vs_human.{json,md}`` there."""
+    from esvr.tasks.fidelity import judge_vs_human, judge_vs_human_markdown
+
+    run = RunPaths(config.run.out_dir.resolve())
+    folder = Path(evaluate_dir) if evaluate_dir else run.out_dir / "evaluate"
+    with tracking.flow_run("judge-vs-human", config, tags={"esvr.kind": "judge-vs-human"}):
+        result = judge_vs_human(ratings_csv, folder)
+        out_json = folder / "judge_vs_human.json"
+        out_md = folder / "judge_vs_human.md"
+        out_json.write_text(json.dumps(result, indent=2))
+        out_md.write_text(judge_vs_human_markdown(result))
+        tracking.log_metrics({f"judge_vs_human.{r['criterion']}.spearman": r["spearman"] for r in result["rows"] if r["spearman"] is not None})
+        tracking.log_artifact(out_json, "judge_vs_human")
+        tracking.log_artifact(out_md, "judge_vs_human")
+        print(out_md.read_text())
+        return {"judge_vs_human": str(out_md)}
+
+
+# --------------------------------------------------------------------------------------------
+# App. E.2 / F.2: simulator and ES-Intensity predictor fidelity on ESConv
+# --------------------------------------------------------------------------------------------
+
+
+@flow(name="simulator-fidelity", log_prints=True)
+def simulator_fidelity_flow(config: PipelineConfig, esconv_path: str | Path | None = None, intensity: bool = True) -> dict[str, str]:
+    """Table 29 (each candidate seeker simulator against real ESConv seeker turns) and Table 11
+    (the ES-Intensity judge against ESConv's reported final intensities)."""
+    from esvr.tasks.fidelity import fidelity_markdown, intensity_validation, simulator_fidelity
+
+    cfg = config.evaluate.fidelity
+    path = Path(esconv_path) if esconv_path else cfg.esconv
+    if path is None:
+        raise ValueError("simulator fidelity needs ESConv: pass --esconv PATH or set evaluate.fidelity.esconv")
+    run = RunPaths(config.run.out_dir.resolve())
+    out_dir = run.stage("fidelity")
+    use_cache = config.models.cache
+    with tracking.flow_run("simulator-fidelity", config, section="evaluate", tags={"esvr.kind": "simulator-fidelity"}):
+        from esvr.models.value_detector import load_value_detector
+        from esvr.tasks.esconv import load_esconv
+
+        dialogues = load_esconv(path)
+        sims = cfg.simulators or [config.models.seeker]
+        emotion = _emotion_scorer(config)
+        detector = load_value_detector(config.label.values, chat_model(config.label.values.model, run.out_dir, cache=use_cache) if config.label.values.backend == "llm" else None)
+        rows = []
+        for sim in sims:
+            shots = [True, False] if cfg.zero_shot else [True]
+            for one_shot in shots:
+                model = chat_model(sim, run.out_dir, cache=use_cache)
+                rows.append(simulator_fidelity(model, dialogues, cfg, one_shot=one_shot, emotion=emotion, detector=detector, encoder_path=cfg.encoder, name=sim.spec))
+        result: dict[str, Any] = {"esconv": str(path), "simulators": rows}
+        if intensity:
+            judge = chat_model(config.models.judge, run.out_dir, cache=use_cache)
+            result["intensity"] = intensity_validation(judge, dialogues, config.evaluate.judge_settings(config.run.seed), cfg.max_dialogues)
+        (out_dir / "fidelity.json").write_text(json.dumps(result, indent=2))
+        md = fidelity_markdown(result)
+        (out_dir / "fidelity.md").write_text(md)
+        for r in rows:
+            tracking.log_metrics({f"fidelity.{r['slug']}.{k}": v for k, v in r["metrics"].items() if v is not None})
+        if intensity:
+            tracking.log_metrics({f"intensity.{k}": v for k, v in result["intensity"]["judge"].items() if v is not None})
+        tracking.log_artifact(out_dir, "fidelity")
+        print(md)
+        return {"fidelity": str(out_dir / "fidelity.md")}
+
+
+def _emotion_scorer(config: PipelineConfig) -> Any:
+    from esvr.models.emotion import load_emotion_scorer
+
+    cfg = config.label.emotion
+    echat = chat_model(cfg.model, config.run.out_dir, cache=config.models.cache) if cfg.backend == "emollama" else None
+    return load_emotion_scorer(cfg, echat)
