@@ -247,16 +247,132 @@ def cmd_simulator_fidelity(args: argparse.Namespace) -> int:
 
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """One subcommand per pipeline stage."""
+    add_label_commands(sub)
     add_evaluation_commands(sub)
     add_ingest_commands(sub)
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     """One benchmark per stage that has a speed target."""
+    add_label_bench(bench_sub)
     p = bench_sub.add_parser("ingest", help="ingest throughput vs zstd decompression alone and a stdlib-json baseline")
     p.add_argument("--size-mb", type=int, default=520, help="decompressed size of the generated comments dump")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the generated dump (deleted afterwards)")
     p.set_defaults(func=cmd_bench_ingest)
+
+
+# -- stage 2: label, value head, ESConv analysis --------------------------------------------
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.label import label_flow
+
+    _print_artifacts(label_flow(config, args.threads))
+    return 0
+
+
+def cmd_analyze_esconv(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.analyze_esconv import analyze_esconv_flow
+
+    _print_artifacts(analyze_esconv_flow(config, args.esconv))
+    return 0
+
+
+def cmd_train_value_head(args: argparse.Namespace) -> int:
+    import json
+
+    from esvr.tasks.value_head import metrics_table, train_value_head
+
+    if not Path(args.data).is_dir():
+        raise FileNotFoundError(f"Touché23-ValueEval folder not found: {args.data}")
+    metrics = train_value_head(args.data, args.out, max_seq_length=args.max_seq_length, limit=args.limit)
+    print(metrics_table(metrics))
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    return 0
+
+
+def cmd_bench_label(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from esvr.tasks.bench_label import bench_label
+
+    bench_label(n=args.n, threads_path=args.threads, repeats=args.repeats)
+    return 0
+
+
+def add_label_commands(sub: argparse._SubParsersAction) -> None:
+    from esvr.models.value_detector import DEFAULT_HEAD
+
+    p = sub.add_parser("label", help="label every utterance of threads.parquet: valence, sentiment, 20 values (stage 2)")
+    _common(p)
+    p.add_argument("--threads", type=Path, default=None, help="threads.parquet (default: <run>/ingest/threads.parquet)")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("train-value-head", help="train the offline value detector's heads on Touché23-ValueEval")
+    p.add_argument("--data", type=Path, required=True, help="folder with arguments-*.tsv and labels-*.tsv")
+    p.add_argument("--out", type=Path, default=DEFAULT_HEAD, help=f"head file to write (default {DEFAULT_HEAD})")
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N arguments of each split")
+    p.set_defaults(func=cmd_train_value_head)
+
+    p = sub.add_parser("analyze-esconv", help="the paper's §3 ESConv value analysis: groups, Mann-Whitney U, Figure 2")
+    _common(p)
+    p.add_argument("--esconv", default=None, help="ESConv.json path, a folder holding it, or a hub dataset id")
+    p.set_defaults(func=cmd_analyze_esconv)
+
+
+def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("label", help="utterances/s of the value detector and emotion scorer on this machine")
+    p.add_argument("--n", type=int, default=1000, help="texts to label")
+    p.add_argument("--threads", type=Path, default=None, help="label the utterances of this threads.parquet instead")
+    p.add_argument("--repeats", type=int, default=1, help="best of this many passes")
+    p.set_defaults(func=cmd_bench_label)
+
+
+# -- stage 7: supporter training and the chat front end (flows/train_supporter.py, tasks/chat_frontend.py)
+
+
+def add_supporter_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-supporter", help="SFT the supporter on simulated dialogues, build look-ahead DPO pairs (Table 19), DPO (stage 7)")
+    _common(p)
+    p.add_argument("--dialogues", type=Path, default=None, help="dialogues.jsonl (default: <run>/simulate/main/dialogues.jsonl)")
+    p.add_argument("--personas", type=Path, default=None, help="personas for the DPO (SFT) simulations (default: the dialogues' own)")
+    p.add_argument("--tvd", default=None, help="target value detector spec (default simulate.tvd; '' for none)")
+    p.add_argument("--rg", default=None, help="reference generator spec (default simulate.rg; '' for none)")
+    p.set_defaults(func=cmd_train_supporter)
+
+    p = sub.add_parser("chat", help="talk to a trained supporter in the terminal (TVD and RG in the loop, crisis guard on)")
+    _common(p)
+    p.add_argument("--supporter", default="latest", metavar="REF",
+                   help="an MLflow run id, mlflow:<run_id>, an adapter folder, a model spec, or 'latest' (default: the "
+                        "newest train_supporter run of run.experiment)")
+    p.add_argument("--tvd", default=None, help="target value detector spec (default: the one the supporter was trained with, "
+                                               "else simulate.tvd; '' for none)")
+    p.add_argument("--rg", default=None, help="reference generator spec (default as for --tvd; '' for none)")
+    p.add_argument("--show-reasoning", action="store_true", help="print the supporter's four reasoning steps")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per supporter reply (default simulate.supporter_max_tokens)")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_train_supporter(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.train_supporter import train_supporter_flow
+
+    _print_artifacts(train_supporter_flow(config, args.dialogues, args.personas, args.tvd, args.rg))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.tasks.chat_frontend import open_session, run_terminal
+
+    with open_session(config, args.supporter, tvd=args.tvd, rg=args.rg, max_tokens=args.max_tokens) as (session, banner):
+        print(banner, file=sys.stderr)
+        return run_terminal(session, show_reasoning=args.show_reasoning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,8 @@ class SmokeConfig(Section):
 
 
 from esvr.tasks.ingest import IngestConfig  # noqa: E402  (after Section: the stage module imports it)
+from esvr.tasks.label import LabelConfig  # noqa: E402
+from esvr.tasks.analyze_esconv import AnalyzeESConvConfig  # noqa: E402
 from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
 
 
@@ -106,6 +108,8 @@ class PipelineConfig(Section):
     models: ModelsConfig = ModelsConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     smoke: SmokeConfig = SmokeConfig()
+    label: LabelConfig = LabelConfig()
+    analyze_esconv: AnalyzeESConvConfig = AnalyzeESConvConfig()
     ingest: IngestConfig = IngestConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 

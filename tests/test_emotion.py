@@ -1,0 +1,132 @@
+"""Emotion scorer: EmoLLMs reply parsing, the emollama backend over a chat model, the VADER default."""
+
+from __future__ import annotations
+
+import pytest
+
+from esvr.models.chat import ChatModel
+from esvr.models.emotion import (
+    EmoLlamaScorer,
+    EmotionScore,
+    VaderEmotionScorer,
+    load_emotion_scorer,
+    parse_sentiment,
+    parse_valence,
+    vader_class,
+)
+from esvr.tasks.label import EmotionConfig
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("0.879", 0.879),
+        (">>0.879", 0.879),
+        ("Intensity Score: 0.5", 0.5),
+        ("Intensity Score:\n\n.75", 0.75),
+        ("1", 1.0),
+        ("0", 0.0),
+        ("0,6", 0.6),
+        ("The valence intensity is 0.3.", 0.3),
+        ("**0.42**", 0.42),
+        ("75%", 0.75),
+        ("Score: 0.2 (fairly negative)", 0.2),
+    ],
+)
+def test_parse_valence_good(reply: str, expected: float):
+    assert parse_valence(reply) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reply", ["", "I cannot tell.", "-0.2", "5", "seven", "   "])
+def test_parse_valence_broken(reply: str):
+    assert parse_valence(reply) is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("-3: very negative emotional state can be inferred", -3),
+        (">>-3: very negative emotional state can be inferred", -3),
+        ("2", 2),
+        ("+1", 1),
+        ("Intensity Class: 1: slightly positive mental state can be inferred", 1),
+        ("\u22122", -2),
+        ("**3**", 3),
+        ("0: neutral or mixed mental state can be inferred", 0),
+        ("moderately negative mental state can be inferred", -2),
+        ("The writer seems very positive.", 3),
+        ("neutral", 0),
+    ],
+)
+def test_parse_sentiment_good(reply: str, expected: int):
+    assert parse_sentiment(reply) == expected
+
+
+@pytest.mark.parametrize("reply", ["", "I don't know", "7", "2.5", "-5"])
+def test_parse_sentiment_broken(reply: str):
+    assert parse_sentiment(reply) is None
+
+
+class ScriptedEmoLlama(ChatModel):
+    """A chat model at the edge of the world that answers by task, with scripted replies."""
+
+    cache_id = "scripted-emollama"
+
+    def __init__(self, valence_reply: str, sentiment_reply: str):
+        super().__init__()
+        self.replies = {"valence": valence_reply, "sentiment": sentiment_reply}
+        self.seen: list[str] = []
+
+    def _generate(self, requests):
+        out = []
+        for r in requests:
+            content = r.messages[-1][1]
+            self.seen.append(content)
+            out.append([self.replies["valence" if "Intensity Score:" in content else "sentiment"]])
+        return out
+
+    def _score(self, messages, choices):
+        return {c: 1.0 for c in choices}
+
+
+def test_emollama_scorer_uses_emollms_formats():
+    chat = ScriptedEmoLlama(">>0.879", "2: moderately positive emotional state can be inferred")
+    scorer = load_emotion_scorer(EmotionConfig(backend="emollama"), chat)
+    assert scorer.score(["Happy Birthday!", "Thanks a lot"]) == [EmotionScore(0.879, 2)] * 2
+    assert len(chat.seen) == 4
+    first = chat.seen[0]
+    assert first.startswith("Human: \nTask: Evaluate the valence intensity of the writer's mental state")
+    assert "Text: Happy Birthday!\nIntensity Score:\n\nAssistant:\n" in first
+    assert "Intensity Class:" in chat.seen[1] and "-3: very negative mental state can be inferred" in chat.seen[1]
+    plain = EmoLlamaScorer(chat, wrap_human_assistant=False)
+    plain.score(["x"])
+    assert chat.seen[-2].startswith("Task: ")
+
+
+def test_emollama_scorer_falls_back_on_broken_replies():
+    only_valence = EmoLlamaScorer(ScriptedEmoLlama("0.9", "no idea"))
+    assert only_valence.score(["a"]) == [EmotionScore(0.9, 2)]  # round(0.9 * 6 - 3) = 2
+    assert only_valence.parse_failures == {"valence": 0, "sentiment": 1}
+    only_class = EmoLlamaScorer(ScriptedEmoLlama("hmm", "-3"))
+    assert only_class.score(["a"]) == [EmotionScore(0.0, -3)]
+    neither = EmoLlamaScorer(ScriptedEmoLlama("", ""))
+    assert neither.score(["a", "b"]) == [EmotionScore(0.5, 0)] * 2
+    assert neither.parse_failures == {"valence": 2, "sentiment": 2}
+
+
+def test_emollama_needs_a_chat_model():
+    with pytest.raises(ValueError, match="chat model"):
+        load_emotion_scorer(EmotionConfig(backend="emollama"))
+
+
+def test_vader_default():
+    scorer = load_emotion_scorer(EmotionConfig())
+    assert isinstance(scorer, VaderEmotionScorer)
+    pos, neg, empty = scorer.score(["Thank you so much, I feel a lot better now!", "I hate my life, everything is awful.", ""])
+    assert pos.valence > 0.75 and pos.sentiment >= 2 and pos.positive
+    assert neg.valence < 0.25 and neg.sentiment <= -2 and not neg.positive
+    assert empty == EmotionScore(0.5, 0)
+
+
+def test_vader_class_cut_points():
+    assert [vader_class(c) for c in (-0.9, -0.5, -0.2, 0.0, 0.04, 0.05, 0.34, 0.35, 0.65, 1.0)] == [-3, -2, -1, 0, 0, 1, 1, 2, 3, 3]

@@ -1,0 +1,123 @@
+"""The label stage on generated threads: plain functions, chunk cache, and the flow for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from esvr.flows.config import load_config
+from esvr.prompts import value_names
+from esvr.tasks.label import (
+    LABELS_SCHEMA,
+    LabelConfig,
+    build_labelers,
+    collect_utterances,
+    label_threads,
+    read_labels,
+    validate_labels,
+)
+
+TURN = pl.Struct({"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String,
+                  "score": pl.Int64, "created_utc": pl.Int64})
+REPLY = pl.Struct({"utt_id": pl.String, "text": pl.String})
+SIBLING = pl.Struct({"turn": pl.Int32, "utt_id": pl.String, "author": pl.String, "text": pl.String,
+                     "score": pl.Int64, "op_replies": pl.List(REPLY)})
+THREADS_SCHEMA = {"thread_id": pl.String, "post_id": pl.String, "subreddit": pl.String, "created_utc": pl.Int64,
+                  "dump": pl.String, "turns": pl.List(TURN), "siblings": pl.List(SIBLING)}
+
+
+def _turn(uid: str, role: str, text: str) -> dict:
+    return {"utt_id": uid, "role": role, "author": "a" + uid, "text": text, "score": 3, "created_utc": 1_600_000_000}
+
+
+def write_threads(path: Path, n_threads: int = 3) -> Path:
+    """Chains of one post: they share the post's utterance (t3_p) and the OP's first comments."""
+    rows = []
+    for i in range(n_threads):
+        rows.append({
+            "thread_id": f"p_{i}", "post_id": "p", "subreddit": "offmychest", "created_utc": 1_600_000_000, "dump": "RS_test",
+            "turns": [
+                _turn("t3_p", "op", "I lost my job today and I feel worthless. My family depends on me."),
+                _turn(f"c{i}", "commenter", f"You are not worthless, friend number {i}. You will find something better."),
+                _turn(f"o{i}", "op", "Thank you so much, that really helps. I will keep trying."),
+            ],
+            "siblings": [{"turn": 1, "utt_id": f"s{i}", "author": "x", "text": "Sorry to hear that.", "score": 1,
+                          "op_replies": [{"utt_id": f"r{i}", "text": "Thanks!"}]}] if i < 2 else [],
+        })
+    pl.DataFrame(rows, schema=THREADS_SCHEMA).write_parquet(path)
+    return path
+
+
+def test_collect_utterances_once_each(tmp_path: Path):
+    utts = collect_utterances(write_threads(tmp_path / "threads.parquet"))
+    ids = utts["utt_id"].to_list()
+    assert ids[:4] == ["t3_p", "c0", "o0", "c1"]
+    assert sorted(ids) == sorted(["t3_p", "c0", "o0", "c1", "o1", "c2", "o2", "s0", "s1", "r0", "r1"])
+
+
+def test_collect_utterances_names_file_and_column(tmp_path: Path):
+    path = tmp_path / "bad.parquet"
+    pl.DataFrame({"thread_id": ["x"]}).write_parquet(path)
+    with pytest.raises(ValueError, match=r"bad\.parquet: column 'turns' missing"):
+        collect_utterances(path)
+    with pytest.raises(FileNotFoundError, match="threads file not found"):
+        collect_utterances(tmp_path / "nope.parquet")
+
+
+@pytest.fixture(scope="module")
+def default_labelers():
+    return build_labelers(LabelConfig())
+
+
+def test_label_threads_writes_the_contract_and_reuses_chunks(tmp_path: Path, default_labelers):
+    threads = write_threads(tmp_path / "threads.parquet")
+    cfg = LabelConfig(chunk_size=4, progress=False)
+    detector, scorer = default_labelers
+    out = label_threads(threads, tmp_path / "label", cfg, detector=detector, scorer=scorer)
+    labels = read_labels(out["labels"])
+    assert labels.schema == LABELS_SCHEMA and labels.height == 11
+    assert labels["utt_id"].to_list()[:3] == ["t3_p", "c0", "o0"]
+    probs = np.stack(labels["values"].to_numpy())
+    assert probs.shape == (11, 20) and ((probs >= 0) & (probs <= 1)).all()
+    by_id = {r["utt_id"]: r for r in labels.iter_rows(named=True)}
+    assert by_id["o0"]["sentiment"] > 0 and by_id["t3_p"]["sentiment"] < 0
+    # the post's text mentions family and a job: its strongest values are among a plausible few
+    top = value_names()[int(np.argmax(by_id["t3_p"]["values"]))]
+    assert top in {"Security: personal", "Benevolence: caring", "Achievement", "Power: resources", "Self-direction: action"}
+    stats = json.loads(out["stats"].read_text())
+    assert stats["utterances"] == 11 and stats["cached_utterances"] == 0
+    assert len(list((tmp_path / "label" / "chunks").glob("*.parquet"))) == 3
+    again = json.loads(label_threads(threads, tmp_path / "label", cfg, detector=detector, scorer=scorer)["stats"].read_text())
+    assert again["cached_utterances"] == 11
+    assert pl.read_parquet(out["labels"]).equals(labels)
+
+
+def test_validate_labels_names_the_column():
+    bad = pl.DataFrame({"utt_id": ["a"], "valence": [0.5], "sentiment": [1], "values": [[0.1] * 20]})
+    with pytest.raises(ValueError, match="'valence' has type"):
+        validate_labels(bad, "x.parquet")
+    short = pl.DataFrame(
+        {"utt_id": ["a"], "valence": [0.5], "sentiment": [1], "values": [[0.1] * 3]},
+        schema=LABELS_SCHEMA,
+    )
+    with pytest.raises(ValueError, match="20 probabilities"):
+        validate_labels(short, "x.parquet")
+
+
+def test_label_flow_and_cli_commands(prefect_harness, tmp_path: Path):
+    from esvr.flows.label import label_flow
+
+    threads = write_threads(tmp_path / "threads.parquet")
+    config = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "run.experiment=label-test", "label.progress=false"])
+    result = label_flow(config, threads)
+    labels = read_labels(result["labels"])
+    assert labels.height == 11
+    mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'run').resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["label-test"], filter_string="tags.`esvr.stage` = 'label'")
+    assert len(runs) == 1 and runs["metrics.label.utterances"].iloc[0] == 11
+    assert runs["params.label.values.backend"].iloc[0] == "embedding"

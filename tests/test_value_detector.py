@@ -1,0 +1,223 @@
+"""Value detector: the committed head, head training, the hf ensemble and the llm backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esvr.models.chat import ChatModel
+from esvr.models.value_detector import (
+    DEFAULT_HEAD,
+    HFValueDetector,
+    LLMValueDetector,
+    ValueHead,
+    load_value_detector,
+    minilm_path,
+)
+from esvr.prompts import value_names
+from esvr.tasks.label import ValueDetectorConfig
+from esvr.tasks.value_head import f1_per_value, fit_heads, read_touche_split, train_value_head, tune_threshold
+from conftest import shared_data
+
+TEXTS = [
+    "We should protect the forests and the oceans for our children.",
+    "I just want to be free to make my own choices.",
+    "Thank you, I feel supported and I will keep trying to find a job.",
+]
+
+
+@pytest.fixture(scope="module")
+def default_detector():
+    return load_value_detector(ValueDetectorConfig())
+
+
+def test_committed_head_loads_with_its_metrics():
+    head = ValueHead.load(DEFAULT_HEAD)
+    assert head.names == value_names() and len(head.names) == 20
+    assert head.weights.shape == (20, 384) and head.bias.shape == (20,)
+    assert 0 < head.threshold < 1
+    assert DEFAULT_HEAD.stat().st_size < 500_000
+    metrics = json.loads(DEFAULT_HEAD.with_name("value_head.metrics.json").read_text())
+    assert metrics["threshold_selected_on"] == "validation"
+    assert metrics["threshold"] == pytest.approx(head.threshold)
+    assert 0.3 < metrics["test_macro_f1"] < 1 and set(metrics["test_f1_per_value"]) == set(value_names())
+
+
+def test_default_detector_output_shape_and_detect(default_detector):
+    probs = default_detector.predict_proba(TEXTS)
+    assert probs.shape == (3, 20) and probs.dtype == np.float32
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert default_detector.predict_proba([]).shape == (0, 20)
+    detected = default_detector.detect(TEXTS)
+    assert len(detected) == 3 and all(set(d) <= set(value_names()) for d in detected)
+    # the nature argument is about nature
+    assert probs[0, value_names().index("Universalism: nature")] == probs[0].max()
+
+
+def test_quantized_encoder_agrees_with_fp32(default_detector):
+    fp32 = load_value_detector(ValueDetectorConfig(quantize=False))
+    assert default_detector.encoder.quantized and not fp32.encoder.quantized
+    assert np.abs(fp32.predict_proba(TEXTS) - default_detector.predict_proba(TEXTS)).max() < 0.15
+    assert fp32.fingerprint != default_detector.fingerprint
+
+
+def test_head_roundtrip_and_bad_files(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    head = ValueHead(rng.normal(size=(20, 8)).astype(np.float32), rng.normal(size=20).astype(np.float32), 0.4, value_names())
+    loaded = ValueHead.load(head.save(tmp_path / "h.npz"))
+    emb = rng.normal(size=(5, 8)).astype(np.float32)
+    assert np.allclose(loaded.proba(emb), head.proba(emb), atol=2e-3)
+    assert loaded.threshold == 0.4
+    wrong = ValueHead(head.weights, head.bias, 0.4, list(reversed(value_names())))
+    with pytest.raises(ValueError, match="values.yaml"):
+        ValueHead.load(wrong.save(tmp_path / "wrong.npz"))
+    with pytest.raises(FileNotFoundError, match="train-value-head"):
+        ValueHead.load(tmp_path / "missing.npz")
+
+
+def test_joint_fit_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 6))
+    y = (x @ rng.normal(size=(6, 3)) + rng.normal(size=(300, 3)) > 0.5).astype(np.int8)
+    for cw in (None, "balanced"):
+        w, b = fit_heads(x, y, c=0.7, class_weight=cw)
+        for j in range(3):
+            ref = LogisticRegression(C=0.7, class_weight=cw, max_iter=5000, tol=1e-8).fit(x, y[:, j])
+            assert np.allclose(w[j], ref.coef_[0], atol=2e-3) and abs(b[j] - ref.intercept_[0]) < 2e-3
+
+
+def test_threshold_tuning_and_f1_by_hand():
+    y = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=np.int8)
+    pred = np.array([[1, 1], [0, 1], [0, 1], [0, 0]], dtype=np.int8)
+    # value 0: tp 1, fn 1 -> 2/3; value 1: tp 2, fp 1 -> 4/5
+    assert np.allclose(f1_per_value(y, pred), [2 / 3, 4 / 5])
+    probs = np.array([[0.9, 0.2], [0.7, 0.8], [0.1, 0.6], [0.2, 0.1]])
+    thr, f1 = tune_threshold(y, probs)
+    assert f1 == pytest.approx(1.0) and 0.2 <= thr <= 0.6
+
+
+def test_training_on_a_touche_slice(tmp_path: Path):
+    data = shared_data("touche23-valueeval")
+    split = read_touche_split(data, "validation", limit=5)
+    assert len(split.texts) == 5 and split.labels.shape == (5, 20)
+    metrics = train_value_head(data, tmp_path / "head.npz", limit=120, c_grid=(1.0,), class_weights=("balanced",))
+    head = ValueHead.load(tmp_path / "head.npz")
+    assert head.threshold == metrics["threshold"]
+    assert metrics["n_arguments"] == {"training": 120, "validation": 120, "test": 120}
+    assert 0 <= metrics["test_macro_f1"] <= 1 and len(metrics["test_f1_per_value"]) == 20
+    saved = json.loads((tmp_path / "head.metrics.json").read_text())
+    assert saved["test_macro_f1"] == metrics["test_macro_f1"]
+    det = load_value_detector(ValueDetectorConfig(head=tmp_path / "head.npz"))
+    assert det.predict_proba(TEXTS[:1]).shape == (1, 20)
+
+
+# --------------------------------------------------------------------------------------------
+# hf backend on tiny random checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_classifier(path: Path, seed: int, permutation: list[int] | None = None) -> Path:
+    """A tiny random BERT multi-label classifier over the 20 values, with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    names = value_names()
+    order = permutation or list(range(20))
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=20, problem_type="multi_label_classification",
+        id2label={i: names[order[i]] for i in range(20)}, label2id={names[order[i]]: i for i in range(20)},
+    )
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("tiny-value-clf")
+    return [_tiny_classifier(root / "a", 0), _tiny_classifier(root / "b", 1)]
+
+
+def test_hf_backend_averages_sigmoids(tiny_checkpoints: list[Path]):
+    a = HFValueDetector([str(tiny_checkpoints[0])], batch_size=2)
+    b = HFValueDetector([str(tiny_checkpoints[1])], batch_size=2)
+    cfg = ValueDetectorConfig(backend="hf", checkpoints=[str(p) for p in tiny_checkpoints], batch_size=2)
+    ens = load_value_detector(cfg)
+    assert ens.threshold == 0.26  # Schroter et al.'s
+    pa, pb, pe = a.predict_proba(TEXTS), b.predict_proba(TEXTS), ens.predict_proba(TEXTS)
+    assert pe.shape == (3, 20) and ((pe > 0) & (pe < 1)).all()
+    assert np.allclose(pe, (pa + pb) / 2, atol=1e-5)
+    assert pa.std() > 0  # random weights, not a constant
+    assert len(ens.detect(TEXTS)) == 3
+
+
+def test_hf_backend_maps_labels_by_name(tiny_checkpoints: list[Path], tmp_path: Path):
+    """A checkpoint whose outputs are permuted (and named so) gives the same canonical vector."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    perm = list(range(19, -1, -1))
+    src = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoints[0])
+    dst_path = _tiny_classifier(tmp_path / "perm", 0, perm)
+    dst = AutoModelForSequenceClassification.from_pretrained(dst_path)
+    dst.load_state_dict(src.state_dict())
+    with torch.no_grad():
+        dst.classifier.weight.copy_(src.classifier.weight[perm])
+        dst.classifier.bias.copy_(src.classifier.bias[perm])
+    dst.save_pretrained(dst_path)
+    ref = HFValueDetector([str(tiny_checkpoints[0])]).predict_proba(TEXTS)
+    got = HFValueDetector([str(dst_path)]).predict_proba(TEXTS)
+    assert np.allclose(ref, got, atol=1e-5)
+
+
+def test_hf_backend_names_a_missing_checkpoint(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+        HFValueDetector([str(tmp_path / "nope")])
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        HFValueDetector([])
+
+
+# --------------------------------------------------------------------------------------------
+# llm backend
+# --------------------------------------------------------------------------------------------
+
+
+class ScriptedChat(ChatModel):
+    """A chat model at the edge of the world: P(Yes) is 0.9 when the value is 'Achievement'."""
+
+    cache_id = "scripted"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[str] = []
+
+    def _generate(self, requests):
+        return [["Yes"] for _ in requests]
+
+    def _score(self, messages, choices):
+        text = messages[-1]["content"]
+        self.prompts.append(text)
+        yes = 0.9 if 'value "Achievement"' in text else 0.2
+        return {"Yes": yes, "No": 1 - yes}
+
+
+def test_llm_backend_scores_each_value():
+    chat = ScriptedChat()
+    det = load_value_detector(ValueDetectorConfig(backend="llm"), chat)
+    assert isinstance(det, LLMValueDetector) and det.threshold == 0.5
+    probs = det.predict_proba(["I worked hard and got the promotion."])
+    assert probs.shape == (1, 20) and len(chat.prompts) == 20
+    assert probs[0, value_names().index("Achievement")] == pytest.approx(0.9)
+    assert det.detect(["x"]) == [["Achievement"]]
+    assert "I worked hard" in chat.prompts[0] and "Self-direction: thought" in chat.prompts[0]
+    with pytest.raises(ValueError, match="chat model"):
+        load_value_detector(ValueDetectorConfig(backend="llm"))
