@@ -307,11 +307,13 @@ def train_sft(
     *,
     mlflow_run_id: str | None = None,
     metric_prefix: str = "",
+    callbacks: list | None = None,
 ) -> TrainResult:
     """LoRA SFT on prompt/completion data; the adapter lands in ``out_dir/adapter``.
 
     `base_model_path`: a local checkpoint folder, a hub id, or 'default'. `eval_ds` may be None.
     Metrics per logging step go to `mlflow_run_id`, else the active MLflow run, else nowhere.
+    `callbacks`: extra transformers ``TrainerCallback``s (in-process runs only).
     """
     if cfg.launcher == "accelerate":
         return launch("sft", base_model_path, None, train_ds, eval_ds, cfg, out_dir, mlflow_run_id, metric_prefix)
@@ -340,7 +342,7 @@ def train_sft(
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix)],
+        callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix), *(callbacks or [])],
     )
     extra = {
         "n_train": float(len(train_ds)),
@@ -368,6 +370,7 @@ def train_dpo(
     *,
     mlflow_run_id: str | None = None,
     metric_prefix: str = "",
+    callbacks: list | None = None,
 ) -> TrainResult:
     """LoRA DPO on prompt/chosen/rejected data, starting from (base + SFT adapter) when given.
 
@@ -405,7 +408,7 @@ def train_dpo(
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix)],
+        callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix), *(callbacks or [])],
     )
     extra = {
         "n_train": float(len(train_ds)),

@@ -11,8 +11,9 @@ From OP/commenter chains (threads.parquet) and per-utterance labels (labels.parq
   expressed after c'_t are removed from v_{t+1} so the rejected reply cannot have promoted what
   remains; up to three are kept, pairs with none left are dropped and counted.
 
-Two settings (App. B): single-turn uses the first exchange (o_1, c_1, o_2) of every chain;
-multi-turn uses every success in chains that go beyond one exchange. Examples repeated across
+Two settings (App. B): single-turn uses the first exchange (o_1, c_1, o_2) of every chain (or
+only of 3-utterance chains, `single_turn_max_turns: 3`); multi-turn uses every success in chains
+that go beyond one exchange. Examples repeated across
 overlapping chains are kept once (same history utt_ids and same c_t). Splits are by Reddit post,
 so no post (and hence no chain) is in two splits; the three datasets of a setting share them.
 
@@ -31,8 +32,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
+from prefect import task
 
 from esvr.flows.config import Section
+from esvr.tasks.caching import cache_policy
 from esvr.prompts import value_names
 from esvr.tasks.rg import rg_messages
 from esvr.tasks.tvd import format_value_list, render_history, tvd_messages
@@ -54,6 +57,10 @@ class DatasetsConfig(Section):
     settings: list[Setting] = ["single_turn", "multi_turn"]
     #: chains shorter than this (in utterances) are single exchanges and feed only single-turn
     multi_turn_min_turns: int = 5
+    #: single-turn takes (o_1, c_1, o_2) from chains of at most this many utterances; None = from
+    #: every chain (the first exchange of a long thread is a single-turn example too); 3 = only
+    #: chains that end after o_2, which makes the two settings disjoint
+    single_turn_max_turns: int | None = None
     #: dev and test sizes: a fraction of the setting's examples (< 1) or a count (>= 1).
     #: Defaults are Table 4's single-turn proportions (2,000 and 1,000 of 21,459)
     dev_size: float = 0.093
@@ -144,6 +151,8 @@ def extract_examples(
             stats["malformed_chains"] += 1
             continue
         if setting == "multi_turn" and len(turns) < cfg.multi_turn_min_turns:
+            continue
+        if setting == "single_turn" and cfg.single_turn_max_turns is not None and len(turns) > cfg.single_turn_max_turns:
             continue
         stats["chains"] += 1
         # o_{t+1} sits at even indices 2, 4, ...; single-turn looks only at o_2
@@ -415,3 +424,16 @@ def stats_metrics(manifest: dict[str, Any]) -> dict[str, float]:
                 for name, count in value.items():
                     out[f"{setting}.{key}.{name}"] = float(count)
     return out
+
+
+@task(
+    name="build_datasets",
+    cache_policy=cache_policy("esvr.tasks.tvd", "esvr.tasks.rg"),
+    persist_result=True,
+    log_prints=False,  # `datasets` prints bytecode listings while fingerprinting
+)
+def build_datasets_task(threads: Path, labels: Path, cfg: DatasetsConfig, out: Path, prompts: str) -> str:
+    """`build_datasets` as a cached task (keyed by the inputs' content, the config, the prompt
+    files' digest `prompts` and the builders' source); returns the manifest's path."""
+    build_datasets(threads, labels, cfg, out)
+    return str(Path(out) / "manifest.json")

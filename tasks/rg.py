@@ -14,14 +14,19 @@ structure), the training config per setting (Table 6), and the two evaluations o
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from esvr.flows.config import Section
+from prefect import task
+
+from esvr.flows.config import ModelConfig, Section
 from esvr.models.training import TrainConfig
+from esvr.tasks.caching import cache_policy
 from esvr.prompts import load_prompt, value_names, values
 from esvr.tasks.tvd import render_history
 
@@ -221,3 +226,107 @@ def eval_items(examples: Sequence[dict[str, Any]], max_chars: int | None) -> lis
         }
         for ex in examples
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect tasks
+# --------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@task(name="rg_generate", cache_policy=cache_policy("esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
+def rg_generate_task(
+    model: ModelConfig,
+    data: Path,
+    values_mode: str,
+    cfg: RGEvalConfig,
+    max_chars: int | None,
+    seed: int,
+    out: Path,
+    run_dir: str,
+    use_cache: bool,
+    prompts: str,
+) -> str:
+    """Replies of one generator on the RG test split, from the 'original' or 'random' target values.
+
+    Random values are seeded per example, so every system gets the same random set for an example.
+    """
+    from esvr.tasks.components import opened_model
+    from esvr.tasks.tvd import eval_examples
+
+    if values_mode not in ("original", "random"):
+        raise ValueError(f"values_mode must be 'original' or 'random', got {values_mode!r}")
+    examples = eval_examples(data, cfg.max_examples, seed)
+    items = eval_items(examples, max_chars)
+    targets = [
+        it["target_values"]
+        if values_mode == "original"
+        else random_values(it["target_values"], len(it["target_values"]) or 3, random.Random(f"{seed}:{it['example_id']}"))
+        for it in items
+    ]
+    with opened_model(model, Path(run_dir), use_cache) as chat:
+        replies = generate_replies(chat, [it["thread"] for it in items], targets, cfg.max_new_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"example_id": it["example_id"], "target_values": t, "values_mode": values_mode, "model": model.spec, "reply": r}
+        for it, t, r in zip(items, targets, replies)
+    ]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(out)
+
+
+@task(name="rg_judge", cache_policy=cache_policy("esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
+def rg_judge_task(
+    judge: ModelConfig,
+    data: Path,
+    replies_x: Path,
+    replies_y: Path,
+    x: str,
+    y: str,
+    cfg: RGEvalConfig,
+    max_chars: int | None,
+    seed: int,
+    out: Path,
+    run_dir: str,
+    use_cache: bool,
+    prompts: str,
+) -> dict[str, Any]:
+    """Pairwise judgement of two reply files in both orders; verdicts go to `out` (JSONL)."""
+    from esvr.tasks.components import opened_model
+    from esvr.tasks.tvd import eval_examples
+
+    items = eval_items(eval_examples(data, cfg.max_examples, seed), max_chars)
+    by_x = {r["example_id"]: r["reply"] for r in _read_jsonl(replies_x)}
+    by_y = {r["example_id"]: r["reply"] for r in _read_jsonl(replies_y)}
+    missing = [it["example_id"] for it in items if it["example_id"] not in by_x or it["example_id"] not in by_y]
+    if missing:
+        raise ValueError(f"replies for {len(missing)} test example(s) missing in {replies_x} or {replies_y}: {missing[:3]}")
+    with opened_model(judge, Path(run_dir), use_cache) as chat:
+        result = pairwise_compare(
+            chat,
+            items,
+            [by_x[it["example_id"]] for it in items],
+            [by_y[it["example_id"]] for it in items],
+            x=x,
+            y=y,
+            method=cfg.judge_method,
+            max_tokens=cfg.max_judge_tokens,
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows))
+    return {"x": x, "y": y, "order1": result.order1, "order2": result.order2, "verdicts": str(out)}
+
+
+def pairwise_markdown(title: str, results: Sequence[dict[str, Any]]) -> str:
+    """Judge results as Tables 7-8: per comparison, wins of each system in order 1 and order 2."""
+    lines = [f"### {title}", "", "| comparison | order | X | wins X | Y | wins Y | invalid |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for order in ("order1", "order2"):
+            c = r[order]
+            lines.append(
+                f"| {r['x']} vs {r['y']} | {order} | {r['x']} | {c.get(r['x'], 0)} | {r['y']} | {c.get(r['y'], 0)} | {c.get('invalid', 0)} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -13,13 +13,18 @@ sees the same prompt at simulation time as in training.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from esvr.flows.config import Section
+from prefect import task
+
+from esvr.flows.config import ModelConfig, Section
 from esvr.models.training import TrainConfig
+from esvr.tasks.caching import cache_policy
 from esvr.prompts import load_prompt, value_names, values
 
 # Speaker labels in prompts. The paper frames Reddit threads as patient/therapist talk (Tables
@@ -211,9 +216,6 @@ class TrainTVDConfig(Section):
     #: App. D.1: LoRA r 8, alpha 16, lr 5e-5 (dropout and target modules are not reported)
     train: TrainConfig = TrainConfig(learning_rate=5e-5, lora_r=8, lora_alpha=16)
     eval: TVDEvalConfig = TVDEvalConfig()
-    #: the value lists are short, so utterances in the prompt are capped (characters) to fit
-    #: `train.max_length`; None keeps them whole
-    max_chars_per_utterance: int | None = None
 
 
 @dataclass
@@ -255,3 +257,60 @@ def evaluate_tvd(
         for ex, r, p, g in zip(examples, replies, predicted, gold)
     ]
     return TVDEvaluation(name=name, metrics=set_prf(predicted, gold), rows=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefect task
+# --------------------------------------------------------------------------------------------
+
+
+def eval_examples(data: Path, max_examples: int | None, seed: int) -> list[dict[str, Any]]:
+    """The evaluated rows of a saved dataset's test split: all, or a seeded sample of `max_examples`."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(data))
+    if "test" not in ds:
+        raise ValueError(f"{data}: no 'test' split; has {list(ds)}")
+    test = ds["test"]
+    if max_examples is not None and len(test) > max_examples:
+        test = test.shuffle(seed=seed).select(range(max_examples))
+    return list(test)
+
+
+@task(name="tvd_eval", cache_policy=cache_policy("esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
+def tvd_eval_task(
+    model: ModelConfig,
+    data: Path,
+    name: str,
+    variant: str,
+    cfg: TVDEvalConfig,
+    max_chars: int | None,
+    seed: int,
+    out: Path,
+    run_dir: str,
+    use_cache: bool,
+    prompts: str,
+) -> dict[str, Any]:
+    """Evaluate one system x prompt variant on the TVD test split; predictions go to `out` (JSONL)."""
+    from esvr.tasks.components import opened_model
+
+    examples = eval_examples(data, cfg.max_examples, seed)
+    tokens = cfg.max_new_tokens_reasoning if variant == "reasoning" else cfg.max_new_tokens
+    with opened_model(model, Path(run_dir), use_cache) as chat:
+        result = evaluate_tvd(
+            chat, examples, name=name, variant=variant, max_new_tokens=tokens, max_chars_per_utterance=max_chars
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows))
+    return {"name": name, "variant": variant, "model": model.spec, "metrics": result.metrics, "predictions": str(out)}
+
+
+def table5_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """The evaluation as Table 5: one row per system and prompt variant."""
+    lines = ["| system | prompt | precision | recall | F1 | n |", "|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['name']} | {r['variant']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {int(m['n'])} |"
+        )
+    return "\n".join(lines) + "\n"

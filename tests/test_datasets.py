@@ -123,6 +123,9 @@ def test_success_rule_top3_and_dedupe(tmp_path: Path):
     assert [h["utt_id"] for h in multi[1]["history"]] == ["u1", "u2", "u3"]
     assert multi[1]["target_values"] == [V[3], V[4], V[5]]
 
+    only_short, _ = extract_examples(df, lab, cfg.model_copy(update={"single_turn_max_turns": 3}), "single_turn")
+    assert [e["thread_id"] for e in only_short if e["next_utt_id"] == "u3"] == ["t1"]
+
     stricter, _ = extract_examples(df, lab, cfg.model_copy(update={"valence_threshold": 0.7}), "single_turn")
     assert [e["next_utt_id"] for e in stricter] == ["u3"]
 

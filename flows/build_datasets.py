@@ -1,0 +1,45 @@
+"""Flow `build_datasets`: threads + labels -> TVD, RG-SFT and RG-DPO datasets (paper §4-5, App. B).
+
+Stage 3 of the DAG. Single-turn and multi-turn settings, train/dev/test split by post, saved with
+`datasets` in TRL's conversational formats under ``<run>/datasets/``; statistics (successes,
+duplicates, DPO pairs dropped, split sizes, target value counts) go to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from esvr.flows import tracking
+from esvr.flows.config import PipelineConfig
+from esvr.flows.runtime import RunPaths
+from esvr.tasks.components import prompts_digest
+from esvr.tasks.datasets import build_datasets_task, stats_metrics
+
+PROMPTS = ["tvd/system.txt", "tvd/user.txt", "rg/system.txt", "rg/user.txt"]
+
+
+@flow(name="build_datasets", log_prints=True)
+def build_datasets_flow(
+    config: PipelineConfig, threads: str | Path | None = None, labels: str | Path | None = None
+) -> dict[str, str]:
+    """Build every dataset; defaults read the run folder's ingest/ and label/ outputs."""
+    paths = RunPaths(config.run.out_dir.resolve())
+    threads_path = Path(threads) if threads else paths.out_dir / "ingest" / "threads.parquet"
+    labels_path = Path(labels) if labels else paths.out_dir / "label" / "labels.parquet"
+    for what, path, stage in (("threads", threads_path, "ingest"), ("labels", labels_path, "label")):
+        if not path.is_file():
+            raise FileNotFoundError(f"build_datasets: {what} file not found: {path} (run the {stage} stage first)")
+    with tracking.flow_run("build_datasets", config, section="datasets", prompts=PROMPTS):
+        manifest_path = build_datasets_task(
+            threads_path, labels_path, config.datasets, paths.stage("datasets"), prompts_digest(PROMPTS)
+        )
+        manifest = json.loads(Path(manifest_path).read_text())
+        tracking.log_metrics({f"datasets.{k}": v for k, v in stats_metrics(manifest).items()})
+        tracking.log_artifact(manifest_path, "datasets")
+        for setting, stats in manifest["stats"].items():
+            sizes = ", ".join(f"{k} {stats.get(f'{k}.train', 0)}/{stats.get(f'{k}.dev', 0)}/{stats.get(f'{k}.test', 0)}" for k in ("tvd", "rg_sft", "rg_dpo"))
+            print(f"{setting}: {stats.get('success', 0)} successes -> train/dev/test {sizes}")
+        return {"datasets": manifest["root"], "datasets_manifest": str(manifest_path)}

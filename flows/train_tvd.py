@@ -1,0 +1,119 @@
+"""Flow `train_tvd`: LoRA SFT of the target value detector, then Table 5 on the test split.
+
+Stage 4a of the DAG (paper §5.1, App. D.1). The training run is a nested MLflow run tagged
+``esvr.component=tvd``, ``esvr.training_stage=sft`` and ``esvr.setting``; it holds the per-step
+metrics, the trainer config and the adapter (artifact ``adapter``), so ``mlflow:<run_id>``
+addresses the trained detector. The evaluation compares the detector with prompt baselines
+(zero-shot, with value definitions, with reasoning) on the same test examples.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import flow
+
+from esvr.flows import tracking
+from esvr.flows.config import ModelConfig, PipelineConfig, flatten
+from esvr.flows.runtime import RunPaths
+from esvr.tasks import tvd
+from esvr.tasks.components import component_spec, log_training, prompts_digest, train_lora_task
+from esvr.tasks.datasets import load_manifest
+
+_ROLES = ("supporter", "seeker", "persona_writer", "judge")
+
+
+def base_model_config(config: PipelineConfig) -> ModelConfig:
+    """`models.base` as a chat spec ('default', or 'hf:<path-or-hub-id>')."""
+    base = config.models.base
+    return ModelConfig(spec=base if base == "default" or base.startswith("hf:") else f"hf:{base}")
+
+
+def model_for(name: str, config: PipelineConfig) -> ModelConfig:
+    """'base' = the training base checkpoint; a role name = that configured model; else a spec."""
+    if name == "base":
+        return base_model_config(config)
+    if name in _ROLES:
+        return getattr(config.models, name)
+    return ModelConfig(spec=name)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def dataset_dir(manifest: dict[str, Any], setting: str, kind: str) -> Path:
+    try:
+        return Path(manifest["paths"][setting][kind])
+    except KeyError:
+        raise ValueError(
+            f"the datasets at {manifest['root']} have no {setting}/{kind}; built settings: {sorted(manifest['paths'])} "
+            "(datasets.settings must include it)"
+        ) from None
+
+
+def train_component(
+    config: PipelineConfig, *, component: str, stage: str, setting: str, kind: str, data: Path,
+    train_cfg: Any, out: Path, sft_adapter: Path | None = None,
+) -> tuple[dict[str, Any], str]:
+    """One training as a nested MLflow run; returns (TrainResult JSON, MLflow run id)."""
+    base = base_model_config(config)
+    tags = {"esvr.component": component, "esvr.training_stage": stage, "esvr.setting": setting, "esvr.base_model": base.spec}
+    with tracking.flow_run(f"{component}.{stage}.{setting}", config, tags=tags) as run:
+        run_id = run.info.run_id
+        items = list(tracking.safe_params(flatten(train_cfg, prefix="train.")).items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        meta = {"component": component, "stage": stage, "setting": setting}
+        result = train_lora_task(kind, base, data, sft_adapter, train_cfg, out, meta, run_id)
+        log_training(result, run_id)
+        m = result["metrics"]
+        print(f"{component} {stage} ({setting}): {int(m['global_step'])} steps, {m['step_time_s']:.2f} s/step, "
+              f"train loss {m['train_loss']:.3f}" + (f", dev loss {m['eval_loss']:.3f}" if "eval_loss" in m else ""))
+    return result, run_id
+
+
+@flow(name="train_tvd", log_prints=True)
+def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -> dict[str, str]:
+    """Train and evaluate the detector on the datasets at `datasets` (default: the run folder's)."""
+    paths = RunPaths(config.run.out_dir.resolve())
+    manifest = load_manifest(Path(datasets) if datasets else paths.out_dir / "datasets")
+    cfg = config.train_tvd
+    data = dataset_dir(manifest, cfg.setting, "tvd")
+    max_chars = manifest["config"].get("max_chars_per_utterance")
+    stage_dir = paths.stage("train_tvd")
+    digest = prompts_digest(tvd.PROMPT_FILES)
+    with tracking.flow_run("train_tvd", config, section="train_tvd", prompts=tvd.PROMPT_FILES):
+        result, run_id = train_component(
+            config, component="tvd", stage="sft", setting=cfg.setting, kind="sft", data=data,
+            train_cfg=cfg.train, out=stage_dir / "sft",
+        )
+        spec = component_spec(result["adapter_dir"])
+
+        systems = [("tvd", ModelConfig(spec=spec), "zero_shot")]
+        for name in cfg.eval.baselines:
+            systems += [(name, model_for(name, config), variant) for variant in cfg.eval.variants]
+        evaluations = []
+        for name, model, variant in systems:
+            out = stage_dir / "eval" / f"{slug(name)}.{variant}.jsonl"
+            evaluations.append(tvd.tvd_eval_task(
+                model, data, name, variant, cfg.eval, max_chars, config.run.seed, out,
+                str(paths.out_dir), config.models.cache, digest,
+            ))
+        for ev in evaluations:
+            tracking.log_metrics({f"tvd.eval.{slug(ev['name'])}.{ev['variant']}.{k}": v for k, v in ev["metrics"].items()})
+        trained = evaluations[0]["metrics"]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for k, v in trained.items():
+            client.log_metric(run_id, f"test.{k}", float(v))
+        table = stage_dir / "table5.md"
+        table.write_text("# Target value prediction (Table 5)\n\n" + tvd.table5_markdown(evaluations))
+        tracking.log_artifact(table, "train_tvd")
+        tracking.log_artifact(stage_dir / "eval", "train_tvd/eval")
+        print(tvd.table5_markdown(evaluations))
+        return {"tvd": spec, "tvd_run": f"mlflow:{run_id}", "tvd_eval": str(table)}
