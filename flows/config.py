@@ -98,6 +98,9 @@ class SmokeConfig(Section):
 
 
 from esvr.tasks.ingest import IngestConfig  # noqa: E402  (after Section: the stage module imports it)
+from esvr.tasks.datasets import DatasetsConfig  # noqa: E402
+from esvr.tasks.rg import TrainRGConfig  # noqa: E402
+from esvr.tasks.tvd import TrainTVDConfig  # noqa: E402
 from esvr.tasks.label import LabelConfig  # noqa: E402
 from esvr.tasks.analyze_esconv import AnalyzeESConvConfig  # noqa: E402
 from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
@@ -111,6 +114,9 @@ class PipelineConfig(Section):
     label: LabelConfig = LabelConfig()
     analyze_esconv: AnalyzeESConvConfig = AnalyzeESConvConfig()
     ingest: IngestConfig = IngestConfig()
+    datasets: DatasetsConfig = DatasetsConfig()
+    train_tvd: TrainTVDConfig = TrainTVDConfig()
+    train_rg: TrainRGConfig = TrainRGConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
