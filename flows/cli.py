@@ -245,11 +245,57 @@ def cmd_simulator_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- stages 3-4: datasets, target value detector, reference generator ----------------------
+
+
+def add_component_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-datasets", help="threads + labels -> TVD, RG-SFT, RG-DPO datasets (stage 3)")
+    _common(p)
+    p.add_argument("--threads", type=Path, default=None, help="threads.parquet (default: <run>/ingest/threads.parquet)")
+    p.add_argument("--labels", type=Path, default=None, help="labels.parquet (default: <run>/label/labels.parquet)")
+    p.set_defaults(func=cmd_build_datasets)
+
+    p = sub.add_parser("train-tvd", help="LoRA SFT of the target value detector + Table 5 evaluation (stage 4)")
+    _common(p)
+    p.add_argument("--datasets", type=Path, default=None, help="datasets folder (default: <run>/datasets)")
+    p.set_defaults(func=cmd_train_tvd)
+
+    p = sub.add_parser("train-rg", help="reference generator SFT then DPO per setting + Tables 7-8 (stage 4)")
+    _common(p)
+    p.add_argument("--datasets", type=Path, default=None, help="datasets folder (default: <run>/datasets)")
+    p.set_defaults(func=cmd_train_rg)
+
+
+def cmd_build_datasets(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.build_datasets import build_datasets_flow
+
+    _print_artifacts(build_datasets_flow(config, args.threads, args.labels))
+    return 0
+
+
+def cmd_train_tvd(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.train_tvd import train_tvd_flow
+
+    _print_artifacts(train_tvd_flow(config, args.datasets))
+    return 0
+
+
+def cmd_train_rg(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.train_rg import train_rg_flow
+
+    _print_artifacts(train_rg_flow(config, args.datasets))
+    return 0
+
+
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """One subcommand per pipeline stage."""
     add_label_commands(sub)
     add_evaluation_commands(sub)
     add_ingest_commands(sub)
+    add_component_commands(sub)
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
