@@ -58,6 +58,11 @@ def supporter_model(config: PipelineConfig, s: SupporterUnderTest, override: Sup
     baseline (trained here, cached), the row's model, or models.supporter."""
     if override is not None:
         return _model_config(override)  # type: ignore[return-value]
+    if s.component is not None and s.component.startswith("pipeline:"):
+        raise ValueError(
+            f"evaluate.supporters row {s.name!r} takes the pipeline's trained {s.component[len('pipeline:'):]!r}: "
+            f"run it through `esvr run`, or give its model: esvr evaluate --supporter '{s.name}=mlflow:<run_id>'"
+        )
     if s.component is not None:
         return _model_config(s.component)  # type: ignore[return-value]
     if s.finetune is not None:
@@ -78,7 +83,7 @@ def _prompts_digest() -> str:
 def evaluate_flow(
     config: PipelineConfig,
     personas_path: str | Path | None = None,
-    supporters: dict[str, SupporterRef] | None = None,
+    supporters: dict[str, SupporterRef | dict[str, SupporterRef]] | None = None,
     tvd: SupporterRef | None = None,
     rg: SupporterRef | None = None,
 ) -> dict[str, str]:
@@ -86,17 +91,27 @@ def evaluate_flow(
 
     `supporters`: models for rows by name (a spec, a component reference such as
     ``mlflow:<run_id>`` or an adapter folder, or a ModelConfig), e.g. the pipeline's trained
-    ``{"Ours (SFT)": sft_spec, "Ours (DPO)": dpo_spec}``; names must be rows of the config.
+    ``{"Ours (SFT)": sft_spec, "Ours (DPO)": dpo_spec}``, or a dict ``{"model", "tvd", "rg"}`` for a
+    row with its own components (the emotion-reinforced rows' RG); names must be rows of the
+    config. Rows whose ``component`` is ``pipeline:<name>`` need one.
     `tvd`, `rg`: the target value detector and reference generator for rows that use them (None:
     ``simulate.tvd`` / ``simulate.rg``, else the row's own supporter model, zero-shot).
     """
     cfg = config.evaluate
     run = RunPaths(config.run.out_dir.resolve())
     stage_dir = run.stage("evaluate")
-    overrides = dict(supporters or {})
-    unknown = sorted(set(overrides) - {s.name for s in cfg.supporters})
-    if unknown:
-        raise ValueError(f"evaluate_flow: supporters {unknown} are not rows of evaluate.supporters {[s.name for s in cfg.supporters]}")
+    overrides: dict[str, SupporterRef] = {}
+    rows = {s.name: s for s in cfg.supporters}
+    for name, value in (supporters or {}).items():
+        if name not in rows:
+            raise ValueError(f"evaluate_flow: supporter {name!r} is not a row of evaluate.supporters {list(rows)}")
+        if isinstance(value, dict):  # {'model': ..., 'tvd': ..., 'rg': ...}
+            extra = {k: _model_config(value[k]) for k in ("tvd", "rg") if value.get(k)}
+            rows[name] = rows[name].model_copy(update=extra)
+            if value.get("model"):
+                overrides[name] = value["model"]
+        else:
+            overrides[name] = value
     personas_file = Path(personas_path) if personas_path else (cfg.personas or run.out_dir / "personas" / "personas.jsonl")
     sim_cfg = evaluation_simulate_config(config.simulate, cfg)
     use_cache = config.models.cache
@@ -124,7 +139,7 @@ def evaluate_flow(
         dialogue_paths: dict[str, Path] = {}
         used_models: dict[str, Any] = {"seeker": seeker, "judge": judge}
         components: dict[str, dict[str, str | None]] = {}
-        for s in cfg.supporters:
+        for s in rows.values():
             model_cfg = supporter_model(config, s, overrides.get(s.name), stage_dir)
             sup = chat_model(model_cfg, run.out_dir, cache=use_cache)
             tvd_cfg = s.tvd or default_tvd
