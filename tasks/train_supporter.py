@@ -431,7 +431,7 @@ def preferences_task(
     value_cfg: ValueDetectorConfig | None,
     judge: ModelConfig | None,
     out_dir: Path,
-    run_dir: Path,
+    run_dir: str,
     use_cache: bool,
     seed: int,
 ) -> dict[str, Any]:
@@ -442,9 +442,12 @@ def preferences_task(
     dialogues = {str(d["id"]): d for d in load_dialogues(dialogues_path)}
     detect = judge_model = None
     if cfg.reward == "value":
+        from esvr.flows.runtime import chat_model
         from esvr.models.value_detector import load_value_detector
 
-        detect = load_value_detector(value_cfg or ValueDetectorConfig()).detect
+        vcfg = value_cfg or ValueDetectorConfig()
+        vchat = chat_model(vcfg.model, run_dir, cache=use_cache) if vcfg.backend == "llm" else None
+        detect = load_value_detector(vcfg, vchat).detect
     else:
         from esvr.flows.runtime import chat_model
 
