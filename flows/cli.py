@@ -295,6 +295,7 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     add_label_commands(sub)
     add_evaluation_commands(sub)
     add_ingest_commands(sub)
+    add_supporter_commands(sub)
     add_component_commands(sub)
 
 

@@ -105,6 +105,7 @@ from esvr.tasks.label import LabelConfig  # noqa: E402
 from esvr.tasks.analyze_esconv import AnalyzeESConvConfig  # noqa: E402
 from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
 
+from esvr.tasks.train_supporter import TrainSupporterConfig  # noqa: E402
 
 class PipelineConfig(Section):
     run: RunConfig = RunConfig()
@@ -121,6 +122,7 @@ class PipelineConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
+    train_supporter: TrainSupporterConfig = TrainSupporterConfig()
 # Loading
 # --------------------------------------------------------------------------------------------
 

@@ -139,7 +139,9 @@ def train_lora(
 
     from esvr.models.training import train_dpo, train_sft
 
-    splits = load_from_disk(str(data))
+    # in memory: maps over a disk-loaded dataset write cache-*.arrow files into `data`, which would
+    # change its content digest and miss this task's cache on every later run
+    splits = load_from_disk(str(data), keep_in_memory=True)
     missing = [s for s in ("train", "dev") if s not in splits]
     if missing:
         raise ValueError(f"{data}: dataset lacks split(s) {missing}; has {list(splits)}")
