@@ -297,6 +297,33 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     add_ingest_commands(sub)
     add_supporter_commands(sub)
     add_component_commands(sub)
+    add_deploy_commands(sub)
+
+
+# ---- deployment (prefect.yaml, docker-compose.yml; docs/deployment.md) ----------------------
+
+
+def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="register prefect.yaml's deployments on the Prefect server of PREFECT_API_URL")
+    p.add_argument("--config", default="configs/paper.yaml",
+                   help="run recipe the deployments use, relative to the worker's project folder (default configs/paper.yaml); "
+                   "its ingest.schedule_cron schedules ingest-new-dumps")
+    p.add_argument("--name", dest="names", action="append", default=[], metavar="DEPLOYMENT",
+                   help="register only this deployment (repeatable; default: all)")
+    p.set_defaults(func=cmd_deploy)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from esvr.flows.deploy import DeployError, deploy
+
+    try:
+        for name in deploy(args.config, names=args.names or None):
+            print(f"registered {name}")
+    except DeployError as exc:
+        print(f"esvr deploy: {exc}", file=sys.stderr)
+        return 2
+    print("start a run: prefect deployment run 'pipeline-from-file/pipeline', or from the Prefect UI (Deployments)")
+    return 0
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
