@@ -127,6 +127,46 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_personas(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.personas import personas_flow
+
+    _print_artifacts(personas_flow(config))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.simulate import simulate_flow
+
+    _print_artifacts(
+        simulate_flow(
+            config,
+            personas_path=args.personas,
+            splits=args.split or None,
+            supporter=args.supporter,
+            tvd=args.tvd,
+            rg=args.rg,
+            name=args.name,
+        )
+    )
+    return 0
+
+
+def cmd_bench_simulate(args: argparse.Namespace) -> int:
+    from esvr.tasks.sim_bench import bench_simulate, format_bench
+
+    results = bench_simulate(
+        latency_s=args.latency,
+        dialogues_c1=args.dialogues_c1,
+        dialogues_cN=args.dialogues,
+        concurrency=args.concurrency,
+        end_after=args.end_after,
+    )
+    print(format_bench(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esvr",
@@ -292,6 +332,7 @@ def cmd_train_rg(args: argparse.Namespace) -> int:
 
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """One subcommand per pipeline stage."""
+    add_simulation_commands(sub)
     add_label_commands(sub)
     add_evaluation_commands(sub)
     add_ingest_commands(sub)
@@ -326,8 +367,32 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_simulation_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("personas", help="generate seeker personas (stage 5): situations, alignment, emotion, demographics, split")
+    _common(p)
+    p.set_defaults(func=cmd_personas)
+
+    p = sub.add_parser("simulate", help="simulate supporter-seeker dialogues over personas (stage 6); resumable")
+    _common(p)
+    p.add_argument("--personas", type=Path, default=None, help="personas.jsonl (default: <run>/personas/personas.jsonl)")
+    p.add_argument("--split", action="append", choices=["train", "dev", "test"], default=[],
+                   help="persona split(s) to simulate (repeatable; default simulate.splits)")
+    p.add_argument("--supporter", default=None, help="supporter model spec (default models.supporter)")
+    p.add_argument("--tvd", default=None, help="target value detector spec, e.g. hf:<base>+<adapter>; '' for none")
+    p.add_argument("--rg", default=None, help="reference generator spec; '' for none")
+    p.add_argument("--name", default="main", help="output folder under <run>/simulate/")
+    p.set_defaults(func=cmd_simulate)
+
+
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     """One benchmark per stage that has a speed target."""
+    p = bench_sub.add_parser("simulate", help="simulated dialogues/min at concurrency 1 and 32 against a fake OpenAI server with fixed latency")
+    p.add_argument("--latency", type=float, default=0.5, help="seconds the fake server waits before each reply")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--dialogues", type=int, default=32, help="dialogues simulated at --concurrency")
+    p.add_argument("--dialogues-c1", type=int, default=2, help="dialogues simulated at concurrency 1")
+    p.add_argument("--end-after", type=int, default=3, help="supporter turns before the scripted seeker says [END]")
+    p.set_defaults(func=cmd_bench_simulate)
     add_label_bench(bench_sub)
     p = bench_sub.add_parser("ingest", help="ingest throughput vs zstd decompression alone and a stdlib-json baseline")
     p.add_argument("--size-mb", type=int, default=520, help="decompressed size of the generated comments dump")

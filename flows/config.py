@@ -105,6 +105,8 @@ from esvr.tasks.label import LabelConfig  # noqa: E402
 from esvr.tasks.analyze_esconv import AnalyzeESConvConfig  # noqa: E402
 from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
 
+from esvr.tasks.personas import PersonasConfig  # noqa: E402
+from esvr.tasks.simulate import SimulateConfig  # noqa: E402
 from esvr.tasks.train_supporter import TrainSupporterConfig  # noqa: E402
 
 class PipelineConfig(Section):
@@ -122,6 +124,8 @@ class PipelineConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
+    personas: PersonasConfig = PersonasConfig()
+    simulate: SimulateConfig = SimulateConfig()
     train_supporter: TrainSupporterConfig = TrainSupporterConfig()
 # Loading
 # --------------------------------------------------------------------------------------------

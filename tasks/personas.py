@@ -141,8 +141,11 @@ _FIRST_PERSON = re.compile(r"\b(i|i'm|i've|i'd|i'll|my|me)\b", re.IGNORECASE)
 
 
 def _valid_situation(text: str) -> bool:
+    """A first-person sentence of 5-40 words (two short sentences pass; a paragraph does not)."""
     words = text.split()
-    if not 5 <= len(words) <= 60 or not _FIRST_PERSON.search(text):
+    if not 5 <= len(words) <= 40 or not _FIRST_PERSON.search(text):
+        return False
+    if len(re.findall(r"[.!?](?:\s|$)", text)) > 2:
         return False
     letters = sum(ch.isalpha() for ch in text)
     return letters >= 0.6 * len(text.replace(" ", ""))
@@ -151,7 +154,7 @@ def _valid_situation(text: str) -> bool:
 def parse_situations(text: str) -> list[str]:
     """Situations from a reply: a JSON list, or one per line with any numbering or bullets.
 
-    Lines that are not a first-person sentence of 5-60 words (headers, commentary, garbage) are
+    Lines that are not a first-person sentence of 5-40 words (headers, commentary, garbage) are
     dropped, so what comes back is only what the prompt asked for.
     """
     candidates: list[str] = []

@@ -98,12 +98,18 @@ class Script:
             value = re.search(r"Human value: (.+)", last)
             t = topic.group(1).strip().lower() if topic else "life"
             v = value.group(1).strip().lower() if value else "my values"
-            return "\n".join(
-                f"{i + 1}. I worry about {t} because {v} matters to me, and situation {i} keeps me awake ({digest % 97 + i})."
-                for i in range(self.situations)
-            )
+            templates = [
+                "I worry about {t} because {v} matters so much to me.",
+                "My family keeps pushing me on {t}, and it clashes with {v}.",
+                "Since last spring I have felt that {t} leaves no room for {v} in my life.",
+                "Every time my friends mention {t}, I feel ashamed that I value {v}.",
+                "At work nobody understands why {v} shapes how I handle {t}.",
+                "I lie awake at night thinking {t} might cost me {v} forever.",
+            ]
+            return "\n".join(f"{i + 1}. " + templates[i % len(templates)].format(t=t, v=v) for i in range(self.situations))
         if self._starts(system, "personas/alignment_system.txt"):
-            n = len(re.findall(r"^\d+\. ", last, re.MULTILINE))
+            # numbered situations, not the prompt's own "1. Situations:" / "2. Human value:" items
+            n = len(re.findall(r"^\d+\. (?!Situations:|Human value:)", last, re.MULTILINE))
             return "\n".join(f"situation: s{i}\n- Reasoning: fits.\n- Rating: {5 if i % 3 else 2}" for i in range(n))
         if self._starts(system, "personas/emotion_system.txt"):
             return ["Anxiety", "Fear", "Anxiety", "Sadness", "Anxiety"][k % 5]

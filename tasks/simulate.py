@@ -161,24 +161,9 @@ def tvd_request(utterances: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]
 
 def rg_request(utterances: Sequence[Mapping[str, Any]], target_values: Sequence[str] | None) -> list[dict[str, str]]:
     """The reference generator's prompt (Table 16's structure) for this history and values."""
-    try:  # the component's own builder, so simulation prompts equal training prompts
-        from esvr.tasks.rg import rg_messages  # type: ignore[attr-defined]
-    except ImportError:
-        rg_messages = None
-    if rg_messages is not None:
-        return rg_messages(_history_text(utterances), list(target_values or []))
-    from esvr.prompts import load_prompt
-    from esvr.tasks.supporter import format_target_values
+    from esvr.tasks.rg import rg_messages  # the component's own builder: simulation prompts = training prompts
 
-    return [
-        {"role": "system", "content": load_prompt("rg/system.txt").strip()},
-        {
-            "role": "user",
-            "content": load_prompt("rg/user.txt").format(
-                dialogue_history=_history_text(utterances), target_values=format_target_values(target_values)
-            ).strip(),
-        },
-    ]
+    return rg_messages(_history_text(utterances), list(target_values or []))
 
 
 def _clean_reference(text: str) -> str:
@@ -385,7 +370,7 @@ async def acontinue_dialogue(
             if record["failed"]:
                 return Rollout(utts, turns, "supporter_failure", calls)
             reason = await _seeker_step(persona, utts, agents, turn_seed() + 7, record["calls"], supporter_turns)
-            _add(calls, {"seeker": record["calls"].get("seeker", 0), "emotion": record["calls"].get("emotion", 0)})
+            _add(calls, {k: v for k, v in record["calls"].items() if k in ("seeker", "emotion")})
             seeker_said += 1
             record["seeker_reply_at"] = len(utts) - 1 if utts[-1]["role"] == "seeker" and len(utts) - 1 > record["at"] else None
             if reason:

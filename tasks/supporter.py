@@ -82,7 +82,7 @@ def canonical_strategy(raw: str) -> str | None:
     Accepts case, spacing, hyphen and plural slips and a trailing explanation after a separator
     ("Affirmation - to encourage ..."); anything else (e.g. "Empathy") is not one of the 8.
     """
-    head = re.split(r"\s[-–—:(]|[,;(]|\.\s|\.$|\n", raw.strip().strip("*\"'`[]"), maxsplit=1)[0]
+    head = re.split(r"\s[-–—:(]|[,;:(]|\.\s|\.$|\n", raw.strip().strip("*\"'`[]"), maxsplit=1)[0]
     return _strategy_aliases().get(_norm_key(head))
 
 

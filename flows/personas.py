@@ -1,0 +1,55 @@
+"""Flow `personas`: taxonomies -> personas.jsonl (stage 5, paper §5.4, App. E.1).
+
+Situations per (problem category, value) from the persona writer, value-alignment filter, emotion
+by majority vote, demographics, stratified train/dev/test split. The whole generation is one cached
+task keyed by the persona config, the writer model and the seed; every LLM call also goes through
+the response cache, so an interrupted run costs nothing to repeat.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, task
+
+from esvr.flows import tracking
+from esvr.flows.config import ModelConfig, PipelineConfig
+from esvr.flows.runtime import RunPaths, chat_model
+from esvr.tasks.caching import cache_policy
+from esvr.tasks.personas import PERSONA_PROMPTS, PersonasConfig, generate_personas, write_personas
+
+
+@task(cache_policy=cache_policy("esvr.tasks.personas"), persist_result=True)
+def personas_task(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: Path, use_cache: bool = True) -> dict[str, str]:
+    model = chat_model(writer, run_dir, cache=use_cache)
+    personas, rejected, stats = generate_personas(model, cfg, seed)
+    return {k: str(v) for k, v in write_personas(personas, rejected, stats, out_dir).items()}
+
+
+def personas_path(config: PipelineConfig) -> Path:
+    """Where the run's personas.jsonl is (the default input of `simulate`)."""
+    return config.run.out_dir.resolve() / "personas" / "personas.jsonl"
+
+
+@flow(name="personas", log_prints=True)
+def personas_flow(config: PipelineConfig) -> dict[str, str]:
+    """Returns the artifact paths: personas, personas_rejected, personas_stats."""
+    out = RunPaths(config.run.out_dir.resolve()).stage("personas")
+    with tracking.flow_run("personas", config, section="personas", prompts=PERSONA_PROMPTS):
+        # a cache hit is only good while the files it names are still there
+        fresh = not (out / "personas.jsonl").exists()
+        paths = personas_task.with_options(refresh_cache=fresh)(
+            config.models.persona_writer, config.personas, config.run.seed, out, config.run.out_dir.resolve(), config.models.cache
+        )
+        stats = json.loads(Path(paths["personas_stats"]).read_text())
+        tracking.log_metrics({f"personas.{k}": v for k, v in stats.items()})
+        tracking.log_usage()
+        for key in ("personas", "personas_stats", "personas_rejected"):
+            tracking.log_artifact(paths[key], "personas")
+        splits = {s: stats.get(f"split.{s}", 0) for s in ("train", "dev", "test")}
+        print(
+            f"personas: {sum(splits.values())} ({splits['train']} train / {splits['dev']} dev / {splits['test']} test) "
+            f"from {stats.get('situations.kept', 0)} situations; {stats.get('alignment.rejected', 0)} rejected on value alignment"
+        )
+        return paths

@@ -1,0 +1,138 @@
+"""Flow `simulate`: personas + supporter + seeker (+ TVD, RG) -> dialogues.jsonl (+ SFT data). Stage 6.
+
+Paper §5.3-5.4 and §6.1. The supporter and seeker are ``models.supporter`` / ``models.seeker``
+unless given; TVD and RG are optional chat models (``simulate.tvd`` / ``simulate.rg`` or
+arguments), absent meaning the paper's ablations. Dialogues go to
+``<run>/simulate/<name>/dialogues.jsonl``, appended as they finish: rerunning the same command after
+an interruption resumes (finished dialogues are skipped, answered calls come from the response
+cache). When train or dev personas were simulated, the supporter's SFT data is exported next to it
+(Tables 9 and 10).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from esvr.flows import tracking
+from esvr.flows.config import ModelConfig, PipelineConfig
+from esvr.flows.runtime import RunPaths, chat_model
+from esvr.tasks.personas import read_personas
+from esvr.tasks.sft_export import export_sft, sft_metrics
+from esvr.tasks.simulate import (
+    SIMULATE_PROMPTS,
+    Agents,
+    SimulationSummary,
+    build_agents,
+    load_dialogues,
+    simulate_dialogues,
+)
+
+
+def _model_config(value: ModelConfig | str | None) -> ModelConfig | None:
+    if value is None or isinstance(value, ModelConfig):
+        return value
+    return ModelConfig(spec=value)
+
+
+def emotion_scorer(config: PipelineConfig) -> Any | None:
+    """The label stage's emotion scorer (valence for the end rule), or None when turned off."""
+    if not config.simulate.emotion:
+        return None
+    from esvr.models.emotion import load_emotion_scorer
+
+    cfg = config.label.emotion
+    run_dir = config.run.out_dir.resolve()
+    echat = chat_model(cfg.model, run_dir, cache=config.models.cache) if cfg.backend == "emollama" else None
+    return load_emotion_scorer(cfg, echat)
+
+
+def agents_from(config: PipelineConfig, supporter: ModelConfig, tvd: ModelConfig | None, rg: ModelConfig | None) -> Agents:
+    """The supporter, seeker, TVD, RG and emotion scorer a config names (models loaded once per process)."""
+    run_dir, cache = config.run.out_dir.resolve(), config.models.cache
+    return build_agents(
+        config.simulate,
+        chat_model(supporter, run_dir, cache=cache),
+        chat_model(config.models.seeker, run_dir, cache=cache),
+        tvd_model=chat_model(tvd, run_dir, cache=cache) if tvd is not None else None,
+        rg_model=chat_model(rg, run_dir, cache=cache) if rg is not None else None,
+        emotion_scorer=emotion_scorer(config),
+    )
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def simulate_task(
+    config: PipelineConfig, personas: list[dict], out: Path, supporter: ModelConfig, tvd: ModelConfig | None, rg: ModelConfig | None
+) -> SimulationSummary:
+    """Not cached by Prefect: dialogues.jsonl itself is the resumable record of what is done."""
+    agents = agents_from(config, supporter, tvd, rg)
+    cfg = config.simulate
+    return simulate_dialogues(personas, out, agents, concurrency=cfg.concurrency, alternatives=cfg.alternatives, seed=config.run.seed)
+
+
+@flow(name="simulate", log_prints=True)
+def simulate_flow(
+    config: PipelineConfig,
+    personas_path: str | Path | None = None,
+    splits: list[str] | None = None,
+    supporter: ModelConfig | str | None = None,
+    tvd: ModelConfig | str | None = None,
+    rg: ModelConfig | str | None = None,
+    name: str = "main",
+    export: bool = True,
+) -> dict[str, str]:
+    """Simulate the personas of `splits`; returns {'dialogues': path, ['sft_train', 'sft_dev', 'sft_stats']}.
+
+    `supporter`, `tvd`, `rg`: a spec string or ModelConfig; None takes ``models.supporter``,
+    ``simulate.tvd``, ``simulate.rg``. Pass ``tvd=""``/``rg=""`` to leave one out explicitly.
+    """
+    cfg = config.simulate
+    run = RunPaths(config.run.out_dir.resolve())
+    personas_file = Path(personas_path) if personas_path else run.out_dir / "personas" / "personas.jsonl"
+    splits = list(splits or cfg.splits)
+    sup_cfg = _model_config(supporter) or config.models.supporter
+    tvd_cfg = cfg.tvd if tvd is None else _model_config(tvd or None)
+    rg_cfg = cfg.rg if rg is None else _model_config(rg or None)
+    out_dir = run.stage("simulate") / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "dialogues.jsonl"
+    tags = {"esvr.simulate.name": name, "esvr.simulate.splits": ",".join(splits)}
+    with tracking.flow_run(f"simulate-{name}", config, section="simulate", tags=tags, prompts=SIMULATE_PROMPTS):
+        personas = []
+        for split in splits:
+            chosen = read_personas(personas_file, [split])
+            personas += chosen[: cfg.max_personas] if cfg.max_personas is not None else chosen
+        tracking.log_metrics({"simulate.personas": len(personas)})
+        print(f"simulating {len(personas)} personas ({', '.join(splits)}) with supporter {sup_cfg.spec}, "
+              f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}")
+        summary = simulate_task(config, personas, out, sup_cfg, tvd_cfg, rg_cfg)
+        tracking.log_metrics(summary.metrics())
+        tracking.log_usage()
+        if out.stat().st_size < 50 << 20:
+            tracking.log_artifact(out, f"simulate/{name}")
+        print(
+            f"dialogues: {summary.written} new, {summary.skipped} already done, {len(summary.errors)} errors; "
+            f"end reasons {summary.end_reasons}; {summary.supporter_turns} supporter turns "
+            f"({summary.failed_turns} failed, {summary.stepwise_turns} stepwise, {summary.reasked_turns} re-asked); "
+            f"{summary.calls_per_supporter_turn:.2f} LLM calls per supporter turn"
+        )
+        if summary.errors:
+            print(f"{len(summary.errors)} dialogues hit backend errors and were not written; rerun to retry them: {summary.errors[:3]}")
+        artifacts = {"dialogues": str(out)}
+        sft_splits = [s for s in ("train", "dev") if s in splits]
+        if export and sft_splits:
+            dialogues = load_dialogues(out)
+            by_split = {s: [d for d in dialogues if d.get("split") == s] for s in sft_splits}
+            result = export_sft(by_split, out_dir / "sft")
+            tracking.log_metrics(sft_metrics(result["stats"]))
+            tracking.log_artifact(out_dir / "sft", f"simulate/{name}/sft")
+            for s, p in result["paths"].items():
+                artifacts[f"sft_{s}"] = p
+                st = result["stats"][s]
+                print(f"SFT {s}: {st['dialogues']} dialogues, {st['turns']} turns, {st['examples_before_filter']} examples, "
+                      f"{st['examples']} after the strategy filter")
+            artifacts["sft_stats"] = result["stats_path"]
+        return artifacts
