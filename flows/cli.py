@@ -387,7 +387,7 @@ def add_simulation_commands(sub: argparse._SubParsersAction) -> None:
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     """One benchmark per stage that has a speed target."""
     p = bench_sub.add_parser("simulate", help="simulated dialogues/min at concurrency 1 and 32 against a fake OpenAI server with fixed latency")
-    p.add_argument("--latency", type=float, default=0.5, help="seconds the fake server waits before each reply")
+    p.add_argument("--latency", type=float, default=1.0, help="seconds the fake server waits before each reply (an API reply of a few hundred tokens takes longer)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--dialogues", type=int, default=32, help="dialogues simulated at --concurrency")
     p.add_argument("--dialogues-c1", type=int, default=2, help="dialogues simulated at concurrency 1")

@@ -257,7 +257,7 @@ def _openai(base_url: str, name: str, concurrency: int) -> ChatModel:
 
 def bench_simulate(
     *,
-    latency_s: float = 0.25,
+    latency_s: float = 1.0,
     dialogues_c1: int = 4,
     dialogues_cN: int = 32,
     concurrency: int = 32,
