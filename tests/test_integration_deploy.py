@@ -1,0 +1,264 @@
+"""The deployment for real, without Docker: servers and a worker as processes on 127.0.0.1.
+
+A Prefect server (SQLite), an MLflow server (SQLite + proxied artifacts) and a process worker run
+as subprocesses, the way docker-compose.yml runs them as containers. `esvr deploy` registers
+prefect.yaml's deployments; runs are triggered through the API and executed by the
+worker in its own processes:
+
+- `pipeline` on a recipe that runs the smoke stage against a scripted OpenAI-compatible server:
+  the run completes and its MLflow run (with the nested stage run) is on the MLflow server;
+- `ingest-new-dumps` twice, with a new month's dump dropped into the folder in between: the second
+  run ingests only the new files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from esvr.flows.deploy import PROJECT_DIR
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A server or worker subprocess in its own process group, with its log in a file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path):
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        fh = open(self.log, "wb")
+
+        def child_setup() -> None:
+            # Started from a background job, SIGINT may be ignored; the worker maps SIGTERM onto it.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+        self.popen = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=log_dir,
+                                      start_new_session=True, preexec_fn=child_setup)
+        fh.close()
+
+    def tail(self, n: int = 4000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"--- {self.name} log ({self.log}), last {n} chars ---\n{text[-n:]}"
+
+    def stop(self) -> None:
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.wait(timeout=5)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(timeout=10)
+
+
+def wait_http(url: str, proc: Proc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            pytest.fail(f"{proc.name} exited with {proc.popen.returncode} before answering {url}\n{proc.tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{proc.name} did not answer {url} within {timeout_s:.0f} s\n{proc.tail()}")
+
+
+def wait_runs(client, run_ids: list, procs: list[Proc], timeout_s: float) -> dict:
+    """Poll flow runs until all are final; fail with the states and the logs otherwise."""
+    deadline = time.monotonic() + timeout_s
+    runs = {}
+    while time.monotonic() < deadline:
+        runs = {rid: client.read_flow_run(rid) for rid in run_ids}
+        if all(r.state and r.state.is_final() for r in runs.values()):
+            break
+        for p in procs:
+            if p.popen.poll() is not None:
+                pytest.fail(f"{p.name} exited with {p.popen.returncode}\n{p.tail()}")
+        time.sleep(1)
+    else:
+        states = {r.name: r.state.name if r.state else None for r in runs.values()}
+        pytest.fail(f"flow runs not finished within {timeout_s:.0f} s: {states}\n" + "\n".join(p.tail() for p in procs))
+    bad = {r.name: f"{r.state.name}: {r.state.message}" for r in runs.values() if not r.state.is_completed()}
+    if bad:
+        logs = {r.name: run_logs(client, r.id) for r in runs.values() if not r.state.is_completed()}
+        pytest.fail(f"flow runs failed: {bad}\n{json.dumps(logs, indent=1)[-6000:]}\n" + "\n".join(p.tail(2000) for p in procs))
+    return runs
+
+
+def run_logs(client, run_id) -> list[str]:
+    """The log messages of a flow run and of its sub-flow runs."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+    ids = [run_id, *(c.id for c in children)]
+    return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))]
+
+
+def stub_reply(request: dict) -> str:
+    return "Listening without judgment helps a friend feel less alone."
+
+
+@pytest.fixture()
+def stack(tmp_path: Path):
+    """Prefect server, MLflow server and a worker on the `cpu` pool; torn down as process groups."""
+    from esvr.models.stub_server import StubServer
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    })
+    server_env = {**env, "PREFECT_UI_ENABLED": "false"}  # the API is what the test drives; the UI only costs start-up
+    worker_env = {
+        **env,
+        "PREFECT_API_URL": api_url,
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "ESVR_PROJECT_DIR": str(PROJECT_DIR),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "ESVR_TEST_KEY": "unused",  # the stub server ignores the key; the client insists on one
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: list[Proc] = []
+    stub = StubServer(reply=stub_reply).start()
+    try:
+        prefect = Proc("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                          "--port", str(prefect_port)], server_env, logs)
+        procs.append(prefect)
+        mlflow_server = Proc("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                                               "--workers", "1",
+                                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                               "--artifacts-destination", str(tmp_path / "mlartifacts")], env, logs)
+        procs.append(mlflow_server)
+        wait_http(f"{api_url}/health", prefect, 180)
+        wait_http(f"{mlflow_url}/health", mlflow_server, 180)
+        yield {"api_url": api_url, "mlflow_url": mlflow_url, "worker_env": worker_env, "logs": logs,
+               "procs": procs, "stub": stub, "tmp": tmp_path}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        stub.close()
+
+
+def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from esvr.tasks.sample_dump import make_sample_dump
+
+    tmp: Path = stack["tmp"]
+    dumps = tmp / "dumps"
+    make_sample_dump(dumps, months=["2021-06"], posts=20)
+    config_path = tmp / "deploy-test.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "run": {"name": "deploy-test", "out_dir": str(tmp / "run"), "experiment": "deploy-test", "stages": ["smoke"]},
+        "models": {"supporter": {"spec": "openai:stub", "base_url": stack["stub"].base_url,
+                                 "api_key_env": "ESVR_TEST_KEY", "max_retries": 1}},
+        "ingest": {"dumps_dir": str(dumps), "schedule_cron": "17 4 * * *"},
+    }))
+
+    # `esvr deploy`, as a user runs it (docs/deployment.md)
+    proc = subprocess.run([str(BIN / "esvr"), "deploy", "--config", str(config_path)], cwd=PROJECT_DIR,
+                          env={**stack["worker_env"], "PREFECT_API_URL": stack["api_url"]},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("pipeline-from-file/pipeline", "ingest-new-dumps/ingest-new-dumps", "train-tvd-from-file/train-tvd",
+                 "train-rg-from-file/train-rg", "train-supporter-from-file/train-supporter"):
+        assert f"registered {name}" in proc.stdout, proc.stdout
+
+    with temporary_settings({PREFECT_API_URL: stack["api_url"]}):
+
+        with get_client(sync_client=True) as client:
+            ingest_dep = client.read_deployment_by_name("ingest-new-dumps/ingest-new-dumps")
+            assert [s.schedule.cron for s in ingest_dep.schedules] == ["17 4 * * *"]  # from the config
+            assert ingest_dep.parameters["config_path"] == str(config_path)
+            assert ingest_dep.work_pool_name == "cpu"
+            assert client.read_deployment_by_name("train-tvd-from-file/train-tvd").work_pool_name == "gpu"
+
+        worker = Proc("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process"],
+                      stack["worker_env"], stack["logs"])
+        stack["procs"].append(worker)
+        procs = stack["procs"]
+
+        # 1. the pipeline and the first scan, triggered through the API, run side by side
+        pipeline_run = run_deployment("pipeline-from-file/pipeline", timeout=0,
+                                      parameters={"config_path": str(config_path)})
+        first_scan = run_deployment("ingest-new-dumps/ingest-new-dumps", timeout=0, parameters={"min_age_s": 0})
+        with get_client(sync_client=True) as client:
+            wait_runs(client, [pipeline_run.id, first_scan.id], procs, 300)
+            first_logs = " ".join(run_logs(client, first_scan.id))
+
+        manifest_path = tmp / "run" / "ingest" / "manifest.json"
+        first = json.loads(manifest_path.read_text())["dumps"]
+        assert sorted(e["name"] for e in first.values()) == ["RC_2021-06.zst", "RS_2021-06.zst"], first_logs
+        assert (tmp / "run" / "ingest" / "threads.parquet").exists()
+
+        # the pipeline's MLflow run, with its stage run nested, is on the MLflow server
+        ml = MlflowClient(tracking_uri=stack["mlflow_url"])
+        exp = ml.get_experiment_by_name("deploy-test")
+        assert exp is not None, "the pipeline run logged no experiment to the MLflow server"
+        runs = ml.search_runs([exp.experiment_id], filter_string="tags.`esvr.stage` = 'pipeline'")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].data.params["run.stages"] == "['smoke']"
+        smoke = ml.search_runs([exp.experiment_id], filter_string="tags.`esvr.stage` = 'smoke'")
+        assert len(smoke) == 1 and smoke[0].data.tags["mlflow.parentRunId"] == runs[0].info.run_id
+        assert "smoke.p_Yes" in smoke[0].data.metrics
+        artifacts = [a.path for a in ml.list_artifacts(smoke[0].info.run_id, "smoke")]
+        assert artifacts == ["smoke/smoke.json"]  # proxied through the server to its artifact store
+
+        # 2. a new month's dump appears; the second scan ingests only it
+        newer = tmp / "newer"
+        make_sample_dump(newer, months=["2021-06", "2021-07"], posts=20, seed=1)
+        for name in ("RS_2021-07.zst", "RC_2021-07.zst"):
+            shutil.copy(newer / name, dumps / name)
+        second_scan = run_deployment("ingest-new-dumps/ingest-new-dumps", timeout=0, parameters={"min_age_s": 0})
+        with get_client(sync_client=True) as client:
+            wait_runs(client, [second_scan.id], procs, 240)
+            second_logs = run_logs(client, second_scan.id)
+
+        assert any("new dumps: ['RC_2021-07.zst', 'RS_2021-07.zst']" in m for m in second_logs), second_logs
+        second = json.loads(manifest_path.read_text())["dumps"]
+        assert sorted(e["name"] for e in second.values()) == ["RC_2021-06.zst", "RC_2021-07.zst", "RS_2021-06.zst", "RS_2021-07.zst"]
+        summary = next((m for m in second_logs if "staged now:" in m), None)
+        assert summary is not None, second_logs
+        staged_now = summary.split("staged now:")[1].split(", reused:")[0]
+        assert "2021-07" in staged_now and "2021-06" not in staged_now, summary  # June was not staged again
+        for sha, entry in first.items():
+            assert second[sha]["ingested_at"] == entry["ingested_at"]
