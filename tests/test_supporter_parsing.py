@@ -63,7 +63,7 @@ I hope this helps!"""
 # -- well-formed ---------------------------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(replies())
 def test_rendered_replies_parse_back_to_the_same_fields(reply: SupporterReply) -> None:
     assert fields(parse_supporter_reply(render_reply(reply))) == fields(reply)
@@ -102,7 +102,7 @@ def test_an_off_taxonomy_strategy_is_kept_but_marked() -> None:
 # -- partial -------------------------------------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(replies(), st.integers(min_value=0, max_value=8))
 def test_dropping_any_template_line_is_rejected(reply: SupporterReply, drop: int) -> None:
     lines = render_reply(reply).split("\n")
@@ -112,7 +112,7 @@ def test_dropping_any_template_line_is_rejected(reply: SupporterReply, drop: int
         parse_supporter_reply("\n".join(lines))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(replies(), st.data())
 def test_a_reply_cut_before_the_response_is_rejected(reply: SupporterReply, data: st.DataObject) -> None:
     text = render_reply(reply)
@@ -154,7 +154,7 @@ def _assert_sane(r: SupporterReply) -> None:
     assert r.strategy is None or r.strategy in strategy_names()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=400))
 def test_arbitrary_text_is_rejected_or_gives_sane_fields(text: str) -> None:
     try:
@@ -172,7 +172,7 @@ TEMPLATE_PIECES = st.sampled_from(
 )  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(TEMPLATE_PIECES, TEXT), max_size=40).map("".join))
 def test_shuffled_template_fragments_are_rejected_or_give_sane_fields(text: str) -> None:
     try:
