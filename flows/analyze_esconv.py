@@ -28,7 +28,7 @@ from esvr.tasks.label import LabelConfig
     persist_result=True,
 )
 def analyze_task(
-    esconv: Path | str, out: Path, cfg: AnalyzeESConvConfig, label_cfg: LabelConfig, identity: str, detector=None, scorer=None
+    esconv: Path | str, out: str, cfg: AnalyzeESConvConfig, label_cfg: LabelConfig, identity: str, detector=None, scorer=None
 ) -> dict[str, str]:
     return {k: str(v) for k, v in analyze_esconv(esconv, out, cfg, detector, scorer).items()}
 
@@ -47,7 +47,7 @@ def analyze_esconv_flow(config: PipelineConfig, esconv: str | Path | None = None
     with tracking.flow_run("analyze_esconv", config, section="analyze_esconv", prompts=prompts):
         detector, scorer = labelers(config)
         result = analyze_task(
-            source_arg, paths.stage("analyze_esconv"), cfg, config.label, labelers_identity(config.label), detector, scorer
+            source_arg, str(paths.stage("analyze_esconv")), cfg, config.label, labelers_identity(config.label), detector, scorer
         )
         stats = json.loads(Path(result["summary"]).read_text())
         metrics = {

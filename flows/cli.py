@@ -439,7 +439,7 @@ def cmd_bench_label(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from esvr.tasks.bench_label import bench_label
 
-    bench_label(n=args.n, threads_path=args.threads, repeats=args.repeats)
+    bench_label(n=args.n, threads_path=args.threads, repeats=args.repeats, max_seq_length=args.max_seq_length)
     return 0
 
 
@@ -469,6 +469,7 @@ def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1000, help="texts to label")
     p.add_argument("--threads", type=Path, default=None, help="label the utterances of this threads.parquet instead")
     p.add_argument("--repeats", type=int, default=1, help="best of this many passes")
+    p.add_argument("--max-seq-length", type=int, default=128, help="tokens per text for the value detector's encoder")
     p.set_defaults(func=cmd_bench_label)
 
 

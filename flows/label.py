@@ -49,7 +49,9 @@ def labelers_identity(cfg: LabelConfig) -> str:
     cache_policy=cache_policy("esvr.models.value_detector", "esvr.models.emotion", exclude=["detector", "scorer"]),
     persist_result=True,
 )
-def label_task(threads: Path, out: Path, cfg: LabelConfig, identity: str, detector=None, scorer=None) -> dict[str, str]:
+def label_task(threads: Path, out: str, cfg: LabelConfig, identity: str, detector=None, scorer=None) -> dict[str, str]:
+    """Keyed on the threads' content, the label section and the head file; `out` is a str so the
+    key does not follow the output folder's (changing) content."""
     return {k: str(v) for k, v in label_threads(threads, out, cfg, detector=detector, scorer=scorer).items()}
 
 
@@ -65,7 +67,7 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
         "label", config, section="label", prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, [])
     ):
         detector, scorer = labelers(config)
-        result = label_task(threads_path, paths.stage("label"), cfg, labelers_identity(cfg), detector, scorer)
+        result = label_task(threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), detector, scorer)
         stats = json.loads(Path(result["stats"]).read_text())
         tracking.log_metrics({f"label.{k}": v for k, v in stats.items()})
         tracking.log_artifact(result["stats"], "label")

@@ -219,7 +219,8 @@ class SentenceEncoder:
 
 def _quantize_linear(model: Any) -> Any:
     """int8 dynamic quantization of the Linear layers: about 2.3x faster on CPU; on Touché23 the
-    fp32-trained head loses 0.003 test macro-F1 (docs/labeling.md)."""
+    committed fp32-trained head scores 0.4036 test macro-F1 on int8 embeddings vs 0.4033 on fp32
+    ones (docs/labeling.md)."""
     import warnings
 
     import torch

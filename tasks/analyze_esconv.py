@@ -247,7 +247,7 @@ def plot_figure(stats: dict[str, Any], path: str | Path, top_when_none: int = 3)
     note = ""
     if not shown:
         shown = list(np.argsort([r["p"] if np.isfinite(r["p"]) else 2 for r in stats["values"]])[:top_when_none])
-        note = " (no significant value: smallest p shown)"
+        note = "\n(none significant: smallest p shown)"
     positions = stats["turn_positions"]
     colors = plt.cm.tab10.colors
     for k, j in enumerate(shown):

@@ -201,3 +201,26 @@ def test_analysis_on_failed_esconv(labelers, tmp_path: Path):
     assert pl.read_csv(paths["table_csv"]).height == 20
     assert paths["figure"].stat().st_size > 10_000
     assert "Mann-Whitney" in paths["table_md"].read_text()
+
+
+def test_analyze_esconv_flow_logs_table_and_figure(prefect_harness, esconv_file: Path, tmp_path: Path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # see test_label_flow.py
+
+    from esvr.flows.analyze_esconv import analyze_esconv_flow
+    from esvr.flows.config import load_config
+
+    config = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "run.experiment=esconv-test"])
+    result = analyze_esconv_flow(config, str(esconv_file))
+    assert Path(result["esconv_figure"]).is_file()
+    summary = json.loads(Path(result["esconv_summary"]).read_text())
+    assert summary["n"] == {HIGH: 2, LOW: 2} and summary["missing_survey_fields"]["final_emotion_intensity"] == 2
+    mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'run').resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["esconv-test"], filter_string="tags.`esvr.stage` = 'analyze_esconv'")
+    assert len(runs) == 1 and runs["metrics.esconv.n_high"].iloc[0] == 2
+    assert runs["metrics.esconv.skipped.missing_final_intensity"].iloc[0] == 2
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(runs["run_id"].iloc[0], "analyze_esconv")}
+    assert {"analyze_esconv/figure.png", "analyze_esconv/values.md", "analyze_esconv/values.csv"} <= logged
+    with pytest.raises(FileNotFoundError, match="no ESConv given"):
+        analyze_esconv_flow(config)

@@ -109,15 +109,33 @@ def test_validate_labels_names_the_column():
         validate_labels(short, "x.parquet")
 
 
-def test_label_flow_and_cli_commands(prefect_harness, tmp_path: Path):
+def test_label_flow_is_cached_and_logged(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from esvr.flows.label import label_flow
+
+    # mlflow.set_tracking_uri (here and in other tests) exports MLFLOW_TRACKING_URI, which the
+    # flows prefer over the run folder: start from none, and leave none behind
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     threads = write_threads(tmp_path / "threads.parquet")
     config = load_config(None, [f"run.out_dir={tmp_path / 'run'}", "run.experiment=label-test", "label.progress=false"])
     result = label_flow(config, threads)
     labels = read_labels(result["labels"])
     assert labels.height == 11
+    again = label_flow(config, threads, return_state=True)
+    assert again.is_completed() and again.result()["labels"] == result["labels"]
+
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_state() -> str:
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.state_details.flow_run_id])))
+            return [r.state.name for r in runs if r.name.startswith("label_task")][0]
+
+    assert asyncio.run(task_state()) == "Cached"
     mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'run').resolve() / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["label-test"], filter_string="tags.`esvr.stage` = 'label'")
-    assert len(runs) == 1 and runs["metrics.label.utterances"].iloc[0] == 11
-    assert runs["params.label.values.backend"].iloc[0] == "embedding"
+    assert len(runs) == 2 and (runs["metrics.label.utterances"] == 11).all()
+    assert (runs["params.label.values.backend"] == "embedding").all()
