@@ -288,3 +288,21 @@ def test_esvr_deploy_names_bad_input_before_it_needs_a_server():
         deploy("configs/nope.yaml")
     with pytest.raises(DeployError, match=r"unknown deployment\(s\) \['typo'\]"):
         deploy("configs/demo.yaml", names=["typo"])
+
+
+# --------------------------------------------------------------------------------------------
+# docs
+# --------------------------------------------------------------------------------------------
+
+
+def test_deployment_docs_and_their_screenshots_exist():
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\((img/[^)]+\.png)\)", doc)
+    assert {"img/prefect-deployments.png", "img/prefect-run.png", "img/mlflow-compare.png"} <= set(images)
+    for image in images:
+        path = ROOT / "docs" / image
+        assert path.is_file() and path.stat().st_size < 500_000, path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    readme = (ROOT / "README.md").read_text()
+    assert "## Deployment" in readme and "esvr deploy" in readme and "docs/deployment.md" in readme
+    assert (ROOT / "docs" / "scale.md").is_file()
