@@ -139,3 +139,19 @@ def test_label_flow_is_cached_and_logged(prefect_harness, tmp_path: Path, monkey
     runs = mlflow.search_runs(experiment_names=["label-test"], filter_string="tags.`esvr.stage` = 'label'")
     assert len(runs) == 2 and (runs["metrics.label.utterances"] == 11).all()
     assert (runs["params.label.values.backend"] == "embedding").all()
+
+
+def test_bench_label_prints_its_figure_last(tmp_path: Path):
+    from esvr.tasks.bench_label import bench_label, reddit_like_texts
+
+    texts = reddit_like_texts(200)
+    words = sorted(len(t.split()) for t in texts)
+    assert 25 <= words[100] <= 60 and words[-1] <= 400
+    lines: list[str] = []
+    rate = bench_label(n=24, backends=("embedding", "vader"), print_fn=lines.append)
+    assert lines[0].startswith("machine: ") and "cores usable" in lines[0]
+    assert any(line.startswith("emotion scorer (vader): ") for line in lines)
+    assert lines[-1] == f"label: {rate:.1f} utterances/s" and rate > 0
+    lines.clear()
+    bench_label(n=5, threads_path=write_threads(tmp_path / "threads.parquet"), backends=(), print_fn=lines.append)
+    assert "5 utterances of" in lines[1] and lines[-1].startswith("label: ")
