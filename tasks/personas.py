@@ -151,11 +151,17 @@ def _valid_situation(text: str) -> bool:
     return letters >= 0.6 * len(text.replace(" ", ""))
 
 
+_HEADING = re.compile(r"^[A-Z][\w ,&/'-]{0,30}:\s+(?=\S)")
+_SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+(?=\s|$)|$)")
+
+
 def parse_situations(text: str) -> list[str]:
     """Situations from a reply: a JSON list, or one per line with any numbering or bullets.
 
-    Lines that are not a first-person sentence of 5-40 words (headers, commentary, garbage) are
-    dropped, so what comes back is only what the prompt asked for.
+    Each situation is one sentence (Table 25): a line holding several sentences gives each of
+    them, and a short label before a colon ("Family: I ...") is dropped. Sentences that are not
+    first-person with 5-40 words (headers, commentary, garbage) are dropped, so what comes back
+    is only what the prompt asked for.
     """
     candidates: list[str] = []
     stripped = text.strip()
@@ -170,9 +176,18 @@ def parse_situations(text: str) -> list[str]:
     out = []
     for line in candidates:
         line = _BULLET.sub("", line).strip().strip('",').strip().strip("*").strip()
-        if _valid_situation(line):
-            out.append(line)
+        line = _HEADING.sub("", line)
+        for sentence in _SENTENCE.findall(line):
+            sentence = sentence.strip().strip('"“”').strip()
+            if _valid_situation(sentence):
+                out.append(sentence)
     return out
+
+
+def prompt_example() -> str:
+    """The example situation the prompt itself gives: a copy of it is not a new situation."""
+    m = re.search(r"\(for example: (.+?)\)", load_prompt("personas/situations_user.txt"))
+    return m.group(1) if m else ""
 
 
 def _tokens(text: str) -> set[str]:
@@ -260,6 +275,7 @@ def generate_situations(model: ChatModel, cfg: PersonasConfig, seed: int = 0, st
     stats.add("situations.pairs_failed", len(pending))
     items = []
     dedup = Deduper()  # across pairs too: the paper's situations are all unique
+    dedup.add(prompt_example())  # small models copy the prompt's example
     for i, (cat, v) in enumerate(pairs):
         raw = found.get(i, [])
         kept = [s for s in raw if dedup.add(s)]

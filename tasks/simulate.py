@@ -579,6 +579,7 @@ async def asimulate_dialogues(
     summary = SimulationSummary(path=str(path), total=len(personas))
     started = time.perf_counter()
     with exclusive(path):
+        path.touch()  # an empty run still leaves its (empty) file for the next stage
         existing = read_jsonl_repairing(path)
         _check_same_settings(path, existing, agents.names)
         done = {rec["id"] for rec in existing}
