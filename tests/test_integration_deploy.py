@@ -123,6 +123,18 @@ def run_logs(client, run_id) -> list[str]:
     return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))]
 
 
+def wait_log(client, run_id, text: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        messages = run_logs(client, run_id)
+        found = next((m for m in messages if text in m), None)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"no log line with {text!r} in flow run {run_id} and its sub-flows: {messages}")
+        time.sleep(1)
+
+
 def stub_reply(request: dict) -> str:
     return "Listening without judgment helps a friend feel less alone."
 
@@ -251,13 +263,15 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         second_scan = run_deployment("ingest-new-dumps/ingest-new-dumps", timeout=0, parameters={"min_age_s": 0})
         with get_client(sync_client=True) as client:
             wait_runs(client, [second_scan.id], procs, 240)
-            second_logs = run_logs(client, second_scan.id)
 
-        assert any("new dumps: ['RC_2021-07.zst', 'RS_2021-07.zst']" in m for m in second_logs), second_logs
+        with get_client(sync_client=True) as client:
+            new_line = wait_log(client, second_scan.id, "new dumps:", 30)
+        assert new_line.endswith("new dumps: ['RC_2021-07.zst', 'RS_2021-07.zst']"), new_line
         second = json.loads(manifest_path.read_text())["dumps"]
         assert sorted(e["name"] for e in second.values()) == ["RC_2021-06.zst", "RC_2021-07.zst", "RS_2021-06.zst", "RS_2021-07.zst"]
-        summary = next((m for m in second_logs if "staged now:" in m), None)
-        assert summary is not None, second_logs
+        # The sub-flow's summary line; logs reach the server in batches, so give it a moment.
+        with get_client(sync_client=True) as client:
+            summary = wait_log(client, second_scan.id, "staged now:", 30)
         staged_now = summary.split("staged now:")[1].split(", reused:")[0]
         assert "2021-07" in staged_now and "2021-06" not in staged_now, summary  # June was not staged again
         for sha, entry in first.items():
