@@ -206,6 +206,11 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         "ingest": {"dumps_dir": str(dumps), "schedule_cron": "17 4 * * *"},
     }))
 
+    # The worker starts first (it creates its pool) and comes up while `esvr deploy` runs.
+    worker = Proc("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process"],
+                  stack["worker_env"], stack["logs"])
+    stack["procs"].append(worker)
+
     # `esvr deploy`, as a user runs it (docs/deployment.md)
     proc = subprocess.run([str(BIN / "esvr"), "deploy", "--config", str(config_path)], cwd=PROJECT_DIR,
                           env={**stack["worker_env"], "PREFECT_API_URL": stack["api_url"]},
@@ -216,7 +221,6 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         assert f"registered {name}" in proc.stdout, proc.stdout
 
     with temporary_settings({PREFECT_API_URL: stack["api_url"]}):
-
         with get_client(sync_client=True) as client:
             ingest_dep = client.read_deployment_by_name("ingest-new-dumps/ingest-new-dumps")
             assert [s.schedule.cron for s in ingest_dep.schedules] == ["17 4 * * *"]  # from the config
@@ -224,9 +228,6 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
             assert ingest_dep.work_pool_name == "cpu"
             assert client.read_deployment_by_name("train-tvd-from-file/train-tvd").work_pool_name == "gpu"
 
-        worker = Proc("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process"],
-                      stack["worker_env"], stack["logs"])
-        stack["procs"].append(worker)
         procs = stack["procs"]
 
         # 1. the pipeline and the first scan, triggered through the API, run side by side
