@@ -162,9 +162,9 @@ def simulate_on_runner(config: PipelineConfig, personas: list[dict[str, Any]], o
     shard_task = task(_simulate_shard, name="simulate-shard", cache_policy=NO_CACHE, persist_result=False)
     futures = [shard_task.submit(config, shard, str(path), roles) for shard, path in zip(shards, paths)]
     parts = [f.result() for f in futures]
-    _merge_shards(out, sorted(sdir.glob("shard-*.jsonl")))
+    # written = appended to `out` now: this run's dialogues and any an interrupted run left in shards
+    summary.written = _merge_shards(out, sorted(sdir.glob("shard-*.jsonl")))
     for part in parts:
-        summary.written += part.written
         summary.errors += part.errors
         summary.elapsed_s = max(summary.elapsed_s, part.elapsed_s)
         summary.supporter_turns += part.supporter_turns
