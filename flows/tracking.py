@@ -21,7 +21,9 @@ from esvr.flows.config import PipelineConfig, flatten
 from esvr.flows.runtime import RunPaths, default_tracking_uri
 from esvr.prompts import PROMPTS_DIR
 
-_SECRET = re.compile(r"(api_?key|token|secret|password|passwd)(?!_env)", re.IGNORECASE)
+# The key's last part names a credential ("models.judge.api_key", "hub.token"); "max_tokens" or
+# "api_key_env" (the variable's *name*) are ordinary settings.
+_SECRET = re.compile(r"(?:^|[._])(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
 _MAX_PARAM_LEN = 500
 
 
