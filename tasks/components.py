@@ -12,6 +12,7 @@ records the base checkpoint it was trained from. Configs reference it in one of 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Iterator
@@ -229,5 +230,7 @@ def opened_model(model: ModelConfig, out_dir: Path, use_cache: bool = True) -> I
             yield chat
         finally:
             chat.close()
+            del chat
+            gc.collect()
     else:
         yield chat_model(model, out_dir, cache=use_cache)

@@ -324,9 +324,10 @@ def pairwise_markdown(title: str, results: Sequence[dict[str, Any]]) -> str:
     """Judge results as Tables 7-8: per comparison, wins of each system in order 1 and order 2."""
     lines = [f"### {title}", "", "| comparison | order | X | wins X | Y | wins Y | invalid |", "|---|---|---|---|---|---|---|"]
     for r in results:
+        label = r.get("label", f"{r['x']}_vs_{r['y']}")
         for order in ("order1", "order2"):
             c = r[order]
             lines.append(
-                f"| {r['x']} vs {r['y']} | {order} | {r['x']} | {c.get(r['x'], 0)} | {r['y']} | {c.get(r['y'], 0)} | {c.get('invalid', 0)} |"
+                f"| {label} | {order} | {r['x']} | {c.get(r['x'], 0)} | {r['y']} | {c.get(r['y'], 0)} | {c.get('invalid', 0)} |"
             )
     return "\n".join(lines) + "\n"

@@ -99,7 +99,7 @@ def _norm(text: str) -> str:
     return re.sub(r"[^a-z]", "", text.lower())
 
 
-_SEGMENT_SPLIT = re.compile(r"[,;\n|]|\band\b|\s\d+[.)]\s")
+_SEGMENT_SPLIT = re.compile(r"[,;\n|]|\band\b|\s\d+[.)]\s", re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"^[\s*#]*(?:final\s+|target\s+)?values?\s*\**\s*:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
 _STRIP = re.compile(r"^[\s\-*\u2022\d.)(\"'`]+|[\s.\"'`*]+$")
 
