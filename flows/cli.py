@@ -469,7 +469,7 @@ def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1000, help="texts to label")
     p.add_argument("--threads", type=Path, default=None, help="label the utterances of this threads.parquet instead")
     p.add_argument("--repeats", type=int, default=1, help="best of this many passes")
-    p.add_argument("--max-seq-length", type=int, default=128, help="tokens per text for the value detector's encoder")
+    p.add_argument("--max-seq-length", type=int, default=None, help="tokens per text for the value detector's encoder (default: label.values' default, 64)")
     p.set_defaults(func=cmd_bench_label)
 
 

@@ -93,7 +93,7 @@ def bench_label(
     threads_path: str | Path | None = None,
     backends: tuple[str, ...] = ("embedding", "embedding-fp32", "vader"),
     repeats: int = 1,
-    max_seq_length: int = 128,
+    max_seq_length: int | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> float:
     """Print utterances/s per backend and for both offline defaults; return the latter."""
