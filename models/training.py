@@ -294,10 +294,10 @@ def _finish(trainer, out_dir: Path, adapter_dir: Path, extra: dict[str, float], 
             if isinstance(v, (int, float)):
                 metrics[k if k.startswith("eval_") else f"eval_{k}"] = float(v)
     metrics.update(extra)
-    if trainer.is_world_process_zero():
-        trainer.save_model(str(adapter_dir))
     result = TrainResult(adapter_dir, metrics, [dict(x) for x in trainer.state.log_history])
-    (out_dir / "training.json").write_text(json.dumps(result.to_json(), indent=2))
+    if trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
+        trainer.save_model(str(adapter_dir))
+        (out_dir / "training.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 
 
@@ -429,11 +429,11 @@ def train_dpo(
     if sft_adapter_dir is None:
         return _finish(trainer, out, out / "adapter", extra, started)
     result = _finish(trainer, out, out / "dpo_only", extra, started)
+    result.adapter_dir = out / "adapter"
     if trainer.is_world_process_zero():
         stack_adapters(sft_adapter_dir, out / "dpo_only", out / "adapter", base_model_path=_resolve_base(base_model_path))
         shutil.copy2(out / "training.json", out / "dpo_only" / "training.json")
-    result.adapter_dir = out / "adapter"
-    (out / "training.json").write_text(json.dumps(result.to_json(), indent=2))
+        (out / "training.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 
 
