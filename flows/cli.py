@@ -12,9 +12,14 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from esvr.flows.config import ConfigError, PipelineConfig, dump_config, load_config
+import yaml
+
+from esvr.flows.errors import ConfigError
+
+if TYPE_CHECKING:
+    from esvr.flows.config import PipelineConfig
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
 
@@ -27,6 +32,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    from esvr.flows.config import load_config
+
     path = args.config
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
@@ -36,12 +43,34 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     return config
 
 
+def peek_out_dir(args: argparse.Namespace) -> Path:
+    """The run folder, read without loading the config classes (which import Prefect)."""
+    if args.out is not None:
+        return args.out
+    for item in reversed(args.overrides):
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "run.out_dir":
+            return Path(str(yaml.safe_load(value)))
+    path = args.config if args.config is not None else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return Path(data.get("run", {}).get("out_dir") or "data")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return Path("data")  # load_config reports the problem with the file properly
+
+
 def prepared(args: argparse.Namespace) -> PipelineConfig:
-    """Load the config and point Prefect/MLflow at its run folder (before Prefect is imported)."""
+    """Point Prefect/MLflow at the run folder, then load the config.
+
+    Prefect reads its settings when first imported, and the stage config classes import Prefect,
+    so the run folder is peeked from the recipe before any of them is loaded.
+    """
     from esvr.flows.runtime import prepare
 
+    prepare(peek_out_dir(args))
     config = resolve_config(args)
-    prepare(config.run.out_dir)
+    if config.run.out_dir.resolve() != peek_out_dir(args).resolve():
+        prepare(config.run.out_dir)
     return config
 
 
@@ -64,6 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    from esvr.flows.config import dump_config
+
     print(dump_config(resolve_config(args)), end="")
     return 0
 
@@ -332,9 +363,9 @@ def cmd_train_rg(args: argparse.Namespace) -> int:
 
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """One subcommand per pipeline stage."""
-    add_simulation_commands(sub)
-    add_label_commands(sub)
     add_evaluation_commands(sub)
+    add_label_commands(sub)
+    add_simulation_commands(sub)
     add_ingest_commands(sub)
     add_supporter_commands(sub)
     add_component_commands(sub)
@@ -386,6 +417,7 @@ def add_simulation_commands(sub: argparse._SubParsersAction) -> None:
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     """One benchmark per stage that has a speed target."""
+    add_label_bench(bench_sub)
     p = bench_sub.add_parser("simulate", help="simulated dialogues/min at concurrency 1 and 32 against a fake OpenAI server with fixed latency")
     p.add_argument("--latency", type=float, default=1.0, help="seconds the fake server waits before each reply (an API reply of a few hundred tokens takes longer)")
     p.add_argument("--concurrency", type=int, default=32)
@@ -393,7 +425,6 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dialogues-c1", type=int, default=2, help="dialogues simulated at concurrency 1")
     p.add_argument("--end-after", type=int, default=3, help="supporter turns before the scripted seeker says [END]")
     p.set_defaults(func=cmd_bench_simulate)
-    add_label_bench(bench_sub)
     p = bench_sub.add_parser("ingest", help="ingest throughput vs zstd decompression alone and a stdlib-json baseline")
     p.add_argument("--size-mb", type=int, default=520, help="decompressed size of the generated comments dump")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the generated dump (deleted afterwards)")

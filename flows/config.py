@@ -16,11 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from esvr.flows.errors import ConfigError  # noqa: F401  (re-exported: raised by load_config)
 from esvr.models.chat import ModelSpec
-
-
-class ConfigError(ValueError):
-    """A recipe that does not validate; the message names the key and the file."""
 
 
 class Section(BaseModel):
@@ -97,36 +94,39 @@ class SmokeConfig(Section):
     max_tokens: int = 40
 
 
-from esvr.tasks.ingest import IngestConfig  # noqa: E402  (after Section: the stage module imports it)
-from esvr.tasks.datasets import DatasetsConfig  # noqa: E402
-from esvr.tasks.rg import TrainRGConfig  # noqa: E402
-from esvr.tasks.tvd import TrainTVDConfig  # noqa: E402
+# Stage sections live beside the code that uses them; imported after Section, which they subclass.
+from esvr.tasks.ingest import IngestConfig  # noqa: E402
 from esvr.tasks.label import LabelConfig  # noqa: E402
 from esvr.tasks.analyze_esconv import AnalyzeESConvConfig  # noqa: E402
-from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
-
+from esvr.tasks.datasets import DatasetsConfig  # noqa: E402
+from esvr.tasks.tvd import TrainTVDConfig  # noqa: E402
+from esvr.tasks.rg import TrainRGConfig  # noqa: E402
 from esvr.tasks.personas import PersonasConfig  # noqa: E402
 from esvr.tasks.simulate import SimulateConfig  # noqa: E402
 from esvr.tasks.train_supporter import TrainSupporterConfig  # noqa: E402
+from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
+
 
 class PipelineConfig(Section):
+    """A whole run; sections in pipeline order (flows/pipeline.py)."""
+
     run: RunConfig = RunConfig()
     models: ModelsConfig = ModelsConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     smoke: SmokeConfig = SmokeConfig()
+    ingest: IngestConfig = IngestConfig()
     label: LabelConfig = LabelConfig()
     analyze_esconv: AnalyzeESConvConfig = AnalyzeESConvConfig()
-    ingest: IngestConfig = IngestConfig()
     datasets: DatasetsConfig = DatasetsConfig()
     train_tvd: TrainTVDConfig = TrainTVDConfig()
     train_rg: TrainRGConfig = TrainRGConfig()
+    personas: PersonasConfig = PersonasConfig()
+    simulate: SimulateConfig = SimulateConfig()
+    train_supporter: TrainSupporterConfig = TrainSupporterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
 # --------------------------------------------------------------------------------------------
-    personas: PersonasConfig = PersonasConfig()
-    simulate: SimulateConfig = SimulateConfig()
-    train_supporter: TrainSupporterConfig = TrainSupporterConfig()
 # Loading
 # --------------------------------------------------------------------------------------------
 

@@ -41,3 +41,23 @@ def test_config_error_exits_2_with_key_and_file(tmp_path: Path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "esvr.flows.cli", "--help"], capture_output=True, text=True, check=True)
     assert "esvr" in out.stdout
+
+
+def test_run_folder_is_set_before_prefect_loads(tmp_path: Path):
+    """Prefect reads its settings on import; the CLI must point them at the run folder first."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"run:\n  out_dir: {tmp_path / 'from-recipe'}\n")
+    code = f"""
+import os, sys
+os.environ.pop("PREFECT_HOME", None)
+from esvr.flows import cli
+args = cli.build_parser().parse_args(["run", "--config", {str(recipe)!r}])
+assert "prefect" not in sys.modules, "importing the CLI loaded Prefect"
+config = cli.prepared(args)
+from prefect.settings import get_current_settings
+print(get_current_settings().home)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(str(tmp_path / "from-recipe" / ".prefect"))
