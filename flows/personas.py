@@ -21,7 +21,7 @@ from esvr.tasks.personas import PERSONA_PROMPTS, PersonasConfig, generate_person
 
 
 @task(cache_policy=cache_policy("esvr.tasks.personas"), persist_result=True)
-def personas_task(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: Path, use_cache: bool = True) -> dict[str, str]:
+def personas_task(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True) -> dict[str, str]:
     model = chat_model(writer, run_dir, cache=use_cache)
     personas, rejected, stats = generate_personas(model, cfg, seed)
     return {k: str(v) for k, v in write_personas(personas, rejected, stats, out_dir).items()}
@@ -40,7 +40,7 @@ def personas_flow(config: PipelineConfig) -> dict[str, str]:
         # a cache hit is only good while the files it names are still there
         fresh = not (out / "personas.jsonl").exists()
         paths = personas_task.with_options(refresh_cache=fresh)(
-            config.models.persona_writer, config.personas, config.run.seed, out, config.run.out_dir.resolve(), config.models.cache
+            config.models.persona_writer, config.personas, config.run.seed, out, str(config.run.out_dir.resolve()), config.models.cache
         )
         stats = json.loads(Path(paths["personas_stats"]).read_text())
         tracking.log_metrics({f"personas.{k}": v for k, v in stats.items()})
@@ -52,4 +52,10 @@ def personas_flow(config: PipelineConfig) -> dict[str, str]:
             f"personas: {sum(splits.values())} ({splits['train']} train / {splits['dev']} dev / {splits['test']} test) "
             f"from {stats.get('situations.kept', 0)} situations; {stats.get('alignment.rejected', 0)} rejected on value alignment"
         )
+        if not sum(splits.values()):
+            raise ValueError(
+                f"personas: none generated ({stats.get('situations.pairs_failed', 0)} of {stats.get('situations.pairs', 0)} "
+                f"(category, value) pairs gave no parseable situation); the persona writer "
+                f"{config.models.persona_writer.spec!r} does not follow the format: see {paths['personas_stats']}"
+            )
         return paths

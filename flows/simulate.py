@@ -105,6 +105,8 @@ def simulate_flow(
         for split in splits:
             chosen = read_personas(personas_file, [split])
             personas += chosen[: cfg.max_personas] if cfg.max_personas is not None else chosen
+        if not personas:
+            raise ValueError(f"{personas_file}: no persona in split(s) {splits} to simulate")
         tracking.log_metrics({"simulate.personas": len(personas)})
         print(f"simulating {len(personas)} personas ({', '.join(splits)}) with supporter {sup_cfg.spec}, "
               f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}")

@@ -7,8 +7,9 @@ The project's policy keys on:
   (the same dump at another path hits the cache, a new dump recomputes), a pydantic config
   section by its values, and a `ModelConfig` naming local weights also by their content (a
   retrained adapter at the same path invalidates what it generated);
-- output locations by name, not content: parameters whose name starts with ``out`` are keyed by
-  their path string (their content is what the task is about to write);
+- output locations by name, not content: parameters whose name starts with ``out`` (and
+  ``run_dir``, the run folder) are keyed by their path string: their content is what the task is
+  about to write, or everything else the run holds;
 - the source code of the module that defines the task and of any module it names in
   ``code=``: tasks wrap plain functions that live in the same ``tasks/<domain>.py`` file, so a
   change to the logic invalidates the cache, not just a change to the thin wrapper.
@@ -121,7 +122,7 @@ class FileAwareInputs(CachePolicy):
             "task": f"{fn.__module__}.{fn.__qualname__}",
             "code": {m: _module_source_digest(m) for m in sorted(modules)},
             "inputs": {
-                k: (str(v) if k.startswith("out") else stable_form(v))
+                k: (str(v) if k.startswith("out") or k == "run_dir" else stable_form(v))
                 for k, v in (inputs or {}).items()
                 if k not in self.exclude
             },
