@@ -71,6 +71,9 @@ def prepared(args: argparse.Namespace) -> PipelineConfig:
     config = resolve_config(args)
     if config.run.out_dir.resolve() != peek_out_dir(args).resolve():
         prepare(config.run.out_dir)
+    from esvr.flows.tracking import use_tracking_uri
+
+    use_tracking_uri(config)  # `mlflow:<run_id>` references resolve against the run's tracking store
     return config
 
 

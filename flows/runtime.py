@@ -59,7 +59,11 @@ def default_tracking_uri(out_dir: Path) -> str:
 
 
 def prepare(out_dir: str | os.PathLike[str]) -> RunPaths:
-    """Point Prefect and MLflow at the run folder, unless the environment already chose servers."""
+    """Point Prefect at the run folder, unless the environment already chose a server.
+
+    MLflow needs no variable: `tracking.setup` uses ``MLFLOW_TRACKING_URI`` when the user set it,
+    else the run folder's SQLite file.
+    """
     paths = RunPaths(Path(out_dir).resolve())
     paths.out_dir.mkdir(parents=True, exist_ok=True)
     if "prefect" in sys.modules and "PREFECT_HOME" not in os.environ:
@@ -71,7 +75,6 @@ def prepare(out_dir: str | os.PathLike[str]) -> RunPaths:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's start-up budget: cold starts take ~11 s here, slower under load.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(paths.out_dir))
     # Torch's busy-waiting OpenMP threads steal the second core from tokenizers and Prefect.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -27,11 +27,22 @@ _SECRET = re.compile(r"(?:^|[._])(api_?key|token|secret|password|passwd)$", re.I
 _MAX_PARAM_LEN = 500
 
 
+# The user's choice of tracking server, read once: mlflow.set_tracking_uri() writes the same
+# variable, so reading it later would make one run's folder leak into the next in one process.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def use_tracking_uri(config: PipelineConfig) -> str:
+    """Point MLflow at the user's server, else at the run folder's SQLite file."""
+    uri = USER_TRACKING_URI or default_tracking_uri(config.run.out_dir.resolve())
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def setup(config: PipelineConfig) -> str:
     """Select the tracking server and the experiment; returns the experiment id."""
     out_dir = config.run.out_dir.resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
-    mlflow.set_tracking_uri(uri)
+    uri = use_tracking_uri(config)
     name = config.run.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
