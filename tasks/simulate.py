@@ -96,8 +96,9 @@ class SimulateConfig(Section):
     #: replies that ignore the template are asked again this many times before the turn fails
     reask: int = 2
     #: after the re-asks: 'fail' the dialogue (paper setting) or build the reply field by field
-    #: ('stepwise'; for models too small to keep the template, e.g. the demo's SmolLM2-135M)
-    fallback: Literal["fail", "stepwise"] = "fail"
+    #: ('stepwise'; for models too small to keep the template, e.g. the demo's SmolLM2-135M);
+    #: 'stepwise_only' does not try the template at all (saves its ~1k tokens per turn)
+    fallback: Literal["fail", "stepwise", "stepwise_only"] = "fail"
     stepwise_max_tokens: int = 60
     #: simulate the alternative response (reversed Step-3 decision) at each turn (§5.3)
     alternatives: bool = True

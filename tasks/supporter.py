@@ -351,8 +351,9 @@ class SupporterSettings:
     temperature: float = 0.0
     #: how many times a reply that ignores the template is asked again before the fallback/failure
     reask: int = 2
-    #: after the re-asks: 'fail' the turn, or build the reply field by field ('stepwise')
-    fallback: Literal["fail", "stepwise"] = "fail"
+    #: after the re-asks: 'fail' the turn, or build the reply field by field ('stepwise');
+    #: 'stepwise_only' skips the one-call template (for models that never keep it: saves its tokens)
+    fallback: Literal["fail", "stepwise", "stepwise_only"] = "fail"
     #: token budget of each stepwise field (reasoning sentences and the one-sentence response)
     stepwise_max_tokens: int = 60
 
@@ -394,6 +395,8 @@ class Supporter:
     ) -> SupporterReply:
         """The next supporter reply; raises `SupporterFailure` when no acceptable reply came."""
         calls = {} if calls is None else calls
+        if self.settings.fallback == "stepwise_only":
+            return await self._stepwise(utterances, target_values, reference, None, seed, calls)
         messages = supporter_messages(utterances, target_values, reference)
         problems: list[str] = []
         replies: list[str] = []
