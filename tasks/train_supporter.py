@@ -156,12 +156,19 @@ def _save_dataset(rows_by_split: Mapping[str, list[dict[str, Any]]], out: Path) 
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in rows_by_split.items():
         (out.parent / f"{out.name}_{split}.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
-    dd = DatasetDict({s: Dataset.from_list(list(rows_by_split.get(s, []))) for s in SPLITS})
+    # An empty split (the demo simulates no dev personas) takes the columns of a non-empty one.
+    features = next((Dataset.from_list(list(r)).features for r in rows_by_split.values() if r), None)
+    def split(rows: list[dict[str, Any]]) -> Dataset:
+        if rows or features is None:
+            return Dataset.from_list(rows, features=features)
+        return Dataset.from_dict({k: [] for k in features}, features=features)
+
+    dd = DatasetDict({s: split(list(rows_by_split.get(s, []))) for s in SPLITS})
     tmp = out.with_name(out.name + ".partial")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    dd.save_to_disk(str(tmp))
+    dd.save_to_disk(str(tmp), num_shards={s: 1 for s in SPLITS})  # an empty split reads back only as one shard
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

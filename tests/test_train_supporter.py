@@ -146,3 +146,15 @@ def test_train_supporter_flow_sft_pairs_dpo(prefect_harness, stub_server, dialog
     config = _config(stub_server, tiny_llama, out_dir, selected={"h": 1, "gamma": 1, "t_diff": 5})
     again = train_supporter_flow(config, dialogues)
     assert "dpo" not in again and again["supporter"] == again["sft"] == artifacts["sft"]
+
+
+def test_an_empty_dev_split_is_saved_and_reads_back(tmp_path):
+    """The demo simulates no dev personas: the SFT dataset must still load for training."""
+    from datasets import load_from_disk
+
+    from esvr.tasks.train_supporter import _save_dataset
+
+    path = _save_dataset({"train": [{"prompt": "p", "completion": "c"}], "dev": []}, tmp_path / "sft")
+    splits = load_from_disk(str(path), keep_in_memory=True)
+    assert len(splits["train"]) == 1 and len(splits["dev"]) == 0
+    assert splits["dev"].column_names == ["prompt", "completion"]
