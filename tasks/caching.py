@@ -57,6 +57,12 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return digest
 
 
+def _derived(path: Path) -> bool:
+    """Files a reader leaves in a folder it read: HF `datasets` writes ``cache-*.arrow`` next to a
+    dataset it maps or filters. They are not part of the input, so they never change its digest."""
+    return path.name.startswith("cache-") and path.suffix == ".arrow"
+
+
 def path_digest(path: str | os.PathLike[str]) -> str:
     """Digest of a file, or of a folder's relative file names and contents (sorted)."""
     p = Path(path)
@@ -64,7 +70,7 @@ def path_digest(path: str | os.PathLike[str]) -> str:
         return file_digest(p)
     if p.is_dir():
         h = hashlib.blake2b(digest_size=20)
-        for child in sorted(q for q in p.rglob("*") if q.is_file()):
+        for child in sorted(q for q in p.rglob("*") if q.is_file() and not _derived(q)):
             h.update(str(child.relative_to(p)).encode())
             h.update(file_digest(child).encode())
         return h.hexdigest()

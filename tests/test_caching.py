@@ -26,6 +26,9 @@ def test_folder_digest_follows_names_and_contents(tmp_path: Path):
     first = path_digest(d)
     (d / "y.txt").write_text("2")
     assert path_digest(d) != first
+    second = path_digest(d)
+    (d / "cache-0123abcd.arrow").write_bytes(b"written by a reader's .map()")
+    assert path_digest(d) == second  # derived cache files are not input
 
 
 def test_configs_hash_by_value_and_local_weights_by_content(tmp_path: Path):
