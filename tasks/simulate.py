@@ -531,14 +531,19 @@ class SimulationSummary:
         return m
 
 
-def _check_same_settings(path: Path, existing: list[dict[str, Any]], names: Mapping[str, Any]) -> None:
-    for rec in existing[:1]:
-        for key, want in names.items():
-            if rec.get(key) != want:
-                raise ValueError(
-                    f"{path}: its dialogues were made with {key}={rec.get(key)!r} but this run uses {want!r}; "
-                    "write to another file (another --out or name) or delete it to start over"
-                )
+def _stale_models(existing: list[dict[str, Any]], names: Mapping[str, Any]) -> list[str]:
+    """The models (by role) whose identity differs from the ones that made the file's dialogues."""
+    first = existing[0] if existing else {}
+    return [f"{key}: {first.get(key)!r} -> {want!r}" for key, want in names.items() if existing and first.get(key) != want]
+
+
+def _archive(path: Path) -> Path:
+    """Move a dialogues file aside (never deleted): `dialogues.stale-1.jsonl`, `-2`, ..."""
+    n = 1
+    while (target := path.with_name(f"{path.stem}.stale-{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(target)
+    return target
 
 
 def _summarize(summary: SimulationSummary, rec: dict[str, Any]) -> None:
@@ -582,7 +587,14 @@ async def asimulate_dialogues(
     with exclusive(path):
         path.touch()  # an empty run still leaves its (empty) file for the next stage
         existing = read_jsonl_repairing(path)
-        _check_same_settings(path, existing, agents.names)
+        changed = _stale_models(existing, agents.names)
+        if changed:
+            # A model upstream changed (e.g. a retrained TVD): the old dialogues no longer belong to
+            # this run. They are kept beside it, and the simulation starts over.
+            kept = _archive(path)
+            log.warning("%s: models changed (%s); earlier dialogues moved to %s", path, "; ".join(changed), kept)
+            path.touch()
+            existing = []
         done = {rec["id"] for rec in existing}
         todo = [p for p in personas if str(p["id"]) not in done]
         summary.skipped = len(personas) - len(todo)

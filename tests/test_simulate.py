@@ -227,14 +227,6 @@ def test_torn_last_line_is_cut_and_a_second_writer_is_refused(tmp_path: Path) ->
                 pass
 
 
-def test_resuming_with_another_supporter_is_refused(tmp_path: Path) -> None:
-    agents, _ = agents_for(Script(end_after=1))
-    simulate_dialogues([PERSONA], tmp_path / "d.jsonl", agents)
-    other = build_agents(SimulateConfig(), ScriptedChat(Script(), cache_id="other"), ScriptedChat(Script()))
-    with pytest.raises(ValueError, match="supporter"):
-        simulate_dialogues(bench_personas(2), tmp_path / "d.jsonl", other)
-
-
 # -- throughput -------------------------------------------------------------------------------------
 
 
@@ -274,3 +266,18 @@ def test_sft_export_takes_initial_and_alternative_and_drops_strategy_mismatches(
     result = export_sft({"train": dialogues[:2], "dev": dialogues[2:]}, tmp_path / "sft")
     assert Path(result["paths"]["train"]).read_bytes().count(b"\n") == 7
     assert "| Self-disclosure |" in (tmp_path / "sft" / "sft_strategies.md").read_text()
+
+
+def test_dialogues_of_other_models_are_kept_aside_and_simulated_anew(tmp_path: Path) -> None:
+    """A retrained upstream component (another TVD) makes the old dialogues stale, not lost."""
+    out = tmp_path / "d.jsonl"
+    agents, _ = agents_for(Script(end_after=1))
+    simulate_dialogues([PERSONA], out, agents)
+    first = load_dialogues(out)
+
+    retrained_tvd = ScriptedChat(Script(end_after=1), cache_id="scripted-retrained-tvd")
+    agents2 = build_agents(SimulateConfig(), agents.supporter.model, agents.seeker.model, tvd_model=retrained_tvd, rg_model=agents.supporter.model)
+    summary = simulate_dialogues([PERSONA], out, agents2)
+    assert summary.written == 1 and summary.skipped == 0
+    assert load_dialogues(tmp_path / "d.stale-1.jsonl") == first  # the earlier run's work is kept
+    assert load_dialogues(out)[0]["tvd"] != first[0]["tvd"]
