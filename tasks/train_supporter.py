@@ -149,7 +149,9 @@ def dialogues_by_split(dialogues: Sequence[Mapping[str, Any]], max_per_split: in
     return out
 
 
-def _save_dataset(rows_by_split: Mapping[str, list[dict[str, Any]]], out: Path) -> Path:
+def _save_dataset(
+    rows_by_split: Mapping[str, list[dict[str, Any]]], out: Path, columns: tuple[str, ...] = ("prompt", "completion")
+) -> Path:
     """A DatasetDict with train and dev (possibly empty) saved to `out`, plus JSONL copies."""
     from datasets import Dataset, DatasetDict
 
@@ -158,6 +160,10 @@ def _save_dataset(rows_by_split: Mapping[str, list[dict[str, Any]]], out: Path) 
         (out.parent / f"{out.name}_{split}.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     # An empty split (the demo simulates no dev personas) takes the columns of a non-empty one.
     features = next((Dataset.from_list(list(r)).features for r in rows_by_split.values() if r), None)
+    if features is None:  # no rows at all (e.g. no preference pair cleared T_diff): columns only
+        from datasets import Features, Value
+
+        features = Features({c: Value("string") for c in columns})
     def split(rows: list[dict[str, Any]]) -> Dataset:
         if rows or features is None:
             return Dataset.from_list(rows, features=features)
@@ -271,7 +277,7 @@ def build_preferences(
         pairs_path.write_bytes(b"".join(orjson.dumps({**r, "split": s}) + b"\n" for s, rs in rows.items() for r in rs))
         paths[setting.name] = str(pairs_path)
         if setting == cfg.selected:
-            data_path = str(_save_dataset(rows, out_dir / "dpo_data"))
+            data_path = str(_save_dataset(rows, out_dir / "dpo_data", columns=("prompt", "chosen", "rejected")))
     result = {"table19": table, "selected": cfg.selected.name, "data": data_path, "pairs": paths, "turns": n_turns}
     (out_dir / "table19.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (out_dir / "table19.md").write_text(table19_markdown(table, cfg.reward))

@@ -158,3 +158,14 @@ def test_an_empty_dev_split_is_saved_and_reads_back(tmp_path):
     splits = load_from_disk(str(path), keep_in_memory=True)
     assert len(splits["train"]) == 1 and len(splits["dev"]) == 0
     assert splits["dev"].column_names == ["prompt", "completion"]
+
+
+def test_no_pairs_at_all_still_saves_an_empty_dataset(tmp_path):
+    """0 pairs (nothing cleared T_diff) must reach the DPO stage's clear skip, not a crash."""
+    from datasets import load_from_disk
+
+    from esvr.tasks.train_supporter import _save_dataset
+
+    path = _save_dataset({"train": [], "dev": []}, tmp_path / "dpo", columns=("prompt", "chosen", "rejected"))
+    splits = load_from_disk(str(path), keep_in_memory=True)
+    assert len(splits["train"]) == 0 and splits["train"].column_names == ["prompt", "chosen", "rejected"]
