@@ -365,13 +365,13 @@ def cmd_train_rg(args: argparse.Namespace) -> int:
 
 
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
-    """One subcommand per pipeline stage."""
-    add_evaluation_commands(sub)
-    add_label_commands(sub)
-    add_simulation_commands(sub)
+    """One subcommand per pipeline stage, listed in pipeline order."""
     add_ingest_commands(sub)
-    add_supporter_commands(sub)
+    add_label_commands(sub)
     add_component_commands(sub)
+    add_simulation_commands(sub)
+    add_supporter_commands(sub)
+    add_evaluation_commands(sub)
     add_deploy_commands(sub)
 
 
