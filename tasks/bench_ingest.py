@@ -119,7 +119,8 @@ def _run_phase(name: str, out: Path, paths: list[Path]) -> dict[str, Any]:
     return result
 
 
-def machine() -> str:
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -128,7 +129,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return cpu
+
+
+def machine() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def run_bench(size_mb: int = 520, tmp_dir: str | Path | None = None) -> dict[str, Any]:

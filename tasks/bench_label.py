@@ -10,7 +10,6 @@ second core makes torch's timings swing tenfold.
 from __future__ import annotations
 
 import os
-import platform
 import random
 import time
 from collections.abc import Callable
@@ -57,14 +56,9 @@ def cores() -> int:
 def machine_line() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from esvr.tasks.bench_ingest import cpu_name
+
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     return f"machine: {cpu}, {cores()} cores usable{load}, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
