@@ -20,6 +20,7 @@ from prefect import flow
 
 from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig, load_config
+from esvr.flows.memory import StageMemory
 from esvr.flows.runtime import release_models
 
 STAGES = [
@@ -70,10 +71,15 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, str]:
     check_stages(config)
     artifacts: dict[str, str] = {}
 
-    def run(stage: str) -> bool:
-        return selected(config, stage)
+    memory = StageMemory()
 
-    with tracking.flow_run("pipeline", config, tags={"esvr.kind": "pipeline"}):
+    def run(stage: str) -> bool:
+        if not selected(config, stage):
+            return False
+        memory.begin(stage)
+        return True
+
+    with tracking.flow_run("pipeline", config, tags={"esvr.kind": "pipeline"}), memory:
         if run("smoke"):
             from esvr.flows.smoke import smoke_flow
 
@@ -151,6 +157,8 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, str]:
             summary = artifacts.get("evaluate_summary")
             artifacts.update(report_flow(config, summaries=[summary] if summary else None))
         tracking.log_usage()
+        tracking.log_metrics(memory.metrics())
+        print("peak memory per stage:\n" + memory.table())
     return artifacts
 
 

@@ -45,11 +45,12 @@ def evaluate_setting(
         return Path(replies[(name, mode)])
 
     comparisons: list[tuple[str, str, str, str, str]] = []  # (label, x name, x mode, y name, y mode)
+    mode = "original" if cfg.with_values else "none"
     if cfg.eval.compare_systems:
-        comparisons += [("vanilla_vs_sft", "vanilla", "original", "sft", "original")]
+        comparisons += [("vanilla_vs_sft", "vanilla", mode, "sft", mode)]
         if "dpo" in systems:
-            comparisons += [("sft_vs_dpo", "sft", "original", "dpo", "original")]
-    if cfg.eval.compare_random_values:
+            comparisons += [("sft_vs_dpo", "sft", mode, "dpo", mode)]
+    if cfg.eval.compare_random_values and cfg.with_values:
         comparisons += [(f"{n}_original_vs_random", n, "original", n, "random") for n in ("sft", "dpo") if n in systems]
     results = []
     for label, xn, xm, yn, ym in comparisons:
@@ -77,18 +78,23 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
     stage_dir = paths.stage("train_rg")
     artifacts: dict[str, str] = {}
     report = ["# Reference generator (Tables 7 and 8)", ""]
+    digest = prompts_digest(rg.PROMPT_FILES)
     with tracking.flow_run("train_rg", config, section="train_rg", prompts=rg.PROMPT_FILES):
         for setting in cfg.settings:
             scfg = cfg.for_setting(setting)
             sft_data, dpo_data = dataset_dir(manifest, setting, "rg_sft"), dataset_dir(manifest, setting, "rg_dpo")
+            if not cfg.with_values:
+                sft_data = Path(rg.without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars, digest))
             sft, sft_run = train_component(
                 config, component="rg", stage="sft", setting=setting, kind="sft", data=sft_data,
-                train_cfg=scfg.sft, out=stage_dir / setting / "sft",
+                train_cfg=scfg.sft, out=stage_dir / setting / "sft", tags={"esvr.rg_values": str(cfg.with_values).lower()},
             )
             systems = {"vanilla": base_model_config(config).spec, "sft": component_spec(sft["adapter_dir"])}
             artifacts[f"rg_{setting}_sft"] = systems["sft"]
             artifacts[f"rg_{setting}_sft_run"] = f"mlflow:{sft_run}"
-            if len(load_from_disk(str(dpo_data))["train"]) == 0:
+            if not cfg.with_values:
+                print(f"rg ({setting}): trained without values (App. G.1): SFT only")
+            elif len(load_from_disk(str(dpo_data))["train"]) == 0:
                 print(f"rg ({setting}): no DPO pairs to train on; the SFT model stands in for DPO")
             else:
                 dpo, dpo_run = train_component(

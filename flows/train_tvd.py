@@ -58,11 +58,12 @@ def dataset_dir(manifest: dict[str, Any], setting: str, kind: str) -> Path:
 
 def train_component(
     config: PipelineConfig, *, component: str, stage: str, setting: str, kind: str, data: Path,
-    train_cfg: Any, out: Path, sft_adapter: Path | None = None,
+    train_cfg: Any, out: Path, sft_adapter: Path | None = None, tags: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """One training as a nested MLflow run; returns (TrainResult JSON, MLflow run id)."""
     base = base_model_config(config)
-    tags = {"esvr.component": component, "esvr.training_stage": stage, "esvr.setting": setting, "esvr.base_model": base.spec}
+    tags = {"esvr.component": component, "esvr.training_stage": stage, "esvr.setting": setting, "esvr.base_model": base.spec,
+            **(tags or {})}
     with tracking.flow_run(f"{component}.{stage}.{setting}", config, tags=tags) as run:
         run_id = run.info.run_id
         items = list(tracking.safe_params(flatten(train_cfg, prefix="train.")).items())

@@ -201,23 +201,37 @@ class HFChat(ChatModel):
 
     # -- scoring ---------------------------------------------------------------------------------
     def _score(self, messages: list[Message], choices: list[str]) -> dict[str, float]:
+        """Exact log-probabilities of each choice, with the prompt run once for all of them.
+
+        Scoring every (prompt + choice) row in full would hold choices x prompt x vocabulary
+        logits: with a judge's 1.5k-token prompt, 5 choices and a 49k vocabulary, ~1.5 GB per
+        copy. Here the prompt's keys and values are computed once and shared, and logits exist
+        only for the choice tokens.
+        """
         tok = self.tokenizer
         prompt_ids = tok(self._prompt_text(messages), add_special_tokens=False)["input_ids"]
         choice_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
-        seqs = [prompt_ids + c for c in choice_ids]
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+        if any(not c for c in choice_ids):
+            raise ValueError(f"score_choices: a choice tokenizes to nothing: {choices!r}")
+        width = max(len(c) for c in choice_ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = torch.tensor([c + [pad] * (width - len(c)) for c in choice_ids], device=self.device)
+        mask = torch.tensor([[1] * (len(prompt_ids) + len(c)) + [0] * (width - len(c)) for c in choice_ids], device=self.device)
         with self._lock, torch.inference_mode():
-            logits = self.model(input_ids=input_ids, attention_mask=attention).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            prefix = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(prefix.logits[0, -1].float(), dim=-1)  # the choices' first token
+            cache = prefix.past_key_values
+            cache.batch_repeat_interleave(len(choices))
+            # logits at choice position j predict token j+1; the last position predicts nothing
+            rest = self.model(input_ids=rows, attention_mask=mask, past_key_values=cache, logits_to_keep=width).logits
+            rest = torch.log_softmax(rest[:, : width - 1].float(), dim=-1) if width > 1 else None
         scores = []
-        start = len(prompt_ids)
         for row, c in enumerate(choice_ids):
-            positions = torch.arange(start - 1, start - 1 + len(c), device=self.device)
-            targets = torch.tensor(c, device=self.device)
-            scores.append(logprobs[row, positions, targets].sum())
+            total = first[c[0]]
+            if len(c) > 1:
+                targets = torch.tensor(c[1:], device=self.device)
+                total = total + rest[row, torch.arange(len(c) - 1, device=self.device), targets].sum()
+            scores.append(total)
         probs = torch.softmax(torch.stack(scores), dim=0).tolist()
         self._count(calls=1, prompt_tokens=len(prompt_ids))
         return dict(zip(choices, probs))

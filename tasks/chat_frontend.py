@@ -39,6 +39,7 @@ from esvr.tasks.supporter import (
     parse_supporter_reply,
     supporter_messages,
 )
+from esvr.tasks.tvd import TVDMethod
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _RESPONSE_FIELD = re.compile(r"^[ \t>*_\-•]*response[ \t*_]*:[ \t*_]*", re.IGNORECASE | re.MULTILINE)
@@ -67,6 +68,7 @@ class ChatSession:
     rg: ChatModel | None = None
     guard: CrisisGuard = field(default_factory=CrisisGuard)
     settings: SupporterSettings = field(default_factory=SupporterSettings)
+    tvd_method: TVDMethod = "generate"
     tvd_max_tokens: int = 48
     rg_max_tokens: int = 160
     seed: int = 0
@@ -76,7 +78,8 @@ class ChatSession:
         self.replies: list[Reply] = []
         # the simulation's agents; the seeker is the person at the terminal
         self._agents = Agents(supporter=Supporter(self.supporter, self.settings), seeker=None, tvd=self.tvd, rg=self.rg,  # type: ignore[arg-type]
-                              tvd_max_tokens=self.tvd_max_tokens, rg_max_tokens=self.rg_max_tokens)
+                              tvd_method=self.tvd_method, tvd_max_tokens=self.tvd_max_tokens,
+                              rg_max_tokens=self.rg_max_tokens)
 
     @staticmethod
     def opening() -> str:
@@ -339,7 +342,8 @@ def open_session(
         )
         guard = CrisisGuard(config.run.out_dir.resolve() / "chat" / "crisis_events.jsonl")
         session = ChatSession(supporter, tvd=tvd_model, rg=rg_model, guard=guard, settings=settings,
-                              tvd_max_tokens=sim.tvd_max_tokens, rg_max_tokens=sim.rg_max_tokens, seed=config.run.seed)
+                              tvd_method=sim.tvd_method, tvd_max_tokens=sim.tvd_max_tokens, rg_max_tokens=sim.rg_max_tokens,
+                              seed=config.run.seed)
         banner = (f"supporter: {resolved.spec} ({resolved.source})\n"
                   f"target value detector: {tvd_spec or 'none'}\nreference generator: {rg_spec or 'none'}\n"
                   f"crisis events log: {guard.log_path}")

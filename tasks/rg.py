@@ -30,7 +30,7 @@ from esvr.tasks.caching import cache_policy
 from esvr.prompts import load_prompt, value_names, values
 from esvr.tasks.tvd import render_history
 
-PROMPT_FILES = ["rg/system.txt", "rg/user.txt", "judge_rg/system.txt", "judge_rg/user.txt", "judge_rg/user_direct.txt"]
+PROMPT_FILES = ["rg/system.txt", "rg/user.txt", "rg/user_no_values.txt", "judge_rg/system.txt", "judge_rg/user.txt", "judge_rg/user_direct.txt"]
 Setting = Literal["single_turn", "multi_turn"]
 
 
@@ -43,11 +43,18 @@ def target_values_text(names: Sequence[str]) -> str:
     return "\n".join(f"- {by_name[n].describe()}" for n in names)
 
 
-def rg_messages(dialogue_history: str, target_values: Sequence[str]) -> list[dict[str, str]]:
-    """The generator's prompt: dialogue history and target values -> the therapist's next turn."""
-    user = load_prompt("rg/user.txt").format(
-        dialogue_history=dialogue_history, target_values=target_values_text(target_values)
-    )
+def rg_messages(dialogue_history: str, target_values: Sequence[str] | None) -> list[dict[str, str]]:
+    """The generator's prompt: dialogue history and target values -> the therapist's next turn.
+
+    ``None`` (no target values at all, not an empty detection) gives the prompt without values of
+    the generator trained without them (App. G.1: the emotion-reinforced variant).
+    """
+    if target_values is None:
+        user = load_prompt("rg/user_no_values.txt").format(dialogue_history=dialogue_history)
+    else:
+        user = load_prompt("rg/user.txt").format(
+            dialogue_history=dialogue_history, target_values=target_values_text(target_values)
+        )
     return [
         {"role": "system", "content": load_prompt("rg/system.txt").strip()},
         {"role": "user", "content": user.strip()},
@@ -107,6 +114,10 @@ class TrainRGConfig(Section):
     )
     #: the setting whose DPO model the simulation uses: the paper kept single-turn (App. D.2)
     final_setting: Setting = "single_turn"
+    #: false: the generator of the emotion-reinforced variant (App. G.1): SFT only, on the same
+    #: comments that raised the OP's emotion, with the prompt that names no target values
+    #: (prompts/rg/user_no_values.txt); Table 7 compares it with the base, Table 8 does not apply
+    with_values: bool = True
     #: the judge of Tables 7-8 (a chat model spec; 'judge' = config.models.judge)
     judge: str = "judge"
     eval: RGEvalConfig = RGEvalConfig()
@@ -205,7 +216,7 @@ def pairwise_compare(
     return result
 
 
-def generate_replies(model: Any, histories: Sequence[str], target_sets: Sequence[Sequence[str]], max_tokens: int) -> list[str]:
+def generate_replies(model: Any, histories: Sequence[str], target_sets: Sequence[Sequence[str] | None], max_tokens: int) -> list[str]:
     """Greedy replies of a generator (a ChatModel) for rendered histories and target values."""
     from esvr.models.chat import ChatRequest
 
@@ -233,6 +244,25 @@ def eval_items(examples: Sequence[dict[str, Any]], max_chars: int | None) -> lis
 # --------------------------------------------------------------------------------------------
 
 
+def without_target_values(data: Path, out: Path, max_chars: int | None) -> str:
+    """The RG-SFT dataset with every prompt rebuilt without target values (App. G.1), saved to `out`.
+
+    Rows, splits and completions stay as they are: the same comments that raised the OP's
+    emotion, so the two generators differ only in what their prompt tells them.
+    """
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(data))
+    stripped = ds.map(lambda row: {"prompt": rg_messages(render_history(row["history"], max_chars), None)})
+    stripped.save_to_disk(str(out), num_shards={split: 1 for split in stripped})
+    return str(out)
+
+
+@task(name="rg_sft_without_values", cache_policy=cache_policy(), persist_result=True)
+def without_target_values_task(data: Path, out: Path, max_chars: int | None, prompts: str) -> str:
+    return without_target_values(data, out, max_chars)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -250,19 +280,22 @@ def rg_generate_task(
     use_cache: bool,
     prompts: str,
 ) -> str:
-    """Replies of one generator on the RG test split, from the 'original' or 'random' target values.
+    """Replies of one generator on the RG test split, from the 'original' or 'random' target values,
+    or with no values in the prompt ('none': the generator trained without values, App. G.1).
 
     Random values are seeded per example, so every system gets the same random set for an example.
     """
     from esvr.tasks.components import opened_model
     from esvr.tasks.tvd import eval_examples
 
-    if values_mode not in ("original", "random"):
-        raise ValueError(f"values_mode must be 'original' or 'random', got {values_mode!r}")
+    if values_mode not in ("original", "random", "none"):
+        raise ValueError(f"values_mode must be 'original', 'random' or 'none', got {values_mode!r}")
     examples = eval_examples(data, cfg.max_examples, seed)
     items = eval_items(examples, max_chars)
-    targets = [
-        it["target_values"]
+    targets: list[list[str] | None] = [
+        None
+        if values_mode == "none"
+        else it["target_values"]
         if values_mode == "original"
         else random_values(it["target_values"], len(it["target_values"]) or 3, random.Random(f"{seed}:{it['example_id']}"))
         for it in items

@@ -106,6 +106,8 @@ class SimulateConfig(Section):
     #: null leaves them out (Table 2's ablations); the pipeline passes the trained adapters
     tvd: ModelConfig | None = None
     rg: ModelConfig | None = None
+    #: how the detector is read: its generated list, or its ranking of the 20 names (esvr.tasks.tvd.TVDMethod)
+    tvd_method: Literal["generate", "score"] = "generate"
     tvd_max_tokens: int = 48
     rg_max_tokens: int = 160
     #: score the seeker's valence with `label.emotion` for the valence end rule (off: [END]/limit only)
@@ -161,10 +163,14 @@ def tvd_request(utterances: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]
 
 
 def rg_request(utterances: Sequence[Mapping[str, Any]], target_values: Sequence[str] | None) -> list[dict[str, str]]:
-    """The reference generator's prompt (Table 16's structure) for this history and values."""
+    """The reference generator's prompt (Table 16's structure) for this history and values.
+
+    No detector in the loop (None) gives the prompt without values, which the generator trained
+    without values (App. G.1) learned on; an empty detection keeps the prompt with values.
+    """
     from esvr.tasks.rg import rg_messages  # the component's own builder: simulation prompts = training prompts
 
-    return rg_messages(_history_text(utterances), list(target_values or []))
+    return rg_messages(_history_text(utterances), None if target_values is None else list(target_values))
 
 
 def _clean_reference(text: str) -> str:
@@ -182,6 +188,7 @@ class Agents:
     rg: ChatModel | None = None
     #: an `esvr.models.emotion.EmotionScorer` (``.score(texts)``); None disables the valence rule
     emotion: Any | None = None
+    tvd_method: Literal["generate", "score"] = "generate"
     tvd_max_tokens: int = 48
     rg_max_tokens: int = 160
     rules: EndRules = field(default_factory=EndRules)
@@ -191,11 +198,11 @@ class Agents:
     async def target_values(self, utterances: Sequence[Mapping[str, Any]], seed: int, calls: dict[str, int]) -> list[str] | None:
         if self.tvd is None:
             return None
-        from esvr.tasks.tvd import parse_value_list
+        from esvr.tasks.tvd import adetect_values
 
         calls["tvd"] = calls.get("tvd", 0) + 1
-        out = await self.tvd.achat(tvd_request(utterances), n=1, temperature=0.0, max_tokens=self.tvd_max_tokens, seed=seed)
-        return parse_value_list(out[0] if out else "")
+        found, _ = await adetect_values(self.tvd, tvd_request(utterances), self.tvd_method, self.tvd_max_tokens, seed)
+        return found
 
     async def reference(
         self, utterances: Sequence[Mapping[str, Any]], target_values: Sequence[str] | None, seed: int, calls: dict[str, int]
@@ -664,6 +671,7 @@ def build_agents(
         tvd=tvd_model,
         rg=rg_model,
         emotion=emotion_scorer,
+        tvd_method=cfg.tvd_method,
         tvd_max_tokens=cfg.tvd_max_tokens,
         rg_max_tokens=cfg.rg_max_tokens,
         rules=rules,

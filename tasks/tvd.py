@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +149,35 @@ def parse_value_list(text: str, max_values: int = 3) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Reading the detector: generated list, or its ranking of the 20 names
+# --------------------------------------------------------------------------------------------
+
+#: 'generate': greedy decoding, parsed with `parse_value_list` (the paper's way). 'score': the
+#: detector's distribution over the 20 value names as the first item of its answer (one forward
+#: pass, `score_choices`); the top k stand in for the list. The detector is trained to put the most
+#: probable value first, so this reads its ranking even when a small model, a few steps into
+#: training, does not yet write a list the parser accepts (the demo's 135M model).
+TVDMethod = Literal["generate", "score"]
+
+
+def top_ranked(dist: Mapping[str, float], k: int = 3) -> list[str]:
+    """The k most probable names of a `score_choices` distribution, most probable first."""
+    return [name for name, _ in sorted(dist.items(), key=lambda kv: -kv[1])[:k]]
+
+
+async def adetect_values(
+    model: Any, messages: list[dict[str, str]], method: TVDMethod = "generate", max_tokens: int = 48, seed: int | None = None, k: int = 3
+) -> tuple[list[str], str]:
+    """(target values, the raw reply) from a detector chat model, by `method`."""
+    if method == "score":
+        dist = await model.ascore_choices(messages, value_names())
+        return top_ranked(dist, k), format_value_list(top_ranked(dist, k))
+    out = await model.achat(messages, n=1, temperature=0.0, max_tokens=max_tokens, seed=seed)
+    reply = out[0] if out else ""
+    return parse_value_list(reply, k), reply
+
+
+# --------------------------------------------------------------------------------------------
 # Precision / recall / F1 of predicted value sets (Table 5)
 # --------------------------------------------------------------------------------------------
 
@@ -206,6 +235,8 @@ class TVDEvalConfig(Section):
     baselines: list[str] = ["base"]
     #: Table 5's prompt variants for the baselines
     variants: list[Variant] = ["zero_shot", "value_info"]
+    #: how predictions are read (see TVDMethod); 'score' ignores the reasoning variant's analysis
+    method: TVDMethod = "generate"
 
 
 class TrainTVDConfig(Section):
@@ -233,6 +264,7 @@ def evaluate_tvd(
     variant: Variant = "zero_shot",
     max_new_tokens: int = 32,
     max_chars_per_utterance: int | None = None,
+    method: TVDMethod = "generate",
 ) -> TVDEvaluation:
     """Greedy predictions of `model` (a ChatModel) on TVD examples, scored with `set_prf`.
 
@@ -241,16 +273,14 @@ def evaluate_tvd(
     """
     from esvr.models.chat import ChatRequest
 
-    requests = [
-        ChatRequest.build(
-            tvd_messages(render_history(ex["history"], max_chars_per_utterance), variant),
-            temperature=0.0,
-            max_tokens=max_new_tokens,
-        )
-        for ex in examples
-    ]
-    replies = [r[0] for r in model.chat_batch(requests)] if requests else []
-    predicted = [parse_value_list(r) for r in replies]
+    prompts = [tvd_messages(render_history(ex["history"], max_chars_per_utterance), variant) for ex in examples]
+    if method == "score":
+        predicted = [top_ranked(model.score_choices(p, value_names())) for p in prompts]
+        replies = [format_value_list(p) for p in predicted]
+    else:
+        requests = [ChatRequest.build(p, temperature=0.0, max_tokens=max_new_tokens) for p in prompts]
+        replies = [r[0] for r in model.chat_batch(requests)] if requests else []
+        predicted = [parse_value_list(r) for r in replies]
     gold = [list(ex["target_values"]) for ex in examples]
     rows = [
         {"example_id": ex["example_id"], "reply": r, "predicted": p, "gold": g}
@@ -298,7 +328,8 @@ def tvd_eval_task(
     tokens = cfg.max_new_tokens_reasoning if variant == "reasoning" else cfg.max_new_tokens
     with opened_model(model, Path(run_dir), use_cache) as chat:
         result = evaluate_tvd(
-            chat, examples, name=name, variant=variant, max_new_tokens=tokens, max_chars_per_utterance=max_chars
+            chat, examples, name=name, variant=variant, max_new_tokens=tokens, max_chars_per_utterance=max_chars,
+            method=cfg.method,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows))

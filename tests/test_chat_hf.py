@@ -87,3 +87,26 @@ def test_real_default_model_answers_and_scores():
     dist = model.score_choices([{"role": "user", "content": "Is water wet? Answer Yes or No."}], ["Yes", "No"])
     assert sum(dist.values()) == pytest.approx(1.0)
     model.close()
+
+
+def _full_sequence_scores(chat: HFChat, messages, choices) -> dict[str, float]:
+    """The direct computation: every (prompt + choice) row run in full, no shared prefix."""
+    tok = chat.tokenizer
+    prompt = tok(chat._prompt_text(messages), add_special_tokens=False)["input_ids"]
+    logps = []
+    for choice in choices:
+        ids = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = chat.model(input_ids=torch.tensor([prompt + ids])).logits.float()
+        lp = torch.log_softmax(logits[0, len(prompt) - 1 : -1], dim=-1)
+        logps.append(lp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+    return dict(zip(choices, torch.softmax(torch.stack(logps), dim=0).tolist()))
+
+
+def test_score_choices_with_shared_prefix_is_exact(tiny_chat: HFChat):
+    # choices of different token lengths: padding of the short ones must not leak into scores
+    choices = ["Yes", "No, the patient feels worse.", "better", "Self-direction: thought"]
+    fast = tiny_chat.score_choices(USER, choices)
+    slow = _full_sequence_scores(tiny_chat, USER, choices)
+    for c in choices:
+        assert fast[c] == pytest.approx(slow[c], abs=1e-4)

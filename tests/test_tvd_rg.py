@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from esvr.models.chat import ChatModel, ChatRequest
 from esvr.prompts import value_names
 from esvr.tasks.rg import PairwiseResult, pairwise_compare, parse_verdict, random_values, rg_messages
-from esvr.tasks.tvd import parse_value_list, render_history, set_prf, tvd_messages
+from esvr.tasks.tvd import adetect_values, evaluate_tvd, parse_value_list, render_history, set_prf, tvd_messages
 
 V = value_names()
 
@@ -97,6 +98,53 @@ def test_random_values_avoid_the_originals():
     for _ in range(20):
         drawn = random_values(V[:3], 3, rng)
         assert len(set(drawn)) == 3 and not set(drawn) & set(V[:3])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the detector by score (tvd_method: score)
+# --------------------------------------------------------------------------------------------
+
+
+class RankingDetector(ChatModel):
+    """Scores value names by a fixed ranking; its generated answers ignore the format."""
+
+    cache_id = "scripted:ranking"
+
+    def __init__(self, ranking: list[str]):
+        super().__init__()
+        self.ranking = ranking
+
+    def _generate(self, requests):
+        return [["The patient should feel better soon."] for _ in requests]
+
+    def _score(self, messages, choices):
+        assert "Dialogue history" in messages[-1]["content"]  # it is asked with the detector's prompt
+        return {c: (len(self.ranking) - self.ranking.index(c) if c in self.ranking else 0.0) + 0.01 for c in choices}
+
+
+def test_score_method_reads_the_ranking_where_generation_gives_nothing():
+    detector = RankingDetector(["Humility", "Face", "Hedonism", "Tradition"])
+    prompt = tvd_messages("Patient: I failed my exam.")
+    generated, reply = asyncio.run(adetect_values(detector, prompt, "generate"))
+    assert generated == [] and reply == "The patient should feel better soon."
+    scored, reply = asyncio.run(adetect_values(detector, prompt, "score"))
+    assert scored == ["Humility", "Face", "Hedonism"]
+    assert parse_value_list(reply) == scored  # the raw form reads back like a generated answer
+
+
+def test_score_method_on_a_real_model_gives_three_distinct_values(tiny_llama: Path):
+    from esvr.models.chat import load_chat_model
+
+    model = load_chat_model(f"hf:{tiny_llama}")
+    found, _ = asyncio.run(adetect_values(model, tvd_messages("Patient: I failed my exam."), "score"))
+    assert len(found) == 3 and len(set(found)) == 3 and set(found) <= set(V)
+
+
+def test_evaluate_tvd_by_score_counts_hits():
+    examples = [{"example_id": "a", "history": [{"role": "seeker", "text": "hi"}], "target_values": ["Humility", "Face", "Power: resources"]}]
+    result = evaluate_tvd(RankingDetector(["Humility", "Face", "Hedonism"]), examples, name="ranked", method="score")
+    assert result.rows[0]["predicted"] == ["Humility", "Face", "Hedonism"]
+    assert result.metrics["precision"] == pytest.approx(2 / 3) and result.metrics["recall"] == pytest.approx(2 / 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,3 +355,33 @@ def test_trained_components_resolve_from_mlflow_and_chat(flows_run, tmp_path: Pa
         chat.close()
     with pytest.raises(FileNotFoundError, match="cannot download"):
         resolve_component("mlflow:0123456789abcdef", cache_dir=tmp_path)
+
+
+def test_prompt_without_values_names_none():
+    plain = rg_messages("Patient: I lost my job.", None)[-1]["content"]
+    assert "Patient: I lost my job." in plain and "Target values" not in plain
+    assert "Target values" in rg_messages("Patient: I lost my job.", [])[-1]["content"]  # an empty detection is not 'no values'
+
+
+def test_generator_trained_without_values(flows_run):
+    """App. G.1: SFT only, on the same rows with prompts that name no values; Table 8 skipped."""
+    from datasets import load_from_disk
+
+    from esvr.flows.train_rg import train_rg_flow
+
+    config, out = flows_run
+    config = config.model_copy(deep=True)
+    config.train_rg.settings, config.train_rg.with_values = ["single_turn"], False
+    config.run.out_dir = config.run.out_dir.parent / "run-no-values"
+    arts = train_rg_flow(config, out["datasets"])
+    assert arts["rg"] == arts["rg_single_turn_sft"] and "rg_single_turn_dpo" not in arts
+    stripped = load_from_disk(str(config.run.out_dir / "train_rg" / "single_turn" / "sft_data_no_values"))["train"]
+    original = load_from_disk(str(Path(out["datasets"]) / "single_turn" / "rg_sft"))["train"]
+    assert stripped["completion"] == original["completion"] and len(stripped) == len(original)
+    assert all("Target values" not in row["prompt"][-1]["content"] for row in stripped)
+    (run,) = _runs(config, **{"esvr.component": "rg", "esvr.rg_values": "false"})
+    assert run.data.tags["esvr.training_stage"] == "sft"
+    replies = (config.run.out_dir / "train_rg" / "single_turn" / "eval" / "replies.sft.none.jsonl").read_text()
+    assert '"values_mode": "none"' in replies
+    table = Path(arts["rg_eval"]).read_text()
+    assert "vanilla_vs_sft" in table and "random" not in table
