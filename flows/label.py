@@ -17,7 +17,7 @@ from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig
 from esvr.flows.runtime import RunPaths, chat_model
 from esvr.tasks.caching import cache_policy, path_digest
-from esvr.tasks.label import LabelConfig, label_threads
+from esvr.tasks.label import LabelConfig, for_batches, label_threads
 
 LABEL_PROMPTS = {
     "llm": ["labeling/value_llm.txt"],
@@ -33,7 +33,7 @@ def labelers(config: PipelineConfig):
     cfg = config.label
     vchat = chat_model(cfg.values.model, config) if cfg.values.backend == "llm" else None
     echat = chat_model(cfg.emotion.model, config) if cfg.emotion.backend == "emollama" else None
-    return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
+    return load_value_detector(cfg.values, vchat), for_batches(load_emotion_scorer(cfg.emotion, echat), cfg.emotion)
 
 
 def labelers_identity(cfg: LabelConfig) -> str:
@@ -67,7 +67,10 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
         "label", config, section="label", prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, [])
     ):
         detector, scorer = labelers(config)
-        result = label_task(threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), detector, scorer)
+        try:
+            result = label_task(threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), detector, scorer)
+        finally:
+            scorer.close()  # its worker process, if it started one
         stats = json.loads(Path(result["stats"]).read_text())
         tracking.log_metrics({f"label.{k}": v for k, v in stats.items()})
         tracking.log_artifact(result["stats"], "label")

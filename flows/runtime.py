@@ -122,3 +122,21 @@ def release_models() -> None:
         for model in _models.values():
             model.close()
         _models.clear()
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system.
+
+    glibc keeps freed memory in its arenas: without `malloc_trim` a stage that loaded a model
+    leaves the process ~2 GB larger for every later stage (measured on the demo), which counts
+    against its 6 GB budget as if the model were still loaded.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

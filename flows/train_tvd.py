@@ -9,7 +9,6 @@ addresses the trained detector. The evaluation compares the detector with prompt
 
 from __future__ import annotations
 
-import gc
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from prefect import flow
 
 from esvr.flows import tracking
 from esvr.flows.config import ModelConfig, PipelineConfig, flatten
-from esvr.flows.runtime import RunPaths, release_models
+from esvr.flows.runtime import RunPaths, release_models, return_freed_memory
 from esvr.tasks import tvd
 from esvr.tasks.components import component_spec, log_training, prompts_digest, train_lora_task
 from esvr.tasks.datasets import load_manifest
@@ -72,7 +71,7 @@ def train_component(
         meta = {"component": component, "stage": stage, "setting": setting}
         release_models()  # the shared chat models' memory goes to training (they reload on demand)
         result = train_lora_task(kind, base, data, sft_adapter, train_cfg, out, meta, run_id)
-        gc.collect()  # the Trainer holds reference cycles; free the training copy before evaluating
+        return_freed_memory()  # the Trainer holds reference cycles; free the training copy before evaluating
         log_training(result, run_id)
         m = result["metrics"]
         print(f"{component} {stage} ({setting}): {int(m['global_step'])} steps, {m['step_time_s']:.2f} s/step, "

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +51,16 @@ class EmotionScorer(ABC):
     @abstractmethod
     def score(self, texts: Sequence[str]) -> list[EmotionScore]:
         """One score per text, in order."""
+
+    def submit(self, texts: Sequence[str]) -> Future[list[EmotionScore]]:
+        """`score` as a future, so a caller can do other work meanwhile. Here it runs at once;
+        `ProcessEmotionScorer` runs it in a worker process."""
+        done: Future[list[EmotionScore]] = Future()
+        done.set_result(self.score(texts))
+        return done
+
+    def close(self) -> None:
+        """Free what the scorer holds (a worker process)."""
 
     @property
     def fingerprint(self) -> str:
@@ -90,6 +102,52 @@ class VaderEmotionScorer(EmotionScorer):
     @property
     def fingerprint(self) -> str:
         return f"vader:{VADER_CUTS}"
+
+
+_worker_scorer: VaderEmotionScorer | None = None
+
+
+def _vader_in_worker(texts: Sequence[str]) -> list[EmotionScore]:
+    global _worker_scorer
+    if _worker_scorer is None:
+        _worker_scorer = VaderEmotionScorer()
+    return _worker_scorer.score(texts)
+
+
+class ProcessEmotionScorer(EmotionScorer):
+    """VADER in one worker process, scoring a chunk while the value detector encodes it.
+
+    VADER is pure Python. Run in turn with the encoder it adds ~15% to the label stage; in a
+    thread it fights torch for the GIL; in its own process it uses the share of the two cores that
+    torch leaves idle between kernels (`esvr bench label`, docs/labeling.md). The worker starts
+    with the first chunk (~1.5 s, once per label stage) and gives the same scores as VADER inline.
+    The label stage uses it (`label.emotion.worker_process`); callers that score a few texts at a
+    time (the simulation's end rule) keep VADER inline.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: the parent runs torch's thread pools, which a forked child inherits broken
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def submit(self, texts: Sequence[str]) -> Future[list[EmotionScore]]:
+        return self._executor().submit(_vader_in_worker, list(texts))
+
+    def score(self, texts: Sequence[str]) -> list[EmotionScore]:
+        return self.submit(texts).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    @property
+    def fingerprint(self) -> str:
+        return f"vader:{VADER_CUTS}"  # the same scores as VaderEmotionScorer: label caches stay valid
 
 
 # --------------------------------------------------------------------------------------------

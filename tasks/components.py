@@ -12,7 +12,6 @@ records the base checkpoint it was trained from. Configs reference it in one of 
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from collections.abc import Iterator
@@ -220,7 +219,7 @@ def log_training(result: dict[str, Any], run_id: str, metric_prefix: str = "") -
 def opened_model(model: ModelConfig, out_dir: Path, use_cache: bool = True) -> Iterator[Any]:
     """A chat model for an evaluation: trained components (an adapter in the spec) are loaded
     for this use and freed afterwards; plain models come from the process-wide shared pool."""
-    from esvr.flows.runtime import RunPaths, chat_model
+    from esvr.flows.runtime import RunPaths, chat_model, return_freed_memory
     from esvr.models.chat import ResponseCache, load_chat_model
 
     if model.spec.startswith("hf:") and "+" in model.spec:
@@ -231,6 +230,6 @@ def opened_model(model: ModelConfig, out_dir: Path, use_cache: bool = True) -> I
         finally:
             chat.close()
             del chat
-            gc.collect()
+            return_freed_memory()
     else:
         yield chat_model(model, out_dir, cache=use_cache)

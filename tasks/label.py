@@ -79,6 +79,9 @@ class EmotionConfig(Section):
     wrap_human_assistant: bool = True
     #: emollama: the replies are a number or a short class name
     max_tokens: int = 16
+    #: vader: score in a worker process while the value detector encodes (same scores, ~10% faster
+    #: on 2 cores; off: inline, no extra process)
+    worker_process: bool = True
 
 
 class LabelConfig(Section):
@@ -199,8 +202,9 @@ def chunk_key(utt_ids: list[str], texts: list[str], fingerprint: str) -> str:
 
 def label_texts(texts: list[str], detector: ValueDetector, scorer: EmotionScorer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(valence (n,), sentiment (n,), value probabilities (n, 20)) of some texts."""
+    pending = scorer.submit(texts)  # a worker process scores while the detector encodes
     probs = detector.predict_proba(texts)
-    scores = scorer.score(texts)
+    scores = pending.result()
     valence = np.array([s.valence for s in scores], dtype=np.float32)
     sentiment = np.array([s.sentiment for s in scores], dtype=np.int8)
     return valence, sentiment, probs
@@ -259,7 +263,16 @@ def build_labelers(cfg: LabelConfig, cache: ResponseCache | None = None) -> tupl
 
     vchat = load_chat_model(cfg.values.model.to_spec(), cache) if cfg.values.backend == "llm" else None
     echat = load_chat_model(cfg.emotion.model.to_spec(), cache) if cfg.emotion.backend == "emollama" else None
-    return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
+    return load_value_detector(cfg.values, vchat), for_batches(load_emotion_scorer(cfg.emotion, echat), cfg.emotion)
+
+
+def for_batches(scorer: EmotionScorer, cfg: EmotionConfig) -> EmotionScorer:
+    """The scorer the label stage runs: VADER moves to a worker process (`worker_process`)."""
+    from esvr.models.emotion import ProcessEmotionScorer, VaderEmotionScorer
+
+    if cfg.worker_process and isinstance(scorer, VaderEmotionScorer):
+        return ProcessEmotionScorer()
+    return scorer
 
 
 def label_threads(
@@ -275,12 +288,17 @@ def label_threads(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     utts = collect_utterances(threads_path)
+    owned = scorer is None
     if detector is None or scorer is None:
         d, s = build_labelers(cfg, cache)
         detector, scorer = detector or d, scorer or s
-    labels, stats = label_utterances(
-        utts, detector, scorer, chunk_dir=out_dir / "chunks", chunk_size=cfg.chunk_size, progress=cfg.progress
-    )
+    try:
+        labels, stats = label_utterances(
+            utts, detector, scorer, chunk_dir=out_dir / "chunks", chunk_size=cfg.chunk_size, progress=cfg.progress
+        )
+    finally:
+        if owned:
+            scorer.close()
     validate_labels(labels, "labels (before writing)")
     labels_path = out_dir / "labels.parquet"
     labels.write_parquet(labels_path)

@@ -130,3 +130,26 @@ def test_vader_default():
 
 def test_vader_class_cut_points():
     assert [vader_class(c) for c in (-0.9, -0.5, -0.2, 0.0, 0.04, 0.05, 0.34, 0.35, 0.65, 1.0)] == [-3, -2, -1, 0, 0, 1, 1, 2, 3, 3]
+
+
+def test_label_stage_scores_vader_in_a_worker_process_with_the_same_results():
+    import os
+
+    from esvr.models.emotion import ProcessEmotionScorer
+    from esvr.tasks.label import for_batches
+
+    texts = ["Thank you so much, I feel a lot better now!", "I hate my life, everything is awful.", "", "ok"]
+    worker = for_batches(load_emotion_scorer(EmotionConfig()), EmotionConfig())
+    assert isinstance(worker, ProcessEmotionScorer)
+    try:
+        pending = worker.submit(texts)  # returns before the scores exist: the caller encodes meanwhile
+        assert pending.result(timeout=60) == VaderEmotionScorer().score(texts)
+        (pid,) = worker._pool._processes  # type: ignore[union-attr]
+        assert pid != os.getpid()
+        assert worker.fingerprint == VaderEmotionScorer().fingerprint  # label caches stay valid
+    finally:
+        worker.close()
+    assert worker._pool is None
+    inline = for_batches(VaderEmotionScorer(), EmotionConfig(worker_process=False))
+    assert isinstance(inline, VaderEmotionScorer) and inline.submit(texts).result() == worker.score(texts)
+    worker.close()

@@ -43,6 +43,9 @@ def test_second_run_is_cached_and_mlflow_has_both_runs(prefect_harness, config):
     runs = mlflow.search_runs(experiment_names=["smoke-test"], filter_string="tags.`esvr.stage` = 'pipeline'")
     assert len(runs) == 2
     assert (runs["params.run.seed"] == "0").all()
+    # each stage's peak memory, for the demo's budget: the smoke stage loaded a model
+    assert (runs["metrics.memory.smoke.peak_rss_mb"] > 100).all()
+    assert (runs["metrics.memory.smoke.peak_total_mb"] >= runs["metrics.memory.smoke.peak_rss_mb"]).all()
     assert (runs["params.models.supporter.spec"] == f"hf:{config.models.supporter.spec[3:]}").all()
     smoke_runs = mlflow.search_runs(experiment_names=["smoke-test"], filter_string="tags.`esvr.stage` = 'smoke'")
     assert len(smoke_runs) == 2 and smoke_runs["tags.mlflow.parentRunId"].notna().all()

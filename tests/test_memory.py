@@ -1,0 +1,30 @@
+"""Peak memory per stage: an allocation is charged to the stage that made it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from esvr.flows.memory import StageMemory
+from esvr.flows.runtime import return_freed_memory
+
+
+def test_allocation_is_charged_to_its_stage():
+    with StageMemory(interval_s=0.05) as memory:
+        memory.begin("small")
+        time.sleep(0.2)
+        memory.begin("large")
+        block = np.ones(300 * 1024 * 1024 // 8)  # 300 MB, touched
+        time.sleep(0.2)
+        del block
+        return_freed_memory()
+        memory.begin("after")
+        time.sleep(0.2)
+    small, large, after = (memory.peaks[n].process_mb for n in ("small", "large", "after"))
+    assert large - small > 250
+    assert after < large - 250  # freed and handed back: a later stage does not inherit it
+    assert list(memory.peaks) == ["small", "large", "after"]
+    metrics = memory.metrics()
+    assert metrics["memory.large.peak_rss_mb"] == round(large, 1)
+    assert "large" in memory.table()
