@@ -132,6 +132,18 @@ def test_score_method_reads_the_ranking_where_generation_gives_nothing():
     assert parse_value_list(reply) == scored  # the raw form reads back like a generated answer
 
 
+def test_simulation_agents_read_the_detector_by_the_configured_method():
+    from esvr.tasks.simulate import Agents
+
+    utts = [{"role": "seeker", "text": "I failed my exam and my parents will be furious."}]
+    detector = RankingDetector(["Face", "Achievement", "Conformity: rules"])
+    for method, expected in (("generate", []), ("score", ["Face", "Achievement", "Conformity: rules"])):
+        agents = Agents(supporter=None, seeker=None, tvd=detector, tvd_method=method)  # type: ignore[arg-type]
+        calls: dict[str, int] = {}
+        assert asyncio.run(agents.target_values(utts, seed=0, calls=calls)) == expected
+        assert calls == {"tvd": 1}
+
+
 def test_score_method_on_a_real_model_gives_three_distinct_values(tiny_llama: Path):
     from esvr.models.chat import load_chat_model
 
