@@ -306,6 +306,27 @@ def _finish(trainer, out_dir: Path, adapter_dir: Path, extra: dict[str, float], 
 # --------------------------------------------------------------------------------------------
 
 
+def _fitted(train_ds, eval_ds, tokenizer, cfg: TrainConfig, cols: list[str], what: str):
+    """(train, eval or None, counts): both sets capped and cut to what fits `cfg.max_length`."""
+    train_ds, dropped = fit_to_length(_cap(train_ds, cfg.max_train_examples, cfg.seed), tokenizer, cfg.max_length, cols)
+    eval_dropped = 0
+    if eval_ds is not None:
+        eval_ds, eval_dropped = fit_to_length(_cap(eval_ds, cfg.max_eval_examples, cfg.seed), tokenizer, cfg.max_length, cols)
+        eval_ds = eval_ds if len(eval_ds) else None
+    if len(train_ds) == 0:
+        raise ValueError(
+            f"no {what} fits max_length={cfg.max_length} ({dropped} dropped as over-long); "
+            "raise max_length or shorten the prompts"
+        )
+    counts = {
+        "n_train": float(len(train_ds)),
+        "n_eval": float(len(eval_ds) if eval_ds is not None else 0),
+        "dropped_overlong_train": float(dropped),
+        "dropped_overlong_eval": float(eval_dropped),
+    }
+    return train_ds, eval_ds, counts
+
+
 def train_sft(
     base_model_path: str | os.PathLike[str],
     train_ds,
@@ -332,16 +353,7 @@ def train_sft(
     started = time.time()
     bf16, gc = precision_flags(cfg)
     model, tokenizer = load_base(base_model_path, bf16)
-    train_ds, dropped = fit_to_length(_cap(train_ds, cfg.max_train_examples, cfg.seed), tokenizer, cfg.max_length, ["completion"])
-    eval_dropped = 0
-    if eval_ds is not None:
-        eval_ds, eval_dropped = fit_to_length(_cap(eval_ds, cfg.max_eval_examples, cfg.seed), tokenizer, cfg.max_length, ["completion"])
-        eval_ds = eval_ds if len(eval_ds) else None
-    if len(train_ds) == 0:
-        raise ValueError(
-            f"no SFT training example fits max_length={cfg.max_length} ({dropped} dropped as over-long); "
-            "raise max_length or shorten the prompts"
-        )
+    train_ds, eval_ds, counts = _fitted(train_ds, eval_ds, tokenizer, cfg, ["completion"], "SFT training example")
     args = SFTConfig(**_common_args(cfg, out, eval_ds is not None, bf16, gc), completion_only_loss=True)
     trainer = SFTTrainer(
         model=model,
@@ -352,14 +364,7 @@ def train_sft(
         peft_config=lora_config(cfg),
         callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix), *(callbacks or [])],
     )
-    extra = {
-        "n_train": float(len(train_ds)),
-        "n_eval": float(len(eval_ds) if eval_ds is not None else 0),
-        "dropped_overlong_train": float(dropped),
-        "dropped_overlong_eval": float(eval_dropped),
-        "bf16": float(bf16),
-        "gradient_checkpointing": float(gc),
-    }
+    extra = {**counts, "bf16": float(bf16), "gradient_checkpointing": float(gc)}
     return _finish(trainer, out, out / "adapter", extra, started)
 
 
@@ -396,17 +401,7 @@ def train_dpo(
     started = time.time()
     bf16, gc = precision_flags(cfg)
     model, tokenizer = load_base(base_model_path, bf16, sft_adapter_dir)
-    cols = ["chosen", "rejected"]
-    train_ds, dropped = fit_to_length(_cap(train_ds, cfg.max_train_examples, cfg.seed), tokenizer, cfg.max_length, cols)
-    eval_dropped = 0
-    if eval_ds is not None:
-        eval_ds, eval_dropped = fit_to_length(_cap(eval_ds, cfg.max_eval_examples, cfg.seed), tokenizer, cfg.max_length, cols)
-        eval_ds = eval_ds if len(eval_ds) else None
-    if len(train_ds) == 0:
-        raise ValueError(
-            f"no DPO training pair fits max_length={cfg.max_length} ({dropped} dropped as over-long); "
-            "raise max_length or shorten the prompts"
-        )
+    train_ds, eval_ds, counts = _fitted(train_ds, eval_ds, tokenizer, cfg, ["chosen", "rejected"], "DPO training pair")
     args = DPOConfig(**_common_args(cfg, out, eval_ds is not None, bf16, gc), beta=cfg.beta)
     trainer = DPOTrainer(
         model=model,
@@ -418,14 +413,7 @@ def train_dpo(
         peft_config=lora_config(cfg),
         callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix), *(callbacks or [])],
     )
-    extra = {
-        "n_train": float(len(train_ds)),
-        "n_eval": float(len(eval_ds) if eval_ds is not None else 0),
-        "dropped_overlong_train": float(dropped),
-        "dropped_overlong_eval": float(eval_dropped),
-        "bf16": float(bf16),
-        "gradient_checkpointing": float(gc),
-    }
+    extra = {**counts, "bf16": float(bf16), "gradient_checkpointing": float(gc)}
     if sft_adapter_dir is None:
         return _finish(trainer, out, out / "adapter", extra, started)
     result = _finish(trainer, out, out / "dpo_only", extra, started)
