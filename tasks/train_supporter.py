@@ -17,7 +17,8 @@ The plain functions here build data sets; the cached tasks load their own models
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -315,7 +316,8 @@ def sft_data_task(dialogues: Path, out_dir: Path, include_stepwise: bool = True)
     return build_sft_data(dialogues, out_dir, include_stepwise)
 
 
-def load_models_for_rollouts(
+@contextmanager
+def rollout_agents(
     simulate_cfg: Any,
     supporter: ModelConfig,
     seeker: ModelConfig,
@@ -324,9 +326,9 @@ def load_models_for_rollouts(
     emotion_cfg: Any | None,
     out_dir: Path,
     use_cache: bool,
-):
-    """(agents, closers): the simulation agents for rollouts; trained adapters are loaded for this
-    use (and closed by the caller), plain models come from the shared pool."""
+) -> Iterator[Any]:
+    """The simulation agents for rollouts and DPO simulations; trained adapters are loaded for this
+    use and closed on exit, plain models come from the shared pool."""
     from esvr.flows.runtime import RunPaths, chat_model
     from esvr.models.chat import ResponseCache, load_chat_model
     from esvr.tasks.simulate import build_agents
@@ -349,8 +351,11 @@ def load_models_for_rollouts(
 
         echat = chat_model(emotion_cfg.model, out_dir, cache=use_cache) if emotion_cfg.backend == "emollama" else None
         scorer = load_emotion_scorer(emotion_cfg, echat)
-    agents = build_agents(simulate_cfg, load(supporter), load(seeker), tvd_model=load(tvd), rg_model=load(rg), emotion_scorer=scorer)
-    return agents, closers
+    try:
+        yield build_agents(simulate_cfg, load(supporter), load(seeker), tvd_model=load(tvd), rg_model=load(rg), emotion_scorer=scorer)
+    finally:
+        for m in closers:
+            m.close()
 
 
 @task(name="supporter_dpo_simulations", cache_policy=NO_CACHE, persist_result=False)
@@ -371,12 +376,8 @@ def dpo_simulations_task(
     dialogues file is itself the resumable record (`simulate_dialogues`)."""
     from esvr.tasks.simulate import simulate_dialogues
 
-    agents, closers = load_models_for_rollouts(simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache)
-    try:
+    with rollout_agents(simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache) as agents:
         summary = simulate_dialogues(personas, out, agents, concurrency=simulate_cfg.concurrency, alternatives=True, seed=seed)
-    finally:
-        for m in closers:
-            m.close()
     return {"path": str(out), "metrics": summary.metrics("dpo_simulate"), "errors": summary.errors}
 
 
@@ -402,8 +403,7 @@ def rollouts_task(
 
     by_split = dialogues_by_split(load_dialogues(dialogues_path), cfg.dpo_max_dialogues)
     chosen = [d for s in SPLITS for d in by_split[s]]
-    agents, closers = load_models_for_rollouts(simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache)
-    try:
+    with rollout_agents(simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache) as agents:
         summary = rollout_candidates(
             chosen,
             agents,
@@ -413,9 +413,6 @@ def rollouts_task(
             max_turns_per_dialogue=cfg.dpo_max_turns,
             seed=seed,
         )
-    finally:
-        for m in closers:
-            m.close()
     return {"path": str(out), "dialogues": len(chosen), "metrics": summary.metrics(), "errors": summary.errors}
 
 
