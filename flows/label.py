@@ -9,6 +9,7 @@ cached across runs by the threads' content and the label config.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, task
@@ -46,13 +47,21 @@ def labelers_identity(cfg: LabelConfig) -> str:
 
 
 @task(
-    cache_policy=cache_policy("esvr.models.value_detector", "esvr.models.emotion", exclude=["detector", "scorer"]),
+    cache_policy=cache_policy("esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers"]),
     persist_result=True,
 )
-def label_task(threads: Path, out: str, cfg: LabelConfig, identity: str, detector=None, scorer=None) -> dict[str, str]:
+def label_task(
+    threads: Path, out: str, cfg: LabelConfig, identity: str, make_labelers: Callable[[], tuple] | None = None
+) -> dict[str, str]:
     """Keyed on the threads' content, the label section and the head file; `out` is a str so the
-    key does not follow the output folder's (changing) content."""
-    return {k: str(v) for k, v in label_threads(threads, out, cfg, detector=detector, scorer=scorer).items()}
+    key does not follow the output folder's (changing) content. The labelers are built only when
+    the task runs: a cache hit loads no encoder (~7 s of a cached demo re-run)."""
+    detector, scorer = make_labelers() if make_labelers else (None, None)
+    try:
+        return {k: str(v) for k, v in label_threads(threads, out, cfg, detector=detector, scorer=scorer).items()}
+    finally:
+        if scorer is not None:
+            scorer.close()  # its worker process, if it started one
 
 
 @flow(name="label", log_prints=True)
@@ -66,11 +75,7 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
     with tracking.flow_run(
         "label", config, section="label", prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, [])
     ):
-        detector, scorer = labelers(config)
-        try:
-            result = label_task(threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), detector, scorer)
-        finally:
-            scorer.close()  # its worker process, if it started one
+        result = label_task(threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), lambda: labelers(config))
         stats = json.loads(Path(result["stats"]).read_text())
         tracking.log_metrics({f"label.{k}": v for k, v in stats.items()})
         tracking.log_artifact(result["stats"], "label")

@@ -121,6 +121,11 @@ def test_label_flow_is_cached_and_logged(prefect_harness, tmp_path: Path, monkey
     result = label_flow(config, threads)
     labels = read_labels(result["labels"])
     assert labels.height == 11
+
+    def no_labelers(config):
+        raise AssertionError("a cache hit must not load the labelers")
+
+    monkeypatch.setattr("esvr.flows.label.labelers", no_labelers)
     again = label_flow(config, threads, return_state=True)
     assert again.is_completed() and again.result()["labels"] == result["labels"]
 
