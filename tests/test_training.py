@@ -141,3 +141,28 @@ def test_sft_on_cuda_uses_bf16_and_checkpointing(tiny_llama: Path, tmp_path: Pat
     assert result.metrics["bf16"] == float(torch.cuda.is_bf16_supported())
     assert result.metrics["gradient_checkpointing"] == 1.0
     assert math.isfinite(result.metrics["train_loss"])
+
+
+def test_narrow_logprob_tiles_on_cpu_give_the_same_log_probs(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch):
+    """The CPU memory fix changes only how TRL's fused LM head tiles the vocabulary, not its results."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from esvr.models.training import CPU_LOGPROB_VOCAB_CHUNK, fit_logprob_tiles_to_cpu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :8] = -100  # the prompt part, as in DPO and completion-only SFT
+
+    def log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    wide = log_probs()
+    fit_logprob_tiles_to_cpu()
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_LOGPROB_VOCAB_CHUNK < model.config.vocab_size
+    torch.testing.assert_close(log_probs(), wide, rtol=1e-5, atol=1e-5)
+    assert wide[:, 8:].abs().sum() > 0  # real log-probs, not a masked-out zero tensor
