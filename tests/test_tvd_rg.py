@@ -374,6 +374,12 @@ def test_prompt_without_values_names_none():
     assert "Patient: I lost my job." in plain and "Target values" not in plain
     assert "Target values" in rg_messages("Patient: I lost my job.", [])[-1]["content"]  # an empty detection is not 'no values'
 
+    from esvr.tasks.simulate import rg_request
+
+    utts = [{"role": "seeker", "text": "I lost my job."}]
+    assert "Target values" not in rg_request(utts, None)[-1]["content"]  # no detector in the loop (App. G)
+    assert "Target values" in rg_request(utts, [])[-1]["content"]
+
 
 def test_generator_trained_without_values(flows_run):
     """App. G.1: SFT only, on the same rows with prompts that name no values; Table 8 skipped."""
