@@ -117,10 +117,11 @@ def _vader_in_worker(texts: Sequence[str]) -> list[EmotionScore]:
 class ProcessEmotionScorer(EmotionScorer):
     """VADER in one worker process, scoring a chunk while the value detector encodes it.
 
-    VADER is pure Python. Run in turn with the encoder it adds ~15% to the label stage; in a
+    VADER is pure Python. Run in turn with the encoder it adds its time to the label stage; in a
     thread it fights torch for the GIL; in its own process it uses the share of the two cores that
-    torch leaves idle between kernels (`esvr bench label`, docs/labeling.md). The worker starts
-    with the first chunk (~1.5 s, once per label stage) and gives the same scores as VADER inline.
+    torch leaves idle between kernels (~10% faster, `esvr bench label`, docs/labeling.md). The
+    worker starts with the first chunk (~0.2 s, once per label stage) and gives the same scores as
+    VADER inline.
     The label stage uses it (`label.emotion.worker_process`); callers that score a few texts at a
     time (the simulation's end rule) keep VADER inline.
     """

@@ -170,8 +170,8 @@ async def adetect_values(
 ) -> tuple[list[str], str]:
     """(target values, the raw reply) from a detector chat model, by `method`."""
     if method == "score":
-        dist = await model.ascore_choices(messages, value_names())
-        return top_ranked(dist, k), format_value_list(top_ranked(dist, k))
+        found = top_ranked(await model.ascore_choices(messages, value_names()), k)
+        return found, format_value_list(found)
     out = await model.achat(messages, n=1, temperature=0.0, max_tokens=max_tokens, seed=seed)
     reply = out[0] if out else ""
     return parse_value_list(reply, k), reply
