@@ -137,9 +137,9 @@ def fit_logprob_tiles_to_cpu() -> None:
     TRL's trainers never build the full logits: they score [4096 tokens x 32768 vocabulary]
     tiles. Without Triton (CPU) a tile goes through plain torch ops, and each op makes another
     tile-sized temporary (0.3 GB each for the demo's 2.2k-token DPO pair in fp32). With
-    4096-column tiles, one DPO step on the demo's supporter peaked at 2.6 GiB instead of 4.4-4.6
-    GiB, at the same speed (31 vs 34 s). That is the demo's highest stage, so this decides whether
-    the demo fits in 6 GB. On CUDA, TRL's Triton kernel is left as it is.
+    4096-column tiles the demo's supporter stage peaked at 3.6 GiB instead of 5.4 GiB, and its DPO
+    steps took 29 s instead of 40 (`esvr run --config configs/demo.yaml`, docs/training.md).
+    That was the demo's highest stage. On CUDA, TRL's Triton kernel is left as it is.
     """
     import torch
     import trl.trainer.utils as trl_utils
