@@ -18,7 +18,7 @@ from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig
 from esvr.flows.runtime import RunPaths, chat_model
 from esvr.tasks.caching import cache_policy, path_digest
-from esvr.tasks.label import LabelConfig, for_batches, label_threads
+from esvr.tasks.label import LabelConfig, label_threads
 
 LABEL_PROMPTS = {
     "llm": ["labeling/value_llm.txt"],
@@ -34,7 +34,7 @@ def labelers(config: PipelineConfig):
     cfg = config.label
     vchat = chat_model(cfg.values.model, config) if cfg.values.backend == "llm" else None
     echat = chat_model(cfg.emotion.model, config) if cfg.emotion.backend == "emollama" else None
-    return load_value_detector(cfg.values, vchat), for_batches(load_emotion_scorer(cfg.emotion, echat), cfg.emotion)
+    return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
 
 
 def labelers_identity(cfg: LabelConfig) -> str:
@@ -57,11 +57,7 @@ def label_task(
     key does not follow the output folder's (changing) content. The labelers are built only when
     the task runs: a cache hit loads no encoder (~7 s of a cached demo re-run)."""
     detector, scorer = make_labelers() if make_labelers else (None, None)
-    try:
-        return {k: str(v) for k, v in label_threads(threads, out, cfg, detector=detector, scorer=scorer).items()}
-    finally:
-        if scorer is not None:
-            scorer.close()  # its worker process, if it started one
+    return {k: str(v) for k, v in label_threads(threads, out, cfg, detector=detector, scorer=scorer).items()}
 
 
 @flow(name="label", log_prints=True)

@@ -263,7 +263,7 @@ def build_labelers(cfg: LabelConfig, cache: ResponseCache | None = None) -> tupl
 
     vchat = load_chat_model(cfg.values.model.to_spec(), cache) if cfg.values.backend == "llm" else None
     echat = load_chat_model(cfg.emotion.model.to_spec(), cache) if cfg.emotion.backend == "emollama" else None
-    return load_value_detector(cfg.values, vchat), for_batches(load_emotion_scorer(cfg.emotion, echat), cfg.emotion)
+    return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
 
 
 def for_batches(scorer: EmotionScorer, cfg: EmotionConfig) -> EmotionScorer:
@@ -288,17 +288,17 @@ def label_threads(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     utts = collect_utterances(threads_path)
-    owned = scorer is None
     if detector is None or scorer is None:
         d, s = build_labelers(cfg, cache)
         detector, scorer = detector or d, scorer or s
+    batch_scorer = for_batches(scorer, cfg.emotion)
     try:
         labels, stats = label_utterances(
-            utts, detector, scorer, chunk_dir=out_dir / "chunks", chunk_size=cfg.chunk_size, progress=cfg.progress
+            utts, detector, batch_scorer, chunk_dir=out_dir / "chunks", chunk_size=cfg.chunk_size, progress=cfg.progress
         )
     finally:
-        if owned:
-            scorer.close()
+        if batch_scorer is not scorer:
+            batch_scorer.close()  # the worker process this stage started
     validate_labels(labels, "labels (before writing)")
     labels_path = out_dir / "labels.parquet"
     labels.write_parquet(labels_path)
