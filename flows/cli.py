@@ -52,10 +52,12 @@ def peek_out_dir(args: argparse.Namespace) -> Path:
         if sep and key.strip() == "run.out_dir":
             return Path(str(yaml.safe_load(value)))
     path = args.config if args.config is not None else DEFAULT_CONFIG
+    from esvr.flows.recipe import read_recipe
+
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = read_recipe(path)
         return Path(data.get("run", {}).get("out_dir") or "data")
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (ConfigError, AttributeError):
         return Path("data")  # load_config reports the problem with the file properly
 
 
@@ -96,9 +98,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from esvr.flows.config import dump_config
+    from esvr.flows.config import config_diff, dump_config, load_config
+    from esvr.flows.recipe import recipe_chain
 
-    print(dump_config(resolve_config(args)), end="")
+    config = resolve_config(args)
+    if not args.diff:
+        print(dump_config(config), end="")
+        return 0
+    if args.config is None:
+        raise ConfigError("config show --diff: give the recipe with --config")
+    chain = recipe_chain(args.config)
+    parent = load_config(chain[1]) if len(chain) > 1 else load_config(None)
+    print(f"# {args.config} against {chain[1] if len(chain) > 1 else 'the defaults'}")
+    for key, (before, after) in config_diff(config, parent).items():
+        print(f"{key}: {yaml.safe_dump(after, default_flow_style=True).strip().removesuffix('...').strip()}"
+              f"  # was {yaml.safe_dump(before, default_flow_style=True).strip().removesuffix('...').strip()}")
     return 0
 
 
@@ -215,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="inspect run recipes")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = config_sub.add_parser("show", help="print the resolved config (recipe + overrides + defaults)")
+    show = config_sub.add_parser("show", help="print the resolved config (recipe + extends chain + overrides + defaults)")
     _common(show)
+    show.add_argument("--diff", action="store_true", help="print only the keys that differ from the recipe's parent")
     show.set_defaults(func=cmd_config_show)
 
     p = sub.add_parser("smoke", help="one reply and one scored choice from the supporter model")

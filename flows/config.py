@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from esvr.flows.errors import ConfigError  # noqa: F401  (re-exported: raised by load_config)
+from esvr.flows.recipe import apply_overrides, parse_override, read_recipe  # noqa: F401  (re-exported)
 from esvr.models.chat import ModelSpec
 
 
@@ -62,6 +63,8 @@ class RunConfig(Section):
     experiment: str = "esvr"
     #: which stages `esvr run` executes, in pipeline order; empty means all
     stages: list[str] = []
+    #: folder of the embedded MLflow store (None: out_dir); a variant's run keeps its parent's
+    tracking_dir: Path | None = None
 
 
 class ModelsConfig(Section):
@@ -107,6 +110,24 @@ from esvr.tasks.train_supporter import TrainSupporterConfig  # noqa: E402
 from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
 
 
+#: `esvr run`'s stages in pipeline order (flows/pipeline.py)
+STAGES = [
+    "ingest",
+    "label",
+    "analyze_esconv",
+    "build_datasets",
+    "train_tvd",
+    "train_rg",
+    "personas",
+    "simulate",
+    "train_supporter",
+    "evaluate",
+    "report",
+]
+#: stages that run only when named in run.stages
+OPTIONAL_STAGES = ["smoke"]
+
+
 class PipelineConfig(Section):
     """A whole run; sections in pipeline order (flows/pipeline.py)."""
 
@@ -124,6 +145,73 @@ class PipelineConfig(Section):
     simulate: SimulateConfig = SimulateConfig()
     train_supporter: TrainSupporterConfig = TrainSupporterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    #: supporters trained beside the main method in the same run, each a set of keys applied on top
+    #: of this recipe for its reference generator, simulations and supporter (paper App. G's
+    #: emotion-reinforced variant). Its artifacts go under <run>/variants/<name>/; evaluation rows
+    #: take its supporters as `pipeline:<name>_sft` and `pipeline:<name>_dpo`.
+    variants: dict[str, dict[str, Any]] = {}
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _no_variants(cls, value: Any) -> Any:
+        return {} if value is None else value  # `variants: null` in a child recipe drops the parent's
+
+    def selected(self, stage: str) -> bool:
+        """Whether `esvr run` executes `stage` (run.stages, else every stage that has its input)."""
+        if self.run.stages:
+            return stage in self.run.stages
+        if stage == "analyze_esconv":
+            return bool(self.analyze_esconv.esconv)
+        return stage in STAGES
+
+    def pipeline_artifacts(self) -> dict[str, str]:
+        """Supporters the pipeline trains, as `pipeline:<name>` rows name them -> producing stage."""
+        names = {"supporter_sft": "train_supporter", "supporter_dpo": "train_supporter"}
+        for variant in self.variants:
+            names |= {f"{variant}_sft": "train_supporter", f"{variant}_dpo": "train_supporter"}
+        return names
+
+    def variant(self, name: str) -> PipelineConfig:
+        """This recipe with the variant's keys applied, writing under <run>/variants/<name>/."""
+        from esvr.flows.recipe import merge
+
+        data = merge(self.model_dump(mode="json", exclude={"variants"}), self.variants[name])
+        data["run"]["out_dir"] = str(self.run.out_dir / "variants" / name)
+        data["run"]["tracking_dir"] = str(self.run.tracking_dir or self.run.out_dir)
+        data["run"]["name"] = f"{self.run.name}-{name}"
+        # the stages a variant branch runs inside `esvr run` (its rows are the parent's evaluation)
+        data["run"]["stages"] = ["train_rg", "simulate", "train_supporter"]
+        return PipelineConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _runnable(self) -> PipelineConfig:
+        unknown = [s for s in self.run.stages if s not in STAGES + OPTIONAL_STAGES]
+        if unknown:
+            raise ValueError(f"run.stages: unknown stage(s) {unknown}; known: {STAGES + OPTIONAL_STAGES}")
+        for name in self.variants:
+            if not name.isidentifier():
+                raise ValueError(f"variants: {name!r} is not a plain name (letters, digits, _)")
+            try:
+                self.variant(name)
+            except ValidationError as err:
+                raise ValueError(_format_errors(err, f"variants.{name}")) from None
+        if self.selected("evaluate"):
+            produced = self.pipeline_artifacts()
+            for row in self.evaluate.supporters:
+                if not (row.component or "").startswith("pipeline:"):
+                    continue
+                name = row.component.removeprefix("pipeline:")
+                if name not in produced:
+                    raise ValueError(
+                        f"evaluate.supporters row {row.name!r}: component {row.component!r} names nothing the "
+                        f"pipeline trains (known: {', '.join('pipeline:' + n for n in produced)})"
+                    )
+                if self.run.stages and not self.selected(produced[name]):
+                    raise ValueError(
+                        f"evaluate.supporters row {row.name!r}: {row.component!r} comes from the "
+                        f"{produced[name]} stage, which run.stages leaves out"
+                    )
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,51 +223,26 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_known_backend(), str]",))
+        where = f"key '{key}'" if key else "recipe"
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}'")
+        elif not key or isinstance(e.get("input"), (dict, list)):
+            lines.append(f"{source}: {where}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{source}: {where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (['a','b','c'], value parsed as YAML, so 3, true, [1,2] and null work)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. simulate.max_turns=6")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {} if child is None else {"spec": child} if isinstance(child, str) else child
-                node[part] = child
-            node = child
-        node[path[-1]] = value
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a recipe, apply ``--set`` overrides, validate. Errors name the key and the file."""
+    """Read a recipe (following its ``extends`` chain), apply ``--set`` overrides, validate.
+
+    Errors name the key and the file.
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        data = read_recipe(path)
     if overrides:
         data = apply_overrides(data, overrides)
         source = f"{source} (with --set {' '.join(overrides)})"
@@ -204,3 +267,26 @@ def flatten(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, A
 
 def dump_config(config: PipelineConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def flatten_items(config: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    """`flatten`, with lists of mappings expanded by index: ``evaluate.supporters[2].model.spec``."""
+    flat: dict[str, Any] = {}
+    for key, value in flatten(config).items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                flat.update({f"{key}[{i}].{k}": v for k, v in flatten(item).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+#: stands for a key one side of a `config_diff` does not have
+ABSENT = "(absent)"
+
+
+def config_diff(config: PipelineConfig, base: PipelineConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ: ``{'simulate.max_turns': (base value, config value)}``."""
+    mine, theirs = flatten_items(config), flatten_items(base)
+    changed = {k: (theirs.get(k, ABSENT), v) for k, v in mine.items() if theirs.get(k, ABSENT) != v}
+    return changed | {k: (v, ABSENT) for k, v in theirs.items() if k not in mine}

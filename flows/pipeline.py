@@ -19,56 +19,38 @@ from __future__ import annotations
 from prefect import flow
 
 from esvr.flows import tracking
-from esvr.flows.config import PipelineConfig, load_config
+from esvr.flows.config import OPTIONAL_STAGES, STAGES, PipelineConfig, load_config  # noqa: F401
 from esvr.flows.memory import StageMemory
 from esvr.flows.runtime import release_models
 
-STAGES = [
-    "ingest",
-    "label",
-    "analyze_esconv",
-    "build_datasets",
-    "train_tvd",
-    "train_rg",
-    "personas",
-    "simulate",
-    "train_supporter",
-    "evaluate",
-    "report",
-]
-#: stages that run only when named in run.stages
-OPTIONAL_STAGES = ["smoke"]
-
-
 def selected(config: PipelineConfig, stage: str) -> bool:
-    if config.run.stages:
-        return stage in config.run.stages
-    if stage == "analyze_esconv":
-        return bool(config.analyze_esconv.esconv)
-    return stage in STAGES
+    return config.selected(stage)
 
 
-def check_stages(config: PipelineConfig) -> None:
-    unknown = [s for s in config.run.stages if s not in STAGES + OPTIONAL_STAGES]
-    if unknown:
-        raise ValueError(f"run.stages: unknown stage(s) {unknown}; known: {STAGES + OPTIONAL_STAGES}")
+def _trained_supporters(
+    config: PipelineConfig, trained: dict[str, dict[str, str]], generators: dict[str, str | None]
+) -> dict[str, dict[str, str | None]]:
+    """Evaluation rows that take this run's trained supporters (``component: pipeline:<name>``).
 
-
-def _trained_supporters(config: PipelineConfig, trained: dict[str, str]) -> dict[str, str]:
-    """Evaluation rows that take this run's trained supporters (``component: pipeline:<name>``)."""
-    available = {"supporter_sft": trained.get("sft"), "supporter_dpo": trained.get("dpo") or trained.get("supporter")}
-    rows = {}
+    `trained`: per branch ('supporter' = the main method, else a variant's name) what
+    train_supporter returned; `generators`: each branch's reference generator, so a variant's row
+    is simulated with the generator of its own branch (App. G's rows with App. G's RG).
+    """
+    available: dict[str, tuple[str | None, str]] = {}
+    for branch, result in trained.items():
+        available[f"{branch}_sft"] = (result.get("sft"), branch)
+        available[f"{branch}_dpo"] = (result.get("dpo") or result.get("supporter"), branch)
+    rows: dict[str, dict[str, str | None]] = {}
     for row in config.evaluate.supporters:
         if row.component and row.component.startswith("pipeline:"):
-            spec = available.get(row.component[len("pipeline:") :])
+            spec, branch = available.get(row.component.removeprefix("pipeline:"), (None, ""))
             if spec:
-                rows[row.name] = spec
+                rows[row.name] = {"model": spec, "rg": generators.get(branch)}
     return rows
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(config: PipelineConfig) -> dict[str, str]:
-    check_stages(config)
     artifacts: dict[str, str] = {}
 
     memory = StageMemory()
@@ -117,27 +99,53 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, str]:
             release_models()
         # This run's components, else the recipe's (simulate.tvd / simulate.rg; None = without).
         tvd, rg = artifacts.get("tvd"), artifacts.get("rg")
+        # Each variant (App. G) trains its own reference generator when its train_rg differs.
+        variants = {name: config.variant(name) for name in config.variants}
+        generators: dict[str, str | None] = {"supporter": rg}
+        for name, vconfig in variants.items():
+            generators[name] = rg
+            if vconfig.train_rg != config.train_rg and selected(config, "train_rg"):
+                from esvr.flows.train_rg import train_rg_flow
+
+                print(f"variant {name}: training its reference generator")
+                generators[name] = train_rg_flow(vconfig, datasets=artifacts.get("datasets")).get("rg")
+                artifacts[f"{name}_rg"] = generators[name] or ""
+                release_models()
 
         # -- seekers and simulated dialogues (§5.3-5.4) ---------------------------------------------
         if run("personas"):
             from esvr.flows.personas import personas_flow
 
             artifacts.update(personas_flow(config))
+        variant_dialogues: dict[str, str | None] = {}
         if run("simulate"):
             from esvr.flows.simulate import simulate_flow
 
             sim = simulate_flow(config, personas_path=artifacts.get("personas"), tvd=tvd, rg=rg)
             artifacts.update({f"simulate_{k}" if k != "dialogues" else k: v for k, v in sim.items()})
+            for name, vconfig in variants.items():
+                # A generator trained without values has no use for target values: no detector.
+                vtvd = tvd if vconfig.train_rg.with_values else None
+                vsim = simulate_flow(vconfig, personas_path=artifacts.get("personas"), tvd=vtvd, rg=generators[name])
+                variant_dialogues[name] = vsim.get("dialogues")
+                artifacts[f"{name}_dialogues"] = vsim.get("dialogues") or ""
 
         # -- the supporter: SFT, then DPO on the look-ahead value reward (§5.3) --------------------
-        trained: dict[str, str] = {}
+        trained: dict[str, dict[str, str]] = {}
         if run("train_supporter"):
             from esvr.flows.train_supporter import train_supporter_flow
 
             release_models()
-            trained = train_supporter_flow(config, dialogues_path=artifacts.get("dialogues"), tvd=tvd, rg=rg)
-            artifacts.update({f"supporter_{k}" if k not in ("supporter",) else k: v for k, v in trained.items()})
+            trained["supporter"] = train_supporter_flow(config, dialogues_path=artifacts.get("dialogues"), tvd=tvd, rg=rg)
+            artifacts.update({f"supporter_{k}" if k not in ("supporter",) else k: v for k, v in trained["supporter"].items()})
             release_models()
+            for name, vconfig in variants.items():
+                vtvd = tvd if vconfig.train_rg.with_values else None
+                trained[name] = train_supporter_flow(
+                    vconfig, dialogues_path=variant_dialogues.get(name), tvd=vtvd, rg=generators[name]
+                )
+                artifacts.update({f"{name}_{k}": v for k, v in trained[name].items()})
+                release_models()
 
         # -- evaluation (§6) ------------------------------------------------------------------------
         if run("evaluate"):
@@ -146,7 +154,7 @@ def pipeline_flow(config: PipelineConfig) -> dict[str, str]:
             ev = evaluate_flow(
                 config,
                 personas_path=artifacts.get("personas"),
-                supporters=_trained_supporters(config, trained) or None,
+                supporters=_trained_supporters(config, trained, generators) or None,
                 tvd=tvd,
                 rg=rg,
             )

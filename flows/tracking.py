@@ -34,14 +34,19 @@ USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 def use_tracking_uri(config: PipelineConfig) -> str:
     """Point MLflow at the user's server, else at the run folder's SQLite file."""
-    uri = USER_TRACKING_URI or default_tracking_uri(config.run.out_dir.resolve())
+    uri = USER_TRACKING_URI or default_tracking_uri(tracking_dir(config))
     mlflow.set_tracking_uri(uri)
     return uri
 
 
+def tracking_dir(config: PipelineConfig) -> Path:
+    """The run folder that holds the embedded MLflow store (a variant logs to its parent's)."""
+    return (config.run.tracking_dir or config.run.out_dir).resolve()
+
+
 def setup(config: PipelineConfig) -> str:
     """Select the tracking server and the experiment; returns the experiment id."""
-    out_dir = config.run.out_dir.resolve()
+    out_dir = tracking_dir(config)
     uri = use_tracking_uri(config)
     name = config.run.experiment
     experiment = mlflow.get_experiment_by_name(name)
