@@ -10,18 +10,20 @@ The project's policy keys on:
 - output locations by name, not content: parameters whose name starts with ``out`` (and
   ``run_dir``, the run folder) are keyed by their path string: their content is what the task is
   about to write, or everything else the run holds;
-- the source code of the module that defines the task and of any module it names in
-  ``code=``: tasks wrap plain functions that live in the same ``tasks/<domain>.py`` file, so a
-  change to the logic invalidates the cache, not just a change to the thin wrapper.
+- the source code of the module that defines the task, of any module it names in ``code=``, and
+  of every ``esvr.tasks`` / ``esvr.models`` module those import (at any depth, also inside
+  functions): a fix in the code that does the work invalidates the cache, not just a change to
+  the thin wrapper in a flow file.
 
 Content digests are memoized per (path, size, mtime) so that a multi-GB dump is hashed once.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
-import inspect
+import importlib.util
 import json
 import os
 import threading
@@ -37,6 +39,7 @@ from pydantic import BaseModel
 _CHUNK = 1 << 22
 _memo: dict[tuple[str, int, int], str] = {}
 _memo_lock = threading.Lock()
+_source_memo: dict[tuple[str, int, int], str] = {}
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
@@ -102,10 +105,61 @@ def model_weights_digest(spec: str) -> str | None:
     return "+".join(path_digest(p) if Path(p).exists() else p for p in parts)
 
 
+#: packages whose modules do a task's work: their source is part of every cache key that uses them
+DOMAIN_PACKAGES = ("esvr.tasks", "esvr.models")
+
+
+def _module_source(module_name: str) -> tuple[str, str]:
+    """The module's source as on disk now, and its digest (memoized on the file's size and mtime)."""
+    path = Path(importlib.util.find_spec(module_name).origin)  # type: ignore[union-attr, arg-type]
+    st = path.stat()
+    memo_key = (f"source:{path}", st.st_size, st.st_mtime_ns)
+    with _memo_lock:
+        if memo_key in _memo:
+            return _source_memo[memo_key], _memo[memo_key]
+    source = path.read_text()
+    digest = hashlib.blake2b(source.encode(), digest_size=20).hexdigest()
+    with _memo_lock:
+        _memo[memo_key], _source_memo[memo_key] = digest, source
+    return source, digest
+
+
+def _project_imports(module_name: str, packages: tuple[str, ...] = DOMAIN_PACKAGES) -> set[str]:
+    """Domain modules that `module_name` imports anywhere in its source (also inside functions)."""
+    tree = ast.parse(_module_source(module_name)[0])
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            # `from esvr.tasks import label` imports a module, not a name
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.startswith(packages) and _is_module(n)}
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # `esvr.tasks.label.label_threads`: a name inside a module
+        return False
+
+
+def work_modules(*roots: str, packages: tuple[str, ...] = DOMAIN_PACKAGES) -> list[str]:
+    """`roots` and every module of `packages` they reach through imports, sorted."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(_project_imports(name, packages) - seen)
+    return sorted(seen)
+
+
 def _module_source_digest(module_name: str) -> str:
-    module = importlib.import_module(module_name)
-    source = inspect.getsource(module)
-    return hashlib.blake2b(source.encode(), digest_size=20).hexdigest()
+    return _module_source(module_name)[1]
 
 
 @dataclass
@@ -114,6 +168,7 @@ class FileAwareInputs(CachePolicy):
 
     code: tuple[str, ...] = ()
     exclude: list[str] = field(default_factory=list)
+    packages: tuple[str, ...] = DOMAIN_PACKAGES
 
     def compute_key(
         self,
@@ -123,10 +178,9 @@ class FileAwareInputs(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         fn = task_ctx.task.fn
-        modules = {fn.__module__, *self.code}
         payload = {
             "task": f"{fn.__module__}.{fn.__qualname__}",
-            "code": {m: _module_source_digest(m) for m in sorted(modules)},
+            "code": {m: _module_source_digest(m) for m in work_modules(fn.__module__, *self.code, packages=self.packages)},
             "inputs": {
                 k: (str(v) if k.startswith("out") or k == "run_dir" else stable_form(v))
                 for k, v in (inputs or {}).items()
@@ -136,6 +190,8 @@ class FileAwareInputs(CachePolicy):
         return hash_objects(json.dumps(payload, sort_keys=True, default=str), raise_on_failure=True)
 
 
-def cache_policy(*code: str, exclude: list[str] | None = None) -> FileAwareInputs:
+def cache_policy(
+    *code: str, exclude: list[str] | None = None, packages: tuple[str, ...] = DOMAIN_PACKAGES
+) -> FileAwareInputs:
     """The project's policy. ``code`` names extra modules whose source the result depends on."""
-    return FileAwareInputs(code=tuple(code), exclude=list(exclude or []))
+    return FileAwareInputs(code=tuple(code), exclude=list(exclude or []), packages=packages)

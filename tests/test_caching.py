@@ -41,3 +41,51 @@ def test_configs_hash_by_value_and_local_weights_by_content(tmp_path: Path):
     before = stable_form(spec)
     (adapter / "adapter_model.safetensors").write_bytes(b"v2 retrained")
     assert stable_form(spec) != before  # a retrained adapter at the same path invalidates
+
+
+def test_flow_file_tasks_are_keyed_on_the_domain_modules_doing_the_work():
+    from esvr.tasks.caching import work_modules
+
+    # the label task lives in a flow file; its work is in tasks/label.py and the models it loads
+    modules = work_modules("esvr.flows.label")
+    assert {"esvr.tasks.label", "esvr.models.value_detector", "esvr.models.emotion"} <= set(modules)
+
+
+def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, monkeypatch, prefect_harness):
+    """A task wrapper in one module, its work in another: a fix there must not hit the old cache."""
+    import importlib
+    import sys
+    import time
+
+    from prefect import flow
+
+    pkg = tmp_path / "esvr_cache_probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    calls = tmp_path / "calls.txt"
+    (pkg / "work.py").write_text(
+        f"def compute(x):\n    with open({str(calls)!r}, 'a') as f:\n        f.write('ran\\n')\n    return x + 1\n"
+    )
+    (pkg / "wrapper.py").write_text(
+        "from prefect import task\n"
+        "from esvr.tasks.caching import cache_policy\n\n"
+        "@task(cache_policy=cache_policy(packages=('esvr_cache_probe',)), persist_result=True)\n"
+        "def probe(x: int) -> int:\n"
+        "    from esvr_cache_probe.work import compute\n"
+        "    return compute(x)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = importlib.import_module("esvr_cache_probe.wrapper").probe
+
+    @flow
+    def run_probe() -> int:
+        return probe(41)
+
+    assert run_probe() == 42 and run_probe() == 42
+    assert calls.read_text().count("ran") == 1  # the second run was cached
+    time.sleep(0.01)  # a new mtime, even on coarse clocks
+    (pkg / "work.py").write_text((pkg / "work.py").read_text() + "\n# a fix in the work module\n")
+    assert run_probe() == 42
+    assert calls.read_text().count("ran") == 2
+    for name in [m for m in sys.modules if m.startswith("esvr_cache_probe")]:
+        del sys.modules[name]
