@@ -268,8 +268,10 @@ class HFValueDetector(ValueDetector):
     """Multi-label sequence classifiers; the ensemble's sigmoid outputs are averaged.
 
     A checkpoint's labels are matched to the 20 values by name (``config.id2label``) when they
-    carry the value names, otherwise taken in canonical order (Touché's column order, which is
-    the order of prompts/values.yaml).
+    carry the value names, otherwise its 20 outputs are taken in canonical order (Touché's column
+    order, which is the order of prompts/values.yaml; tum-nlp/Deberta_Human_Value_Detector names
+    no labels in its config). Checkpoints are hub ids or local folders; those with custom model code
+    (``auto_map``) need ``trust_remote_code``.
     """
 
     def __init__(
@@ -296,31 +298,40 @@ class HFValueDetector(ValueDetector):
         if self.device == "cpu":
             set_cpu_threads(num_threads)
         self.checkpoints = list(checkpoints)
-        self.members: list[tuple[Any, Any, np.ndarray]] = []
+        self.members: list[tuple[Any, Any, np.ndarray | None]] = []
         for ckpt in self.checkpoints:
             try:
                 tok = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
                 model = AutoModelForSequenceClassification.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
             except (OSError, ValueError) as exc:
-                raise RuntimeError(f"value detector: cannot load checkpoint {ckpt!r}: {exc}") from exc
+                if not trust_remote_code and "trust_remote_code" in str(exc):
+                    raise RuntimeError(
+                        f"value detector: checkpoint {ckpt!r} ships its own model code; "
+                        "set values.trust_remote_code: true to run it"
+                    ) from exc
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RuntimeError(f"value detector: cannot load checkpoint {ckpt!r}: {first_line}") from exc
             model.to(self.device).eval()
-            self.members.append((tok, model, self._column_order(ckpt, model)))
+            self.members.append((tok, model, self._column_order(model)))
         self._torch = torch
 
-    def _column_order(self, ckpt: str, model: Any) -> np.ndarray:
-        n_labels = int(getattr(model.config, "num_labels", 0) or 0)
+    def _column_order(self, model: Any) -> np.ndarray | None:
+        """Index of each canonical value among the model's outputs; None: the outputs are the 20
+        values in canonical order."""
         id2label = getattr(model.config, "id2label", None) or {}
-        labels = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(n_labels)]
+        labels = {str(label): int(i) for i, label in id2label.items()}
         if set(self.names) <= set(labels):
-            return np.array([labels.index(n) for n in self.names])
-        if n_labels != len(self.names):
-            raise ValueError(
-                f"value detector: checkpoint {ckpt!r} has {n_labels} labels and no value names in id2label; "
-                f"expected 20 outputs in the order of prompts/values.yaml"
-            )
-        return np.arange(len(self.names))
+            return np.array([labels[n] for n in self.names])
+        # no value names (e.g. LABEL_0..): only the forward pass can tell whether there are 20
+        # outputs, since custom heads may leave num_labels at its default
+        return None
 
-    def _member_proba(self, tok: Any, model: Any, order: np.ndarray, texts: list[str]) -> np.ndarray:
+    def _token_limit(self, tok: Any) -> int:
+        # a tokenizer's model_max_length is its position limit, or a huge sentinel when unknown
+        limit = getattr(tok, "model_max_length", None)
+        return min(self.max_length, int(limit)) if isinstance(limit, int) and 0 < limit < 1_000_000 else self.max_length
+
+    def _member_proba(self, tok: Any, model: Any, order: np.ndarray | None, texts: list[str]) -> np.ndarray:
         torch = self._torch
         out = np.zeros((len(texts), len(self.names)), dtype=np.float32)
         # sort by length so that each batch pads little
@@ -328,7 +339,7 @@ class HFValueDetector(ValueDetector):
         for start in range(0, len(idx), self.batch_size):
             chunk = idx[start : start + self.batch_size]
             enc = tok(
-                [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                [texts[i] for i in chunk], padding=True, truncation=True, max_length=self._token_limit(tok), return_tensors="pt"
             ).to(self.device)
             if "token_type_ids" not in _forward_args(model):
                 enc.pop("token_type_ids", None)
@@ -338,7 +349,12 @@ class HFValueDetector(ValueDetector):
             scores = logits.float().cpu().numpy()
             # custom heads (e.g. tum-nlp/Deberta_Human_Value_Detector) already return probabilities
             probs = scores if (scores.min() >= 0 and scores.max() <= 1 and not hasattr(result, "logits")) else 1 / (1 + np.exp(-scores))
-            out[chunk] = probs[:, order]
+            if order is None and probs.shape[-1] != len(self.names):
+                raise ValueError(
+                    f"value detector: a checkpoint gives {probs.shape[-1]} outputs per text and names no values in "
+                    "its config's id2label; expected 20 outputs in the order of prompts/values.yaml"
+                )
+            out[chunk] = probs if order is None else probs[:, order]
         return out
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
@@ -350,7 +366,24 @@ class HFValueDetector(ValueDetector):
 
     @property
     def fingerprint(self) -> str:
-        return f"hf:{','.join(self.checkpoints)}:{self.max_length}"
+        return f"hf:{','.join(_checkpoint_identity(c) for c in self.checkpoints)}:{self.max_length}"
+
+
+def _checkpoint_identity(ckpt: str) -> str:
+    """A hub id names its contents; a local folder may be rebuilt or retrained in place, so its
+    small files (config, labels, tokenizer, code) are hashed and its weight files stand in by
+    size and modification time."""
+    path = Path(ckpt)
+    if not path.is_dir():
+        return ckpt
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        if any(part.startswith(".") for part in f.relative_to(path).parts):
+            continue  # .git, .cache: not what the model computes
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}:{st.st_size}".encode())
+        h.update(f.read_bytes() if st.st_size < 4 << 20 else str(st.st_mtime_ns).encode())
+    return f"{ckpt}@{h.hexdigest()[:16]}"
 
 
 def _forward_args(model: Any) -> set[str]:
