@@ -92,8 +92,39 @@ def _print_artifacts(artifacts: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = prepared(args)
     from esvr.flows.pipeline import pipeline_flow
+    from esvr.flows.preflight import ensure_ready, format_report
 
+    # Everything the run will need, found missing now rather than hours into it.
+    warnings = ensure_ready(config)
+    if warnings:
+        print(format_report(warnings), file=sys.stderr)
     _print_artifacts(pipeline_flow(config))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from esvr.flows.preflight import main_report
+
+    config = resolve_config(args)
+    report, status = main_report(config, args.stages or None)
+    print(report)
+    return status
+
+
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    if args.config is None:
+        args.config = Path("configs/rehearsal.yaml")
+    config = prepared(args)
+    from esvr.flows.rehearse import rehearse, summary
+
+    print(summary(rehearse(config, str(args.config))))
+    return 0
+
+
+def cmd_build_value_detector(args: argparse.Namespace) -> int:
+    from esvr.models.value_checkpoint import build_value_checkpoint
+
+    print(build_value_checkpoint(args.out, **({"head": args.head} if args.head else {})))
     return 0
 
 
@@ -226,6 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline (or run.stages) on a recipe")
     _common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="preflight: list everything the recipe's stages still lack (keys, servers, files), in seconds")
+    _common(p)
+    p.add_argument("--stage", dest="stages", action="append", default=[], metavar="STAGE",
+                   help="check only this stage's needs (repeatable; default: the stages `esvr run` selects)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("rehearse", help="the paper recipe end to end on this machine, against local servers it starts "
+                       "(default configs/rehearsal.yaml)")
+    _common(p)
+    p.set_defaults(func=cmd_rehearse)
+
+    p = sub.add_parser("build-value-detector", help="write a 20-value sequence-classification checkpoint from the "
+                       "bundled encoder and value head (for label.values.backend: hf)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (a no-op when it holds the same build)")
+    p.add_argument("--head", type=Path, default=None, help="value head .npz (default: the bundled one)")
+    p.set_defaults(func=cmd_build_value_detector)
 
     p = sub.add_parser("config", help="inspect run recipes")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -579,6 +627,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("esvr: interrupted; finished work is kept and cached, run the same command to resume", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from esvr.models.local_server import LocalServerError
+
+        if isinstance(exc, LocalServerError):
+            print(f"esvr: local server: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def _stage_via_task(dump: Path, stage_dir: Path, cfg: IngestConfig) -> StageResu
 
 
 @task(cache_policy=cache_policy("esvr.tasks.sample_dump"), persist_result=True)
-def sample_dump_task(out_dir: Path, seed: int) -> list[str]:
-    paths = make_sample_dump(out_dir, seed=seed)
+def sample_dump_task(out_dir: Path, seed: int, posts: int = 150) -> list[str]:
+    paths = make_sample_dump(out_dir, seed=seed, posts=posts)
     return [str(p) for p in paths["submissions"] + paths["comments"]]
 
 
@@ -63,7 +63,7 @@ def ingest_flow(config: PipelineConfig) -> dict[str, str]:
         if not dumps:
             sample = out / "sample_dump"
             missing = not all((sample / n).exists() for n in ("RS_2021-06.zst", "RC_2021-06.zst"))
-            dumps = [Path(p) for p in sample_dump_task.with_options(refresh_cache=missing)(sample, config.run.seed)]
+            dumps = [Path(p) for p in sample_dump_task.with_options(refresh_cache=missing)(sample, config.run.seed, cfg.sample_posts)]
             print(f"no dumps configured (ingest.dumps): using the generated sample dump in {sample}")
         try:
             result = ingest_dumps(dumps, out, cfg, stage_fn=_stage_via_task)

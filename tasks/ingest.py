@@ -59,6 +59,8 @@ class IngestConfig(Section):
 
     #: dump files (.zst); empty: the demo generates the sample dump (tasks/sample_dump.py) and uses it
     dumps: list[Path] = []
+    #: random posts in the generated sample dump (beside its hand-built cases), when `dumps` is empty
+    sample_posts: int = 150
     #: where the stage writes; None: ``run.out_dir / "ingest"``. The folder accumulates every dump
     #: ingested into it (incremental merge); use a new folder for a separate dataset.
     out_dir: Path | None = None

@@ -1,0 +1,170 @@
+"""`esvr rehearse`: the paper recipe's code path, end to end, against real servers on this machine.
+
+``configs/rehearsal.yaml`` is ``configs/paper.yaml`` with only sizes and endpoints changed. This
+module brings up what those endpoints name and runs the whole pipeline through them:
+
+1. every local value-detector checkpoint the recipe names (``label.values.checkpoints``) is built
+   from the bundled encoder and value head if it is not there yet;
+2. one ``transformers serve`` per ``base_url`` on this machine that an ``openai:`` role names,
+   serving the bundled model under the role's model name (one name per server);
+3. the preflight check, so a missing piece is reported before anything runs;
+4. ``esvr run`` on the recipe, in this process; then the servers stop, whatever happened.
+
+It writes ``<run>/rehearsal.json``: wall time, peak memory, the requests each server answered (read
+from its access log), and the run's artifacts. A second rehearsal into the same run folder is
+served from the caches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from esvr.flows.config import ModelConfig, PipelineConfig, flatten_items
+from esvr.flows.errors import ConfigError
+from esvr.flows.memory import StageMemory
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+#: a chat completion as the server's access log records it
+_CHAT_REQUEST = re.compile(r'"POST /v1/chat/completions HTTP/[0-9.]+" 200')
+
+
+@dataclass
+class Rehearsal:
+    """What one rehearsal did; written to ``<run>/rehearsal.json``."""
+
+    config: str
+    out_dir: str
+    wall_s: float = 0.0
+    peak_total_mb: float = 0.0
+    #: chat completions each local server answered in this rehearsal, by base_url
+    server_requests: dict[str, int] = field(default_factory=dict)
+    checkpoints_built: list[str] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    stage_peaks_mb: dict[str, float] = field(default_factory=dict)
+
+
+def local_servers(config: PipelineConfig) -> dict[str, str]:
+    """``{base_url: model name}`` for every ``openai:`` model of the recipe served on this machine.
+
+    A recipe may name one model per local server: that is what a server of the bundled model can
+    answer for. Variants are included (their keys may name other endpoints).
+    """
+    found: dict[str, tuple[str, str]] = {}
+    configs = [config, *(config.variant(name) for name in config.variants)]
+    for cfg in configs:
+        for key, model in _openai_models(cfg):
+            if not model.base_url or urlparse(model.base_url).hostname not in LOCAL_HOSTS:
+                continue
+            name = model.spec.partition(":")[2]
+            url = model.base_url.rstrip("/")
+            if url in found and found[url][0] != name:
+                raise ConfigError(
+                    f"{key}: names model {name!r} at {url}, where {found[url][1]} names {found[url][0]!r}; "
+                    "a rehearsal serves one model name per local server"
+                )
+            found.setdefault(url, (name, key))
+    return {url: name for url, (name, _) in found.items()}
+
+
+def _openai_models(config: PipelineConfig) -> list[tuple[str, ModelConfig]]:
+    """Every (config key, ModelConfig) of the recipe whose spec is ``openai:...``."""
+    out: list[tuple[str, ModelConfig]] = []
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, ModelConfig):
+            if node.spec.startswith("openai:"):
+                out.append((key, node))
+        elif hasattr(node, "model_fields"):
+            for name in type(node).model_fields:
+                walk(getattr(node, name), f"{key}.{name}" if key else name)
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{key}[{i}]")
+
+    walk(config, "")
+    return out
+
+
+def build_checkpoints(config: PipelineConfig) -> list[str]:
+    """Build the local value-detector checkpoints the recipe names but that do not exist yet."""
+    from esvr.models.value_checkpoint import build_value_checkpoint
+
+    if config.label.values.backend != "hf":
+        return []
+    built = []
+    for name in config.label.values.checkpoints:
+        path = Path(name)
+        ours = (path / "esvr_build.json").is_file()
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+        if ours or not (path.exists() or hub_id):  # never touch a user's checkpoint or a hub id
+            build_value_checkpoint(path)  # a no-op when the same build is there
+            built.append(str(path))
+    return built
+
+
+def count_requests(log_path: Path) -> int:
+    try:
+        return len(_CHAT_REQUEST.findall(log_path.read_text(errors="replace")))
+    except OSError:
+        return 0
+
+
+def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
+    """Bring up the recipe's local endpoints, run the pipeline through them, take them down."""
+    from esvr.flows.pipeline import pipeline_flow
+    from esvr.flows.preflight import ensure_ready, format_report
+    from esvr.models.default_model import ensure_default_model
+    from esvr.models.local_server import serve_transformers
+
+    out_dir = config.run.out_dir.resolve()
+    report = Rehearsal(config=config_path, out_dir=str(out_dir))
+    report.checkpoints_built = build_checkpoints(config)
+    servers = local_servers(config)
+    logs: dict[str, Path] = {}
+    start = time.monotonic()
+    with ExitStack() as stack, StageMemory() as memory:
+        memory.begin("servers")
+        model_dir = ensure_default_model()
+        for url, name in servers.items():
+            parsed = urlparse(url)
+            log = out_dir / "servers" / f"{parsed.hostname}-{parsed.port}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("")  # this rehearsal's requests only
+            print(f"starting transformers serve for {name!r} on {url} (log: {log})")
+            stack.enter_context(
+                serve_transformers(model_dir, name=name, host=parsed.hostname or "127.0.0.1", port=parsed.port, log_path=log)
+            )
+            logs[url] = log
+        warnings = ensure_ready(config)
+        if warnings:
+            print(format_report(warnings))
+        memory.begin("pipeline")
+        report.artifacts = pipeline_flow(config)
+    report.wall_s = round(time.monotonic() - start, 1)
+    report.server_requests = {url: count_requests(log) for url, log in logs.items()}
+    metrics = memory.metrics()
+    report.stage_peaks_mb = {k: v for k, v in metrics.items() if k.endswith("peak_total_mb")}
+    report.peak_total_mb = max(report.stage_peaks_mb.values(), default=0.0)
+    (out_dir / "rehearsal.json").write_text(json.dumps(asdict(report), indent=1))
+    return report
+
+
+def summary(report: Rehearsal) -> str:
+    lines = [
+        f"rehearsal of {report.config or 'the recipe'} in {report.out_dir}",
+        f"  wall time: {report.wall_s:.0f} s, peak memory (with servers and workers): {report.peak_total_mb / 1024:.2f} GiB",
+    ]
+    for url, count in report.server_requests.items():
+        lines.append(f"  {url}: {count} chat completions")
+    lines.append(f"  report: {report.artifacts.get('report', '(none)')}")
+    return "\n".join(lines)
+
+
+__all__ = ["Rehearsal", "build_checkpoints", "count_requests", "flatten_items", "local_servers", "rehearse", "summary"]
