@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo rehearse test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/esvr run --config $(CONFIG)
+
+# The paper recipe's code path end to end against local servers (docs/paper-run.md)
+rehearse: setup
+	$(BIN)/esvr rehearse --config configs/rehearsal.yaml
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider

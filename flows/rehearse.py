@@ -17,8 +17,10 @@ served from the caches.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from esvr.flows.config import ModelConfig, PipelineConfig, flatten_items
+from esvr.flows.config import ModelConfig, PipelineConfig
 from esvr.flows.errors import ConfigError
 from esvr.flows.memory import StageMemory
 
@@ -45,6 +47,8 @@ class Rehearsal:
     peak_total_mb: float = 0.0
     #: chat completions each local server answered in this rehearsal, by base_url
     server_requests: dict[str, int] = field(default_factory=dict)
+    #: the same, all servers together, by the stage (MLflow run name) that was running
+    stage_requests: dict[str, int] = field(default_factory=dict)
     checkpoints_built: list[str] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
     stage_peaks_mb: dict[str, float] = field(default_factory=dict)
@@ -116,6 +120,53 @@ def count_requests(log_path: Path) -> int:
         return 0
 
 
+class RequestCounter(threading.Thread):
+    """Samples the servers' request counts twice a second, so requests can be put to stages by time
+    (the access log has no timestamps; MLflow has each stage's start and end)."""
+
+    def __init__(self, logs: list[Path], every_s: float = 0.5):
+        super().__init__(daemon=True, name="rehearsal-request-counter")
+        self.logs, self.every_s = logs, every_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        self.samples.append((time.time(), sum(count_requests(log) for log in self.logs)))
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.sample()
+
+    def at(self, when: float) -> int:
+        """The count at time `when` (the last sample at or before it)."""
+        index = bisect.bisect_right([t for t, _ in self.samples], when) - 1
+        return self.samples[index][1] if index >= 0 else 0
+
+
+def requests_by_stage(counter: RequestCounter, experiment: str, since: float) -> dict[str, int]:
+    """Requests answered while each stage's MLflow runs were open, summed by stage name."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.start_time >= {int(since * 1000)}")
+    by_stage: dict[str, int] = {}
+    for run in runs:
+        stage = run.data.tags.get("esvr.stage", run.info.run_name)
+        if stage == "pipeline" or run.info.end_time is None:
+            continue
+        spent = counter.at(run.info.end_time / 1000) - counter.at(run.info.start_time / 1000)
+        by_stage[stage] = by_stage.get(stage, 0) + spent
+    return by_stage
+
+
 def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
     """Bring up the recipe's local endpoints, run the pipeline through them, take them down."""
     from esvr.flows.pipeline import pipeline_flow
@@ -128,7 +179,7 @@ def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
     report.checkpoints_built = build_checkpoints(config)
     servers = local_servers(config)
     logs: dict[str, Path] = {}
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     with ExitStack() as stack, StageMemory() as memory:
         memory.begin("servers")
         model_dir = ensure_default_model()
@@ -146,9 +197,15 @@ def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
         if warnings:
             print(format_report(warnings))
         memory.begin("pipeline")
-        report.artifacts = pipeline_flow(config)
+        counter = RequestCounter(list(logs.values()))
+        counter.start()
+        try:
+            report.artifacts = pipeline_flow(config)
+        finally:
+            counter.stop()
     report.wall_s = round(time.monotonic() - start, 1)
     report.server_requests = {url: count_requests(log) for url, log in logs.items()}
+    report.stage_requests = requests_by_stage(counter, config.run.experiment, started_at)
     metrics = memory.metrics()
     report.stage_peaks_mb = {k: v for k, v in metrics.items() if k.endswith("peak_total_mb")}
     report.peak_total_mb = max(report.stage_peaks_mb.values(), default=0.0)
@@ -163,8 +220,9 @@ def summary(report: Rehearsal) -> str:
     ]
     for url, count in report.server_requests.items():
         lines.append(f"  {url}: {count} chat completions")
+    stages = ", ".join(f"{stage} {count}" for stage, count in report.stage_requests.items())
+    lines.append(f"  requests by stage: {stages or '(none)'}")
     lines.append(f"  report: {report.artifacts.get('report', '(none)')}")
     return "\n".join(lines)
 
 
-__all__ = ["Rehearsal", "build_checkpoints", "count_requests", "flatten_items", "local_servers", "rehearse", "summary"]

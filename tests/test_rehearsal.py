@@ -1,0 +1,81 @@
+"""The rehearsal: configs/rehearsal.yaml is paper.yaml with sizes and endpoints only, and
+`esvr rehearse` runs it end to end against real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from esvr.flows.config import ABSENT, config_diff, load_config
+from esvr.flows.rehearse import count_requests, local_servers
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "configs" / "paper.yaml"
+REHEARSAL = ROOT / "configs" / "rehearsal.yaml"
+
+#: the last part of a key that only says how much (examples, steps, tokens, workers, items)
+SIZE_KEYS = {
+    "max_steps", "batch_size", "grad_accum", "max_length", "max_eval_examples", "max_train_examples",
+    "max_examples", "max_new_tokens", "max_new_tokens_reasoning", "max_judge_tokens", "concurrency",
+    "max_workers", "sample_posts", "chunk_size", "max_seq_length", "dev_size", "test_size",
+    "max_chars_per_utterance", "pairs", "min_situations", "max_situations", "situations_max_tokens",
+    "alignment_max_tokens", "emotion_votes", "n_samples", "count", "train", "dev", "test",
+    "max_personas", "max_turns", "supporter_max_tokens", "seeker_max_tokens", "stepwise_max_tokens",
+    "tvd_max_tokens", "rg_max_tokens", "dpo_max_dialogues", "dpo_max_turns", "rollout_concurrency",
+    "judge_max_tokens", "value_judgments", "max_dialogues",
+}
+#: keys that say where things are (servers, files, folders) rather than what the method does
+ENDPOINT_KEYS = {
+    "run.name", "run.out_dir", "models.base", "ingest.dumps", "ingest.dumps_dir", "label.values.checkpoints",
+    "analyze_esconv.esconv", "evaluate.fidelity.esconv",
+}
+
+
+def _backend(spec: object) -> str:
+    text = str(spec)
+    return "local" if text == "default" or text.startswith("hf:") else text.partition(":")[0]
+
+
+def test_rehearsal_changes_only_sizes_and_endpoints():
+    rehearsal, paper = load_config(REHEARSAL), load_config(PAPER)
+    assert rehearsal.orchestration.task_runner == paper.orchestration.task_runner == "dask"
+    offending = []
+    for key, (before, after) in config_diff(rehearsal, paper).items():
+        last = re.sub(r"\[\d+\]", "", key.rsplit(".", 1)[-1])
+        if last in SIZE_KEYS or key in ENDPOINT_KEYS or last in {"base_url", "finetune_data"}:
+            continue
+        if last == "spec" and ABSENT not in (before, after) and _backend(before) == _backend(after):
+            continue  # the same kind of backend at another address (openai -> openai, hf -> local)
+        offending.append(f"{key}: {before!r} -> {after!r}")
+    assert not offending, "rehearsal.yaml changes more than sizes and endpoints:\n" + "\n".join(offending)
+
+
+def test_rehearsal_keeps_every_paper_method_and_row():
+    rehearsal, paper = load_config(REHEARSAL), load_config(PAPER)
+    assert [r.name for r in rehearsal.evaluate.supporters] == [r.name for r in paper.evaluate.supporters]
+    assert rehearsal.train_supporter.sweep == paper.train_supporter.sweep
+    assert rehearsal.label.values.backend == "hf" and rehearsal.label.emotion.backend == "emollama"
+    assert rehearsal.personas.alignment_method == "rate" and rehearsal.simulate.tvd_method == "generate"
+
+
+def test_one_local_server_answers_for_every_openai_role():
+    servers = local_servers(load_config(REHEARSAL))
+    assert servers == {"http://127.0.0.1:8765/v1": "SmolLM2-135M-Instruct"}
+
+
+def test_request_counts_come_from_the_servers_access_log(tmp_path: Path):
+    log = tmp_path / "server.log"
+    log.write_text(
+        'INFO:     127.0.0.1:5 - "POST /v1/chat/completions HTTP/1.1" 200 OK\n'
+        'INFO:     127.0.0.1:5 - "GET /v1/models HTTP/1.1" 200 OK\n'
+        'INFO:     127.0.0.1:6 - "POST /v1/chat/completions HTTP/1.1" 200 OK\n'
+    )
+    assert count_requests(log) == 2
+    assert count_requests(tmp_path / "missing.log") == 0
