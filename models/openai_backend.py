@@ -5,15 +5,24 @@ Async underneath, with a concurrency limit and retries (exponential backoff with
 retrying cannot fix them. The sync API runs the async one on a private event-loop thread, so it
 works the same from plain code, Prefect tasks and running event loops.
 
+Servers that lack a feature (older vLLM, Ollama, llama.cpp, ``transformers serve``) often ignore
+``n``, ``logprobs`` and ``top_logprobs`` silently and answer 200. The backend notices it from the
+reply, warns once per server and model, and from then on goes straight to a fallback: `n` samples
+become `n` one-completion requests with distinct seeds, and `score_choices` parses the choice out of
+a short greedy reply. Every request the backend makes is bounded: a reply with fewer choices than
+asked costs at most `n` more requests, and a reply with no choice at all is a `ChatError`.
+
 The API key is read from the environment variable the spec names; it is never stored or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import random
+import re
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -24,6 +33,27 @@ from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message, ModelSp
 
 T = TypeVar("T")
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+#: reply length when scoring: the answer comes first; a chatty model that names it later still fits
+_SCORE_MAX_TOKENS = 16
+
+log = logging.getLogger(__name__)
+# One warning per server and model in the process, however many objects talk to it.
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def choice_named(reply: str, choices: Sequence[str]) -> str | None:
+    """The allowed choice the reply names first (case-insensitive, whole words), or None.
+
+    "I'd say Dialogue B." names "Dialogue B"; "4/5" names "4". At one position the longer choice
+    wins, so "Dialogue B" beats a choice "Dialogue".
+    """
+    found = []
+    for c in choices:
+        m = re.search(rf"(?<!\w){re.escape(c.strip())}(?!\w)", reply, flags=re.IGNORECASE) if c.strip() else None
+        if m:
+            found.append((m.start(), -len(c.strip()), c))
+    return min(found)[2] if found else None
 
 
 class OpenAIChat(ChatModel):
@@ -54,6 +84,10 @@ class OpenAIChat(ChatModel):
         self._thread.start()
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        #: features this server showed it lacks ("n", "logprobs"); read and set on the private loop
+        self.lacks: set[str] = set()
+        #: scoring replies that named none of the choices (scored as uniform)
+        self.unmatched_scores = 0
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> OpenAIChat:
@@ -132,21 +166,67 @@ class OpenAIChat(ChatModel):
             f"{self.cache_id}: {what} failed after {self.max_retries + 1} attempts: {type(last).__name__}: {last}"
         ) from last
 
+    # -- replies and missing features ------------------------------------------------------------
+    @property
+    def server(self) -> str:
+        return self.base_url or "api.openai.com"
+
+    def _choices(self, response: Any, what: str) -> list[str]:
+        """The texts of a reply's choices; a reply without any is a ChatError, never retried."""
+        choices = getattr(response, "choices", None)
+        texts = []
+        for c in choices if isinstance(choices, list) else []:
+            message = getattr(c, "message", None)
+            if message is None:
+                texts = []
+                break
+            texts.append((getattr(message, "content", None) or "").strip())
+        if not texts:
+            self._count(failures=1)
+            shown = "no choices" if not choices else "a choice without a message"
+            raise ChatError(
+                f"{self.cache_id}: {what}: malformed reply from {self.server} for model {self.model} ({shown})"
+            )
+        return texts
+
+    def _lacking(self, feature: str, fallback: str) -> None:
+        """Remember that the server lacks a feature, and say so once per server and model."""
+        self.lacks.add(feature)
+        with _warned_lock:
+            if (self.cache_id, feature) in _warned:
+                return
+            _warned.add((self.cache_id, feature))
+        log.warning("server %s (model %s) does not support %s: %s", self.server, self.model, feature, fallback)
+
     # -- chat -------------------------------------------------------------------------------------
-    async def _achat_request(self, req: ChatRequest) -> list[str]:
+    def _chat_kwargs(self, req: ChatRequest, n: int, seed: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
-            messages=req.message_dicts(), n=req.n, temperature=req.temperature, max_tokens=req.max_tokens, seed=req.seed
+            messages=req.message_dicts(), n=n, temperature=req.temperature, max_tokens=req.max_tokens, seed=seed
         )
         if req.stop:
             kwargs["stop"] = list(req.stop)
-        response = await self._call("chat completion", **kwargs)
-        texts = [(c.message.content or "").strip() for c in response.choices]
-        if len(texts) < req.n:  # servers that ignore n: ask again for the rest
-            more = await asyncio.gather(
-                *[self._achat_request(ChatRequest(req.messages, 1, req.temperature, req.max_tokens, req.stop, req.seed + k + 1)) for k in range(req.n - len(texts))]
+        return kwargs
+
+    async def _one_at_a_time(self, req: ChatRequest, first: int) -> list[str]:
+        """Samples `first`..`n-1` of a request, one request each; sample k uses seed + k."""
+
+        async def one(k: int) -> str:
+            response = await self._call("chat completion", **self._chat_kwargs(req, 1, req.seed + k))
+            return self._choices(response, "chat completion")[0]
+
+        return list(await asyncio.gather(*[one(k) for k in range(first, req.n)]))
+
+    async def _achat_request(self, req: ChatRequest) -> list[str]:
+        if req.n > 1 and "n" in self.lacks:
+            return await self._one_at_a_time(req, 0)
+        response = await self._call("chat completion", **self._chat_kwargs(req, req.n, req.seed))
+        texts = self._choices(response, "chat completion")
+        if len(texts) < req.n:
+            self._lacking(
+                "n", f"it sent {len(texts)} of n={req.n} completions; sampling one completion per request from now on"
             )
-            texts += [m[0] for m in more]
-        return texts
+            texts += await self._one_at_a_time(req, len(texts))
+        return texts[: req.n]
 
     def _generate(self, requests: list[ChatRequest]) -> list[list[str]]:
         async def all_of() -> list[list[str]]:
@@ -163,14 +243,19 @@ class OpenAIChat(ChatModel):
 
         Walks the greedy reply token by token; at the first position where the answers that are
         still consistent with the text so far diverge, the top alternatives' probabilities are
-        summed per answer. Falls back to the greedy reply itself when logprobs are unavailable.
+        summed per answer. Without log-probabilities (the server lacks them, or they do not tell
+        the answers apart) the greedy reply decides: all mass on the choice it names first.
         """
+        if "logprobs" in self.lacks:
+            response = await self._call("scoring", messages=messages, max_tokens=_SCORE_MAX_TOKENS, temperature=0.0)
+            return self._by_reply(self._choices(response, "scoring")[0], choices)
         response = await self._call(
-            "scoring", messages=messages, max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=20
+            "scoring", messages=messages, max_tokens=_SCORE_MAX_TOKENS, temperature=0.0, logprobs=True, top_logprobs=20
         )
-        choice = response.choices[0]
-        reply = (choice.message.content or "").strip()
-        content = getattr(getattr(choice, "logprobs", None), "content", None)
+        reply = self._choices(response, "scoring")[0]
+        content = getattr(getattr(response.choices[0], "logprobs", None), "content", None)
+        if not content and reply:
+            self._lacking("logprobs", "scoring choices by parsing a greedy reply from now on")
         if content:
             prefix = ""
             for position in content:
@@ -193,8 +278,15 @@ class OpenAIChat(ChatModel):
                         return mass
                     break
                 prefix += position.token
-        matched = [c for c in choices if reply.lower().startswith(c.lower())]
-        return {c: (1.0 if matched and c == matched[0] else 0.0) for c in choices}
+        return self._by_reply(reply, choices)
+
+    def _by_reply(self, reply: str, choices: list[str]) -> dict[str, float]:
+        named = choice_named(reply, choices)
+        if named is None:  # a reply that names no choice says nothing: uniform, and counted
+            with self._usage_lock:
+                self.unmatched_scores += 1
+            return {c: 1.0 / len(choices) for c in choices}
+        return {c: float(c == named) for c in choices}
 
     def _score(self, messages: list[Message], choices: list[str]) -> dict[str, float]:
         return self._run(self._ascore(messages, choices))

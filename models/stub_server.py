@@ -4,7 +4,10 @@ It speaks the part of the Chat Completions API the pipeline uses (``n``, ``stop`
 ``top_logprobs``, ``stream``, ``usage``) over real HTTP, so the real ``openai`` client and our
 retry logic run unchanged against it. Replies come from a function of the request; faults
 (HTTP 429/500, slow replies) can be queued to test retries and timeouts; a fixed latency per call
-makes concurrency measurable.
+makes concurrency measurable. Switches make it behave like servers that lack features:
+``ignore_n`` (one choice whatever ``n`` asks, as ``transformers serve``, Ollama, llama.cpp do),
+``logprobs=False`` (the reply carries no log-probabilities), ``empty_choices`` (HTTP 200 with
+``choices: []``) and ``drop_message`` (choices without a ``message``).
 
     with StubServer(reply=lambda req: "hello") as server:
         model = OpenAIChat("stub", base_url=server.base_url)
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -24,22 +28,43 @@ from typing import Any
 Reply = Callable[[dict[str, Any]], str]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out and hung up is a scripted case here, not an error worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def echo_last_user(request: dict[str, Any]) -> str:
     users = [m["content"] for m in request.get("messages", []) if m.get("role") == "user"]
     return f"echo: {users[-1] if users else ''}"
 
 
 class StubServer:
-    def __init__(self, reply: Reply = echo_last_user, *, latency_s: float = 0.0, port: int = 0):
+    def __init__(
+        self,
+        reply: Reply = echo_last_user,
+        *,
+        latency_s: float = 0.0,
+        port: int = 0,
+        ignore_n: bool = False,
+        logprobs: bool = True,
+        empty_choices: bool = False,
+        drop_message: bool = False,
+    ):
         self.reply = reply
         self.latency_s = latency_s
+        self.ignore_n = ignore_n
+        self.logprobs = logprobs
+        self.empty_choices = empty_choices
+        self.drop_message = drop_message
         #: queued faults, consumed one per request: an int status code, or ("slow", seconds)
         self.faults: deque[int | tuple[str, float]] = deque()
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._in_flight = 0
         self.max_in_flight = 0
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self._httpd = _QuietServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -114,7 +139,7 @@ class StubServer:
                         server._in_flight -= 1
 
             def _complete(self, request: dict[str, Any]) -> None:
-                n = int(request.get("n") or 1)
+                n = 1 if server.ignore_n else int(request.get("n") or 1)
                 texts = [server.reply(request) for _ in range(n)]
                 stops = request.get("stop") or []
                 for i, t in enumerate(texts):
@@ -131,9 +156,13 @@ class StubServer:
                         "message": {"role": "assistant", "content": text},
                         "finish_reason": "stop",
                     }
-                    if request.get("logprobs"):
+                    if request.get("logprobs") and server.logprobs:
                         choice["logprobs"] = {"content": _logprobs(text, int(request.get("top_logprobs") or 0))}
+                    if server.drop_message:
+                        del choice["message"]
                     choices.append(choice)
+                if server.empty_choices:
+                    choices = []
                 prompt_tokens = sum(len(m.get("content", "").split()) for m in request.get("messages", []))
                 completion_tokens = sum(len(t.split()) for t in texts)
                 self._send_json(
