@@ -9,6 +9,7 @@ status 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -627,13 +628,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("esvr: interrupted; finished work is kept and cached, run the same command to resume", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
+    except Exception as exc:
         from esvr.models.local_server import LocalServerError
 
         if isinstance(exc, LocalServerError):
             print(f"esvr: local server: {exc}", file=sys.stderr)
             return 2
-        raise
+        if os.environ.get("ESVR_TRACEBACK"):
+            raise
+        # The flow's log above holds the traceback; finished stages stay cached in the run folder.
+        print(f"esvr {args.command}: failed: {type(exc).__name__}: {exc}\n"
+              "finished stages are kept and cached: fix the cause and run the same command to resume "
+              "(ESVR_TRACEBACK=1 shows the traceback here)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

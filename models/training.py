@@ -332,6 +332,8 @@ def _finish(trainer, out_dir: Path, adapter_dir: Path, extra: dict[str, float], 
 
 def _fitted(train_ds, eval_ds, tokenizer, cfg: TrainConfig, cols: list[str], what: str):
     """(train, eval or None, counts): both sets capped and cut to what fits `cfg.max_length`."""
+    if len(train_ds) == 0:
+        raise ValueError(f"the {what}s are empty: the stage that builds them found nothing to train on (see its stats)")
     train_ds, dropped = fit_to_length(_cap(train_ds, cfg.max_train_examples, cfg.seed), tokenizer, cfg.max_length, cols)
     eval_dropped = 0
     if eval_ds is not None:

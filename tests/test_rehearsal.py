@@ -79,3 +79,51 @@ def test_request_counts_come_from_the_servers_access_log(tmp_path: Path):
     )
     assert count_requests(log) == 2
     assert count_requests(tmp_path / "missing.log") == 0
+
+
+def _rehearse(out: Path, checkpoint: Path) -> tuple[dict, float]:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "esvr.flows.cli", "rehearse", "--out", str(out),
+         "--set", f"label.values.checkpoints=[{checkpoint}]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=40 * 60,
+    )
+    assert proc.returncode == 0, f"esvr rehearse failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return json.loads((out / "rehearsal.json").read_text()), time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_the_paper_path_end_to_end_and_reruns_from_caches(tmp_path: Path):
+    out, checkpoint = tmp_path / "run", tmp_path / "value-detector"
+    first, first_s = _rehearse(out, checkpoint)
+    artifacts = first["artifacts"]
+
+    # every stage left its artifacts, both branches included
+    for key in ("threads", "labels", "datasets", "tvd", "rg", "emotion_rg", "personas", "dialogues",
+                "emotion_dialogues", "supporter_sft", "supporter_dpo", "emotion_sft", "emotion_dpo",
+                "evaluate_summary", "report"):
+        assert artifacts.get(key), f"no {key} artifact: {sorted(artifacts)}"
+    assert (checkpoint / "config.json").is_file()  # the hf value detector's local checkpoint
+
+    # labels, simulations and judgments went through the local server
+    assert sum(first["server_requests"].values()) > 0
+    for stage in ("label", "personas", "simulate", "train_supporter", "evaluate"):
+        assert first["stage_requests"].get(stage, 0) > 0, f"{stage} sent no request: {first['stage_requests']}"
+
+    # the report holds all nine rows of Table 3
+    report = Path(artifacts["report"]).read_text()
+    for row in load_config(REHEARSAL).evaluate.supporters:
+        assert row.name in report, f"row {row.name!r} missing from the report"
+
+    # MLflow holds Table 19's settings as nested runs (the main sweep and the emotion variant's)
+    with sqlite3.connect(out / "mlflow.db") as db:
+        settings = db.execute(
+            "SELECT COUNT(DISTINCT r.run_uuid) FROM runs r JOIN params p ON p.run_uuid = r.run_uuid WHERE p.key = 't_diff'"
+        ).fetchone()[0]
+    assert settings == len(load_config(REHEARSAL).train_supporter.sweep) + 2
+
+    # a second rehearsal into the same folder is served from the caches
+    second, second_s = _rehearse(out, checkpoint)
+    assert sum(second["server_requests"].values()) < 0.05 * sum(first["server_requests"].values())
+    assert second_s < first_s / 2
+    print(f"rehearsal: first {first_s:.0f} s, peak {first['peak_total_mb']:.0f} MB; second {second_s:.0f} s")
