@@ -138,7 +138,7 @@ def preflight(
             plan.need(key)
         plan.run_inputs(stage)
     # Variant branches (paper App. G) run some stages again with their own keys on top.
-    for name in getattr(config, "variants", None) or {}:
+    for name in config.variants:
         vconfig = config.variant(name)  # validated when the recipe was loaded
         touched = list(flatten(config.variants[name]))
         branch = _Plan(vconfig, set(stages), timeout_s, parent=plan, label=f"variants.{name}", touched=touched)
@@ -379,7 +379,7 @@ class _Plan:
         if row.component:
             comp = row.component
             if comp.startswith("pipeline:"):
-                produced = _pipeline_artifacts(c)
+                produced = c.pipeline_artifacts()
                 name = comp.removeprefix("pipeline:")
                 if name not in produced:
                     self.problem(f"{key}.component", f"row {row.name!r}: {comp} is nothing the pipeline trains",
@@ -764,14 +764,6 @@ def _base_model(config: PipelineConfig) -> ModelConfig:
     from esvr.flows.train_tvd import base_model_config
 
     return base_model_config(config)
-
-
-def _pipeline_artifacts(config: PipelineConfig) -> dict[str, str]:
-    """`pipeline:<name>` rows -> the stage of `esvr run` that trains that supporter."""
-    produced = getattr(config, "pipeline_artifacts", None)
-    if produced is not None:
-        return produced()
-    return {"supporter_sft": "train_supporter", "supporter_dpo": "train_supporter"}
 
 
 def main_report(config: PipelineConfig, stages: Sequence[str] | None = None) -> tuple[str, int]:
