@@ -8,6 +8,7 @@ Labelers are those of the `label` section, so the analysis uses the same detecto
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, task
@@ -23,13 +24,17 @@ from esvr.tasks.label import LabelConfig
 
 @task(
     cache_policy=cache_policy(
-        "esvr.tasks.esconv", "esvr.models.value_detector", "esvr.models.emotion", exclude=["detector", "scorer"]
+        "esvr.tasks.esconv", "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers"]
     ),
     persist_result=True,
 )
 def analyze_task(
-    esconv: Path | str, out: str, cfg: AnalyzeESConvConfig, label_cfg: LabelConfig, identity: str, detector=None, scorer=None
+    esconv: Path | str, out: str, cfg: AnalyzeESConvConfig, label_cfg: LabelConfig, identity: str,
+    make_labelers: Callable[[], tuple],
 ) -> dict[str, str]:
+    """Keyed like the label stage; the labelers are built only when the task runs (a cache hit
+    loads no encoder)."""
+    detector, scorer = make_labelers()
     return {k: str(v) for k, v in analyze_esconv(esconv, out, cfg, detector, scorer).items()}
 
 
@@ -45,9 +50,9 @@ def analyze_esconv_flow(config: PipelineConfig, esconv: str | Path | None = None
     paths = RunPaths(config.run.out_dir.resolve())
     prompts = LABEL_PROMPTS.get(config.label.values.backend, []) + LABEL_PROMPTS.get(config.label.emotion.backend, [])
     with tracking.flow_run("analyze_esconv", config, section="analyze_esconv", prompts=prompts):
-        detector, scorer = labelers(config)
         result = analyze_task(
-            source_arg, str(paths.stage("analyze_esconv")), cfg, config.label, labelers_identity(config.label), detector, scorer
+            source_arg, str(paths.stage("analyze_esconv")), cfg, config.label, labelers_identity(config.label),
+            lambda: labelers(config),
         )
         stats = json.loads(Path(result["summary"]).read_text())
         metrics = {

@@ -3,7 +3,9 @@
 Stage 2 of the DAG (paper §4): every unique utterance of the ingested threads is labelled once.
 Finished chunks are cached on disk under the stage folder, keyed by their content and the
 labelers' fingerprints, so an interrupted run resumes where it stopped; the whole task is also
-cached across runs by the threads' content and the label config.
+cached across runs by the threads' content and the label config. With ``orchestration.task_runner``
+dask or ray the chunks are labelled on the cluster's workers, one task each (same chunk files,
+same labels.parquet), and ``label_chunks.json`` records which worker process labelled which.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import PipelineConfig
-from esvr.flows.runtime import RunPaths, chat_model
+from esvr.flows.config import OrchestrationConfig, PipelineConfig
+from esvr.flows.runtime import RunPaths
+from esvr.flows.task_runners import uses_cluster
 from esvr.tasks.caching import cache_policy, path_digest
-from esvr.tasks.label import LabelConfig, label_threads
+from esvr.tasks.label import LabelConfig, label_on_runner, label_threads, run_labelers
 
 LABEL_PROMPTS = {
     "llm": ["labeling/value_llm.txt"],
@@ -28,13 +31,7 @@ LABEL_PROMPTS = {
 
 def labelers(config: PipelineConfig):
     """The configured detector and scorer; chat models (llm, emollama) are shared and cached."""
-    from esvr.models.emotion import load_emotion_scorer
-    from esvr.models.value_detector import load_value_detector
-
-    cfg = config.label
-    vchat = chat_model(cfg.values.model, config) if cfg.values.backend == "llm" else None
-    echat = chat_model(cfg.emotion.model, config) if cfg.emotion.backend == "emollama" else None
-    return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
+    return run_labelers(config.label, config.run.out_dir.resolve(), config.models.cache)
 
 
 def labelers_identity(cfg: LabelConfig) -> str:
@@ -47,17 +44,31 @@ def labelers_identity(cfg: LabelConfig) -> str:
 
 
 @task(
-    cache_policy=cache_policy("esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers"]),
+    cache_policy=cache_policy(
+        "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers", "orchestration", "run_dir", "use_cache"]
+    ),
     persist_result=True,
 )
 def label_task(
-    threads: Path, out: str, cfg: LabelConfig, identity: str, make_labelers: Callable[[], tuple] | None = None
+    threads: Path,
+    out: str,
+    cfg: LabelConfig,
+    identity: str,
+    make_labelers: Callable[[], tuple] | None = None,
+    orchestration: OrchestrationConfig | None = None,
+    run_dir: str | None = None,
+    use_cache: bool = True,
 ) -> dict[str, str]:
     """Keyed on the threads' content, the label section and the head file; `out` is a str so the
-    key does not follow the output folder's (changing) content. The labelers are built only when
-    the task runs: a cache hit loads no encoder (~7 s of a cached demo re-run)."""
-    detector, scorer = make_labelers() if make_labelers else (None, None)
-    return {k: str(v) for k, v in label_threads(threads, out, cfg, detector=detector, scorer=scorer).items()}
+    key does not follow the output folder's (changing) content, and where the chunks ran is not
+    part of it (the labels are the same). The labelers are built only when the task runs: a cache
+    hit loads no encoder (~7 s of a cached demo re-run)."""
+    if orchestration is not None and uses_cluster(orchestration):
+        result = label_on_runner(threads, out, cfg, orchestration, run_dir or str(Path(out).parent), use_cache)
+    else:
+        detector, scorer = make_labelers() if make_labelers else (None, None)
+        result = label_threads(threads, out, cfg, detector=detector, scorer=scorer)
+    return {k: str(v) for k, v in result.items()}
 
 
 @flow(name="label", log_prints=True)
@@ -71,9 +82,16 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
     with tracking.flow_run(
         "label", config, section="label", prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, [])
     ):
-        result = label_task(threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), lambda: labelers(config))
+        result = label_task(
+            threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), lambda: labelers(config),
+            config.orchestration, str(paths.out_dir), config.models.cache,
+        )
         stats = json.loads(Path(result["stats"]).read_text())
         tracking.log_metrics({f"label.{k}": v for k, v in stats.items()})
         tracking.log_artifact(result["stats"], "label")
+        if "chunks" in result:
+            tracking.log_artifact(result["chunks"], "label")
+            print(f"labelled {len(json.loads(Path(result['chunks']).read_text()))} chunks on "
+                  f"{int(stats['workers'])} {config.orchestration.task_runner} worker process(es)")
         print(f"labelled {int(stats['utterances'])} utterances -> {result['labels']}")
         return {"labels": result["labels"], "label_stats": result["stats"]}

@@ -9,6 +9,9 @@ holds the stage's config sections and its plain functions:
 - `label_utterances`: labels them chunk by chunk; each finished chunk is stored under a key made
   of its content and the labelers' fingerprints, so a crashed or repeated run redoes nothing.
 - `label_threads`: the stage: threads.parquet in, labels.parquet (schema in docs/schemas.md) out.
+- `label_on_runner`: the same stage with one task per chunk on a Dask or Ray cluster
+  (``orchestration``); each worker process builds the labelers once (`process_labelers`) and
+  writes the same chunk files, so either form resumes the other's work.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,6 +32,7 @@ from esvr.flows.config import ModelConfig, Section
 from esvr.prompts import value_names
 
 if TYPE_CHECKING:
+    from esvr.flows.config import OrchestrationConfig
     from esvr.models.chat import ResponseCache
     from esvr.models.emotion import EmotionScorer
     from esvr.models.value_detector import ValueDetector
@@ -210,6 +215,17 @@ def label_texts(texts: list[str], detector: ValueDetector, scorer: EmotionScorer
     return valence, sentiment, probs
 
 
+def labelers_fingerprint(detector: ValueDetector, scorer: EmotionScorer) -> str:
+    """What a chunk's labels depend on besides its texts: part of every chunk file's name."""
+    return f"{detector.fingerprint}|{scorer.fingerprint}|{value_names()}"
+
+
+def write_chunk(frame: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    frame.write_parquet(tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written chunk
+
+
 def label_utterances(
     utts: pl.DataFrame,
     detector: ValueDetector,
@@ -222,7 +238,7 @@ def label_utterances(
     """Label (utt_id, text) rows; with `chunk_dir`, finished chunks are reused. Returns (labels, stats)."""
     from tqdm.auto import tqdm
 
-    fingerprint = f"{detector.fingerprint}|{scorer.fingerprint}|{value_names()}"
+    fingerprint = labelers_fingerprint(detector, scorer)
     chunk_dir = Path(chunk_dir) if chunk_dir else None
     if chunk_dir:
         chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -238,9 +254,7 @@ def label_utterances(
             else:
                 frame = labels_frame(cid, *label_texts(ctext, detector, scorer))
                 if path is not None:
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    frame.write_parquet(tmp)
-                    tmp.replace(path)  # atomic: a crash never leaves a half-written chunk
+                    write_chunk(frame, path)
                 frames.append(frame)
             bar.update(len(cid))
     labels = pl.concat(frames) if frames else labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES)))
@@ -266,6 +280,32 @@ def build_labelers(cfg: LabelConfig, cache: ResponseCache | None = None) -> tupl
     return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
 
 
+def run_labelers(cfg: LabelConfig, run_dir: str | os.PathLike[str], use_cache: bool = True) -> tuple[ValueDetector, EmotionScorer]:
+    """The labelers of a run: chat models (llm, emollama) come from the process's shared pool,
+    answered through the run folder's response cache."""
+    from esvr.flows.runtime import chat_model
+    from esvr.models.emotion import load_emotion_scorer
+    from esvr.models.value_detector import load_value_detector
+
+    vchat = chat_model(cfg.values.model, run_dir, cache=use_cache) if cfg.values.backend == "llm" else None
+    echat = chat_model(cfg.emotion.model, run_dir, cache=use_cache) if cfg.emotion.backend == "emollama" else None
+    return load_value_detector(cfg.values, vchat), load_emotion_scorer(cfg.emotion, echat)
+
+
+_process_labelers: dict[tuple[str, str, bool], tuple[ValueDetector, EmotionScorer]] = {}
+_process_labelers_lock = threading.Lock()
+
+
+def process_labelers(cfg: LabelConfig, run_dir: str | os.PathLike[str], use_cache: bool = True) -> tuple[ValueDetector, EmotionScorer]:
+    """`run_labelers`, built once per process and label config: a task runner's worker labels
+    many chunks with one loaded encoder."""
+    key = (f"{cfg.values.model_dump_json()}|{cfg.emotion.model_dump_json()}", str(run_dir), use_cache)
+    with _process_labelers_lock:
+        if key not in _process_labelers:
+            _process_labelers[key] = run_labelers(cfg, run_dir, use_cache)
+        return _process_labelers[key]
+
+
 def for_batches(scorer: EmotionScorer, cfg: EmotionConfig) -> EmotionScorer:
     """The scorer the label stage runs: VADER moves to a worker process (`worker_process`)."""
     from esvr.models.emotion import ProcessEmotionScorer, VaderEmotionScorer
@@ -273,6 +313,29 @@ def for_batches(scorer: EmotionScorer, cfg: EmotionConfig) -> EmotionScorer:
     if cfg.worker_process and isinstance(scorer, VaderEmotionScorer):
         return ProcessEmotionScorer()
     return scorer
+
+
+def _label_stats(labels: pl.DataFrame, stats: dict[str, float], threshold: float, failures: dict[str, int] | None) -> dict[str, float]:
+    probs = np.stack(labels["values"].to_numpy()) if labels.height else np.zeros((0, N_VALUES))
+    stats.update(
+        {
+            "positive_share": round(float((labels["sentiment"] > 0).mean() or 0.0), 4) if labels.height else 0.0,
+            "mean_valence": round(float(labels["valence"].mean() or 0.0), 4) if labels.height else 0.0,
+            "mean_values_detected": round(float((probs >= threshold).sum(1).mean()), 4) if labels.height else 0.0,
+        }
+    )
+    if failures:
+        stats.update({f"parse_failures_{k}": float(v) for k, v in failures.items()})
+    return stats
+
+
+def _write_outputs(labels: pl.DataFrame, stats: dict[str, float], out_dir: Path) -> dict[str, Path]:
+    validate_labels(labels, "labels (before writing)")
+    labels_path = out_dir / "labels.parquet"
+    labels.write_parquet(labels_path)
+    stats_path = out_dir / "label_stats.json"
+    stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+    return {"labels": labels_path, "stats": stats_path}
 
 
 def label_threads(
@@ -299,20 +362,96 @@ def label_threads(
     finally:
         if batch_scorer is not scorer:
             batch_scorer.close()  # the worker process this stage started
-    validate_labels(labels, "labels (before writing)")
-    labels_path = out_dir / "labels.parquet"
-    labels.write_parquet(labels_path)
-    probs = np.stack(labels["values"].to_numpy()) if labels.height else np.zeros((0, N_VALUES))
-    stats.update(
-        {
-            "positive_share": round(float((labels["sentiment"] > 0).mean() or 0.0), 4) if labels.height else 0.0,
-            "mean_valence": round(float(labels["valence"].mean() or 0.0), 4) if labels.height else 0.0,
-            "mean_values_detected": round(float((probs >= detector.threshold).sum(1).mean()), 4) if labels.height else 0.0,
-        }
-    )
-    failures = getattr(scorer, "parse_failures", None)
-    if failures:
-        stats.update({f"parse_failures_{k}": float(v) for k, v in failures.items()})
-    stats_path = out_dir / "label_stats.json"
-    stats_path.write_text(json.dumps(stats, indent=2) + "\n")
-    return {"labels": labels_path, "stats": stats_path}
+    stats = _label_stats(labels, stats, detector.threshold, getattr(scorer, "parse_failures", None))
+    return _write_outputs(labels, stats, out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# the stage on a task runner: one task per chunk
+# --------------------------------------------------------------------------------------------
+
+
+def label_chunk(
+    utt_ids: list[str], texts: list[str], cfg: LabelConfig, chunk_dir: str, run_dir: str, use_cache: bool = True
+) -> dict:
+    """Label one chunk in this (worker) process, or read it back when its file exists.
+
+    Returns the chunk's labels and what happened where: chunk file name, ``cached``,
+    ``worker_pid``, seconds, the detector's threshold and the scorer's new parse failures. VADER
+    scores inline here: a worker process is already one of several, and Dask's are daemons,
+    which may not start processes of their own.
+    """
+    t0 = time.perf_counter()
+    detector, scorer = process_labelers(cfg, run_dir, use_cache)
+    path = Path(chunk_dir) / f"{chunk_key(utt_ids, texts, labelers_fingerprint(detector, scorer))}.parquet"
+    before = dict(getattr(scorer, "parse_failures", None) or {})
+    cached = path.is_file()
+    if cached:
+        frame = pl.read_parquet(path)
+    else:
+        frame = labels_frame(utt_ids, *label_texts(texts, detector, scorer))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_chunk(frame, path)
+    after = getattr(scorer, "parse_failures", None) or {}
+    return {
+        "chunk": path.name,
+        "utterances": len(utt_ids),
+        "cached": cached,
+        "worker_pid": os.getpid(),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "threshold": float(detector.threshold),
+        "parse_failures": {k: v - before.get(k, 0) for k, v in after.items()},
+        "labels": frame,
+    }
+
+
+def label_on_runner(
+    threads_path: str | Path,
+    out_dir: str | Path,
+    cfg: LabelConfig,
+    orchestration: OrchestrationConfig,
+    run_dir: str | os.PathLike[str],
+    use_cache: bool = True,
+) -> dict[str, Path]:
+    """`label_threads` with one task per chunk on the runner `orchestration` names.
+
+    Chunks, chunk files and labels.parquet are those of `label_threads`. Besides its outputs it
+    writes ``label_chunks.json``: per chunk its file, size, whether it was reused, the worker's
+    process id and seconds; ``label_stats.json`` gains ``workers``, the distinct worker processes.
+    """
+    from esvr.flows.task_runners import run_on_runner
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    utts = collect_utterances(threads_path)
+    ids, texts = utts["utt_id"].to_list(), utts["text"].to_list()
+    size = cfg.chunk_size
+    calls = [
+        {"utt_ids": ids[i : i + size], "texts": texts[i : i + size], "cfg": cfg, "chunk_dir": str(out_dir / "chunks"),
+         "run_dir": str(run_dir), "use_cache": use_cache}
+        for i in range(0, len(ids), size)
+    ]
+    t0 = time.perf_counter()
+    runs = run_on_runner(orchestration, label_chunk, calls, name="label-chunk") if calls else []
+    seconds = time.perf_counter() - t0
+    frames = [r.pop("labels") for r in runs]
+    labels = pl.concat(frames) if frames else labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES)))
+    cached = sum(r["utterances"] for r in runs if r["cached"])
+    fresh = len(ids) - cached
+    stats = {
+        "utterances": float(len(ids)),
+        "cached_utterances": float(cached),
+        "seconds": round(seconds, 3),
+        "utterances_per_s": round(fresh / seconds, 2) if fresh and seconds > 0 else 0.0,
+        "workers": float(len({r["worker_pid"] for r in runs})),
+    }
+    failures: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["parse_failures"].items():
+            failures[k] = failures.get(k, 0) + v
+    threshold = runs[0]["threshold"] if runs else 0.5
+    stats = _label_stats(labels, stats, threshold, failures or None)
+    paths = _write_outputs(labels, stats, out_dir)
+    chunks_path = out_dir / "label_chunks.json"
+    chunks_path.write_text(json.dumps([{k: v for k, v in r.items() if k != "threshold"} for r in runs], indent=2) + "\n")
+    return {**paths, "chunks": chunks_path}

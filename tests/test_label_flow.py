@@ -146,6 +146,48 @@ def test_label_flow_is_cached_and_logged(prefect_harness, tmp_path: Path, monkey
     assert (runs["params.label.values.backend"] == "embedding").all()
 
 
+def _emollama_reply(request: dict) -> str:
+    """EmoLLMs' two task formats: a valence score and an ordinal class, positive for thanks."""
+    content = request["messages"][-1]["content"]
+    positive = "Thank" in content
+    if "Intensity Score:" in content:
+        return "0.8" if positive else "0.2"
+    if "Intensity Class:" in content:
+        return "2: moderately positive mental state can be inferred" if positive else "-2: moderately negative"
+    return "?"
+
+
+def test_label_flow_with_the_emollama_backend(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The emollama scorer's chat model comes from the run's shared pool, over real HTTP."""
+    from esvr.flows.label import label_flow
+    from esvr.models.stub_server import StubServer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    threads = write_threads(tmp_path / "threads.parquet")
+    with StubServer(reply=_emollama_reply) as server:
+        config = load_config(None, [
+            f"run.out_dir={tmp_path / 'run'}", "run.experiment=label-emollama", "label.progress=false",
+            "label.emotion.backend=emollama", "label.emotion.model.spec=openai:emollama",
+            f"label.emotion.model.base_url={server.base_url}",
+        ])
+        result = label_flow(config, threads)
+        calls = server.calls
+    labels = read_labels(result["labels"])
+    by_id = {r["utt_id"]: r for r in labels.iter_rows(named=True)}
+    assert labels.height == 11
+    assert by_id["o0"]["sentiment"] == 2 and by_id["o0"]["valence"] == pytest.approx(0.8)
+    assert by_id["t3_p"]["sentiment"] == -2 and by_id["t3_p"]["valence"] == pytest.approx(0.2)
+    assert calls == 22  # a valence and a class prompt per unique utterance
+    assert server.requests[0]["messages"][0]["content"].startswith("Human: \nTask: Evaluate the valence")
+    stats = json.loads(Path(result["label_stats"]).read_text())
+    assert stats["parse_failures_valence"] == 0 and stats["parse_failures_sentiment"] == 0
+    # the replies went to the run folder's response cache (one entry per distinct text and prompt)
+    from esvr.models.chat import ResponseCache
+
+    distinct = len({r["messages"][0]["content"] for r in server.requests})
+    assert distinct == 14 and len(ResponseCache(tmp_path / "run" / "cache" / "responses.sqlite")) == distinct
+
+
 def test_bench_label_prints_its_figure_last(tmp_path: Path):
     from esvr.tasks.bench_label import bench_label, reddit_like_texts
 
