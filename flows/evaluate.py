@@ -6,7 +6,8 @@ Paper §6. Each supporter of ``evaluate.supporters`` talks with the seeker simul
 ``evaluate.reference``; the summary carries means, Mann-Whitney p-values and the paper's marks.
 Artifacts under ``<run>/evaluate/``: ``<slug>/dialogues.jsonl``, ``<slug>/judgments.jsonl``,
 ``<slug>/es_value.jsonl``, ``summary.json``. Everything resumes: dialogues by file, judgments by
-Prefect's cache and the response cache.
+Prefect's cache and the response cache. With ``orchestration.task_runner`` dask or ray each
+supporter's dialogues are one task on the cluster's workers; the judges run here.
 
 Also here: `judge_vs_human_flow` (App. H) and `simulator_fidelity_flow` (App. E.2, F.2).
 """
@@ -23,6 +24,7 @@ from prefect import flow
 from esvr.flows import tracking
 from esvr.flows.config import ModelConfig, PipelineConfig
 from esvr.flows.runtime import RunPaths, chat_model
+from esvr.flows.task_runners import run_on_runner, uses_cluster
 from esvr.tasks.baselines import BASELINE_PROMPTS
 from esvr.tasks.evaluate import (
     SupporterUnderTest,
@@ -33,6 +35,7 @@ from esvr.tasks.evaluate import (
     judge_values_task,
     make_agents,
     read_jsonl,
+    row_dialogues,
     summarize,
     summary_metrics,
 )
@@ -126,10 +129,8 @@ def evaluate_flow(
         if not personas:
             raise ValueError(f"{personas_file}: no persona in split {cfg.split!r} to evaluate on")
         tracking.log_metrics({"evaluate.personas": len(personas)})
-        seeker = chat_model(config.models.seeker, run.out_dir, cache=use_cache)
+        on_cluster = uses_cluster(config.orchestration)
         judge = chat_model(config.models.judge, run.out_dir, cache=use_cache)
-        rephraser = judge
-        scorer = emotion_scorer(config.model_copy(update={"simulate": sim_cfg}))
         default_tvd = _model_config(tvd) if tvd is not None else sim_cfg.tvd
         default_rg = _model_config(rg) if rg is not None else sim_cfg.rg
         print(f"evaluating {len(cfg.supporters)} supporters on {len(personas)} {cfg.split} personas "
@@ -137,26 +138,49 @@ def evaluate_flow(
               f"reference {cfg.reference!r}")
 
         dialogue_paths: dict[str, Path] = {}
-        used_models: dict[str, Any] = {"seeker": seeker, "judge": judge}
+        used_models: dict[str, Any] = {"judge": judge}
         components: dict[str, dict[str, str | None]] = {}
+        row_models = {
+            s.name: {"supporter": supporter_model(config, s, overrides.get(s.name), stage_dir), "seeker": config.models.seeker,
+                     "judge": config.models.judge, "tvd": s.tvd or default_tvd, "rg": s.rg or default_rg}
+            for s in rows.values()
+        }
         for s in rows.values():
-            model_cfg = supporter_model(config, s, overrides.get(s.name), stage_dir)
-            sup = chat_model(model_cfg, run.out_dir, cache=use_cache)
-            tvd_cfg = s.tvd or default_tvd
-            rg_cfg = s.rg or default_rg
-            # without a trained component the row's own model plays it zero-shot (same prompts)
-            tvd_model = chat_model(tvd_cfg, run.out_dir, cache=use_cache) if tvd_cfg is not None else sup
-            rg_model = chat_model(rg_cfg, run.out_dir, cache=use_cache) if rg_cfg is not None else sup
-            agents = make_agents(s, sim_cfg, sup, seeker, tvd_model=tvd_model, rg_model=rg_model, rephraser=rephraser, emotion_scorer=scorer)
-            components[s.name] = {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}
-            used_models[f"supporter.{s.slug}"] = sup
-            out = stage_dir / s.slug / "dialogues.jsonl"
-            res = evaluation_dialogues_task(personas, out, agents, sim_cfg.concurrency, config.run.seed)
+            dialogue_paths[s.name] = stage_dir / s.slug / "dialogues.jsonl"
+        if on_cluster:
+            # one task per row on the cluster; each worker loads the row's models itself
+            calls = [
+                {"row": s, "sim_cfg": sim_cfg, "models": row_models[s.name], "emotion_cfg": config.label.emotion if sim_cfg.emotion else None,
+                 "personas": personas, "out": dialogue_paths[s.name], "run_dir": run.out_dir, "use_cache": use_cache, "seed": config.run.seed}
+                for s in rows.values()
+            ]
+            results = dict(zip(rows, run_on_runner(config.orchestration, row_dialogues, calls, name="evaluate-row")))
+            workers = len({r["worker_pid"] for r in results.values()})
+            tracking.log_metrics({"evaluate.workers": workers})
+            print(f"{len(results)} supporters simulated on {workers} {config.orchestration.task_runner} worker process(es)")
+        else:
+            seeker = chat_model(config.models.seeker, run.out_dir, cache=use_cache)
+            used_models["seeker"] = seeker
+            scorer = emotion_scorer(config.model_copy(update={"simulate": sim_cfg}))
+            results = {}
+            for s in rows.values():
+                m = row_models[s.name]
+                sup = chat_model(m["supporter"], run.out_dir, cache=use_cache)
+                # without a trained component the row's own model plays it zero-shot (same prompts)
+                tvd_model = chat_model(m["tvd"], run.out_dir, cache=use_cache) if m["tvd"] is not None else sup
+                rg_model = chat_model(m["rg"], run.out_dir, cache=use_cache) if m["rg"] is not None else sup
+                agents = make_agents(s, sim_cfg, sup, seeker, tvd_model=tvd_model, rg_model=rg_model, rephraser=judge, emotion_scorer=scorer)
+                used_models[f"supporter.{s.slug}"] = sup
+                res = evaluation_dialogues_task(personas, dialogue_paths[s.name], agents, sim_cfg.concurrency, config.run.seed)
+                results[s.name] = {**res, "names": {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}}
+        for s in rows.values():
+            res = results[s.name]
+            components[s.name] = res["names"]
             tracking.log_metrics({k.replace("evaluate.simulate", f"{s.slug}.simulate"): v for k, v in res["metrics"].items()})
             if res["errors"]:
                 print(f"{s.name}: {len(res['errors'])} dialogues hit backend errors and were not written; rerun to retry: {res['errors'][:2]}")
-            print(f"{s.name}: {res['written']} new dialogues, {res['skipped']} already done -> {out}")
-            dialogue_paths[s.name] = out
+            where = f" (worker process {res['worker_pid']})" if "worker_pid" in res else ""
+            print(f"{s.name}: {res['written']} new dialogues, {res['skipped']} already done -> {dialogue_paths[s.name]}{where}")
 
         settings = dataclasses.asdict(cfg.judge_settings(config.run.seed))
         digest = _prompts_digest()

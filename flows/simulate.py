@@ -5,8 +5,9 @@ unless given; TVD and RG are optional chat models (``simulate.tvd`` / ``simulate
 arguments), absent meaning the paper's ablations. Dialogues go to
 ``<run>/simulate/<name>/dialogues.jsonl``, appended as they finish: rerunning the same command after
 an interruption resumes (finished dialogues are skipped, answered calls come from the response
-cache). When train or dev personas were simulated, the supporter's SFT data is exported next to it
-(Tables 9 and 10).
+cache). With ``orchestration.task_runner`` dask or ray the personas are split into shards that the
+cluster's workers simulate (`esvr.flows.task_runners.simulate_on_runner`). When train or dev
+personas were simulated, the supporter's SFT data is exported next to it (Tables 9 and 10).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from esvr.flows import tracking
 from esvr.flows.config import ModelConfig, PipelineConfig
 from esvr.flows.runtime import RunPaths, chat_model
+from esvr.flows.task_runners import shard_dir, shard_runs, simulate_on_runner, uses_cluster
 from esvr.tasks.personas import read_personas
 from esvr.tasks.sft_export import export_sft, sft_metrics
 from esvr.tasks.simulate import (
@@ -110,7 +112,16 @@ def simulate_flow(
         tracking.log_metrics({"simulate.personas": len(personas)})
         print(f"simulating {len(personas)} personas ({', '.join(splits)}) with supporter {sup_cfg.spec}, "
               f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}")
-        summary = simulate_task(config, personas, out, sup_cfg, tvd_cfg, rg_cfg)
+        if uses_cluster(config.orchestration):
+            roles = {"supporter": sup_cfg, "seeker": config.models.seeker, "tvd": tvd_cfg, "rg": rg_cfg}
+            summary = simulate_on_runner(config, personas, out, roles)
+            shards = shard_runs(out)
+            workers = len({s["worker_pid"] for s in shards})
+            tracking.log_metrics({"simulate.shards": len(shards), "simulate.workers": workers})
+            tracking.log_artifact(shard_dir(out) / "shards.json", f"simulate/{name}")
+            print(f"{len(shards)} shards on {workers} {config.orchestration.task_runner} worker process(es)")
+        else:
+            summary = simulate_task(config, personas, out, sup_cfg, tvd_cfg, rg_cfg)
         tracking.log_metrics(summary.metrics())
         tracking.log_usage()
         if out.stat().st_size < 50 << 20:

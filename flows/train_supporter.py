@@ -6,7 +6,8 @@ Stage 7 of the DAG (paper §5.3, App. D.3; the emotion variant of App. G is ``re
    tagged ``esvr.component=supporter``, ``esvr.training_stage=sft``, with its adapter.
 2. The dialogues behind the preference data: the same dialogues ("DPO (GPT)") or new simulations
    with the SFT model ("DPO (SFT)").
-3. Look-ahead rollouts of both candidates of every turn, once, for the longest horizon needed.
+3. Look-ahead rollouts of both candidates of every turn, once, for the longest horizon needed
+   (shards of dialogues on the cluster's workers when ``orchestration.task_runner`` is dask or ray).
 4. Scores per seeker utterance, then for every setting of ``train_supporter.sweep`` the pairs and
    Table 19's counts, each setting one nested MLflow run (compare them in MLflow's table).
 5. DPO from the SFT model on the ``selected`` setting's pairs, a nested run with its adapter; with
@@ -138,8 +139,12 @@ def train_supporter_flow(
         roll = rollouts_task(
             dpo_dialogues, rollouts_path, cfg, config.simulate, rollout_supporter, config.models.seeker,
             tvd_cfg, rg_cfg, _emotion_cfg(config), paths.out_dir, config.models.cache, config.run.seed,
+            config.orchestration,
         )
         tracking.log_metrics(roll["metrics"])
+        if "workers" in roll:
+            tracking.log_metrics({"rollouts.workers": roll["workers"]})
+            print(f"rollouts ran on {roll['workers']} {config.orchestration.task_runner} worker process(es)")
         if roll["errors"]:
             print(f"{len(roll['errors'])} rollouts hit backend errors and were not written; rerun to retry: {roll['errors'][:3]}")
         print(f"rollouts (horizon {h_name}, shared by every setting): {roll['metrics']['rollouts.turns_with_candidates']:.0f} turns "

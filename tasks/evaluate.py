@@ -468,13 +468,56 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from esvr.tasks.caching import cache_policy  # noqa: E402
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def evaluation_dialogues_task(personas: list[dict], out: Path, agents: Any, concurrency: int, seed: int) -> dict[str, Any]:
-    """Not cached by Prefect: dialogues.jsonl is itself the resumable record (stage 6's engine)."""
+def evaluation_dialogues(personas: list[dict], out: Path, agents: Any, concurrency: int, seed: int) -> dict[str, Any]:
+    """One supporter's dialogues with the test personas -> `out` (resumable: stage 6's engine)."""
     from esvr.tasks.simulate import simulate_dialogues
 
     summary = simulate_dialogues(personas, out, agents, concurrency=concurrency, alternatives=False, seed=seed)
     return {"path": str(out), "written": summary.written, "skipped": summary.skipped, "errors": summary.errors, "metrics": summary.metrics("evaluate.simulate")}
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def evaluation_dialogues_task(personas: list[dict], out: Path, agents: Any, concurrency: int, seed: int) -> dict[str, Any]:
+    """Not cached by Prefect: dialogues.jsonl is itself the resumable record (stage 6's engine)."""
+    return evaluation_dialogues(personas, out, agents, concurrency, seed)
+
+
+def row_dialogues(
+    row: SupporterUnderTest,
+    sim_cfg: Any,
+    models: Mapping[str, ModelConfig | None],
+    emotion_cfg: Any | None,
+    personas: list[dict],
+    out: Path,
+    run_dir: Path,
+    use_cache: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """`evaluation_dialogues` of one row in this (worker) process, the unit a task runner's worker
+    runs: the models (supporter, seeker, judge, tvd, rg; tvd/rg None = the supporter zero-shot)
+    come from the process's pool. Adds the agents' ``names`` and the ``worker_pid``."""
+    import os
+
+    from esvr.flows.runtime import chat_model
+
+    def load(cfg: ModelConfig) -> ChatModel:
+        return chat_model(cfg, run_dir, cache=use_cache)
+
+    sup = load(models["supporter"])  # type: ignore[arg-type]
+    scorer = None
+    if emotion_cfg is not None:
+        from esvr.models.emotion import load_emotion_scorer
+
+        scorer = load_emotion_scorer(emotion_cfg, load(emotion_cfg.model) if emotion_cfg.backend == "emollama" else None)
+    agents = make_agents(
+        row, sim_cfg, sup, load(models["seeker"]),  # type: ignore[arg-type]
+        tvd_model=load(models["tvd"]) if models.get("tvd") is not None else sup,  # type: ignore[arg-type]
+        rg_model=load(models["rg"]) if models.get("rg") is not None else sup,  # type: ignore[arg-type]
+        rephraser=load(models["judge"]) if row.self_disclosure == "rephrase" else None,  # type: ignore[arg-type]
+        emotion_scorer=scorer,
+    )
+    result = evaluation_dialogues(personas, out, agents, sim_cfg.concurrency, seed)
+    return {**result, "names": {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}, "worker_pid": os.getpid()}
 
 
 def _judge_model(judge: ModelConfig, out_dir: Path, use_cache: bool) -> ChatModel:

@@ -11,7 +11,9 @@
 - ``reward: value`` is the paper's method; ``reward: emotion`` the emotion-reinforced variant of
   App. G (same code path, another per-utterance score).
 
-The plain functions here build data sets; the cached tasks load their own models.
+The plain functions here build data sets; the cached tasks load their own models. With
+``orchestration.task_runner`` dask or ray the rollouts run as shards of dialogues on the cluster's
+workers (`rollouts_on_runner`), each appending to its own shard file, merged into the rollouts file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import field_validator
 
-from esvr.flows.config import ModelConfig, Section
+from esvr.flows.config import ModelConfig, OrchestrationConfig, Section
 from esvr.models.training import TrainConfig
 from esvr.tasks.caching import cache_policy
 from esvr.tasks.label import ValueDetectorConfig
@@ -381,6 +383,86 @@ def dpo_simulations_task(
     return {"path": str(out), "metrics": summary.metrics("dpo_simulate"), "errors": summary.errors}
 
 
+def rollout_shard(
+    dialogues: list[dict[str, Any]],
+    out: str,
+    cfg: TrainSupporterConfig,
+    simulate_cfg: Any,
+    roles: dict[str, ModelConfig | None],
+    emotion_cfg: Any | None,
+    out_dir: Path,
+    use_cache: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """One shard's rollouts in this (worker) process; returns its summary and ``worker_pid``."""
+    from esvr.tasks.preferences import rollout_candidates
+
+    with rollout_agents(simulate_cfg, roles["supporter"], roles["seeker"], roles["tvd"], roles["rg"], emotion_cfg, out_dir, use_cache) as agents:
+        summary = rollout_candidates(
+            dialogues, agents, out, horizon=cfg.rollout_horizon(), concurrency=cfg.rollout_concurrency,
+            max_turns_per_dialogue=cfg.dpo_max_turns, seed=seed,
+        )
+    return {"shard": Path(out).name, "dialogues": len(dialogues), "worker_pid": os.getpid(), "summary": summary}
+
+
+def rollouts_on_runner(
+    dialogues: list[dict[str, Any]],
+    out: Path,
+    cfg: TrainSupporterConfig,
+    simulate_cfg: Any,
+    roles: dict[str, ModelConfig | None],
+    emotion_cfg: Any | None,
+    out_dir: Path,
+    use_cache: bool,
+    seed: int,
+    orchestration: OrchestrationConfig,
+) -> Any:
+    """`rollout_candidates` as one task per shard of dialogues on the runner `orchestration` names.
+
+    A shard file starts with the rollouts of its dialogues that `out` already holds, so each shard
+    skips what any earlier run (sharded or not) finished; the shards are then merged into `out`.
+    What each shard did, with its worker's process id, goes to ``<out>.shards/shards.json``.
+    """
+    from esvr.flows.task_runners import merge_shards, run_on_runner, shard_dir, shard_paths, split_shards, write_shard_runs
+    from esvr.tasks.preferences import RolloutSummary
+    from esvr.tasks.simulate import _append, exclusive, read_jsonl_repairing
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = orchestration.max_workers
+    shards = split_shards(dialogues, n)
+    paths = shard_paths(shards, out, n)
+    merged = read_jsonl_repairing(out) if out.exists() else []
+    for shard, path in zip(shards, paths):
+        ids = {str(d["id"]) for d in shard}
+        with exclusive(path):
+            have = {r["key"] for r in read_jsonl_repairing(path)} if path.exists() else set()
+            for rec in merged:
+                if rec["dialogue_id"] in ids and rec["key"] not in have:
+                    _append(path, rec)
+    calls = [
+        {"dialogues": shard, "out": str(path), "cfg": cfg, "simulate_cfg": simulate_cfg, "roles": roles,
+         "emotion_cfg": emotion_cfg, "out_dir": out_dir, "use_cache": use_cache, "seed": seed}
+        for shard, path in zip(shards, paths)
+    ]
+    runs = run_on_runner(orchestration, rollout_shard, calls, name="rollout-shard") if calls else []
+    summary = RolloutSummary(path=str(out), horizon=cfg.rollout_horizon())
+    summary.rollouts_written = merge_shards(out, sorted(shard_dir(out).glob("shard-*.jsonl")), key="key")
+    for run in runs:
+        part = run["summary"]
+        summary.turns += part.turns
+        summary.skipped_turns_no_alternative += part.skipped_turns_no_alternative
+        summary.rollouts_existing += part.rollouts_existing
+        summary.errors += part.errors
+        for k, v in part.end_reasons.items():
+            summary.end_reasons[k] = summary.end_reasons.get(k, 0) + v
+        for k, v in part.calls.items():
+            summary.calls[k] = summary.calls.get(k, 0) + v
+    write_shard_runs(out, [{"shard": r["shard"], "dialogues": r["dialogues"], "written": r["summary"].rollouts_written,
+                            "errors": len(r["summary"].errors), "worker_pid": r["worker_pid"]} for r in runs])
+    return summary
+
+
 @task(name="supporter_rollouts", cache_policy=NO_CACHE, persist_result=False)
 def rollouts_task(
     dialogues_path: Path,
@@ -395,14 +477,22 @@ def rollouts_task(
     out_dir: Path,
     use_cache: bool,
     seed: int,
+    orchestration: OrchestrationConfig | None = None,
 ) -> dict[str, Any]:
     """Look-ahead rollouts of both candidates of each turn. The rollouts file is resumable
-    (candidates already in it are skipped), so Prefect does not cache this task."""
+    (candidates already in it are skipped), so Prefect does not cache this task. With a dask or
+    ray `orchestration` the shards run on the cluster (`rollouts_on_runner`)."""
+    from esvr.flows.task_runners import shard_runs, uses_cluster
     from esvr.tasks.preferences import rollout_candidates
     from esvr.tasks.simulate import load_dialogues
 
     by_split = dialogues_by_split(load_dialogues(dialogues_path), cfg.dpo_max_dialogues)
     chosen = [d for s in SPLITS for d in by_split[s]]
+    if orchestration is not None and uses_cluster(orchestration):
+        roles = {"supporter": supporter, "seeker": seeker, "tvd": tvd, "rg": rg}
+        summary = rollouts_on_runner(chosen, out, cfg, simulate_cfg, roles, emotion_cfg, out_dir, use_cache, seed, orchestration)
+        return {"path": str(out), "dialogues": len(chosen), "metrics": summary.metrics(), "errors": summary.errors,
+                "workers": len({r["worker_pid"] for r in shard_runs(out)})}
     with rollout_agents(simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache) as agents:
         summary = rollout_candidates(
             chosen,
