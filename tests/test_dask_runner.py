@@ -1,12 +1,17 @@
-"""The task runner is a config choice; the simulation runs on a local Dask cluster of 2 workers.
+"""The task runner is a config choice: labeling chunks, simulation shards, look-ahead rollout
+shards and the evaluation's supporters run on a Dask cluster of two worker processes, with the
+same outputs as the threads runner.
 
-Real Prefect (the session harness), a real `distributed.LocalCluster` with two worker processes,
-and the scripted OpenAI-compatible server on 127.0.0.1 that the simulate bench uses.
+Real Prefect (the session harness), real `distributed` clusters (the runner's own local cluster,
+and one joined by ``address``), the offline labelers, and scripted OpenAI-compatible servers on
+127.0.0.1.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,65 +57,182 @@ def test_shards_are_stable_and_cover_every_item():
     assert shard_of("p1", 4) == shard_of("p1", 4)  # not Python's per-process salted hash
 
 
-@pytest.mark.slow
-def test_simulation_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_path, monkeypatch):
+def test_a_scheduler_that_does_not_answer_is_named():
     pytest.importorskip("prefect_dask")
-    from prefect import flow, task
+    import socket
 
-    from esvr.flows.task_runners import simulate_on_runner
+    import dask
+
+    from esvr.flows.task_runners import run_on_runner
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(
+        TaskRunnerError, match=rf"orchestration.address {address}: no dask scheduler answers"
+    ):
+        run_on_runner(OrchestrationConfig(task_runner="dask", address=address), shard_of, [{"item_id": "a", "n_shards": 2}], name="x")
+
+
+def _pids(records: list[dict]) -> set[int]:
+    return {r["worker_pid"] for r in records}
+
+
+def _without_timings(value):
+    """A record with its wall-clock fields dropped: they differ between any two runs."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k != "elapsed_s"}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_label_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_path, monkeypatch):
+    pytest.importorskip("prefect_dask")
+    import numpy as np
+    from test_label_flow import write_threads
+
+    from esvr.flows.config import load_config
+    from esvr.flows.label import label_flow
+    from esvr.tasks.label import read_labels
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    threads = write_threads(tmp_path / "threads.parquet", n_threads=24)  # 53 utterances: 14 chunks of 4
+
+    def config(name: str, *orchestration: str):
+        return load_config(None, [f"run.out_dir={tmp_path / name}", "run.experiment=label-dask", "label.progress=false",
+                                  "label.chunk_size=4", *orchestration])
+
+    base = label_flow(config("threads"), threads)
+    base_chunks = sorted((tmp_path / "threads" / "label" / "chunks").glob("*.parquet"))
+    assert len(base_chunks) == 14
+    # half the chunks are already done (an interrupted run): the cluster reuses them
+    done = tmp_path / "dask" / "label" / "chunks"
+    done.mkdir(parents=True)
+    for path in base_chunks[:7]:
+        shutil.copy(path, done / path.name)
+
+    result = label_flow(config("dask", "orchestration.task_runner=dask", "orchestration.max_workers=2"), threads)
+
+    chunks = json.loads((tmp_path / "dask" / "label" / "label_chunks.json").read_text())
+    assert len(chunks) == 14 and sum(c["cached"] for c in chunks) == 7
+    pids = _pids(chunks)
+    assert len(pids) >= 2 and os.getpid() not in pids, pids
+    stats = json.loads(Path(result["label_stats"]).read_text())
+    assert stats["workers"] == len(pids) and stats["utterances"] == 53
+    assert stats["cached_utterances"] == sum(c["utterances"] for c in chunks if c["cached"])
+    # the same chunk files, and the same labels as the threads runner
+    assert sorted(p.name for p in done.glob("*.parquet")) == [p.name for p in base_chunks]
+    expected, got = read_labels(base["labels"]), read_labels(result["labels"])
+    assert got["utt_id"].to_list() == expected["utt_id"].to_list()
+    assert got["sentiment"].to_list() == expected["sentiment"].to_list()
+    assert np.allclose(got["valence"].to_numpy(), expected["valence"].to_numpy())
+    assert np.allclose(np.stack(got["values"].to_numpy()), np.stack(expected["values"].to_numpy()), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_simulate_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_path, monkeypatch):
+    pytest.importorskip("prefect_dask")
+    from esvr.flows.simulate import simulate_flow
     from esvr.tasks.sim_bench import FakeOpenAIServer, Script, bench_personas
     from esvr.tasks.simulate import load_dialogues
 
-    # The worker processes inherit the environment: the fake server ignores the key's value.
-    monkeypatch.setenv("ESVR_TEST_KEY", "unused")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    personas = bench_personas(6)
+    personas_file = tmp_path / "personas.jsonl"
+    personas_file.write_text("".join(json.dumps(p) + "\n" for p in personas))
 
-    @task
-    def where() -> int:
-        return os.getpid()
+    with FakeOpenAIServer(Script(end_after=2)) as server:
+        def model(role: str) -> dict:
+            return {"spec": f"openai:fake-{role}", "base_url": server.base_url, "max_retries": 1}
 
-    @flow
-    def simulate_here(config: PipelineConfig, personas: list[dict], out: str, roles: dict) -> tuple:
-        pids = {f.result() for f in [where.submit() for _ in range(4)]}
-        return simulate_on_runner(config, personas, out, roles), pids
+        def config(name: str, **orchestration) -> PipelineConfig:
+            return PipelineConfig.model_validate({
+                "run": {"out_dir": str(tmp_path / name), "experiment": "simulate-dask"},
+                "models": {"supporter": model("supporter"), "seeker": model("seeker")},
+                "orchestration": orchestration,
+                "simulate": {"emotion": False, "concurrency": 4, "tvd": model("tvd"), "rg": model("rg"), "splits": ["test"]},
+            })
 
+        base = simulate_flow(config("threads"), personas_file)
+        dask = config("dask", task_runner="dask", max_workers=2)
+        result = simulate_flow(dask, personas_file)
+        out = Path(result["dialogues"])
+        shards = json.loads((out.parent / "dialogues.shards" / "shards.json").read_text())
+        assert len(shards) == 2 and sum(s["personas"] for s in shards) == 6
+        pids = _pids(shards)
+        assert len(pids) == 2 and os.getpid() not in pids, shards
+        dialogues = sorted(load_dialogues(out), key=lambda d: d["id"])
+        expected = sorted(load_dialogues(base["dialogues"]), key=lambda d: d["id"])
+        assert [d["id"] for d in dialogues] == sorted(p["id"] for p in personas)
+        assert _without_timings(dialogues) == _without_timings(expected)
+
+        # a rerun finds every persona merged: no shard runs, no call reaches the server
+        calls = server.script.calls
+        simulate_flow(dask, personas_file)
+        assert server.script.calls == calls and len(load_dialogues(out)) == 6
+
+
+@pytest.mark.slow
+def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, stub_server, tmp_path, monkeypatch):
+    """Both stages join a running scheduler (``orchestration.address``) and match the threads runner."""
+    pytest.importorskip("prefect_dask")
     from distributed import Client, LocalCluster
+    from supporter_script import personas, script
+    from test_evaluate import scripted, stub_config, write_personas
 
-    # One cluster for both runs (the runner's `address` path); the task runner's own local cluster
-    # is the same LocalCluster class (test_dask_runner_local_cluster_or_address).
-    with FakeOpenAIServer(Script(end_after=2)) as server, LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        def model(role: str) -> ModelConfig:
-            return ModelConfig(spec=f"openai:fake-{role}", base_url=server.base_url, api_key_env="ESVR_TEST_KEY", max_retries=1)
+    from esvr.flows.evaluate import evaluate_flow
+    from esvr.models.chat import load_chat_model
+    from esvr.tasks.simulate import SimulateConfig, build_agents, simulate_dialogues
+    from esvr.tasks.train_supporter import TrainSupporterConfig, read_rollouts, rollouts_task
 
-        config = PipelineConfig.model_validate({
-            "run": {"out_dir": str(tmp_path / "run")},
-            "orchestration": {"task_runner": "dask", "max_workers": 2, "address": cluster.scheduler_address},
-            "simulate": {"emotion": False, "concurrency": 4},
-        })
-        roles = {"supporter": model("supporter"), "seeker": model("seeker"), "tvd": model("tvd"), "rg": model("rg")}
-        personas = bench_personas(6)
-        out = tmp_path / "run" / "simulate" / "main" / "dialogues.jsonl"
-        summary, pids = simulate_here.with_options(task_runner=task_runner_for(config.orchestration))(
-            config, personas, str(out), roles
-        )
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    stub = ModelConfig(spec="openai:stub", base_url=stub_server.base_url)
+    sim = SimulateConfig(emotion=False, supporter_temperature=0.0, seeker_temperature=0.0)
+    stub_server.reply = script
+    model = load_chat_model(stub.to_spec())
+    dialogues = tmp_path / "dialogues.jsonl"
+    assert simulate_dialogues(personas(), dialogues, build_agents(sim, model, model, tvd_model=model, rg_model=model),
+                              concurrency=4, alternatives=True).written == 3
+    cfg = TrainSupporterConfig(sweep=[{"h": 2}], selected={"h": 2}, dpo_max_turns=2)
 
-        assert os.getpid() not in pids, "tasks ran in the flow's process, not on the Dask workers"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask = OrchestrationConfig(task_runner="dask", max_workers=2, address=cluster.scheduler_address)
         with Client(cluster) as client:
             worker_pids = set(client.run(os.getpid).values())
-        assert len(worker_pids) == 2 and pids <= worker_pids, (pids, worker_pids)
-        assert summary.written == 6 and not summary.errors, summary.errors
-        dialogues = load_dialogues(out)
-        assert sorted(d["id"] for d in dialogues) == sorted(p["id"] for p in personas)
-        assert all(d["end_reason"] for d in dialogues)
-        shards = sorted(p.name for p in (out.parent / "dialogues.shards").glob("shard-*.jsonl"))
-        assert len(shards) == 2, shards
 
-        # A rerun finds every persona merged: nothing is simulated again, no call reaches the server.
-        calls = server.script.calls
-        again, _ = simulate_here.with_options(task_runner=task_runner_for(config.orchestration))(
-            config, personas, str(out), roles
-        )
-        assert again.skipped == 6 and again.written == 0
-        assert server.script.calls == calls
-        assert len(load_dialogues(out)) == 6
+        def rollouts(name: str, orchestration: OrchestrationConfig | None) -> dict:
+            return rollouts_task(dialogues, tmp_path / name / "rollouts.jsonl", cfg, sim, stub, stub, stub, stub, None,
+                                 tmp_path / name, True, 0, orchestration)
+
+        base = rollouts("threads", None)
+        # one dialogue's rollouts are already in the file (an interrupted run): no shard redoes them
+        first = [r for r in read_rollouts(base["path"]) if r["dialogue_id"] == "p-train-1"]
+        out = tmp_path / "dask" / "rollouts.jsonl"
+        out.parent.mkdir()
+        out.write_text("".join(json.dumps(r) + "\n" for r in first))
+        result = rollouts("dask", dask)
+        shards = json.loads((tmp_path / "dask" / "rollouts.shards" / "shards.json").read_text())
+        assert result["workers"] == len(_pids(shards)) >= 1 and _pids(shards) <= worker_pids
+        assert result["metrics"]["rollouts.existing"] == len(first) and not result["errors"]
+        assert result["metrics"]["rollouts.written"] == len(read_rollouts(base["path"])) - len(first)
+        assert sorted(read_rollouts(out), key=lambda r: r["key"]) == sorted(read_rollouts(base["path"]), key=lambda r: r["key"])
+
+        stub_server.reply = scripted
+        personas_file = write_personas(tmp_path / "personas.jsonl")
+        expected = json.loads(Path(evaluate_flow(stub_config(tmp_path / "threads", stub_server.base_url),
+                                                 personas_path=personas_file)["evaluate_summary"]).read_text())
+        config = stub_config(tmp_path / "dask", stub_server.base_url).model_copy(update={"orchestration": dask})
+        summary = json.loads(Path(evaluate_flow(config, personas_path=personas_file)["evaluate_summary"]).read_text())
+        assert summary["models"] == expected["models"] and summary["components"] == expected["components"]
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'dask' / 'run' / 'mlflow.db'}")
+        runs = mlflow.search_runs(experiment_names=["esvr-eval-test"])
+        assert runs["metrics.evaluate.workers"].dropna().tolist() == [2.0]  # three supporters, two workers
+        for row in ("good-both", "plain-baseline"):
+            got = (tmp_path / "dask" / "run" / "evaluate" / row / "dialogues.jsonl").read_text().splitlines()
+            want = (tmp_path / "threads" / "run" / "evaluate" / row / "dialogues.jsonl").read_text().splitlines()
+            by_id = lambda lines: sorted((_without_timings(json.loads(l)) for l in lines), key=lambda d: d["id"])  # noqa: E731
+            assert by_id(got) == by_id(want)
