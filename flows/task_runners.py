@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -99,7 +100,7 @@ def run_on_runner(orch: OrchestrationConfig, fn: Callable[..., T], calls: Sequen
     from prefect.cache_policies import NO_CACHE
 
     unit = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
-    with task_runner_for(orch) as runner:
+    with shared_prefect_api(), task_runner_for(orch) as runner:
         try:
             futures = [runner.submit(unit, parameters=dict(kw)) for kw in calls]
         except OSError as exc:  # the first submission connects: a scheduler that does not answer
@@ -107,6 +108,26 @@ def run_on_runner(orch: OrchestrationConfig, fn: Callable[..., T], calls: Sequen
                 raise
             raise TaskRunnerError(f"orchestration.address {orch.address}: no {orch.task_runner} scheduler answers ({exc})") from None
         return [f.result() for f in futures]
+
+
+@contextmanager
+def shared_prefect_api() -> Iterator[None]:
+    """Worker processes started inside this block report to this process's Prefect API.
+
+    With no ``PREFECT_API_URL`` the flow runs on Prefect's temporary server; a local cluster's
+    workers, inheriting no URL, would each start a temporary server of their own (~10 s and
+    ~250 MB each) and report their task runs there, out of the flow run's sight.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+
+    os.environ["PREFECT_API_URL"] = str(get_client(sync_client=True).api_url)
+    try:
+        yield
+    finally:  # the temporary server goes when this process's flows end: no stale URL left behind
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 def uses_cluster(orch: OrchestrationConfig) -> bool:
