@@ -80,6 +80,8 @@ class Usage:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: scored answers read by parsing a generated reply that named none of the choices (uniform)
+    unmatched_scores: int = 0
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}.{k}": float(v) for k, v in asdict(self).items()}

@@ -87,7 +87,6 @@ class OpenAIChat(ChatModel):
         #: features this server showed it lacks ("n", "logprobs"); read and set on the private loop
         self.lacks: set[str] = set()
         #: scoring replies that named none of the choices (scored as uniform)
-        self.unmatched_scores = 0
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> OpenAIChat:
@@ -283,8 +282,7 @@ class OpenAIChat(ChatModel):
     def _by_reply(self, reply: str, choices: list[str]) -> dict[str, float]:
         named = choice_named(reply, choices)
         if named is None:  # a reply that names no choice says nothing: uniform, and counted
-            with self._usage_lock:
-                self.unmatched_scores += 1
+            self._count(unmatched_scores=1)
             return {c: 1.0 / len(choices) for c in choices}
         return {c: float(c == named) for c in choices}
 

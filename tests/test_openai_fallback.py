@@ -134,7 +134,7 @@ def test_a_reply_that_names_no_choice_scores_uniform_and_is_counted(stub_server)
     model = make(stub_server)
     dist = model.score_choices(USER, ["Yes", "No", "Maybe"])
     assert dist == pytest.approx({"Yes": 1 / 3, "No": 1 / 3, "Maybe": 1 / 3})
-    assert model.unmatched_scores == 1
+    assert model.usage.unmatched_scores == 1
 
 
 def test_async_scoring_uses_the_same_fallback(stub_server):
