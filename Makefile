@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup demo rehearse test test-fast bench clean
+.PHONY: setup demo rehearse test test-rehearsal test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ rehearse: setup
 	$(BIN)/esvr rehearse --config configs/rehearsal.yaml
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider
+	$(BIN)/python -m pytest -m "not gpu and not rehearsal" -p no:cacheprovider
+
+# The rehearsal's end-to-end test: esvr rehearse twice (fresh, then from the caches)
+test-rehearsal: setup
+	$(BIN)/python -m pytest -m rehearsal -p no:cacheprovider
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not gpu and not slow" -p no:cacheprovider

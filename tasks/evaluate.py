@@ -516,7 +516,14 @@ def row_dialogues(
         rephraser=load(models["judge"]) if row.self_disclosure == "rephrase" else None,  # type: ignore[arg-type]
         emotion_scorer=scorer,
     )
-    result = evaluation_dialogues(personas, out, agents, sim_cfg.concurrency, seed)
+    try:
+        result = evaluation_dialogues(personas, out, agents, sim_cfg.concurrency, seed)
+    finally:
+        # Rows rarely share a supporter (each fine-tuned or trained one is its own merged model):
+        # a worker that kept every row's models held ~5 GB after four rows of the rehearsal.
+        from esvr.flows.runtime import release_models
+
+        release_models()
     return {**result, "names": {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}, "worker_pid": os.getpid()}
 
 
