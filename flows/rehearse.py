@@ -226,7 +226,7 @@ def summary(report: Rehearsal) -> str:
     ]
     for url, count in report.server_requests.items():
         lines.append(f"  {url}: {count} chat completions")
-    stages = ", ".join(f"{stage} {count}" for stage, count in report.stage_requests.items())
+    stages = ", ".join(f"{stage} {count}" for stage, count in report.stage_requests.items() if count)
     lines.append(f"  requests by stage: {stages or '(none)'}")
     lines.append(f"  report: {report.artifacts.get('report', '(none)')}")
     return "\n".join(lines)
