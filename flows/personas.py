@@ -53,9 +53,15 @@ def personas_flow(config: PipelineConfig) -> dict[str, str]:
             f"from {stats.get('situations.kept', 0)} situations; {stats.get('alignment.rejected', 0)} rejected on value alignment"
         )
         if not sum(splits.values()):
+            kept, rejected = stats.get("situations.kept", 0), stats.get("alignment.rejected", 0)
+            why = (
+                f"all {rejected} situations were rated below personas.min_alignment={config.personas.min_alignment}"
+                if kept and rejected >= kept
+                else f"{stats.get('situations.pairs_failed', 0)} of {stats.get('situations.pairs', 0)} (category, value) "
+                "pairs gave no parseable situation"
+            )
             raise ValueError(
-                f"personas: none generated ({stats.get('situations.pairs_failed', 0)} of {stats.get('situations.pairs', 0)} "
-                f"(category, value) pairs gave no parseable situation); the persona writer "
-                f"{config.models.persona_writer.spec!r} does not follow the format: see {paths['personas_stats']}"
+                f"personas: none kept ({why}); the persona writer {config.models.persona_writer.spec!r} does not "
+                f"follow the prompts' format well enough: see {paths['personas_stats']}"
             )
         return paths

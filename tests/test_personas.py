@@ -188,3 +188,21 @@ def test_personas_and_simulate_flows_end_to_end(prefect_harness, tmp_path: Path)
         assert Path(art["sft_train"]).read_bytes().count(b"\n") == 3 * 2 * 2  # 3 dialogues x 2 turns x (initial + alternative)
         again = simulate_flow(config)  # a rerun finds everything done
         assert load_dialogues(again["dialogues"]) == dialogues
+
+
+@pytest.mark.slow
+def test_no_persona_kept_names_the_step_that_dropped_them(prefect_harness, tmp_path: Path) -> None:
+    """Situations that parse but all fail the alignment filter are named as such, not as a format
+    problem of the situations."""
+    from esvr.flows.config import load_config
+    from esvr.flows.personas import personas_flow
+
+    os.environ.setdefault("ESVR_TEST_KEY", "unused")
+    with FakeOpenAIServer(Script(situations=3)) as server:
+        config = load_config(None)
+        config.run.out_dir = tmp_path / "run"
+        config.models.persona_writer = {"spec": "openai:fake-writer", "base_url": server.base_url, "api_key_env": "ESVR_TEST_KEY"}
+        # the script rates 5 or 2: nothing reaches 6
+        config.personas = PersonasConfig(pairs=2, min_situations=2, max_situations=3, min_alignment=6)
+        with pytest.raises(ValueError, match=r"none kept \(all 6 situations were rated below personas.min_alignment=6\)"):
+            personas_flow(config)
