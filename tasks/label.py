@@ -258,15 +258,17 @@ def label_utterances(
                 frames.append(frame)
             bar.update(len(cid))
     labels = pl.concat(frames) if frames else labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES)))
-    seconds = time.perf_counter() - t0
-    fresh = len(ids) - cached
-    stats = {
-        "utterances": float(len(ids)),
+    return labels, _throughput(len(ids), cached, time.perf_counter() - t0)
+
+
+def _throughput(utterances: int, cached: int, seconds: float) -> dict[str, float]:
+    fresh = utterances - cached
+    return {
+        "utterances": float(utterances),
         "cached_utterances": float(cached),
         "seconds": round(seconds, 3),
         "utterances_per_s": round(fresh / seconds, 2) if fresh and seconds > 0 else 0.0,
     }
-    return labels, stats
 
 
 def build_labelers(cfg: LabelConfig, cache: ResponseCache | None = None) -> tuple[ValueDetector, EmotionScorer]:
@@ -437,14 +439,7 @@ def label_on_runner(
     frames = [r.pop("labels") for r in runs]
     labels = pl.concat(frames) if frames else labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES)))
     cached = sum(r["utterances"] for r in runs if r["cached"])
-    fresh = len(ids) - cached
-    stats = {
-        "utterances": float(len(ids)),
-        "cached_utterances": float(cached),
-        "seconds": round(seconds, 3),
-        "utterances_per_s": round(fresh / seconds, 2) if fresh and seconds > 0 else 0.0,
-        "workers": float(len({r["worker_pid"] for r in runs})),
-    }
+    stats = {**_throughput(len(ids), cached, seconds), "workers": float(len({r["worker_pid"] for r in runs}))}
     failures: dict[str, int] = {}
     for r in runs:
         for k, v in r["parse_failures"].items():
