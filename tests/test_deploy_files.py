@@ -72,7 +72,7 @@ def strings(node):
 # --------------------------------------------------------------------------------------------
 
 
-def test_the_services_of_the_issue_exist_with_the_gpu_ones_behind_a_profile():
+def test_the_compose_services_exist_with_the_gpu_ones_behind_a_profile():
     assert CORE | GPU <= set(SERVICES)
     for name in CORE:
         assert "profiles" not in SERVICES[name], name
@@ -229,7 +229,7 @@ def test_vllm_serves_supporter_seeker_and_judge_on_gpus():
 DEPLOYMENTS = {d["name"]: d for d in PREFECT["deployments"]}
 
 
-def test_the_deployments_of_the_issue():
+def test_prefect_yaml_declares_the_deployments():
     assert set(DEPLOYMENTS) == {"ingest-new-dumps", "pipeline", "train-tvd", "train-rg", "train-supporter"}
     assert {DEPLOYMENTS[n]["work_pool"]["name"] for n in ("train-tvd", "train-rg", "train-supporter")} == {"gpu"}
     assert DEPLOYMENTS["pipeline"]["work_pool"]["name"] == "cpu"
