@@ -207,6 +207,16 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from esvr.tasks.bench_train import bench_train
+
+    opts = {k: getattr(args, k) for k in ("config", "model", "sft", "dpo", "generate", "steps", "warmup", "max_length", "batch_size",
+                                         "dpo_batch_size", "grad_accum", "gradient_checkpointing", "attn", "gen_batch_sizes",
+                                         "gen_new_tokens", "peak_tflops")}
+    bench_train(**opts, json_path=args.json)
+    return 0
+
+
 def cmd_personas(args: argparse.Namespace) -> int:
     config = prepared(args)
     from esvr.flows.personas import personas_flow
@@ -496,6 +506,25 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size-mb", type=int, default=520, help="decompressed size of the generated comments dump")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the generated dump (deleted afterwards)")
     p.set_defaults(func=cmd_bench_ingest)
+    p = bench_sub.add_parser("train", help="LoRA SFT/DPO step time, tokens/s, memory and MFU through the trainers; --generate: hf backend tokens/s")
+    p.add_argument("--config", type=Path, default=Path("configs/paper.yaml"), help="recipe whose train_tvd.train (SFT) and train_rg DPO settings are used")
+    p.add_argument("--model", default="auto", choices=["auto", "llama3-8b", "tiny"], help="random model shape (auto: llama3-8b on CUDA, tiny on CPU)")
+    p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dpo", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--generate", action="store_true", help="also measure generation of the hf chat backend at --gen-batch-sizes")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps (after --warmup ones)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the recipe's on CUDA, 128 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="SFT micro-batch (default: the recipe's)")
+    p.add_argument("--dpo-batch-size", type=int, default=None, help="DPO micro-batch of pairs (default: the recipe's)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--gen-batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 8, 32, 64), metavar="B1,B2,...")
+    p.add_argument("--gen-new-tokens", type=int, default=None, help="new tokens per reply (default 32 on CUDA, 8 on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, when its name is not known")
+    p.add_argument("--json", type=Path, default=None, help="write every number to this file")
+    p.set_defaults(func=cmd_bench_train)
 
 
 # -- stage 2: label, value head, ESConv analysis --------------------------------------------
