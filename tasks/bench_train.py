@@ -109,7 +109,7 @@ def build_model(shape: dict[str, Any], tokenizer, dtype, device: str, attn: str,
 
     config = LlamaConfig(
         **shape,
-        bos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
