@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -151,7 +152,7 @@ def in_memory_base(load: Callable[[bool], Any], tokenizer) -> Iterator[None]:
 
     original = training.load_base
 
-    def load_base(base_model_path, bf16, sft_adapter_dir=None):  # noqa: ANN001 - training.load_base's signature
+    def load_base(base_model_path, bf16, sft_adapter_dir=None):
         return load(bf16), tokenizer
 
     training.load_base = load_base
@@ -247,22 +248,22 @@ def _step_clock():
             self.lora_change = 0.0
             self.trainable = 0
 
-        def on_init_end(self, args, state, control, **kw):  # noqa: ANN001
+        def on_init_end(self, args, state, control, **kw):
             # the Trainer's own count of the tokens it fed the model (padding excluded)
             args.include_num_input_tokens_seen = "non_padding"
 
-        def on_train_begin(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        def on_train_begin(self, args, state, control, model=None, **kw):
             lora = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
             self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             self.lora_before = {n: p.detach().float().cpu().clone() for n, p in lora.items()}
             _reset_peak()
             self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
 
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+        def on_step_end(self, args, state, control, **kw):
             _sync()
             self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
 
-        def on_train_end(self, args, state, control, model=None, **kw):  # noqa: ANN001
+        def on_train_end(self, args, state, control, model=None, **kw):
             after = {n: p.detach().float().cpu() for n, p in model.named_parameters() if n in self.lora_before}
             self.lora_change = max((float((after[n] - b).abs().max()) for n, b in self.lora_before.items() if n in after), default=0.0)
 
@@ -417,7 +418,7 @@ def measure_generation(
             results.append(best)
     finally:
         chat.close()
-        del model
+        model = None
         _free()
     return results
 
@@ -522,42 +523,47 @@ def bench_train(
 
     tokenizer = word_tokenizer(shape["vocab_size"])
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="esvr-bench-train-"))
-    length = max_length or (sft_cfg.max_length if cuda else 128)
-    common = dict(max_steps=warmup + steps, grad_accum=grad_accum, max_length=length, launcher="inprocess",
-                  eval_strategy="no", select_best=False, max_train_examples=None, logging_steps=1)
-    if gradient_checkpointing is not None:
-        common["gradient_checkpointing"] = gradient_checkpointing
-    runs = []
-    if sft:
-        runs.append(("sft", sft_cfg.model_copy(update={**common, "batch_size": batch_size or sft_cfg.batch_size})))
-    if dpo:
-        runs.append(("dpo", dpo_cfg.model_copy(update={**common, "batch_size": dpo_batch_size or dpo_cfg.batch_size})))
-    for kind, cfg in runs:
-        try:
-            m = measure_training(kind, cfg, shape=shape, tokenizer=tokenizer, device=device, attn=attn,
-                                 steps=steps, warmup=warmup, peak=peak, out_dir=work)
-        except torch.OutOfMemoryError as exc:
-            _free()
-            m = {"kind": kind, "max_length": cfg.max_length, "batch_size": cfg.batch_size, "error": f"out of memory: {str(exc).splitlines()[0]}"}
-            print_fn(f"{kind}: {cfg.max_length} tokens x batch {cfg.batch_size}: out of memory")
-        else:
-            print_fn(format_measurement(m))
-        report["measurements"].append(m)
-        save()
-    if generate:
-        new = gen_new_tokens or (32 if cuda else 8)
-        prompt = gen_prompt_tokens or (256 if cuda else 32)
-        try:
-            report["generation"] = measure_generation(shape=shape, tokenizer=tokenizer, device=device, attn=attn,
-                                                      batch_sizes=list(gen_batch_sizes), new_tokens=new, prompt_tokens=prompt)
-        except torch.OutOfMemoryError as exc:
-            _free()
-            report["generation_error"] = f"out of memory: {str(exc).splitlines()[0]}"
-            print_fn(f"generate: out of memory ({report['generation_error']})")
-        for g in report["generation"]:
-            print_fn(f"generate (hf backend), batch {g['batch_size']}: {g['tokens_per_s']:,.1f} new tokens/s "
-                     f"({g['new_tokens']} tokens in {g['wall_s']:.2f} s, prompt {g['prompt_tokens']} tokens, prefill included), "
-                     f"peak {g['peak_memory_gb']:.1f} GB")
+    try:
+        common = dict(max_steps=warmup + steps, grad_accum=grad_accum, launcher="inprocess",
+                      eval_strategy="no", select_best=False, max_train_examples=None, logging_steps=1)
+        if gradient_checkpointing is not None:
+            common["gradient_checkpointing"] = gradient_checkpointing
+        runs = []
+        if sft:
+            runs.append(("sft", sft_cfg.model_copy(update={**common, "batch_size": batch_size or sft_cfg.batch_size,
+                                                           "max_length": max_length or (sft_cfg.max_length if cuda else 128)})))
+        if dpo:
+            runs.append(("dpo", dpo_cfg.model_copy(update={**common, "batch_size": dpo_batch_size or dpo_cfg.batch_size,
+                                                           "max_length": max_length or (dpo_cfg.max_length if cuda else 128)})))
+        for kind, cfg in runs:
+            try:
+                m = measure_training(kind, cfg, shape=shape, tokenizer=tokenizer, device=device, attn=attn,
+                                     steps=steps, warmup=warmup, peak=peak, out_dir=work)
+            except torch.OutOfMemoryError as exc:
+                _free()
+                m = {"kind": kind, "max_length": cfg.max_length, "batch_size": cfg.batch_size, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+                print_fn(f"{kind}: {cfg.max_length} tokens x batch {cfg.batch_size}: out of memory")
+            else:
+                print_fn(format_measurement(m))
+            report["measurements"].append(m)
+            save()
+        if generate:
+            new = gen_new_tokens or (32 if cuda else 8)
+            prompt = gen_prompt_tokens or (256 if cuda else 32)
+            try:
+                report["generation"] = measure_generation(shape=shape, tokenizer=tokenizer, device=device, attn=attn,
+                                                          batch_sizes=list(gen_batch_sizes), new_tokens=new, prompt_tokens=prompt)
+            except torch.OutOfMemoryError as exc:
+                _free()
+                report["generation_error"] = f"out of memory: {str(exc).splitlines()[0]}"
+                print_fn(f"generate: out of memory ({report['generation_error']})")
+            for g in report["generation"]:
+                print_fn(f"generate (hf backend), batch {g['batch_size']}: {g['tokens_per_s']:,.1f} new tokens/s "
+                         f"({g['new_tokens']} tokens in {g['wall_s']:.2f} s, prompt {g['prompt_tokens']} tokens, prefill included), "
+                         f"peak {g['peak_memory_gb']:.1f} GB")
+    finally:
+        if out_dir is None:  # the adapters the trainers wrote
+            shutil.rmtree(work, ignore_errors=True)
     report["goal"] = goal_line(report, cuda)
     save()
     print_fn(report["goal"])
