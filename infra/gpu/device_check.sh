@@ -4,10 +4,15 @@
 #
 #   bash infra/gpu/device_check.sh      # from the repository root; results under $OUT
 #
-# The machine needs torch, transformers, peft and accelerate. What else the bench imports (trl,
-# datasets and theirs, pydantic, requests) comes as wheels in .whl/, installed into a folder of
-# their own (pip download --no-deps ... -d .whl, see docs/scale.md). Without CUDA the same steps
-# run with the tiny model, as a rehearsal. Each step has its own time limit, and all of them fit in
+# The machine needs torch, transformers (with huggingface_hub 1.x), peft and accelerate. What else
+# the bench imports comes as wheels in .whl/, installed into a folder of their own:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     trl==1.16.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 pydantic==2.14.4 \
+#     pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 typing_extensions==4.16.0 \
+#     requests==2.34.2 urllib3==2.8.0 idna==3.20 charset_normalizer==3.5.3 certifi==2026.10.19.post1
+# (datasets 4.8 rather than 5.x: 5.x needs huggingface_hub >= 1.31, transformers 5.17 may have less.)
+# Without CUDA the same steps run with the tiny model, as a rehearsal. Each step has its own time limit, and all of them fit in
 # BUDGET_S (default 420 s); a step that would not fit is skipped and says so. Output goes to
 # $OUT/log as it comes, each step's numbers to $OUT/<step>.json.
 set -uo pipefail
