@@ -71,6 +71,10 @@ class PersonasConfig(Section):
     #: how many (problem category, value) pairs to write situations for; None = all 6 x 20 = 120.
     #: Pairs are taken round-robin over categories, so a few pairs still cover several categories.
     pairs: int | None = None
+    #: with `pairs` and `count` set: while fewer than `count` situations pass the alignment filter,
+    #: write situations for the next `pairs` pairs of the same round-robin, up to this many pairs in
+    #: all (None: all 120). A weak writer then still yields `count` personas, at a bounded cost.
+    max_pairs: int | None = None
     #: situations asked per pair (paper: 10-30, 2,940 written in all)
     min_situations: int = 10
     max_situations: int = 30
@@ -243,10 +247,18 @@ class StepStats:
         self.counts[key] = self.counts.get(key, 0) + n
 
 
-def generate_situations(model: ChatModel, cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None) -> list[dict[str, Any]]:
-    """Step 1 over the configured pairs: de-duplicated situations with their category and value."""
+def generate_situations(
+    model: ChatModel,
+    cfg: PersonasConfig,
+    seed: int = 0,
+    stats: StepStats | None = None,
+    pairs: Sequence[tuple[dict[str, Any], Any]] | None = None,
+    dedup: Deduper | None = None,
+) -> list[dict[str, Any]]:
+    """Step 1 over `pairs` (default: the configured ones): situations with their category and value,
+    de-duplicated against each other and against what `dedup` has already seen."""
     stats = stats or StepStats()
-    pairs = select_pairs(cfg.pairs, seed)
+    pairs = select_pairs(cfg.pairs, seed) if pairs is None else pairs
     found: dict[int, list[str]] = {}
     pending = list(range(len(pairs)))
     for attempt in range(cfg.reask + 1):
@@ -274,8 +286,9 @@ def generate_situations(model: ChatModel, cfg: PersonasConfig, seed: int = 0, st
     stats.add("situations.pairs", len(pairs))
     stats.add("situations.pairs_failed", len(pending))
     items = []
-    dedup = Deduper()  # across pairs too: the paper's situations are all unique
-    dedup.add(prompt_example())  # small models copy the prompt's example
+    if dedup is None:
+        dedup = Deduper()  # across pairs too: the paper's situations are all unique
+        dedup.add(prompt_example())  # small models copy the prompt's example
     for i, (cat, v) in enumerate(pairs):
         raw = found.get(i, [])
         kept = [s for s in raw if dedup.add(s)]
@@ -572,10 +585,24 @@ def select_count(items: list[dict[str, Any]], count: int | None, seed: int = 0) 
 def generate_personas(model: ChatModel, cfg: PersonasConfig, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """(personas, rejected situations, step counts). Personas carry every field of `PERSONA_FIELDS`."""
     stats = StepStats()
-    items = generate_situations(model, cfg, seed, stats)
-    rate_alignment(model, items, cfg, seed, stats) if items else None
-    kept = [it for it in items if it["alignment"] >= cfg.min_alignment]
-    rejected = [dict(it, reason=f"alignment {it['alignment']} < {cfg.min_alignment}") for it in items if it["alignment"] < cfg.min_alignment]
+    order = select_pairs(None, seed)
+    step = len(order) if cfg.pairs is None else min(cfg.pairs, len(order))
+    top_up = cfg.pairs is not None and cfg.count is not None
+    limit = min(len(order), cfg.max_pairs or len(order)) if top_up else step
+    dedup = Deduper()
+    dedup.add(prompt_example())  # small models copy the prompt's example
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    used = 0
+    while used < limit and (used == 0 or len(kept) < (cfg.count or 0)):
+        items = generate_situations(model, cfg, seed, stats, order[used : min(used + step, limit)], dedup)
+        used = min(used + step, limit)
+        stats.add("situations.rounds")
+        rate_alignment(model, items, cfg, seed, stats) if items else None
+        kept += [it for it in items if it["alignment"] >= cfg.min_alignment]
+        rejected += [dict(it, reason=f"alignment {it['alignment']} < {cfg.min_alignment}") for it in items if it["alignment"] < cfg.min_alignment]
+    if top_up and len(kept) < (cfg.count or 0):
+        log.warning("only %d of personas.count=%d situations passed the alignment filter after %d pairs (personas.max_pairs)", len(kept), cfg.count, used)
     stats.add("alignment.kept", len(kept))
     stats.add("alignment.rejected", len(rejected))
     kept = select_count(kept, cfg.count, seed)

@@ -133,6 +133,23 @@ def test_count_keeps_a_stratified_subset(fake_writer) -> None:
     assert len(personas) == 6 and len({p["problem"] for p in personas}) == 6
 
 
+def test_a_weak_writer_gets_more_pairs_until_count_pass_bounded_by_max_pairs(fake_writer, caplog) -> None:
+    model, _ = fake_writer
+    # 4 situations per pair, a third of them rated 2: one pair cannot give 6 personas
+    cfg = PersonasConfig(pairs=1, min_situations=2, max_situations=4, count=6, max_pairs=10, split={"train": 4, "dev": 1, "test": 1})
+    personas, rejected, stats = generate_personas(model, cfg)
+    assert len(personas) == 6 and 1 < stats["situations.rounds"] < 10
+    assert stats["situations.pairs"] == stats["situations.rounds"] and stats["alignment.kept"] >= 6
+    assert len({(p["problem"], p["value"]) for p in personas}) >= 2
+    bounded = cfg.model_copy(update={"max_pairs": 2})
+    personas, _, stats = generate_personas(model, bounded)
+    assert stats["situations.rounds"] == 2 and stats["situations.pairs"] == 2 and len(personas) < 6
+    assert "max_pairs" in caplog.text
+    # without `count` (the paper's setting) the configured pairs are written once
+    _, _, stats = generate_personas(model, cfg.model_copy(update={"count": None, "pairs": 2}))
+    assert stats["situations.rounds"] == 1 and stats["situations.pairs"] == 2
+
+
 def test_a_broken_personas_file_names_the_line_and_field(tmp_path: Path) -> None:
     path = tmp_path / "personas.jsonl"
     path.write_text('{"id": "p1", "split": "train", "problem": "x", "value": "y", "situation": "z", "emotion": "Fear"}\n{"id": "p2", "split": "train"}\n')
