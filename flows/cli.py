@@ -518,7 +518,7 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="SFT micro-batch (default: the recipe's)")
     p.add_argument("--dpo-batch-size", type=int, default=None, help="DPO micro-batch of pairs (default: the recipe's)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: the recipe's setting (on with CUDA where it sets none)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--gen-batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 8, 32, 64), metavar="B1,B2,...")
     p.add_argument("--gen-new-tokens", type=int, default=None, help="new tokens per reply (default 32 on CUDA, 8 on CPU)")
