@@ -35,10 +35,11 @@ demo: setup
 rehearse: setup
 	$(BIN)/esvr rehearse --config configs/rehearsal.yaml
 
+# Everything that runs without a GPU, the rehearsal's end-to-end test included (~30 min on 2 cores)
 test: setup
-	$(BIN)/python -m pytest -m "not gpu and not rehearsal" -p no:cacheprovider
+	$(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider
 
-# The rehearsal's end-to-end test: esvr rehearse twice (fresh, then from the caches)
+# The rehearsal's end-to-end test alone: esvr rehearse twice (fresh, then from the caches)
 test-rehearsal: setup
 	$(BIN)/python -m pytest -m rehearsal -p no:cacheprovider
 
