@@ -75,6 +75,9 @@ PYP=("$PY" -P)
 step() {  # step NAME LIMIT_S COMMAND...: run within the limit and what is left of the budget
     local name=$1 limit=$2 left
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return  # ONLY="gpu-tests dpo" runs just the named steps
+    fi
     left=$((BUDGET_S - (SECONDS - START)))
     if ((left < 30)); then
         echo "== $name: skipped, ${left}s of the budget left"
@@ -123,8 +126,12 @@ step sft-gc-b8 100 "${BENCH[@]}" --no-dpo "${VAR_STEPS[@]}" --batch-size 8 --jso
 step dpo 120 "${BENCH[@]}" --no-sft "${VAR_STEPS[@]}" --json "$OUT/dpo.json"
 # (d) generation through the hf chat backend at batch 1/8/32/64, 32 new tokens
 step generate 120 "${BENCH[@]}" --no-sft --no-dpo --generate --json "$OUT/generate.json"
-# (e) the gpu tests of the bench (the others need the bundled model or Prefect)
-step gpu-tests 120 "${PYP[@]}" -m pytest -m gpu tests/test_bench_train.py -q -p no:cacheprovider
+# (e) the gpu tests of the bench and of the trainers. The trainers' tests build their tiny model with
+# the bundled model's tokenizer: a folder `models/SmolLM2-135M-Instruct` under $ESVR_CACHE_DIR with its
+# config and tokenizer files (no weights: a few MB that can travel) is enough; without one they skip.
+GPU_TESTS=(tests/test_bench_train.py)
+[ -f "${ESVR_CACHE_DIR:-/nonexistent}/models/SmolLM2-135M-Instruct/tokenizer.json" ] && GPU_TESTS+=(tests/test_training.py)
+step gpu-tests 120 "${PYP[@]}" -m pytest -m gpu "${GPU_TESTS[@]}" -q -p no:cacheprovider -rs
 # last, if time is left: no checkpointing at the paper's micro-batch (may run out of memory)
 step sft-nogc-b4 100 "${BENCH[@]}" --no-dpo "${VAR_STEPS[@]}" --no-gradient-checkpointing --batch-size 4 --json "$OUT/sft-nogc-b4.json"
 
