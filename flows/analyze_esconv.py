@@ -15,16 +15,16 @@ from prefect import flow, task
 
 from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig
-from esvr.flows.label import LABEL_PROMPTS, labelers, labelers_identity
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.analyze_esconv import HIGH, LOW, AnalyzeESConvConfig, analyze_esconv
-from esvr.tasks.caching import cache_policy
-from esvr.tasks.label import LabelConfig
+from esvr.flows.label import LABEL_PROMPTS, STAGE, labelers, labelers_identity
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.labeling.analyze_esconv import HIGH, LOW, AnalyzeESConvConfig, analyze_esconv
+from esvr.flows.caching import cache_policy
+from esvr.tasks.labeling.label import LabelConfig
 
 
 @task(
     cache_policy=cache_policy(
-        "esvr.tasks.esconv", "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers"]
+        STAGE, "esvr.tasks.common.esconv", "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers"]
     ),
     persist_result=True,
 )

@@ -10,15 +10,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 
 from esvr.flows import tracking
+from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.components import prompts_digest
-from esvr.tasks.datasets import build_datasets_task, stats_metrics
+from esvr.tasks.common.hashing import prompts_digest
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.components.datasets import DatasetsConfig, build_datasets, stats_metrics
 
 PROMPTS = ["tvd/system.txt", "tvd/user.txt", "rg/system.txt", "rg/user.txt"]
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.components"
+
+
+@task(
+    name="build_datasets",
+    cache_policy=cache_policy(STAGE),
+    persist_result=True,
+    log_prints=False,  # `datasets` prints bytecode listings while fingerprinting
+)
+def build_datasets_task(threads: Path, labels: Path, cfg: DatasetsConfig, out: Path, prompts: str) -> str:
+    """`build_datasets` as a cached task (keyed by the inputs' content, the config, the prompt
+    files' digest `prompts` and the builders' source); returns the manifest's path."""
+    build_datasets(threads, labels, cfg, out)
+    return str(Path(out) / "manifest.json")
 
 
 @flow(name="build_datasets", log_prints=True)

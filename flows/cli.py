@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from esvr.flows.errors import ConfigError
+from esvr.models.config import ConfigError
 
 if TYPE_CHECKING:
     from esvr.flows.config import PipelineConfig
@@ -180,7 +180,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.dumps:
         config.ingest.dumps = args.dumps
     from esvr.flows.ingest import ingest_flow
-    from esvr.tasks.ingest import IngestError
+    from esvr.tasks.reddit.ingest import IngestError
 
     try:
         _print_artifacts(ingest_flow(config))
@@ -191,7 +191,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_make_sample_dump(args: argparse.Namespace) -> int:
-    from esvr.tasks.sample_dump import make_sample_dump
+    from esvr.tasks.reddit.sample_dump import make_sample_dump
 
     paths = make_sample_dump(args.out, months=args.months, posts=args.posts, seed=args.seed)
     for kind, files in paths.items():
@@ -201,7 +201,7 @@ def cmd_make_sample_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from esvr.tasks.bench_ingest import run_bench
+    from esvr.tasks.bench.ingest import run_bench
 
     run_bench(size_mb=args.size_mb, tmp_dir=args.tmp)
     return 0
@@ -234,7 +234,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_simulate(args: argparse.Namespace) -> int:
-    from esvr.tasks.sim_bench import bench_simulate, format_bench
+    from esvr.tasks.bench.simulate import bench_simulate, format_bench
 
     results = bench_simulate(
         latency_s=args.latency,
@@ -357,7 +357,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     config = prepared(args)
     from esvr.flows.report import report_flow
-    from esvr.tasks.report import parse_tags
+    from esvr.tasks.evaluation.report import parse_tags
 
     try:
         tags = parse_tags(args.tag)
@@ -520,7 +520,7 @@ def cmd_analyze_esconv(args: argparse.Namespace) -> int:
 def cmd_train_value_head(args: argparse.Namespace) -> int:
     import json
 
-    from esvr.tasks.value_head import metrics_table, train_value_head
+    from esvr.tasks.labeling.value_head import metrics_table, train_value_head
 
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"Touché23-ValueEval folder not found: {args.data}")
@@ -535,7 +535,7 @@ def cmd_bench_label(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from esvr.tasks.bench_label import bench_label
+    from esvr.tasks.bench.label import bench_label
 
     bench_label(n=args.n, threads_path=args.threads, repeats=args.repeats, max_seq_length=args.max_seq_length)
     return 0
@@ -606,7 +606,7 @@ def cmd_train_supporter(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     config = prepared(args)
-    from esvr.tasks.chat_frontend import open_session, run_terminal
+    from esvr.flows.chat import open_session, run_terminal
 
     with open_session(config, args.supporter, tvd=args.tvd, rg=args.rg, max_tokens=args.max_tokens) as (session, banner):
         print(banner, file=sys.stderr)

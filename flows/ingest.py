@@ -15,9 +15,9 @@ from prefect import flow, task
 
 from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig, load_config
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.caching import cache_policy
-from esvr.tasks.ingest import (
+from esvr.tasks.common.paths import RunPaths
+from esvr.flows.caching import cache_policy
+from esvr.tasks.reddit.ingest import (
     MANIFEST,
     IngestConfig,
     IngestError,
@@ -27,10 +27,13 @@ from esvr.tasks.ingest import (
     ingest_dumps,
     stage_dump,
 )
-from esvr.tasks.sample_dump import make_sample_dump
+from esvr.tasks.reddit.sample_dump import make_sample_dump
+
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.reddit"
 
 
-@task(cache_policy=cache_policy(), persist_result=True)
+@task(cache_policy=cache_policy(STAGE), persist_result=True)
 def stage_dump_task(dump: Path, out_stage_dir: Path, cfg: IngestConfig) -> dict:
     result = stage_dump(dump, out_stage_dir, cfg)
     return {"stats": result.stats, "error": result.error}
@@ -43,7 +46,7 @@ def _stage_via_task(dump: Path, stage_dir: Path, cfg: IngestConfig) -> StageResu
     return StageResult(out["stats"], out["error"])
 
 
-@task(cache_policy=cache_policy("esvr.tasks.sample_dump"), persist_result=True)
+@task(cache_policy=cache_policy(STAGE), persist_result=True)
 def sample_dump_task(out_dir: Path, seed: int, posts: int = 150) -> list[str]:
     paths = make_sample_dump(out_dir, seed=seed, posts=posts)
     return [str(p) for p in paths["submissions"] + paths["comments"]]

@@ -18,10 +18,15 @@ from prefect import flow, task
 
 from esvr.flows import tracking
 from esvr.flows.config import OrchestrationConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.flows.task_runners import uses_cluster
-from esvr.tasks.caching import cache_policy, path_digest
-from esvr.tasks.label import LabelConfig, label_on_runner, label_threads, run_labelers
+from esvr.tasks.common.paths import RunPaths
+from esvr.flows.caching import cache_policy
+from esvr.flows.task_runners import map_runner, uses_cluster
+from esvr.tasks.common.hashing import path_digest
+from esvr.tasks.common.roles import labelers as build_labelers
+from esvr.tasks.labeling.label import LabelConfig, label_on_runner, label_threads
+
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.labeling"
 
 LABEL_PROMPTS = {
     "llm": ["labeling/value_llm.txt"],
@@ -31,7 +36,7 @@ LABEL_PROMPTS = {
 
 def labelers(config: PipelineConfig):
     """The configured detector and scorer; chat models (llm, emollama) are shared and cached."""
-    return run_labelers(config.label, config.run.out_dir.resolve(), config.models.cache)
+    return build_labelers(config.label.values, config.label.emotion, config.run.out_dir.resolve(), config.models.cache)
 
 
 def labelers_identity(cfg: LabelConfig) -> str:
@@ -45,7 +50,7 @@ def labelers_identity(cfg: LabelConfig) -> str:
 
 @task(
     cache_policy=cache_policy(
-        "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers", "orchestration", "run_dir", "use_cache"]
+        STAGE, "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers", "orchestration", "run_dir", "use_cache"]
     ),
     persist_result=True,
 )
@@ -64,7 +69,7 @@ def label_task(
     part of it (the labels are the same). The labelers are built only when the task runs: a cache
     hit loads no encoder (~7 s of a cached demo re-run)."""
     if orchestration is not None and uses_cluster(orchestration):
-        result = label_on_runner(threads, out, cfg, orchestration, run_dir or str(Path(out).parent), use_cache)
+        result = label_on_runner(threads, out, cfg, map_runner(orchestration), run_dir or str(Path(out).parent), use_cache)
     else:
         detector, scorer = make_labelers() if make_labelers else (None, None)
         result = label_threads(threads, out, cfg, detector=detector, scorer=scorer)

@@ -14,17 +14,16 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths, chat_model
-from esvr.tasks.caching import cache_policy
-from esvr.tasks.personas import PERSONA_PROMPTS, PersonasConfig, generate_personas, write_personas
+from esvr.flows.config import PipelineConfig
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.paths import RunPaths
+from esvr.flows.caching import cache_policy
+from esvr.tasks.simulation.personas import PERSONA_PROMPTS, PersonasConfig, make_personas
 
 
-@task(cache_policy=cache_policy("esvr.tasks.personas"), persist_result=True)
+@task(cache_policy=cache_policy("esvr.tasks.simulation"), persist_result=True)
 def personas_task(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True) -> dict[str, str]:
-    model = chat_model(writer, run_dir, cache=use_cache)
-    personas, rejected, stats = generate_personas(model, cfg, seed)
-    return {k: str(v) for k, v in write_personas(personas, rejected, stats, out_dir).items()}
+    return {k: str(v) for k, v in make_personas(writer, cfg, seed, out_dir, run_dir, use_cache).items()}
 
 
 def personas_path(config: PipelineConfig) -> Path:

@@ -2,7 +2,7 @@
 
 A paper run meets a missing API key, a stopped model server or an absent dump only when the
 stage that needs it starts, hours in. `preflight(config)` looks at what the stages that will run
-(`esvr.flows.pipeline.selected`) are going to read, all at once: dump files, chat models (API key
+(`PipelineConfig.selected`) are going to read, all at once: dump files, chat models (API key
 variables; every OpenAI-compatible server is asked ``GET /models``, in parallel, with a short
 timeout), local checkpoints and adapters, the corpora the evaluation and the ESConv analysis
 parse, the run folder, the task runner's extra and scheduler, and the run-folder files a stage
@@ -114,9 +114,9 @@ class PreflightError(ConfigError):
 
 def run_stages(config: PipelineConfig) -> list[str]:
     """The stages `esvr run` executes for this recipe, in pipeline order."""
-    from esvr.flows.pipeline import OPTIONAL_STAGES, STAGES, selected
+    from esvr.flows.config import OPTIONAL_STAGES, STAGES
 
-    return [s for s in OPTIONAL_STAGES + STAGES if selected(config, s)]
+    return [s for s in OPTIONAL_STAGES + STAGES if config.selected(s)]
 
 
 def preflight(
@@ -407,7 +407,7 @@ class _Plan:
     def adapter_folder(self, key: str, ref: str) -> None:
         """A trained component's folder: its component.json names the base, which must exist too.
         (Read here rather than by `component_spec`, which would convert the default model.)"""
-        from esvr.tasks.components import COMPONENT_FILE
+        from esvr.tasks.common.roles import COMPONENT_FILE
 
         folder = Path(ref)
         fix = "give an adapter folder with component.json, mlflow:<run_id> or an hf: spec"
@@ -425,7 +425,7 @@ class _Plan:
     def evaluate_simulation(self, runs_tvd: bool, runs_rg: bool) -> None:
         """The rows' default TVD/RG and valence scorer: stage 6's settings plus
         evaluate.simulate_overrides (tasks/evaluate.py: evaluation_simulate_config)."""
-        from esvr.tasks.evaluate import evaluation_simulate_config
+        from esvr.tasks.evaluation.evaluate import evaluation_simulate_config
 
         c = self.config
         try:
@@ -590,7 +590,7 @@ def _check_dump(path: Path) -> Found:
 
 
 def _check_personas(path: Path, split: str) -> Found:
-    from esvr.tasks.personas import read_personas
+    from esvr.tasks.simulation.personas import read_personas
 
     if found := _exists(path):
         return found
@@ -601,7 +601,7 @@ def _check_personas(path: Path, split: str) -> Found:
 
 def _check_corpus(kind: str, path: Path) -> Found:
     """Parsed by the loader the fine-tuning uses; at least one supporter turn after a seeker's."""
-    from esvr.tasks.baselines import load_corpus
+    from esvr.tasks.evaluation.baselines import load_corpus
 
     if not path.exists():  # checked first: the ESConv loader would take a missing 'a/b' for a hub id
         return [(f"{kind} corpus {path} does not exist", f"download it from its publishers to {path}", "error")]
@@ -615,7 +615,7 @@ def _check_corpus(kind: str, path: Path) -> Found:
 
 def _check_esconv(source: str, cfg: Any | None) -> Found:
     """ESConv through the loader the stage uses; for the analysis (cfg given) both intensity groups."""
-    from esvr.tasks.esconv import LoadReport, load_esconv
+    from esvr.tasks.common.esconv import LoadReport, load_esconv
 
     path = Path(source)
     if not path.exists():
@@ -634,7 +634,7 @@ def _check_esconv(source: str, cfg: Any | None) -> Found:
             return [(f"{source}: no dialogue has a final_emotion_intensity rating (the ES-Intensity check needs them)",
                      "use ESConv.json, whose survey_score holds them", "error")]
         return []
-    from esvr.tasks.analyze_esconv import HIGH, LOW, split_groups
+    from esvr.tasks.labeling.analyze_esconv import HIGH, LOW, split_groups
 
     groups, skipped = split_groups(dialogues, cfg)
     counts = {g: len(groups[g]) for g in (HIGH, LOW)}
@@ -761,9 +761,9 @@ def _reason(exc: Exception) -> str:
 
 
 def _base_model(config: PipelineConfig) -> ModelConfig:
-    from esvr.flows.train_tvd import base_model_config
+    from esvr.tasks.common.roles import base_model
 
-    return base_model_config(config)
+    return base_model(config.models.base)
 
 
 def main_report(config: PipelineConfig, stages: Sequence[str] | None = None) -> tuple[str, int]:

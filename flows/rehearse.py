@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.errors import ConfigError
+from esvr.models.config import ConfigError
 from esvr.flows.memory import StageMemory
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}

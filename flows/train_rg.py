@@ -15,15 +15,60 @@ from pathlib import Path
 from typing import Any
 
 from datasets import load_from_disk
-from prefect import flow
+from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.flows.train_tvd import base_model_config, dataset_dir, model_for, train_component
-from esvr.tasks import rg
-from esvr.tasks.components import component_spec, prompts_digest
-from esvr.tasks.datasets import load_manifest
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import PipelineConfig
+from esvr.flows.train_tvd import STAGE, dataset_dir, model_for, train_component
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.hashing import prompts_digest
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import base_model, component_spec
+from esvr.tasks.components import rg
+from esvr.tasks.components.datasets import load_manifest
+
+
+@task(name="rg_sft_without_values", cache_policy=cache_policy(STAGE), persist_result=True)
+def without_target_values_task(data: Path, out: Path, max_chars: int | None, prompts: str) -> str:
+    return rg.without_target_values(data, out, max_chars)
+
+
+@task(name="rg_generate", cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
+def rg_generate_task(
+    model: ModelConfig,
+    data: Path,
+    values_mode: str,
+    cfg: rg.RGEvalConfig,
+    max_chars: int | None,
+    seed: int,
+    out: Path,
+    run_dir: str,
+    use_cache: bool,
+    prompts: str,
+) -> str:
+    """`rg.rg_generate` as a cached task, keyed also by the prompt files' digest `prompts`."""
+    return rg.rg_generate(model, data, values_mode, cfg, max_chars, seed, out, run_dir, use_cache)
+
+
+@task(name="rg_judge", cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
+def rg_judge_task(
+    judge: ModelConfig,
+    data: Path,
+    replies_x: Path,
+    replies_y: Path,
+    x: str,
+    y: str,
+    cfg: rg.RGEvalConfig,
+    max_chars: int | None,
+    seed: int,
+    out: Path,
+    run_dir: str,
+    use_cache: bool,
+    prompts: str,
+) -> dict[str, Any]:
+    """`rg.rg_judge` as a cached task, keyed also by the prompt files' digest `prompts`."""
+    return rg.rg_judge(judge, data, replies_x, replies_y, x, y, cfg, max_chars, seed, out, run_dir, use_cache)
 
 
 def evaluate_setting(
@@ -38,7 +83,7 @@ def evaluate_setting(
 
     def generated(name: str, mode: str) -> Path:
         if (name, mode) not in replies:
-            replies[(name, mode)] = rg.rg_generate_task(
+            replies[(name, mode)] = rg_generate_task(
                 ModelConfig(spec=systems[name]), data, mode, cfg.eval, max_chars, config.run.seed,
                 out_dir / f"replies.{name}.{mode}.jsonl", str(paths.out_dir), config.models.cache, digest,
             )
@@ -55,7 +100,7 @@ def evaluate_setting(
     results = []
     for label, xn, xm, yn, ym in comparisons:
         x, y = (xn, yn) if xn != yn else (xm, ym)
-        res = rg.rg_judge_task(
+        res = rg_judge_task(
             judge, data, generated(xn, xm), generated(yn, ym), x, y, cfg.eval, max_chars, config.run.seed,
             out_dir / f"verdicts.{label}.jsonl", str(paths.out_dir), config.models.cache, digest,
         )
@@ -84,12 +129,12 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
             scfg = cfg.for_setting(setting)
             sft_data, dpo_data = dataset_dir(manifest, setting, "rg_sft"), dataset_dir(manifest, setting, "rg_dpo")
             if not cfg.with_values:
-                sft_data = Path(rg.without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars, digest))
+                sft_data = Path(without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars, digest))
             sft, sft_run = train_component(
                 config, component="rg", stage="sft", setting=setting, kind="sft", data=sft_data,
                 train_cfg=scfg.sft, out=stage_dir / setting / "sft", tags={"esvr.rg_values": str(cfg.with_values).lower()},
             )
-            systems = {"vanilla": base_model_config(config).spec, "sft": component_spec(sft["adapter_dir"])}
+            systems = {"vanilla": base_model(config.models.base).spec, "sft": component_spec(sft["adapter_dir"])}
             artifacts[f"rg_{setting}_sft"] = systems["sft"]
             artifacts[f"rg_{setting}_sft_run"] = f"mlflow:{sft_run}"
             if not cfg.with_values:

@@ -20,29 +20,104 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths, release_models
-from esvr.tasks.components import component_spec
-from esvr.tasks.preferences import EMOTION_PROMPTS
-from esvr.tasks.simulate import SIMULATE_PROMPTS, load_dialogues
-from esvr.tasks.train_supporter import (
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import OrchestrationConfig, PipelineConfig
+from esvr.flows.task_runners import map_runner, uses_cluster
+from esvr.models.config import ModelConfig
+from esvr.models.emotion import EmotionConfig
+from esvr.models.value_detector import ValueDetectorConfig
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import component_spec, model_config, release_models
+from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, SimulateConfig, load_dialogues
+from esvr.tasks.supporter.preferences import EMOTION_PROMPTS
+from esvr.tasks.supporter.train_supporter import (
     SPLITS,
+    TrainSupporterConfig,
+    build_sft_data,
     dialogues_by_split,
-    dpo_simulations_task,
-    preferences_task,
-    rollouts_task,
-    sft_data_task,
+    dpo_simulations,
+    preferences,
+    rollouts,
     table19_metrics,
 )
 
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.supporter"
 
-def _model(value: ModelConfig | str | None) -> ModelConfig | None:
-    if value is None or isinstance(value, ModelConfig):
-        return value
-    return ModelConfig(spec=value) if value else None
+
+@task(name="supporter_sft_data", cache_policy=cache_policy(STAGE), persist_result=True)
+def sft_data_task(dialogues: Path, out_dir: Path, include_stepwise: bool = True) -> dict[str, Any]:
+    return build_sft_data(dialogues, out_dir, include_stepwise)
+
+
+@task(name="supporter_dpo_simulations", cache_policy=NO_CACHE, persist_result=False)
+def dpo_simulations_task(
+    personas: list[dict],
+    out: Path,
+    simulate_cfg: SimulateConfig,
+    supporter: ModelConfig,
+    seeker: ModelConfig,
+    tvd: ModelConfig | None,
+    rg: ModelConfig | None,
+    emotion_cfg: EmotionConfig | None,
+    out_dir: Path,
+    use_cache: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """'DPO (SFT)': dialogues of the SFT model with alternatives. Not cached by Prefect: the
+    dialogues file is itself the resumable record."""
+    return dpo_simulations(personas, out, simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache, seed)
+
+
+@task(name="supporter_rollouts", cache_policy=NO_CACHE, persist_result=False)
+def rollouts_task(
+    dialogues_path: Path,
+    out: Path,
+    cfg: TrainSupporterConfig,
+    simulate_cfg: SimulateConfig,
+    supporter: ModelConfig,
+    seeker: ModelConfig,
+    tvd: ModelConfig | None,
+    rg: ModelConfig | None,
+    emotion_cfg: EmotionConfig | None,
+    out_dir: Path,
+    use_cache: bool,
+    seed: int,
+    orchestration: OrchestrationConfig | None = None,
+) -> dict[str, Any]:
+    """Look-ahead rollouts of both candidates of each turn. The rollouts file is resumable
+    (candidates already in it are skipped), so Prefect does not cache this task. With a dask or
+    ray `orchestration` the shards run on the cluster."""
+    on_cluster = orchestration is not None and uses_cluster(orchestration)
+    return rollouts(
+        dialogues_path, out, cfg, simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache, seed,
+        run=map_runner(orchestration) if on_cluster else None,  # type: ignore[arg-type]
+        n_shards=orchestration.max_workers if on_cluster else 1,  # type: ignore[union-attr]
+    )
+
+
+@task(
+    name="supporter_preferences",
+    cache_policy=cache_policy(STAGE, "esvr.models.value_detector"),
+    persist_result=True,
+)
+def preferences_task(
+    rollouts: Path,
+    dialogues_path: Path,
+    cfg: TrainSupporterConfig,
+    value_cfg: ValueDetectorConfig | None,
+    judge: ModelConfig | None,
+    out_dir: Path,
+    run_dir: str,
+    use_cache: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """Score the rollouts (value detector or emotion judge), then pairs and Table 19 per setting."""
+    return preferences(rollouts, dialogues_path, cfg, value_cfg, judge, out_dir, run_dir, use_cache, seed)
 
 
 def _emotion_cfg(config: PipelineConfig) -> Any | None:
@@ -71,8 +146,9 @@ def train_supporter_flow(
 
     `dialogues_path`: the SFT stage's dialogues (default ``<run>/simulate/main/dialogues.jsonl``).
     `personas_path`: personas for the 'DPO (SFT)' simulations (default: the dialogues' own personas).
-    `tvd`, `rg`: the trained components as specs (default ``simulate.tvd`` / ``simulate.rg``;
-    ``""`` for none), used by the rollouts and the 'DPO (SFT)' simulations.
+    `tvd`, `rg`: the trained components as specs or component references (default
+    ``simulate.tvd`` / ``simulate.rg``; ``""`` for none), used by the rollouts and the 'DPO (SFT)'
+    simulations.
     """
     from esvr.flows.train_tvd import train_component
 
@@ -81,8 +157,8 @@ def train_supporter_flow(
     dialogues = Path(dialogues_path) if dialogues_path else paths.out_dir / "simulate" / "main" / "dialogues.jsonl"
     if not dialogues.exists():
         raise FileNotFoundError(f"train_supporter: no dialogues file {dialogues} (run the simulate stage first)")
-    tvd_cfg = config.simulate.tvd if tvd is None else _model(tvd)
-    rg_cfg = config.simulate.rg if rg is None else _model(rg)
+    tvd_cfg = config.simulate.tvd if tvd is None else model_config(tvd)
+    rg_cfg = config.simulate.rg if rg is None else model_config(rg)
     stage_dir = paths.stage("train_supporter")
     variant = cfg.reward
     tags = {
@@ -113,7 +189,7 @@ def train_supporter_flow(
         # 2. the dialogues behind the preference data ------------------------------------------
         if cfg.dpo_simulations == "sft":
             if personas_path:
-                from esvr.tasks.personas import read_personas
+                from esvr.tasks.simulation.personas import read_personas
 
                 chosen = read_personas(personas_path, list(SPLITS))
             else:

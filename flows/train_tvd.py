@@ -14,31 +14,77 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow
+from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig, flatten
-from esvr.flows.runtime import RunPaths, release_models, return_freed_memory
-from esvr.tasks import tvd
-from esvr.tasks.components import component_spec, log_training, prompts_digest, train_lora_task
-from esvr.tasks.datasets import load_manifest
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import PipelineConfig, flatten
+from esvr.models.config import ModelConfig
+from esvr.models.training import TrainConfig
+from esvr.tasks.common.hashing import prompts_digest
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import base_model, component_spec, release_models, resolve_component, return_freed_memory
+from esvr.tasks.components import tvd
+from esvr.tasks.components.datasets import load_manifest
+from esvr.tasks.components.training import log_training, train_lora
 
 _ROLES = ("supporter", "seeker", "persona_writer", "judge")
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.components"
 
 
-def base_model_config(config: PipelineConfig) -> ModelConfig:
-    """`models.base` as a chat spec ('default', or 'hf:<path-or-hub-id>')."""
-    base = config.models.base
-    return ModelConfig(spec=base if base == "default" or base.startswith("hf:") else f"hf:{base}")
+@task(
+    name="train_lora",
+    cache_policy=cache_policy(STAGE, "esvr.models.training", exclude=["run_id"]),
+    persist_result=True,
+    # libraries print bytecode listings while hashing functions; step metrics go to MLflow instead
+    log_prints=False,
+)
+def train_lora_task(
+    kind: str,
+    base: ModelConfig,
+    data: Path,
+    sft_adapter: Path | None,
+    cfg: TrainConfig,
+    out: Path,
+    meta: dict[str, Any],
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """`train_lora` as a cached Prefect task.
+
+    Keyed by the dataset's and the base weights' content, the SFT adapter's content, the config
+    and the trainer's source; not by the MLflow run id, so a re-run reuses the adapter and
+    `log_training` replays its step metrics into the new run.
+    """
+    return train_lora(kind, base, data, sft_adapter, cfg, out, meta, run_id)
+
+
+@task(name="tvd_eval", cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
+def tvd_eval_task(
+    model: ModelConfig,
+    data: Path,
+    name: str,
+    variant: tvd.Variant,
+    cfg: tvd.TVDEvalConfig,
+    max_chars: int | None,
+    seed: int,
+    out: Path,
+    run_dir: str,
+    use_cache: bool,
+    prompts: str,
+) -> dict[str, Any]:
+    """`tvd.tvd_eval` as a cached task, keyed also by the prompt files' digest `prompts`."""
+    return tvd.tvd_eval(model, data, name, variant, cfg, max_chars, seed, out, run_dir, use_cache)
 
 
 def model_for(name: str, config: PipelineConfig) -> ModelConfig:
-    """'base' = the training base checkpoint; a role name = that configured model; else a spec."""
+    """'base' = the training base checkpoint; a role name = that configured model; else a spec or
+    a trained component (``mlflow:<run_id>``, an adapter folder)."""
     if name == "base":
-        return base_model_config(config)
+        return base_model(config.models.base)
     if name in _ROLES:
         return getattr(config.models, name)
-    return ModelConfig(spec=name)
+    return ModelConfig(spec=resolve_component(name))
 
 
 def slug(name: str) -> str:
@@ -60,7 +106,7 @@ def train_component(
     train_cfg: Any, out: Path, sft_adapter: Path | None = None, tags: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """One training as a nested MLflow run; returns (TrainResult JSON, MLflow run id)."""
-    base = base_model_config(config)
+    base = base_model(config.models.base)
     tags = {"esvr.component": component, "esvr.training_stage": stage, "esvr.setting": setting, "esvr.base_model": base.spec,
             **(tags or {})}
     with tracking.flow_run(f"{component}.{stage}.{setting}", config, tags=tags) as run:
@@ -102,7 +148,7 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
         evaluations = []
         for name, model, variant in systems:
             out = stage_dir / "eval" / f"{slug(name)}.{variant}.jsonl"
-            evaluations.append(tvd.tvd_eval_task(
+            evaluations.append(tvd_eval_task(
                 model, data, name, variant, cfg.eval, max_chars, config.run.seed, out,
                 str(paths.out_dir), config.models.cache, digest,
             ))

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message, ModelSpec
+from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
+from esvr.models.config import ModelConfig
 
 
 def resolve_model_path(name: str) -> str:
@@ -105,7 +106,7 @@ class HFChat(ChatModel):
         self._queue: queue.Queue[tuple[ChatRequest, Future]] | None = None
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> HFChat:
+    def from_spec(cls, spec: ModelConfig) -> HFChat:
         base, adapter = split_hf_spec(spec.spec)
         return cls(base, adapter, device=spec.device, batch_size=spec.batch_size)
 

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 import openai
 
-from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message, ModelSpec
+from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
+from esvr.models.config import ModelConfig
 
 T = TypeVar("T")
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -89,7 +90,7 @@ class OpenAIChat(ChatModel):
         #: scoring replies that named none of the choices (scored as uniform)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> OpenAIChat:
+    def from_spec(cls, spec: ModelConfig) -> OpenAIChat:
         return cls(
             spec.spec.partition(":")[2],
             base_url=spec.base_url,

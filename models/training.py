@@ -39,22 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from esvr.models.config import Section
 
 # A completion needs room after its prompt: a prompt that leaves fewer tokens than this before
 # `max_length` is dropped rather than trained on with its completion truncated to nothing.
 MIN_COMPLETION_TOKENS = 16
 
 
-class _Section(BaseModel):
-    """Same rules as `esvr.flows.config.Section` (unknown keys are errors). Not that class itself:
-    flows/config.py imports the stage modules, which import this one, so importing it from here
-    is circular whenever this module is imported first."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """One LoRA training run (SFT or DPO). Defaults are the CPU-safe, paper-neutral choices."""
 
     learning_rate: float = 5e-5

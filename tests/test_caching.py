@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esvr.flows.config import ModelConfig, SmokeConfig
-from esvr.tasks.caching import path_digest, stable_form
+from esvr.models.config import ModelConfig
+from esvr.tasks.smoke import SmokeConfig
+from esvr.tasks.common.hashing import path_digest, stable_form
 
 
 def test_same_content_at_another_path_has_the_same_digest(tmp_path: Path):
@@ -44,11 +45,11 @@ def test_configs_hash_by_value_and_local_weights_by_content(tmp_path: Path):
 
 
 def test_flow_file_tasks_are_keyed_on_the_domain_modules_doing_the_work():
-    from esvr.tasks.caching import work_modules
+    from esvr.flows.caching import work_modules
 
     # the label task lives in a flow file; its work is in tasks/label.py and the models it loads
     modules = work_modules("esvr.flows.label")
-    assert {"esvr.tasks.label", "esvr.models.value_detector", "esvr.models.emotion"} <= set(modules)
+    assert {"esvr.tasks.labeling.label", "esvr.models.value_detector", "esvr.models.emotion"} <= set(modules)
 
 
 def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, monkeypatch, prefect_harness):
@@ -68,7 +69,7 @@ def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, m
     )
     (pkg / "wrapper.py").write_text(
         "from prefect import task\n"
-        "from esvr.tasks.caching import cache_policy\n\n"
+        "from esvr.flows.caching import cache_policy\n\n"
         "@task(cache_policy=cache_policy(packages=('esvr_cache_probe',)), persist_result=True)\n"
         "def probe(x: int) -> int:\n"
         "    from esvr_cache_probe.work import compute\n"

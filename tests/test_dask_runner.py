@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from esvr.flows.config import ModelConfig, OrchestrationConfig, PipelineConfig
-from esvr.flows.task_runners import TaskRunnerError, shard_of, split_shards, task_runner_for
+from esvr.flows.config import OrchestrationConfig, PipelineConfig
+from esvr.models.config import ModelConfig
+from esvr.flows.task_runners import TaskRunnerError, task_runner_for
+from esvr.tasks.common.shards import shard_of, split_shards
 
 
 def test_threads_is_the_default_runner():
@@ -95,7 +97,7 @@ def test_label_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_
 
     from esvr.flows.config import load_config
     from esvr.flows.label import label_flow
-    from esvr.tasks.label import read_labels
+    from esvr.tasks.labeling.label import read_labels
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     threads = write_threads(tmp_path / "threads.parquet", n_threads=24)  # 53 utterances: 14 chunks of 4
@@ -135,8 +137,8 @@ def test_label_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_
 def test_simulate_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_path, monkeypatch):
     pytest.importorskip("prefect_dask")
     from esvr.flows.simulate import simulate_flow
-    from esvr.tasks.sim_bench import FakeOpenAIServer, Script, bench_personas
-    from esvr.tasks.simulate import load_dialogues
+    from esvr.tasks.bench.simulate import FakeOpenAIServer, Script, bench_personas
+    from esvr.tasks.simulation.simulate import load_dialogues
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     personas = bench_personas(6)
@@ -183,15 +185,16 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
     from test_evaluate import scripted, stub_config, write_personas
 
     from esvr.flows.evaluate import evaluate_flow
-    from esvr.models.chat import load_chat_model
-    from esvr.tasks.simulate import SimulateConfig, build_agents, simulate_dialogues
-    from esvr.tasks.train_supporter import TrainSupporterConfig, read_rollouts, rollouts_task
+    from esvr.models.backends import load_chat_model
+    from esvr.tasks.simulation.simulate import SimulateConfig, build_agents, simulate_dialogues
+    from esvr.flows.train_supporter import rollouts_task
+    from esvr.tasks.supporter.train_supporter import TrainSupporterConfig, read_rollouts
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     stub = ModelConfig(spec="openai:stub", base_url=stub_server.base_url)
     sim = SimulateConfig(emotion=False, supporter_temperature=0.0, seeker_temperature=0.0)
     stub_server.reply = script
-    model = load_chat_model(stub.to_spec())
+    model = load_chat_model(stub)
     dialogues = tmp_path / "dialogues.jsonl"
     assert simulate_dialogues(personas(), dialogues, build_agents(sim, model, model, tvd_model=model, rg_model=model),
                               concurrency=4, alternatives=True).written == 3

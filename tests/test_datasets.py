@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from esvr.prompts import value_names
-from esvr.tasks.datasets import (
+from esvr.tasks.components.datasets import (
     DatasetsConfig,
     assign_splits,
     build_datasets,

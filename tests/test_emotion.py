@@ -14,7 +14,7 @@ from esvr.models.emotion import (
     parse_valence,
     vader_class,
 )
-from esvr.tasks.label import EmotionConfig
+from esvr.models.emotion import EmotionConfig
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ def test_label_stage_scores_vader_in_a_worker_process_with_the_same_results():
     import os
 
     from esvr.models.emotion import ProcessEmotionScorer
-    from esvr.tasks.label import for_batches
+    from esvr.tasks.labeling.label import for_batches
 
     texts = ["Thank you so much, I feel a lot better now!", "I hate my life, everything is awful.", "", "ok"]
     worker = for_batches(load_emotion_scorer(EmotionConfig()), EmotionConfig())

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import shared_data
 from esvr.prompts import value_names
-from esvr.tasks.analyze_esconv import (
+from esvr.tasks.labeling.analyze_esconv import (
     HIGH,
     LOW,
     AnalyzeESConvConfig,
@@ -23,7 +23,7 @@ from esvr.tasks.analyze_esconv import (
     plot_figure,
     split_groups,
 )
-from esvr.tasks.esconv import LoadReport, load_esconv
+from esvr.tasks.common.esconv import LoadReport, load_esconv
 
 
 def _dialog(names: tuple[str, str], initial, final, turns: list[tuple[int, str]]) -> dict:
@@ -181,7 +181,8 @@ def test_figure_is_written(records: list[SeekerTurns], tmp_path: Path):
 def labelers():
     from esvr.models.emotion import load_emotion_scorer
     from esvr.models.value_detector import load_value_detector
-    from esvr.tasks.label import EmotionConfig, ValueDetectorConfig
+    from esvr.models.emotion import EmotionConfig
+    from esvr.models.value_detector import ValueDetectorConfig
 
     return load_value_detector(ValueDetectorConfig()), load_emotion_scorer(EmotionConfig())
 

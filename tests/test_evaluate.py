@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from esvr.flows.config import PipelineConfig
-from esvr.tasks.supporter import SupporterReply, render_reply
+from esvr.tasks.simulation.supporter import SupporterReply, render_reply
 
 GOOD = "That sounds wonderful progress, and your courage shows how much you value growth."
 PLAIN = "Okay."

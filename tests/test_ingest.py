@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from esvr.flows.config import load_config
-from esvr.tasks.ingest import (
+from esvr.tasks.reddit.ingest import (
     THREADS_SCHEMA,
     Anonymizer,
     DumpCorruptError,
@@ -35,7 +35,7 @@ from esvr.tasks.ingest import (
     stage_dump,
     thread_rows,
 )
-from esvr.tasks.sample_dump import EXPECTED_SCENARIO_THREADS, comment_record, make_sample_dump, post_record
+from esvr.tasks.reddit.sample_dump import EXPECTED_SCENARIO_THREADS, comment_record, make_sample_dump, post_record
 
 T0 = 1_622_548_800  # 2021-06-01
 

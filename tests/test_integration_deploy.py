@@ -142,7 +142,7 @@ def stub_reply(request: dict) -> str:
 @pytest.fixture()
 def stack(tmp_path: Path):
     """Prefect server, MLflow server and a worker on the `cpu` pool; torn down as process groups."""
-    from esvr.models.stub_server import StubServer
+    from stub_server import StubServer
 
     prefect_port, mlflow_port = free_port(), free_port()
     api_url = f"http://127.0.0.1:{prefect_port}/api"
@@ -193,7 +193,7 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from esvr.tasks.sample_dump import make_sample_dump
+    from esvr.tasks.reddit.sample_dump import make_sample_dump
 
     tmp: Path = stack["tmp"]
     dumps = tmp / "dumps"

@@ -12,10 +12,10 @@ import pytest
 
 from esvr.flows.config import load_config
 from esvr.prompts import value_names
-from esvr.tasks.label import (
+from esvr.tasks.common.roles import labelers
+from esvr.tasks.labeling.label import (
     LABELS_SCHEMA,
     LabelConfig,
-    build_labelers,
     collect_utterances,
     label_threads,
     read_labels,
@@ -71,7 +71,8 @@ def test_collect_utterances_names_file_and_column(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def default_labelers():
-    return build_labelers(LabelConfig())
+    cfg = LabelConfig()
+    return labelers(cfg.values, cfg.emotion)
 
 
 def test_label_threads_writes_the_contract_and_reuses_chunks(tmp_path: Path, default_labelers):
@@ -160,7 +161,7 @@ def _emollama_reply(request: dict) -> str:
 def test_label_flow_with_the_emollama_backend(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The emollama scorer's chat model comes from the run's shared pool, over real HTTP."""
     from esvr.flows.label import label_flow
-    from esvr.models.stub_server import StubServer
+    from stub_server import StubServer
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     threads = write_threads(tmp_path / "threads.parquet")
@@ -189,7 +190,7 @@ def test_label_flow_with_the_emollama_backend(prefect_harness, tmp_path: Path, m
 
 
 def test_bench_label_prints_its_figure_last(tmp_path: Path):
-    from esvr.tasks.bench_label import bench_label, reddit_like_texts
+    from esvr.tasks.bench.label import bench_label, reddit_like_texts
 
     texts = reddit_like_texts(200)
     words = sorted(len(t.split()) for t in texts)

@@ -7,8 +7,8 @@ import math
 import pytest
 from scipy.stats import mannwhitneyu
 
-from esvr.tasks.judges import parse_intensity, parse_skill_ratings, parse_value_verdicts
-from esvr.tasks.metrics import (
+from esvr.tasks.evaluation.judges import parse_intensity, parse_skill_ratings, parse_value_verdicts
+from esvr.tasks.evaluation.metrics import (
     classification_metrics,
     cosine,
     euclidean,

@@ -16,7 +16,7 @@ import pytest
 from esvr.models.chat import ChatError
 from esvr.models.local_server import LocalServerError, list_models, serve_transformers
 from esvr.models.openai_backend import OpenAIChat, choice_named
-from esvr.models.stub_server import StubServer
+from stub_server import StubServer
 
 USER = [{"role": "user", "content": "hello there"}]
 LOGGER = "esvr.models.openai_backend"

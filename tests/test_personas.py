@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from esvr.models.chat import ModelSpec, load_chat_model
-from esvr.tasks.personas import (
+from esvr.models.backends import load_chat_model
+from esvr.models.config import ModelConfig
+from esvr.tasks.simulation.personas import (
     PERSONA_FIELDS,
     PersonasConfig,
     assign_splits,
@@ -30,7 +31,7 @@ from esvr.tasks.personas import (
     split_sizes,
     write_personas,
 )
-from esvr.tasks.sim_bench import FakeOpenAIServer, Script
+from esvr.tasks.bench.simulate import FakeOpenAIServer, Script
 from esvr.prompts import load_taxonomy
 
 
@@ -102,7 +103,7 @@ def test_split_sizes_and_stratification() -> None:
 def fake_writer():
     os.environ.setdefault("ESVR_TEST_KEY", "unused")
     with FakeOpenAIServer(Script(situations=4)) as server:
-        model = load_chat_model(ModelSpec(spec="openai:fake-writer", base_url=server.base_url, api_key_env="ESVR_TEST_KEY"))
+        model = load_chat_model(ModelConfig(spec="openai:fake-writer", base_url=server.base_url, api_key_env="ESVR_TEST_KEY"))
         yield model, server
         model.close()
 
@@ -166,7 +167,7 @@ def test_personas_and_simulate_flows_end_to_end(prefect_harness, tmp_path: Path)
     from esvr.flows.config import load_config
     from esvr.flows.personas import personas_flow
     from esvr.flows.simulate import simulate_flow
-    from esvr.tasks.simulate import load_dialogues
+    from esvr.tasks.simulation.simulate import load_dialogues
 
     os.environ.setdefault("ESVR_TEST_KEY", "unused")
     with FakeOpenAIServer(Script(end_after=2, situations=3)) as server:

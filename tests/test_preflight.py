@@ -21,7 +21,7 @@ import zstandard
 
 from esvr.flows.config import ConfigError, PipelineConfig, load_config
 from esvr.flows.preflight import PreflightError, Problem, ensure_ready, exit_code, format_report, preflight
-from esvr.models.stub_server import StubServer
+from stub_server import StubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

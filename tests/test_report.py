@@ -13,9 +13,9 @@ from scipy.stats import mannwhitneyu
 
 from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig
-from esvr.tasks.evaluate import SupporterUnderTest, summarize
-from esvr.tasks.judges import criterion_names
-from esvr.tasks.report import build_report, find_runs, summary_from_run, summary_table
+from esvr.tasks.evaluation.evaluate import SupporterUnderTest, summarize
+from esvr.tasks.evaluation.judges import criterion_names
+from esvr.tasks.evaluation.report import build_report, find_runs, summary_from_run, summary_table
 
 REF_OVERALL = [5, 5, 5, 4, 5, 5, 4, 5]
 MODEL_OVERALL = [3, 4, 3, 3, 4, 3, 3, 4]
@@ -96,8 +96,8 @@ def test_report_from_two_mlflow_runs(tmp_path):
 
 
 def test_judge_vs_human_from_a_csv(tmp_path):
-    from esvr.tasks.evaluate import write_jsonl
-    from esvr.tasks.fidelity import judge_vs_human, judge_vs_human_markdown, read_human_ratings
+    from esvr.tasks.common.jsonl import write_jsonl
+    from esvr.tasks.evaluation.fidelity import judge_vs_human, judge_vs_human_markdown, read_human_ratings
 
     good = judgments("Good (Both)", [5, 4], 10)
     plain = judgments("Plain baseline", [2, 1], 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from esvr.tasks.preferences import (
+from esvr.tasks.supporter.preferences import (
     EMOTION_STATES,
     candidates_by_turn,
     emotion_score,
@@ -15,7 +15,7 @@ from esvr.tasks.preferences import (
     select_pairs,
     value_counts,
 )
-from esvr.tasks.train_supporter import RewardSetting, TrainSupporterConfig
+from esvr.tasks.supporter.train_supporter import RewardSetting, TrainSupporterConfig
 
 SCORES = [2, 0, 1, 3, 1]  # N_{t+1..t+5}
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from esvr.models.chat import ModelSpec, load_chat_model
-from esvr.tasks.sft_export import export_sft, sft_examples
-from esvr.tasks.sim_bench import FakeOpenAIServer, Script, ScriptedChat, bench_personas
-from esvr.tasks.simulate import (
+from esvr.models.backends import load_chat_model
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.jsonl import read_jsonl_repairing
+from esvr.tasks.supporter.sft_export import export_sft, sft_examples
+from esvr.tasks.bench.simulate import FakeOpenAIServer, Script, ScriptedChat, bench_personas
+from esvr.tasks.simulation.simulate import (
     EndRules,
     SimulateConfig,
     build_agents,
@@ -27,7 +29,6 @@ from esvr.tasks.simulate import (
     end_reason,
     has_gratitude,
     load_dialogues,
-    read_jsonl_repairing,
     simulate_dialogue,
     simulate_dialogues,
 )
@@ -171,8 +172,8 @@ WORKER = textwrap.dedent(
     """
     import sys, json
     from esvr.models.chat import CachedChatModel, ResponseCache
-    from esvr.tasks.sim_bench import Script, ScriptedChat, bench_personas
-    from esvr.tasks.simulate import SimulateConfig, build_agents, simulate_dialogues
+    from esvr.tasks.bench.simulate import Script, ScriptedChat, bench_personas
+    from esvr.tasks.simulation.simulate import SimulateConfig, build_agents, simulate_dialogues
 
     out, cache, log = sys.argv[1:4]
 
@@ -219,7 +220,7 @@ def test_torn_last_line_is_cut_and_a_second_writer_is_refused(tmp_path: Path) ->
     path.write_bytes(orjson.dumps({"id": "a"}) + b"\n" + b'{"id": "b", "utter')
     assert [r["id"] for r in read_jsonl_repairing(path)] == ["a"]
     assert path.read_bytes().endswith(b"\n")
-    from esvr.tasks.simulate import exclusive
+    from esvr.tasks.common.jsonl import exclusive
 
     with exclusive(path):
         with pytest.raises(RuntimeError, match="another simulation"):
@@ -234,7 +235,7 @@ def test_concurrency_speedup_on_the_fake_server(tmp_path: Path) -> None:
     os.environ.setdefault("ESVR_TEST_KEY", "unused")
     conc, latency = 8, 0.2
     with FakeOpenAIServer(Script(end_after=2), latency_s=latency) as server:
-        model = load_chat_model(ModelSpec(spec="openai:fake", base_url=server.base_url, api_key_env="ESVR_TEST_KEY", concurrency=32))
+        model = load_chat_model(ModelConfig(spec="openai:fake", base_url=server.base_url, api_key_env="ESVR_TEST_KEY", concurrency=32))
         agents = build_agents(SimulateConfig(emotion=False), model, model, tvd_model=model, rg_model=model)
         simulate_dialogues([dict(PERSONA, id="warm")], tmp_path / "warm.jsonl", agents)
         one = simulate_dialogues(bench_personas(2), tmp_path / "c1.jsonl", agents, concurrency=1)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esvr.models.chat import ChatModel, ChatRequest
-from esvr.tasks.supporter import (
+from esvr.tasks.simulation.supporter import (
     Supporter,
     SupporterFailure,
     SupporterReply,

@@ -72,7 +72,7 @@ def test_sft_adapter_reloads_through_the_chat_interface(sft_run, tiny_llama: Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from esvr.models.chat import load_chat_model
+    from esvr.models.backends import load_chat_model
 
     result, _ = sft_run
     ids = torch.tensor([[1, 2, 3, 4, 5]])

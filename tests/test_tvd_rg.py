@@ -11,8 +11,8 @@ import pytest
 
 from esvr.models.chat import ChatModel, ChatRequest
 from esvr.prompts import value_names
-from esvr.tasks.rg import PairwiseResult, pairwise_compare, parse_verdict, random_values, rg_messages
-from esvr.tasks.tvd import adetect_values, evaluate_tvd, parse_value_list, render_history, set_prf, tvd_messages
+from esvr.tasks.components.rg import PairwiseResult, pairwise_compare, parse_verdict, random_values, rg_messages
+from esvr.tasks.components.tvd import adetect_values, evaluate_tvd, parse_value_list, render_history, set_prf, tvd_messages
 
 V = value_names()
 
@@ -133,7 +133,7 @@ def test_score_method_reads_the_ranking_where_generation_gives_nothing():
 
 
 def test_simulation_agents_read_the_detector_by_the_configured_method():
-    from esvr.tasks.simulate import Agents
+    from esvr.tasks.simulation.simulate import Agents
 
     utts = [{"role": "seeker", "text": "I failed my exam and my parents will be furious."}]
     detector = RankingDetector(["Face", "Achievement", "Conformity: rules"])
@@ -145,7 +145,7 @@ def test_simulation_agents_read_the_detector_by_the_configured_method():
 
 
 def test_score_method_on_a_real_model_gives_three_distinct_values(tiny_llama: Path):
-    from esvr.models.chat import load_chat_model
+    from esvr.models.backends import load_chat_model
 
     model = load_chat_model(f"hf:{tiny_llama}")
     found, _ = asyncio.run(adetect_values(model, tvd_messages("Patient: I failed my exam."), "score"))
@@ -244,7 +244,7 @@ def test_parse_verdict(text: str, letter: str | None):
 
 
 def test_resolve_component_specs_and_folders(tmp_path: Path):
-    from esvr.tasks.components import resolve_component, write_component
+    from esvr.tasks.common.roles import resolve_component, write_component
 
     assert resolve_component("hf:/m+/a") == "hf:/m+/a" and resolve_component("openai:gpt-4o-mini") == "openai:gpt-4o-mini"
     adapter = tmp_path / "adapter"
@@ -307,9 +307,10 @@ def flows_run(prefect_harness, tiny_llama: Path, tmp_path_factory: pytest.TempPa
 
 def _runs(config, **tags):
     from esvr.flows import tracking
+    from esvr.tasks.common.mlflow_runs import runs_by_tag
 
     tracking.setup(config)
-    return tracking.runs_by_tag(config.run.experiment, **tags)
+    return runs_by_tag(config.run.experiment, **tags)
 
 
 def test_flows_build_train_and_track(flows_run):
@@ -353,9 +354,9 @@ def test_flows_evaluate_tvd_and_rg(flows_run):
 
 
 def test_trained_components_resolve_from_mlflow_and_chat(flows_run, tmp_path: Path):
-    from esvr.models.chat import load_chat_model
-    from esvr.tasks.components import resolve_component
-    from esvr.tasks.tvd import tvd_messages
+    from esvr.models.backends import load_chat_model
+    from esvr.tasks.common.roles import resolve_component
+    from esvr.tasks.components.tvd import tvd_messages
 
     config, out = flows_run
     spec = resolve_component(out["tvd_run"], cache_dir=tmp_path)
@@ -374,7 +375,7 @@ def test_prompt_without_values_names_none():
     assert "Patient: I lost my job." in plain and "Target values" not in plain
     assert "Target values" in rg_messages("Patient: I lost my job.", [])[-1]["content"]  # an empty detection is not 'no values'
 
-    from esvr.tasks.simulate import rg_request
+    from esvr.tasks.simulation.simulate import rg_request
 
     utts = [{"role": "seeker", "text": "I lost my job."}]
     assert "Target values" not in rg_request(utts, None)[-1]["content"]  # no detector in the loop (App. G)
@@ -399,7 +400,7 @@ def test_generator_trained_without_values(flows_run):
     assert all("Target values" not in row["prompt"][-1]["content"] for row in stripped)
     (run,) = _runs(config, **{"esvr.component": "rg", "esvr.rg_values": "false"})
     assert run.data.tags["esvr.training_stage"] == "sft"
-    replies = (config.run.out_dir / "train_rg" / "single_turn" / "eval" / "replies.sft.none.jsonl").read_text()
-    assert '"values_mode": "none"' in replies
+    replies = [json.loads(line) for line in (config.run.out_dir / "train_rg" / "single_turn" / "eval" / "replies.sft.none.jsonl").read_text().splitlines()]
+    assert replies and all(r["values_mode"] == "none" and r["target_values"] is None for r in replies)
     table = Path(arts["rg_eval"]).read_text()
     assert "vanilla_vs_sft" in table and "random" not in table

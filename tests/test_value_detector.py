@@ -18,8 +18,8 @@ from esvr.models.value_detector import (
     minilm_path,
 )
 from esvr.prompts import value_names
-from esvr.tasks.label import ValueDetectorConfig
-from esvr.tasks.value_head import f1_per_value, fit_heads, read_touche_split, train_value_head, tune_threshold
+from esvr.models.value_detector import ValueDetectorConfig
+from esvr.tasks.labeling.value_head import f1_per_value, fit_heads, read_touche_split, train_value_head, tune_threshold
 from conftest import shared_data
 
 TEXTS = [
