@@ -1,4 +1,4 @@
-"""A scripted OpenAI-compatible HTTP server on 127.0.0.1, for tests and benchmarks.
+"""A scripted OpenAI-compatible HTTP server on 127.0.0.1: a test double for the chat backends.
 
 It speaks the part of the Chat Completions API the pipeline uses (``n``, ``stop``, ``logprobs`` /
 ``top_logprobs``, ``stream``, ``usage``) over real HTTP, so the real ``openai`` client and our
