@@ -45,7 +45,7 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def peek_out_dir(args: argparse.Namespace) -> Path:
-    """The run folder, read without loading the config classes (which import Prefect)."""
+    """The run folder, read from the recipe and the arguments alone (before any config class)."""
     if args.out is not None:
         return args.out
     for item in reversed(args.overrides):
@@ -65,8 +65,8 @@ def peek_out_dir(args: argparse.Namespace) -> Path:
 def prepared(args: argparse.Namespace) -> PipelineConfig:
     """Point Prefect/MLflow at the run folder, then load the config.
 
-    Prefect reads its settings when first imported, and the stage config classes import Prefect,
-    so the run folder is peeked from the recipe before any of them is loaded.
+    Prefect reads its settings when first imported, so the run folder is peeked from the recipe
+    before anything that might import Prefect is loaded.
     """
     from esvr.flows.runtime import prepare
 
@@ -156,7 +156,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- stage 1: ingest (tasks/ingest.py, flows/ingest.py) ------------------------------------
+# ---- stage 1: ingest (tasks/reddit/ingest.py, flows/ingest.py) ------------------------------------
 
 
 def add_ingest_commands(sub: argparse._SubParsersAction) -> None:
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- stage 8: evaluate, report (tasks/evaluate.py, tasks/report.py, flows/evaluate.py, flows/report.py)
+# ---- stage 8: evaluate, report (tasks/evaluation/evaluate.py, tasks/evaluation/report.py, flows/evaluate.py, flows/report.py)
 
 
 def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
@@ -571,7 +571,7 @@ def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_label)
 
 
-# -- stage 7: supporter training and the chat front end (flows/train_supporter.py, tasks/chat_frontend.py)
+# -- stage 7: supporter training and the chat front end (flows/train_supporter.py, flows/chat.py)
 
 
 def add_supporter_commands(sub: argparse._SubParsersAction) -> None:

@@ -424,7 +424,7 @@ class _Plan:
 
     def evaluate_simulation(self, runs_tvd: bool, runs_rg: bool) -> None:
         """The rows' default TVD/RG and valence scorer: stage 6's settings plus
-        evaluate.simulate_overrides (tasks/evaluate.py: evaluation_simulate_config)."""
+        evaluate.simulate_overrides (tasks/evaluation/evaluate.py: evaluation_simulate_config)."""
         from esvr.tasks.evaluation.evaluate import evaluation_simulate_config
 
         c = self.config

@@ -47,7 +47,7 @@ def test_configs_hash_by_value_and_local_weights_by_content(tmp_path: Path):
 def test_flow_file_tasks_are_keyed_on_the_domain_modules_doing_the_work():
     from esvr.flows.caching import work_modules
 
-    # the label task lives in a flow file; its work is in tasks/label.py and the models it loads
+    # the label task lives in a flow file; its work is in tasks/labeling/label.py and the models it loads
     modules = work_modules("esvr.flows.label")
     assert {"esvr.tasks.labeling.label", "esvr.models.value_detector", "esvr.models.emotion"} <= set(modules)
 

@@ -1,4 +1,4 @@
-"""Dataset construction on hand-built threads and labels (tasks/datasets.py)."""
+"""Dataset construction on hand-built threads and labels (tasks/components/datasets.py)."""
 
 from __future__ import annotations
 

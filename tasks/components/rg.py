@@ -2,7 +2,7 @@
 
 Given the dialogue history o_1, c_1, ..., o_t and target values v_{t+1} (with their definitions),
 the generator writes c_t. It trains by SFT on successful Reddit comments, then by DPO against a
-sibling comment (tasks/datasets.py builds both datasets). This module holds the prompt (Table 16's
+sibling comment (tasks/components/datasets.py builds both datasets). This module holds the prompt (Table 16's
 structure), the training config per setting (Table 6), and the two evaluations of App. D.2:
 
 - Table 7: a judge picks which of two systems' replies is closer to the ground-truth comment,

@@ -57,7 +57,7 @@ class IngestConfig(Section):
     such as upvote ratio and score" without thresholds; the thresholds below are ours, each with
     its reason."""
 
-    #: dump files (.zst); empty: the demo generates the sample dump (tasks/sample_dump.py) and uses it
+    #: dump files (.zst); empty: the demo generates the sample dump (tasks/reddit/sample_dump.py) and uses it
     dumps: list[Path] = []
     #: random posts in the generated sample dump (beside its hand-built cases), when `dumps` is empty
     sample_posts: int = 150
