@@ -311,7 +311,6 @@ def open_session(
     """
     resolved = resolve_supporter(ref, config.run.experiment)
     sim = config.simulate
-    run_dir = config.run.out_dir.resolve()
 
     def pick(given: str | None, recorded: str | None, configured: Any) -> str | None:
         if given is not None:
@@ -323,7 +322,7 @@ def open_session(
 
     def load(spec: str) -> ChatModel:
         # the session's own models, not the shared pool: closed when the session ends
-        return roles.own_model(ModelConfig(spec=spec), run_dir, use_cache=False)
+        return roles.own_model(ModelConfig(spec=spec))
 
     tvd_spec = pick(tvd, resolved.tvd, sim.tvd)
     rg_spec = pick(rg, resolved.rg, sim.rg)

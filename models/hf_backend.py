@@ -23,15 +23,7 @@ import torch
 
 from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
 from esvr.models.config import ModelConfig
-
-
-def resolve_model_path(name: str) -> str:
-    """'default' -> the converted SmolLM2 folder; anything else is a local path or a hub id."""
-    if name == "default":
-        from esvr.models.default_model import ensure_default_model
-
-        return str(ensure_default_model())
-    return name
+from esvr.models.default_model import base_checkpoint
 
 
 def split_hf_spec(spec: str) -> tuple[str, str | None]:
@@ -67,7 +59,7 @@ def load_causal_lm(base: str, adapter: str | None = None, device: torch.device |
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device()
-    path = resolve_model_path(base)
+    path = base_checkpoint(base)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -98,7 +90,7 @@ class HFChat(ChatModel):
         self.model, self.tokenizer = load_causal_lm(base, adapter, self.device)
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
-        path = resolve_model_path(base)
+        path = base_checkpoint(base)
         self.cache_id = f"hf:{base}@{_folder_fingerprint(path)}"
         if adapter:
             self.cache_id += f"+{adapter}@{_folder_fingerprint(adapter)}"

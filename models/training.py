@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from esvr.models.config import Section
+from esvr.models.default_model import base_checkpoint
 
 # A completion needs room after its prompt: a prompt that leaves fewer tokens than this before
 # `max_length` is dropped rather than trained on with its completion truncated to nothing.
@@ -148,7 +149,7 @@ def load_base(base_model_path: str | os.PathLike[str], bf16: bool, sft_adapter_d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _resolve_base(base_model_path)
+    path = base_checkpoint(base_model_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -158,17 +159,6 @@ def load_base(base_model_path: str | os.PathLike[str], bf16: bool, sft_adapter_d
 
         model = PeftModel.from_pretrained(model, str(sft_adapter_dir)).merge_and_unload()
     return model, tokenizer
-
-
-def _resolve_base(base: str | os.PathLike[str]) -> str:
-    base = str(base)
-    if base.startswith("hf:"):
-        base = base[3:]
-    if base == "default":
-        from esvr.models.default_model import ensure_default_model
-
-        return str(ensure_default_model())
-    return base
 
 
 def lora_config(cfg: TrainConfig):
@@ -439,7 +429,7 @@ def train_dpo(
     result = _finish(trainer, out, out / "dpo_only", extra, started)
     result.adapter_dir = out / "adapter"
     if trainer.is_world_process_zero():
-        stack_adapters(sft_adapter_dir, out / "dpo_only", out / "adapter", base_model_path=_resolve_base(base_model_path))
+        stack_adapters(sft_adapter_dir, out / "dpo_only", out / "adapter", base_model_path=base_checkpoint(base_model_path))
         shutil.copy2(out / "training.json", out / "dpo_only" / "training.json")
         (out / "training.json").write_text(json.dumps(result.to_json(), indent=2))
     return result

@@ -92,8 +92,9 @@ def bench_label(
 ) -> float:
     """Print utterances/s per backend and for both offline defaults; return the latter."""
     from esvr.models.emotion import ProcessEmotionScorer, VaderEmotionScorer
-    from esvr.models.value_detector import load_value_detector
-    from esvr.tasks.labeling.label import ValueDetectorConfig, collect_utterances, label_texts
+    from esvr.models.value_detector import ValueDetectorConfig
+    from esvr.tasks.common.roles import value_detector
+    from esvr.tasks.labeling.label import collect_utterances, label_texts
 
     if threads_path:
         texts = collect_utterances(threads_path)["text"].to_list()[:n]
@@ -107,15 +108,15 @@ def bench_label(
 
     detectors = {}
     if "embedding" in backends:
-        detectors["embedding"] = load_value_detector(ValueDetectorConfig(max_seq_length=max_seq_length))
+        detectors["embedding"] = value_detector(ValueDetectorConfig(max_seq_length=max_seq_length), None)
     if "embedding-fp32" in backends:
-        detectors["embedding-fp32"] = load_value_detector(ValueDetectorConfig(quantize=False, max_seq_length=max_seq_length))
+        detectors["embedding-fp32"] = value_detector(ValueDetectorConfig(quantize=False, max_seq_length=max_seq_length), None)
     scorer = VaderEmotionScorer()
     for name, det in detectors.items():
         print_fn(_fmt(f"value detector ({name}, max_seq_length {det.encoder.model.max_seq_length})", rate(det.predict_proba, texts, repeats)))
     if "vader" in backends:
         print_fn(_fmt("emotion scorer (vader)", rate(scorer.score, texts, repeats)))
-    default = detectors.get("embedding") or load_value_detector(ValueDetectorConfig(max_seq_length=max_seq_length))
+    default = detectors.get("embedding") or value_detector(ValueDetectorConfig(max_seq_length=max_seq_length), None)
     inline = rate(lambda t: label_texts(t, default, scorer), texts, repeats)
     print_fn(_fmt("both offline defaults, VADER inline", inline))
     worker = ProcessEmotionScorer()

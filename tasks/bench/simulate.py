@@ -246,14 +246,14 @@ def bench_personas(n: int) -> list[dict[str, Any]]:
 
 
 def _openai(base_url: str, name: str, concurrency: int) -> ChatModel:
-    from esvr.models.backends import load_chat_model
-    from esvr.models.config import ModelConfig
-
-    # the key is never checked by the fake server; the client insists on one being set
     import os
 
+    from esvr.models.config import ModelConfig
+    from esvr.tasks.common.roles import own_model
+
+    # the key is never checked by the fake server; the client insists on one being set
     os.environ.setdefault("ESVR_BENCH_KEY", "unused")
-    return load_chat_model(ModelConfig(spec=f"openai:{name}", base_url=base_url, api_key_env="ESVR_BENCH_KEY", concurrency=concurrency, max_retries=2))
+    return own_model(ModelConfig(spec=f"openai:{name}", base_url=base_url, api_key_env="ESVR_BENCH_KEY", concurrency=concurrency, max_retries=2))
 
 
 def bench_simulate(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esvr.models.config import ModelConfig
+from esvr.models.default_model import base_checkpoint
 from esvr.tasks.common.paths import RunPaths
 
 if TYPE_CHECKING:
@@ -54,20 +55,9 @@ def model_config(ref: ModelConfig | str | None) -> ModelConfig | None:
 
 
 def base_model(base: str) -> ModelConfig:
-    """``models.base`` (a checkpoint folder, hub id, 'default' or 'hf:...') as a chat model."""
+    """``models.base`` (a checkpoint folder, hub id, 'default' or 'hf:...') as a chat model; its
+    folder is `esvr.models.default_model.base_checkpoint`."""
     return ModelConfig(spec=base if base == "default" or base.startswith("hf:") else f"hf:{base}")
-
-
-def base_model_path(spec: str) -> str:
-    """The local folder or hub id of a base checkpoint spec ('default', 'hf:<path>', '<path>')."""
-    spec = spec[3:] if spec.startswith("hf:") else spec
-    if "+" in spec:
-        raise ValueError(f"base model {spec!r} names an adapter; a base is a plain checkpoint")
-    if spec == "default":
-        from esvr.models.default_model import ensure_default_model
-
-        return str(ensure_default_model())
-    return spec
 
 
 def write_component(adapter_dir: PathLike, *, base: str, component: str, **meta: Any) -> Path:
@@ -86,7 +76,7 @@ def component_spec(adapter_dir: PathLike) -> str:
     meta = json.loads(meta_path.read_text())
     if "base" not in meta:
         raise ValueError(f"{meta_path}: no 'base' key")
-    return f"hf:{base_model_path(meta['base'])}+{folder.resolve()}"
+    return f"hf:{base_checkpoint(meta['base'])}+{folder.resolve()}"
 
 
 def _cache_dir() -> Path:
@@ -199,11 +189,12 @@ def is_adapter(model: ModelConfig) -> bool:
     return model.spec.startswith("hf:") and "+" in model.spec
 
 
-def own_model(model: ModelConfig, run_dir: PathLike, use_cache: bool) -> ChatModel:
-    """A model loaded for one use, outside the shared pool; the caller closes it."""
+def own_model(model: ModelConfig, run_dir: PathLike | None = None, use_cache: bool = True) -> ChatModel:
+    """A model loaded for one use, outside the shared pool (answered through the run folder's
+    response cache when `use_cache` and a run folder are given); the caller closes it."""
     from esvr.models.backends import load_chat_model
 
-    return load_chat_model(model, response_cache(run_dir) if use_cache else None)
+    return load_chat_model(model, response_cache(run_dir) if use_cache and run_dir is not None else None)
 
 
 @contextmanager

@@ -12,7 +12,8 @@ from typing import Any
 
 from esvr.models.config import ModelConfig
 from esvr.models.training import TrainConfig
-from esvr.tasks.common.roles import base_model_path, write_component
+from esvr.models.default_model import base_checkpoint
+from esvr.tasks.common.roles import write_component
 
 
 def train_lora(
@@ -42,7 +43,7 @@ def train_lora(
     if missing:
         raise ValueError(f"{data}: dataset lacks split(s) {missing}; has {list(splits)}")
     eval_ds = splits["dev"] if len(splits["dev"]) else None
-    base_path = base_model_path(base.spec)
+    base_path = base_checkpoint(base.spec)
     prefix = f"{meta.get('stage', kind)}/"
     if kind == "sft":
         result = train_sft(base_path, splits["train"], eval_ds, cfg, out, mlflow_run_id=run_id, metric_prefix=prefix)

@@ -195,7 +195,8 @@ def finetune_baseline(
     from datasets import Dataset
 
     from esvr.models.training import train_sft
-    from esvr.tasks.common.roles import base_model_path, write_component
+    from esvr.models.default_model import base_checkpoint
+    from esvr.tasks.common.roles import write_component
 
     rows = sft_rows(load_corpus(kind, data_path), max_context)
     if not rows:
@@ -203,10 +204,10 @@ def finetune_baseline(
     n_dev = int(len(rows) * dev_fraction) if len(rows) >= 20 else 0
     train, dev = rows[n_dev:], rows[:n_dev]
     result = train_sft(
-        base_model_path(base), Dataset.from_list(train), Dataset.from_list(dev) if dev else None, cfg, out_dir, metric_prefix=f"baseline.{kind}."
+        base_checkpoint(base), Dataset.from_list(train), Dataset.from_list(dev) if dev else None, cfg, out_dir, metric_prefix=f"baseline.{kind}."
     )
     write_component(result.adapter_dir, base=base, component=f"supporter-{kind}", corpus=str(data_path), examples=len(train))
-    return f"hf:{base_model_path(base)}+{Path(result.adapter_dir).resolve()}"
+    return f"hf:{base_checkpoint(base)}+{Path(result.adapter_dir).resolve()}"
 
 
 # --------------------------------------------------------------------------------------------
