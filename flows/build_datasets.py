@@ -15,7 +15,6 @@ from prefect import flow, task
 from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
-from esvr.tasks.common.hashing import prompts_digest
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.components.datasets import DatasetsConfig, build_datasets, stats_metrics
 
@@ -26,13 +25,13 @@ STAGE = "esvr.tasks.components"
 
 @task(
     name="build_datasets",
-    cache_policy=cache_policy(STAGE),
+    cache_policy=cache_policy(STAGE, prompts=PROMPTS),
     persist_result=True,
     log_prints=False,  # `datasets` prints bytecode listings while fingerprinting
 )
-def build_datasets_task(threads: Path, labels: Path, cfg: DatasetsConfig, out: Path, prompts: str) -> str:
+def build_datasets_task(threads: Path, labels: Path, cfg: DatasetsConfig, out: Path) -> str:
     """`build_datasets` as a cached task (keyed by the inputs' content, the config, the prompt
-    files' digest `prompts` and the builders' source); returns the manifest's path."""
+    files and the builders' source); returns the manifest's path."""
     build_datasets(threads, labels, cfg, out)
     return str(Path(out) / "manifest.json")
 
@@ -50,7 +49,7 @@ def build_datasets_flow(
             raise FileNotFoundError(f"build_datasets: {what} file not found: {path} (run the {stage} stage first)")
     with tracking.flow_run("build_datasets", config, section="datasets", prompts=PROMPTS):
         manifest_path = build_datasets_task(
-            threads_path, labels_path, config.datasets, paths.stage("datasets"), prompts_digest(PROMPTS)
+            threads_path, labels_path, config.datasets, paths.stage("datasets")
         )
         manifest = json.loads(Path(manifest_path).read_text())
         tracking.log_metrics({f"datasets.{k}": v for k, v in stats_metrics(manifest).items()})

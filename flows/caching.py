@@ -10,10 +10,11 @@ The project's policy keys on:
 - output locations by name, not content: parameters whose name starts with ``out`` (and
   ``run_dir``, the run folder) are keyed by their path string: their content is what the task is
   about to write, or everything else the run holds;
-- the source code of the flow module that defines the task, of the stage subpackages and modules
-  it names in ``code=`` (a package counts with every module in it), and of every ``esvr.tasks`` /
-  ``esvr.models`` module those import (at any depth, also inside functions): a fix in the code
-  that does the work invalidates the cache, not just a change to the thin task wrapper.
+- the source code of the module that defines the task's function, of the stage subpackages and
+  modules it names in ``code=`` (a package counts with every module in it), and of every
+  ``esvr.tasks`` / ``esvr.models`` module those import (at any depth, also inside functions): a
+  fix in the code that does the work invalidates the cache, not just a change to a task wrapper;
+- the content of the prompt files named in ``prompts=``: new wording, new result.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import importlib.util
 import json
 import pkgutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from esvr.tasks.common.hashing import stable_form
+from esvr.tasks.common.hashing import prompts_digest, stable_form
 
 #: packages whose modules do a task's work: their source is part of every cache key that uses them
 DOMAIN_PACKAGES = ("esvr.tasks", "esvr.models")
@@ -106,6 +108,7 @@ class FileAwareInputs(CachePolicy):
     code: tuple[str, ...] = ()
     exclude: list[str] = field(default_factory=list)
     packages: tuple[str, ...] = DOMAIN_PACKAGES
+    prompts: tuple[str, ...] = ()
 
     def compute_key(
         self,
@@ -123,13 +126,18 @@ class FileAwareInputs(CachePolicy):
                 for k, v in (inputs or {}).items()
                 if k not in self.exclude
             },
+            "prompts": prompts_digest(list(self.prompts)) if self.prompts else None,
         }
         return hash_objects(json.dumps(payload, sort_keys=True, default=str), raise_on_failure=True)
 
 
 def cache_policy(
-    *code: str, exclude: list[str] | None = None, packages: tuple[str, ...] = DOMAIN_PACKAGES
+    *code: str,
+    exclude: list[str] | None = None,
+    packages: tuple[str, ...] = DOMAIN_PACKAGES,
+    prompts: Sequence[str] = (),
 ) -> FileAwareInputs:
     """The project's policy. ``code`` names the stage subpackages and extra modules whose source
-    the result depends on."""
-    return FileAwareInputs(code=tuple(code), exclude=list(exclude or []), packages=packages)
+    the result depends on, ``prompts`` the prompt files (relative to prompts/) whose wording it
+    depends on; ``exclude`` names inputs that do not change the result."""
+    return FileAwareInputs(code=tuple(code), exclude=list(exclude or []), packages=packages, prompts=tuple(prompts))

@@ -28,7 +28,6 @@ from esvr.flows.config import PipelineConfig
 from esvr.flows.task_runners import map_runner, uses_cluster
 from esvr.models.config import ModelConfig
 from esvr.tasks.common import roles
-from esvr.tasks.common.hashing import prompts_digest
 from esvr.tasks.common.jsonl import read_jsonl
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.evaluation.baselines import BASELINE_PROMPTS, finetune_baseline
@@ -50,45 +49,15 @@ SupporterRef = ModelConfig | str
 STAGE = "esvr.tasks.evaluation"
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def evaluation_dialogues_task(personas: list[dict], out: Path, agents: Any, concurrency: int, seed: int) -> dict[str, Any]:
-    """Not cached by Prefect: dialogues.jsonl is itself the resumable record (stage 6's engine)."""
-    return evaluation_dialogues(personas, out, agents, concurrency, seed)
-
-
-@task(cache_policy=cache_policy(STAGE), persist_result=True)
-def judge_dialogues_task(
-    judge: ModelConfig,
-    dialogues: Path,
-    supporter: str,
-    complete_only: bool,
-    settings: dict[str, Any],
-    prompts_digest: str,
-    out: Path,
-    out_dir: Path,
-    use_cache: bool = True,
-) -> str:
-    """ES-Skills, ES-Intensity and words per turn of one supporter's dialogues -> judgments.jsonl.
-    Keyed by the dialogues' content, the judge, the settings and the judge prompts' content."""
-    return judge_dialogues(judge, dialogues, supporter, complete_only, settings, out, out_dir, use_cache)
-
-
-@task(cache_policy=cache_policy(STAGE), persist_result=True)
-def judge_values_task(
-    judge: ModelConfig,
-    dialogues: Path,
-    reference_dialogues: Path,
-    supporter: str,
-    reference: str,
-    complete_only: bool,
-    settings: dict[str, Any],
-    prompts_digest: str,
-    out: Path,
-    out_dir: Path,
-    use_cache: bool = True,
-) -> str:
-    """ES-Value of one supporter against the reference, per shared persona -> es_value.jsonl."""
-    return judge_values(judge, dialogues, reference_dialogues, supporter, reference, complete_only, settings, out, out_dir, use_cache)
+# Not cached by Prefect: dialogues.jsonl is itself the resumable record (stage 6's engine).
+evaluation_dialogues_task = task(evaluation_dialogues, name="evaluation_dialogues_task", cache_policy=NO_CACHE, persist_result=False)
+# Keyed by the dialogues' content, the judge, the settings and the judge prompts' content.
+judge_dialogues_task = task(
+    judge_dialogues, name="judge_dialogues_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
+)
+judge_values_task = task(
+    judge_values, name="judge_values_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
+)
 
 
 @task(cache_policy=cache_policy(STAGE, "esvr.models.training"), persist_result=True)
@@ -217,11 +186,10 @@ def evaluate_flow(
             print(f"{s.name}: {res['written']} new dialogues, {res['skipped']} already done -> {dialogue_paths[s.name]}{where}")
 
         settings = dataclasses.asdict(cfg.judge_settings(config.run.seed))
-        digest = prompts_digest(list(JUDGE_PROMPTS))
         judgment_paths = {
             s.name: Path(
                 judge_dialogues_task(
-                    config.models.judge, dialogue_paths[s.name], s.name, cfg.complete_only, settings, digest,
+                    config.models.judge, dialogue_paths[s.name], s.name, cfg.complete_only, settings,
                     stage_dir / s.slug / "judgments.jsonl", run.out_dir, use_cache,
                 )
             )
@@ -231,7 +199,7 @@ def evaluate_flow(
             s.name: Path(
                 judge_values_task(
                     config.models.judge, dialogue_paths[s.name], dialogue_paths[cfg.reference], s.name, cfg.reference,
-                    cfg.complete_only, settings, digest, stage_dir / s.slug / "es_value.jsonl", run.out_dir, use_cache,
+                    cfg.complete_only, settings, stage_dir / s.slug / "es_value.jsonl", run.out_dir, use_cache,
                 )
             )
             for s in cfg.supporters

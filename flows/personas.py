@@ -15,15 +15,13 @@ from prefect import flow, task
 
 from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig
-from esvr.models.config import ModelConfig
 from esvr.tasks.common.paths import RunPaths
 from esvr.flows.caching import cache_policy
-from esvr.tasks.simulation.personas import PERSONA_PROMPTS, PersonasConfig, make_personas
+from esvr.tasks.simulation.personas import PERSONA_PROMPTS, make_personas
 
 
-@task(cache_policy=cache_policy("esvr.tasks.simulation"), persist_result=True)
-def personas_task(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True) -> dict[str, str]:
-    return {k: str(v) for k, v in make_personas(writer, cfg, seed, out_dir, run_dir, use_cache).items()}
+# Keyed by the persona config, the writer model and the seed (and the stage's code).
+personas_task = task(make_personas, name="personas_task", cache_policy=cache_policy("esvr.tasks.simulation"), persist_result=True)
 
 
 def personas_path(config: PipelineConfig) -> Path:

@@ -15,14 +15,14 @@ from prefect import flow, task
 from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
-from esvr.models.config import ModelConfig
 from esvr.tasks.common.paths import RunPaths
-from esvr.tasks.smoke import SmokeConfig, smoke
+from esvr.tasks.smoke import smoke
 
 
-@task(cache_policy=cache_policy("esvr.tasks.smoke", "esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
-def smoke_task(model: ModelConfig, settings: SmokeConfig, out_dir: Path, use_cache: bool = True) -> str:
-    return smoke(model, settings, out_dir, use_cache)
+smoke_task = task(
+    smoke, name="smoke_task", cache_policy=cache_policy("esvr.tasks.smoke", "esvr.models.chat", "esvr.models.hf_backend"),
+    persist_result=True,
+)
 
 
 @flow(name="smoke", log_prints=True)

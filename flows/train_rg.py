@@ -22,53 +22,19 @@ from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
 from esvr.flows.train_tvd import STAGE, dataset_dir, model_for, train_component
 from esvr.models.config import ModelConfig
-from esvr.tasks.common.hashing import prompts_digest
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.common.roles import base_model, component_spec
 from esvr.tasks.components import rg
 from esvr.tasks.components.datasets import load_manifest
 
 
-@task(name="rg_sft_without_values", cache_policy=cache_policy(STAGE), persist_result=True)
-def without_target_values_task(data: Path, out: Path, max_chars: int | None, prompts: str) -> str:
-    return rg.without_target_values(data, out, max_chars)
-
-
-@task(name="rg_generate", cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
-def rg_generate_task(
-    model: ModelConfig,
-    data: Path,
-    values_mode: str,
-    cfg: rg.RGEvalConfig,
-    max_chars: int | None,
-    seed: int,
-    out: Path,
-    run_dir: str,
-    use_cache: bool,
-    prompts: str,
-) -> str:
-    """`rg.rg_generate` as a cached task, keyed also by the prompt files' digest `prompts`."""
-    return rg.rg_generate(model, data, values_mode, cfg, max_chars, seed, out, run_dir, use_cache)
-
-
-@task(name="rg_judge", cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
-def rg_judge_task(
-    judge: ModelConfig,
-    data: Path,
-    replies_x: Path,
-    replies_y: Path,
-    x: str,
-    y: str,
-    cfg: rg.RGEvalConfig,
-    max_chars: int | None,
-    seed: int,
-    out: Path,
-    run_dir: str,
-    use_cache: bool,
-    prompts: str,
-) -> dict[str, Any]:
-    """`rg.rg_judge` as a cached task, keyed also by the prompt files' digest `prompts`."""
-    return rg.rg_judge(judge, data, replies_x, replies_y, x, y, cfg, max_chars, seed, out, run_dir, use_cache)
+_keys = cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=rg.PROMPT_FILES)
+without_target_values_task = task(
+    rg.without_target_values, name="rg_sft_without_values", cache_policy=cache_policy(STAGE, prompts=rg.PROMPT_FILES),
+    persist_result=True,
+)
+rg_generate_task = task(rg.rg_generate, name="rg_generate", cache_policy=_keys, persist_result=True)
+rg_judge_task = task(rg.rg_judge, name="rg_judge", cache_policy=_keys, persist_result=True)
 
 
 def evaluate_setting(
@@ -77,7 +43,6 @@ def evaluate_setting(
     """Tables 7-8 for one setting. `systems`: name -> chat spec ('vanilla', 'sft', 'dpo')."""
     cfg = config.train_rg
     paths = RunPaths(config.run.out_dir.resolve())
-    digest = prompts_digest(rg.PROMPT_FILES)
     judge = model_for(cfg.judge, config)
     replies: dict[tuple[str, str], str] = {}
 
@@ -85,7 +50,7 @@ def evaluate_setting(
         if (name, mode) not in replies:
             replies[(name, mode)] = rg_generate_task(
                 ModelConfig(spec=systems[name]), data, mode, cfg.eval, max_chars, config.run.seed,
-                out_dir / f"replies.{name}.{mode}.jsonl", str(paths.out_dir), config.models.cache, digest,
+                out_dir / f"replies.{name}.{mode}.jsonl", str(paths.out_dir), config.models.cache,
             )
         return Path(replies[(name, mode)])
 
@@ -102,7 +67,7 @@ def evaluate_setting(
         x, y = (xn, yn) if xn != yn else (xm, ym)
         res = rg_judge_task(
             judge, data, generated(xn, xm), generated(yn, ym), x, y, cfg.eval, max_chars, config.run.seed,
-            out_dir / f"verdicts.{label}.jsonl", str(paths.out_dir), config.models.cache, digest,
+            out_dir / f"verdicts.{label}.jsonl", str(paths.out_dir), config.models.cache,
         )
         res = {**res, "label": label}
         results.append(res)
@@ -123,13 +88,12 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
     stage_dir = paths.stage("train_rg")
     artifacts: dict[str, str] = {}
     report = ["# Reference generator (Tables 7 and 8)", ""]
-    digest = prompts_digest(rg.PROMPT_FILES)
     with tracking.flow_run("train_rg", config, section="train_rg", prompts=rg.PROMPT_FILES):
         for setting in cfg.settings:
             scfg = cfg.for_setting(setting)
             sft_data, dpo_data = dataset_dir(manifest, setting, "rg_sft"), dataset_dir(manifest, setting, "rg_dpo")
             if not cfg.with_values:
-                sft_data = Path(without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars, digest))
+                sft_data = Path(without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars))
             sft, sft_run = train_component(
                 config, component="rg", stage="sft", setting=setting, kind="sft", data=sft_data,
                 train_cfg=scfg.sft, out=stage_dir / setting / "sft", tags={"esvr.rg_values": str(cfg.with_values).lower()},

@@ -25,18 +25,15 @@ from prefect.cache_policies import NO_CACHE
 
 from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
-from esvr.flows.config import OrchestrationConfig, PipelineConfig
+from esvr.flows.config import PipelineConfig
 from esvr.flows.task_runners import map_runner, uses_cluster
 from esvr.models.config import ModelConfig
-from esvr.models.emotion import EmotionConfig
-from esvr.models.value_detector import ValueDetectorConfig
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.common.roles import component_spec, model_config, release_models
-from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, SimulateConfig, load_dialogues
+from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, load_dialogues
 from esvr.tasks.supporter.preferences import EMOTION_PROMPTS
 from esvr.tasks.supporter.train_supporter import (
     SPLITS,
-    TrainSupporterConfig,
     build_sft_data,
     dialogues_by_split,
     dpo_simulations,
@@ -49,75 +46,16 @@ from esvr.tasks.supporter.train_supporter import (
 STAGE = "esvr.tasks.supporter"
 
 
-@task(name="supporter_sft_data", cache_policy=cache_policy(STAGE), persist_result=True)
-def sft_data_task(dialogues: Path, out_dir: Path, include_stepwise: bool = True) -> dict[str, Any]:
-    return build_sft_data(dialogues, out_dir, include_stepwise)
-
-
-@task(name="supporter_dpo_simulations", cache_policy=NO_CACHE, persist_result=False)
-def dpo_simulations_task(
-    personas: list[dict],
-    out: Path,
-    simulate_cfg: SimulateConfig,
-    supporter: ModelConfig,
-    seeker: ModelConfig,
-    tvd: ModelConfig | None,
-    rg: ModelConfig | None,
-    emotion_cfg: EmotionConfig | None,
-    out_dir: Path,
-    use_cache: bool,
-    seed: int,
-) -> dict[str, Any]:
-    """'DPO (SFT)': dialogues of the SFT model with alternatives. Not cached by Prefect: the
-    dialogues file is itself the resumable record."""
-    return dpo_simulations(personas, out, simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache, seed)
-
-
-@task(name="supporter_rollouts", cache_policy=NO_CACHE, persist_result=False)
-def rollouts_task(
-    dialogues_path: Path,
-    out: Path,
-    cfg: TrainSupporterConfig,
-    simulate_cfg: SimulateConfig,
-    supporter: ModelConfig,
-    seeker: ModelConfig,
-    tvd: ModelConfig | None,
-    rg: ModelConfig | None,
-    emotion_cfg: EmotionConfig | None,
-    out_dir: Path,
-    use_cache: bool,
-    seed: int,
-    orchestration: OrchestrationConfig | None = None,
-) -> dict[str, Any]:
-    """Look-ahead rollouts of both candidates of each turn. The rollouts file is resumable
-    (candidates already in it are skipped), so Prefect does not cache this task. With a dask or
-    ray `orchestration` the shards run on the cluster."""
-    on_cluster = orchestration is not None and uses_cluster(orchestration)
-    return rollouts(
-        dialogues_path, out, cfg, simulate_cfg, supporter, seeker, tvd, rg, emotion_cfg, out_dir, use_cache, seed,
-        run=map_runner(orchestration) if on_cluster else None,  # type: ignore[arg-type]
-        n_shards=orchestration.max_workers if on_cluster else 1,  # type: ignore[union-attr]
-    )
-
-
-@task(
-    name="supporter_preferences",
-    cache_policy=cache_policy(STAGE, "esvr.models.value_detector"),
-    persist_result=True,
+sft_data_task = task(build_sft_data, name="supporter_sft_data", cache_policy=cache_policy(STAGE), persist_result=True)
+# Not cached by Prefect: the dialogues file is itself the resumable record.
+dpo_simulations_task = task(dpo_simulations, name="supporter_dpo_simulations", cache_policy=NO_CACHE, persist_result=False)
+preferences_task = task(
+    preferences, name="supporter_preferences", cache_policy=cache_policy(STAGE, "esvr.models.value_detector"), persist_result=True
 )
-def preferences_task(
-    rollouts: Path,
-    dialogues_path: Path,
-    cfg: TrainSupporterConfig,
-    value_cfg: ValueDetectorConfig | None,
-    judge: ModelConfig | None,
-    out_dir: Path,
-    run_dir: str,
-    use_cache: bool,
-    seed: int,
-) -> dict[str, Any]:
-    """Score the rollouts (value detector or emotion judge), then pairs and Table 19 per setting."""
-    return preferences(rollouts, dialogues_path, cfg, value_cfg, judge, out_dir, run_dir, use_cache, seed)
+
+
+# Not cached by Prefect: the rollouts file is resumable (candidates already in it are skipped).
+rollouts_task = task(rollouts, name="supporter_rollouts", cache_policy=NO_CACHE, persist_result=False)
 
 
 def _emotion_cfg(config: PipelineConfig) -> Any | None:
@@ -212,10 +150,12 @@ def train_supporter_flow(
         horizon = cfg.rollout_horizon()
         h_name = "all" if horizon is None else str(horizon)
         rollouts_path = stage_dir / "dpo" / f"rollouts_{cfg.dpo_simulations}_h{h_name}.jsonl"
+        # with a dask or ray orchestration the rollouts' shards run on the cluster
+        on_cluster = uses_cluster(config.orchestration)
         roll = rollouts_task(
             dpo_dialogues, rollouts_path, cfg, config.simulate, rollout_supporter, config.models.seeker,
             tvd_cfg, rg_cfg, _emotion_cfg(config), paths.out_dir, config.models.cache, config.run.seed,
-            config.orchestration,
+            run=map_runner(config.orchestration) if on_cluster else None, n_shards=config.orchestration.max_workers,
         )
         tracking.log_metrics(roll["metrics"])
         if "workers" in roll:

@@ -20,8 +20,6 @@ from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig, flatten
 from esvr.models.config import ModelConfig
-from esvr.models.training import TrainConfig
-from esvr.tasks.common.hashing import prompts_digest
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.common.roles import base_model, component_spec, release_models, resolve_component, return_freed_memory
 from esvr.tasks.components import tvd
@@ -33,48 +31,19 @@ _ROLES = ("supporter", "seeker", "persona_writer", "judge")
 STAGE = "esvr.tasks.components"
 
 
-@task(
-    name="train_lora",
-    cache_policy=cache_policy(STAGE, "esvr.models.training", exclude=["run_id"]),
-    persist_result=True,
-    # libraries print bytecode listings while hashing functions; step metrics go to MLflow instead
-    log_prints=False,
+# Keyed by the dataset's and the base weights' content, the SFT adapter's content, the config and
+# the trainer's source; not by the MLflow run id, so a re-run reuses the adapter and
+# `log_training` replays its step metrics into the new run. Libraries print bytecode listings while
+# hashing functions, hence no log_prints; step metrics go to MLflow instead.
+train_lora_task = task(
+    train_lora, name="train_lora", cache_policy=cache_policy(STAGE, "esvr.models.training", exclude=["run_id"]),
+    persist_result=True, log_prints=False,
 )
-def train_lora_task(
-    kind: str,
-    base: ModelConfig,
-    data: Path,
-    sft_adapter: Path | None,
-    cfg: TrainConfig,
-    out: Path,
-    meta: dict[str, Any],
-    run_id: str | None = None,
-) -> dict[str, Any]:
-    """`train_lora` as a cached Prefect task.
-
-    Keyed by the dataset's and the base weights' content, the SFT adapter's content, the config
-    and the trainer's source; not by the MLflow run id, so a re-run reuses the adapter and
-    `log_training` replays its step metrics into the new run.
-    """
-    return train_lora(kind, base, data, sft_adapter, cfg, out, meta, run_id)
-
-
-@task(name="tvd_eval", cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
-def tvd_eval_task(
-    model: ModelConfig,
-    data: Path,
-    name: str,
-    variant: tvd.Variant,
-    cfg: tvd.TVDEvalConfig,
-    max_chars: int | None,
-    seed: int,
-    out: Path,
-    run_dir: str,
-    use_cache: bool,
-    prompts: str,
-) -> dict[str, Any]:
-    """`tvd.tvd_eval` as a cached task, keyed also by the prompt files' digest `prompts`."""
-    return tvd.tvd_eval(model, data, name, variant, cfg, max_chars, seed, out, run_dir, use_cache)
+tvd_eval_task = task(
+    tvd.tvd_eval, name="tvd_eval",
+    cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=tvd.PROMPT_FILES),
+    persist_result=True,
+)
 
 
 def model_for(name: str, config: PipelineConfig) -> ModelConfig:
@@ -134,7 +103,6 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
     data = dataset_dir(manifest, cfg.setting, "tvd")
     max_chars = manifest["config"].get("max_chars_per_utterance")
     stage_dir = paths.stage("train_tvd")
-    digest = prompts_digest(tvd.PROMPT_FILES)
     with tracking.flow_run("train_tvd", config, section="train_tvd", prompts=tvd.PROMPT_FILES):
         result, run_id = train_component(
             config, component="tvd", stage="sft", setting=cfg.setting, kind="sft", data=data,
@@ -150,7 +118,7 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
             out = stage_dir / "eval" / f"{slug(name)}.{variant}.jsonl"
             evaluations.append(tvd_eval_task(
                 model, data, name, variant, cfg.eval, max_chars, config.run.seed, out,
-                str(paths.out_dir), config.models.cache, digest,
+                str(paths.out_dir), config.models.cache,
             ))
         for ev in evaluations:
             tracking.log_metrics({f"tvd.eval.{slug(ev['name'])}.{ev['variant']}.{k}": v for k, v in ev["metrics"].items()})

@@ -50,6 +50,10 @@ def test_flow_file_tasks_are_keyed_on_the_domain_modules_doing_the_work():
     # the label task lives in a flow file; its work is in tasks/labeling/label.py and the models it loads
     modules = work_modules("esvr.flows.label")
     assert {"esvr.tasks.labeling.label", "esvr.models.value_detector", "esvr.models.emotion"} <= set(modules)
+    # a stage subpackage counts with every module in it, imported by the task or not
+    stage = work_modules("esvr.tasks.labeling")
+    assert {"esvr.tasks.labeling", "esvr.tasks.labeling.analyze_esconv", "esvr.tasks.labeling.value_head"} <= set(stage)
+    assert "esvr.tasks.labeling.value_head" not in modules
 
 
 def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, monkeypatch, prefect_harness):
@@ -90,3 +94,29 @@ def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, m
     assert calls.read_text().count("ran") == 2
     for name in [m for m in sys.modules if m.startswith("esvr_cache_probe")]:
         del sys.modules[name]
+
+
+def test_editing_a_prompt_the_task_names_reruns_it(tmp_path: Path, monkeypatch, prefect_harness):
+    """`cache_policy(prompts=...)`: new wording of a prompt file is a new result."""
+    from prefect import flow, task
+
+    import esvr.prompts
+    from esvr.flows.caching import cache_policy
+
+    prompt = tmp_path / "judge.txt"
+    prompt.write_text("Rate the reply from 1 to 5.")
+    monkeypatch.setattr(esvr.prompts, "prompt_path", lambda name: tmp_path / name)
+    calls = []
+
+    @task(cache_policy=cache_policy(prompts=["judge.txt"]), persist_result=True)
+    def judged(x: int) -> int:
+        calls.append(x)
+        return x
+
+    @flow
+    def run_judged() -> int:
+        return judged(7)
+
+    assert run_judged() == 7 and run_judged() == 7 and len(calls) == 1
+    prompt.write_text("Rate the reply from 1 to 10.")
+    assert run_judged() == 7 and len(calls) == 2

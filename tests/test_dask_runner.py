@@ -18,7 +18,7 @@ import pytest
 
 from esvr.flows.config import OrchestrationConfig, PipelineConfig
 from esvr.models.config import ModelConfig
-from esvr.flows.task_runners import TaskRunnerError, task_runner_for
+from esvr.flows.task_runners import TaskRunnerError, map_runner, task_runner_for
 from esvr.tasks.common.shards import shard_of, split_shards
 
 
@@ -206,8 +206,9 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
             worker_pids = set(client.run(os.getpid).values())
 
         def rollouts(name: str, orchestration: OrchestrationConfig | None) -> dict:
+            runner = {"run": map_runner(orchestration), "n_shards": orchestration.max_workers} if orchestration else {}
             return rollouts_task(dialogues, tmp_path / name / "rollouts.jsonl", cfg, sim, stub, stub, stub, stub, None,
-                                 tmp_path / name, True, 0, orchestration)
+                                 tmp_path / name, True, 0, **runner)
 
         base = rollouts("threads", None)
         # one dialogue's rollouts are already in the file (an interrupted run): no shard redoes them

@@ -634,8 +634,9 @@ def write_personas(personas: Sequence[Mapping[str, Any]], rejected: Sequence[Map
     return paths
 
 
-def make_personas(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True) -> dict[str, Path]:
-    """The stage: personas of the persona writer (`writer`) -> personas.jsonl, rejected.jsonl, stats.json."""
+def make_personas(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True) -> dict[str, str]:
+    """The stage: personas of the persona writer (`writer`) -> personas.jsonl, rejected.jsonl,
+    stats.json; returns their paths."""
     model = chat_model(writer, run_dir, cache=use_cache)
     generated, rejected, stats = generate_personas(model, cfg, seed)
-    return write_personas(generated, rejected, stats, out_dir)
+    return {k: str(v) for k, v in write_personas(generated, rejected, stats, out_dir).items()}
