@@ -3,7 +3,8 @@
 A module is named as `esvr.tasks.x.y` (an attribute may follow: `esvr.tasks.tvd.TVDMethod`); a
 file of the repository as `tasks/x/y.py`, `configs/demo.yaml`, `prompts/rg/user.txt` ... Links
 between the pages (`[text](page.md#section)`) must reach a page and a heading. The README's layout
-section must list every top-level folder of the repository and every recipe under `configs/`.
+section must list every top-level folder of the repository, every stage subpackage of `tasks/` and
+every recipe under `configs/`.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _layout_block() -> str:
     return section.split("```", 2)[1]
 
 
-def test_the_readme_layout_lists_every_top_level_folder_and_recipe():
+def test_the_readme_layout_lists_every_top_level_folder_stage_subpackage_and_recipe():
     layout = _layout_block()
     try:
         tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -138,6 +139,8 @@ def test_the_readme_layout_lists_every_top_level_folder_and_recipe():
     folders = {path.split("/")[0] for path in tracked if "/" in path}
     missing = sorted(f for f in folders if not re.search(rf"(?m)^{re.escape(f)}/", layout))
     assert missing == [], f"README layout lacks {missing}"
+    stages = sorted(f"tasks/{p.parent.name}/" for p in (ROOT / "tasks").glob("*/__init__.py"))
+    assert [s for s in stages if not re.search(rf"(?m)^{re.escape(s)}", layout)] == []
     recipes = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
     assert [r for r in recipes if r not in layout] == []
     for entry in re.findall(r"(?m)^(\S+)", layout):
