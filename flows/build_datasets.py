@@ -48,13 +48,14 @@ def build_datasets_flow(
         if not path.is_file():
             raise FileNotFoundError(f"build_datasets: {what} file not found: {path} (run the {stage} stage first)")
     with tracking.flow_run("build_datasets", config, section="datasets", prompts=PROMPTS):
-        manifest_path = build_datasets_task(
-            threads_path, labels_path, config.datasets, paths.stage("datasets")
-        )
+        manifest_path = build_datasets_task(threads_path, labels_path, config.datasets, paths.stage("datasets"))
         manifest = json.loads(Path(manifest_path).read_text())
         tracking.log_metrics({f"datasets.{k}": v for k, v in stats_metrics(manifest).items()})
         tracking.log_artifact(manifest_path, "datasets")
         for setting, stats in manifest["stats"].items():
-            sizes = ", ".join(f"{k} {stats.get(f'{k}.train', 0)}/{stats.get(f'{k}.dev', 0)}/{stats.get(f'{k}.test', 0)}" for k in ("tvd", "rg_sft", "rg_dpo"))
+            sizes = ", ".join(
+                f"{k} {stats.get(f'{k}.train', 0)}/{stats.get(f'{k}.dev', 0)}/{stats.get(f'{k}.test', 0)}"
+                for k in ("tvd", "rg_sft", "rg_dpo")
+            )
             print(f"{setting}: {stats.get('success', 0)} successes -> train/dev/test {sizes}")
         return {"datasets": manifest["root"], "datasets_manifest": str(manifest_path)}

@@ -79,9 +79,15 @@ class ChatSession:
         self.utterances: list[dict[str, Any]] = []
         self.replies: list[Reply] = []
         # the simulation's agents; the seeker is the person at the terminal
-        self._agents = Agents(supporter=Supporter(self.supporter, self.settings), seeker=None, tvd=self.tvd, rg=self.rg,  # type: ignore[arg-type]
-                              tvd_method=self.tvd_method, tvd_max_tokens=self.tvd_max_tokens,
-                              rg_max_tokens=self.rg_max_tokens)
+        self._agents = Agents(
+            supporter=Supporter(self.supporter, self.settings),
+            seeker=None,
+            tvd=self.tvd,
+            rg=self.rg,  # type: ignore[arg-type]
+            tvd_method=self.tvd_method,
+            tvd_max_tokens=self.tvd_max_tokens,
+            rg_max_tokens=self.rg_max_tokens,
+        )
 
     @staticmethod
     def opening() -> str:
@@ -212,8 +218,10 @@ def run_terminal(
         reply = session.respond_stream(line, write, show_reasoning=show_reasoning)
         write("\n")
         if show_reasoning and not reply.crisis:
-            write(f"  (target values: {', '.join(reply.target_values or []) or 'none'}; "
-                  f"reference used: {_reference_used(reply)}; strategy: {reply.strategy or '-'}; {reply.method})\n")
+            write(
+                f"  (target values: {', '.join(reply.target_values or []) or 'none'}; "
+                f"reference used: {_reference_used(reply)}; strategy: {reply.strategy or '-'}; {reply.method})\n"
+            )
             write(f"supporter (response)> {reply.text}\n")
 
 
@@ -261,8 +269,12 @@ def _from_train_supporter_run(client: Any, run: Any) -> ResolvedSupporter:
         for kid in kids:
             if kid.data.tags.get("esvr.training_stage") == stage and kid.info.status == "FINISHED":
                 spec = roles.resolve_component(f"mlflow:{kid.info.run_id}")
-                return ResolvedSupporter(spec, f"{stage} model of train_supporter run {run.info.run_id}",
-                                         _recorded(run, "esvr.tvd"), _recorded(run, "esvr.rg"))
+                return ResolvedSupporter(
+                    spec,
+                    f"{stage} model of train_supporter run {run.info.run_id}",
+                    _recorded(run, "esvr.tvd"),
+                    _recorded(run, "esvr.rg"),
+                )
     raise FileNotFoundError(f"MLflow run {run.info.run_id} is a train_supporter run without a finished SFT or DPO training run")
 
 
@@ -273,9 +285,15 @@ def resolve_supporter(ref: str, experiment: str | None = None) -> ResolvedSuppor
         client = _client()
         exp = client.get_experiment_by_name(experiment) if experiment else None
         if exp is None:
-            raise FileNotFoundError(f"no MLflow experiment {experiment!r}: train a supporter first (esvr train-supporter) or pass --supporter")
-        runs = client.search_runs([exp.experiment_id], filter_string="tags.`esvr.stage` = 'train_supporter' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+            raise FileNotFoundError(
+                f"no MLflow experiment {experiment!r}: train a supporter first (esvr train-supporter) or pass --supporter"
+            )
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.`esvr.stage` = 'train_supporter' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if not runs:
             raise FileNotFoundError(f"no finished train_supporter run in MLflow experiment {experiment!r}; pass --supporter")
         return _from_train_supporter_run(client, runs[0])
@@ -341,12 +359,22 @@ def open_session(
             stepwise_max_tokens=sim.stepwise_max_tokens,
         )
         guard = CrisisGuard(config.run.out_dir.resolve() / "chat" / "crisis_events.jsonl")
-        session = ChatSession(supporter, tvd=tvd_model, rg=rg_model, guard=guard, settings=settings,
-                              tvd_method=sim.tvd_method, tvd_max_tokens=sim.tvd_max_tokens, rg_max_tokens=sim.rg_max_tokens,
-                              seed=config.run.seed)
-        banner = (f"supporter: {resolved.spec} ({resolved.source})\n"
-                  f"target value detector: {tvd_spec or 'none'}\nreference generator: {rg_spec or 'none'}\n"
-                  f"crisis events log: {guard.log_path}")
+        session = ChatSession(
+            supporter,
+            tvd=tvd_model,
+            rg=rg_model,
+            guard=guard,
+            settings=settings,
+            tvd_method=sim.tvd_method,
+            tvd_max_tokens=sim.tvd_max_tokens,
+            rg_max_tokens=sim.rg_max_tokens,
+            seed=config.run.seed,
+        )
+        banner = (
+            f"supporter: {resolved.spec} ({resolved.source})\n"
+            f"target value detector: {tvd_spec or 'none'}\nreference generator: {rg_spec or 'none'}\n"
+            f"crisis events log: {guard.log_path}"
+        )
         yield session, banner
     finally:
         for m in models:

@@ -32,6 +32,7 @@ from esvr.tasks.simulation.simulate import SimulateConfig
 from esvr.tasks.smoke import SmokeConfig
 from esvr.tasks.supporter.train_supporter import TrainSupporterConfig
 
+
 class RunConfig(Section):
     name: str = "esvr"
     #: every artifact of the run goes under this folder (stage outputs, Prefect results, MLflow, caches)

@@ -50,7 +50,9 @@ STAGE = "esvr.tasks.evaluation"
 
 
 # Not cached by Prefect: dialogues.jsonl is itself the resumable record (stage 6's engine).
-evaluation_dialogues_task = task(evaluation_dialogues, name="evaluation_dialogues_task", cache_policy=NO_CACHE, persist_result=False)
+evaluation_dialogues_task = task(
+    evaluation_dialogues, name="evaluation_dialogues_task", cache_policy=NO_CACHE, persist_result=False
+)
 # Keyed by the dialogues' content, the judge, the settings and the judge prompts' content.
 judge_dialogues_task = task(
     judge_dialogues, name="judge_dialogues_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
@@ -73,14 +75,18 @@ def supporter_model(config: PipelineConfig, s: SupporterUnderTest, override: Sup
         return roles.model_config(override)  # type: ignore[return-value]
     if s.component is not None and s.component.startswith("pipeline:"):
         raise ValueError(
-            f"evaluate.supporters row {s.name!r} takes the pipeline's trained {s.component[len('pipeline:'):]!r}: "
+            f"evaluate.supporters row {s.name!r} takes the pipeline's trained {s.component[len('pipeline:') :]!r}: "
             f"run it through `esvr run`, or give its model: esvr evaluate --supporter '{s.name}=mlflow:<run_id>'"
         )
     if s.component is not None:
         return roles.model_config(s.component)  # type: ignore[return-value]
     if s.finetune is not None:
         spec = finetune_baseline_task(
-            s.finetune, Path(s.finetune_data), roles.base_model(config.models.base), config.evaluate.finetune_train, stage_dir / "baselines" / s.slug
+            s.finetune,
+            Path(s.finetune_data),
+            roles.base_model(config.models.base),
+            config.evaluate.finetune_train,
+            stage_dir / "baselines" / s.slug,
         )
         return ModelConfig(spec=spec)
     return s.model or config.models.supporter
@@ -123,7 +129,9 @@ def evaluate_flow(
     sim_cfg = evaluation_simulate_config(config.simulate, cfg)
     use_cache = config.models.cache
     tags = {"esvr.kind": "evaluate", "esvr.evaluate.reference": cfg.reference, "esvr.evaluate.judge": config.models.judge.spec}
-    with tracking.flow_run("evaluate", config, section="evaluate", tags=tags, prompts=(*JUDGE_PROMPTS, *BASELINE_PROMPTS)) as active:
+    with tracking.flow_run(
+        "evaluate", config, section="evaluate", tags=tags, prompts=(*JUDGE_PROMPTS, *BASELINE_PROMPTS)
+    ) as active:
         from esvr.tasks.simulation.personas import read_personas
 
         personas = read_personas(personas_file, [cfg.split])
@@ -136,16 +144,23 @@ def evaluate_flow(
         judge = roles.chat_model(config.models.judge, run.out_dir, cache=use_cache)
         default_tvd = roles.model_config(tvd) if tvd is not None else sim_cfg.tvd
         default_rg = roles.model_config(rg) if rg is not None else sim_cfg.rg
-        print(f"evaluating {len(cfg.supporters)} supporters on {len(personas)} {cfg.split} personas "
-              f"(max {cfg.max_turns} turns), judge {config.models.judge.spec}, seeker {config.models.seeker.spec}, "
-              f"reference {cfg.reference!r}")
+        print(
+            f"evaluating {len(cfg.supporters)} supporters on {len(personas)} {cfg.split} personas "
+            f"(max {cfg.max_turns} turns), judge {config.models.judge.spec}, seeker {config.models.seeker.spec}, "
+            f"reference {cfg.reference!r}"
+        )
 
         dialogue_paths: dict[str, Path] = {}
         used_models: dict[str, Any] = {"judge": judge}
         components: dict[str, dict[str, str | None]] = {}
         row_models = {
-            s.name: {"supporter": supporter_model(config, s, overrides.get(s.name), stage_dir), "seeker": config.models.seeker,
-                     "judge": config.models.judge, "tvd": s.tvd or default_tvd, "rg": s.rg or default_rg}
+            s.name: {
+                "supporter": supporter_model(config, s, overrides.get(s.name), stage_dir),
+                "seeker": config.models.seeker,
+                "judge": config.models.judge,
+                "tvd": s.tvd or default_tvd,
+                "rg": s.rg or default_rg,
+            }
             for s in rows.values()
         }
         for s in rows.values():
@@ -153,8 +168,17 @@ def evaluate_flow(
         if on_cluster:
             # one task per row on the cluster; each worker loads the row's models itself
             calls = [
-                {"row": s, "sim_cfg": sim_cfg, "models": row_models[s.name], "emotion_cfg": config.label.emotion if sim_cfg.emotion else None,
-                 "personas": personas, "out": dialogue_paths[s.name], "run_dir": run.out_dir, "use_cache": use_cache, "seed": config.run.seed}
+                {
+                    "row": s,
+                    "sim_cfg": sim_cfg,
+                    "models": row_models[s.name],
+                    "emotion_cfg": config.label.emotion if sim_cfg.emotion else None,
+                    "personas": personas,
+                    "out": dialogue_paths[s.name],
+                    "run_dir": run.out_dir,
+                    "use_cache": use_cache,
+                    "seed": config.run.seed,
+                }
                 for s in rows.values()
             ]
             results = dict(zip(rows, map_runner(config.orchestration)(row_dialogues, calls, name="evaluate-row")))
@@ -172,7 +196,9 @@ def evaluate_flow(
                 # without a trained component the row's own model plays it zero-shot (same prompts)
                 tvd_model = roles.chat_model(m["tvd"], run.out_dir, cache=use_cache) if m["tvd"] is not None else sup
                 rg_model = roles.chat_model(m["rg"], run.out_dir, cache=use_cache) if m["rg"] is not None else sup
-                agents = make_agents(s, sim_cfg, sup, seeker, tvd_model=tvd_model, rg_model=rg_model, rephraser=judge, emotion_scorer=scorer)
+                agents = make_agents(
+                    s, sim_cfg, sup, seeker, tvd_model=tvd_model, rg_model=rg_model, rephraser=judge, emotion_scorer=scorer
+                )
                 used_models[f"supporter.{s.slug}"] = sup
                 res = evaluation_dialogues_task(personas, dialogue_paths[s.name], agents, sim_cfg.concurrency, config.run.seed)
                 results[s.name] = {**res, "names": {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}}
@@ -181,7 +207,9 @@ def evaluate_flow(
             components[s.name] = res["names"]
             tracking.log_metrics({k.replace("evaluate.simulate", f"{s.slug}.simulate"): v for k, v in res["metrics"].items()})
             if res["errors"]:
-                print(f"{s.name}: {len(res['errors'])} dialogues hit backend errors and were not written; rerun to retry: {res['errors'][:2]}")
+                print(
+                    f"{s.name}: {len(res['errors'])} dialogues hit backend errors and were not written; rerun to retry: {res['errors'][:2]}"
+                )
             where = f" (worker process {res['worker_pid']})" if "worker_pid" in res else ""
             print(f"{s.name}: {res['written']} new dialogues, {res['skipped']} already done -> {dialogue_paths[s.name]}{where}")
 
@@ -189,8 +217,14 @@ def evaluate_flow(
         judgment_paths = {
             s.name: Path(
                 judge_dialogues_task(
-                    config.models.judge, dialogue_paths[s.name], s.name, cfg.complete_only, settings,
-                    stage_dir / s.slug / "judgments.jsonl", run.out_dir, use_cache,
+                    config.models.judge,
+                    dialogue_paths[s.name],
+                    s.name,
+                    cfg.complete_only,
+                    settings,
+                    stage_dir / s.slug / "judgments.jsonl",
+                    run.out_dir,
+                    use_cache,
                 )
             )
             for s in cfg.supporters
@@ -198,8 +232,16 @@ def evaluate_flow(
         value_paths = {
             s.name: Path(
                 judge_values_task(
-                    config.models.judge, dialogue_paths[s.name], dialogue_paths[cfg.reference], s.name, cfg.reference,
-                    cfg.complete_only, settings, stage_dir / s.slug / "es_value.jsonl", run.out_dir, use_cache,
+                    config.models.judge,
+                    dialogue_paths[s.name],
+                    dialogue_paths[cfg.reference],
+                    s.name,
+                    cfg.reference,
+                    cfg.complete_only,
+                    settings,
+                    stage_dir / s.slug / "es_value.jsonl",
+                    run.out_dir,
+                    use_cache,
                 )
             )
             for s in cfg.supporters
@@ -237,9 +279,11 @@ def evaluate_flow(
             tracking.log_artifact(stage_dir / s.slug, f"evaluate/{s.slug}")
         for m in summary["models"]:
             sk = m["skills"]["overall"]["score"]
-            print(f"  {m['name']:<28} dialogues {m['n_dialogues']:>3}  overall {_fmt(sk['mean'])}{sk['mark']}  "
-                  f"intensity {_fmt(m['intensity']['score']['mean'])}{m['intensity']['score']['mark']}  "
-                  f"words/turn {_fmt(m['words_per_turn']['mean'], 1)}")
+            print(
+                f"  {m['name']:<28} dialogues {m['n_dialogues']:>3}  overall {_fmt(sk['mean'])}{sk['mark']}  "
+                f"intensity {_fmt(m['intensity']['score']['mean'])}{m['intensity']['score']['mark']}  "
+                f"words/turn {_fmt(m['words_per_turn']['mean'], 1)}"
+            )
         artifacts = {"evaluate_summary": str(summary_path), "evaluate_dir": str(stage_dir)}
         if cfg.human_ratings is not None:
             artifacts.update(judge_vs_human_flow(config, cfg.human_ratings, stage_dir))
@@ -256,7 +300,9 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 @flow(name="judge-vs-human", log_prints=True)
-def judge_vs_human_flow(config: PipelineConfig, ratings_csv: str | Path, evaluate_dir: str | Path | None = None) -> dict[str, str]:
+def judge_vs_human_flow(
+    config: PipelineConfig, ratings_csv: str | Path, evaluate_dir: str | Path | None = None
+) -> dict[str, str]:
     """Spearman correlation per criterion between human ratings (CSV) and the judge's scores in an
     evaluation folder (default ``<run>/evaluate``); writes ``judge_vs_human.{json,md}`` there."""
     from esvr.tasks.evaluation.fidelity import judge_vs_human, judge_vs_human_markdown
@@ -269,7 +315,9 @@ def judge_vs_human_flow(config: PipelineConfig, ratings_csv: str | Path, evaluat
         out_md = folder / "judge_vs_human.md"
         out_json.write_text(json.dumps(result, indent=2))
         out_md.write_text(judge_vs_human_markdown(result))
-        tracking.log_metrics({f"judge_vs_human.{r['criterion']}.spearman": r["spearman"] for r in result["rows"] if r["spearman"] is not None})
+        tracking.log_metrics(
+            {f"judge_vs_human.{r['criterion']}.spearman": r["spearman"] for r in result["rows"] if r["spearman"] is not None}
+        )
         tracking.log_artifact(out_json, "judge_vs_human")
         tracking.log_artifact(out_md, "judge_vs_human")
         print(out_md.read_text())
@@ -282,7 +330,9 @@ def judge_vs_human_flow(config: PipelineConfig, ratings_csv: str | Path, evaluat
 
 
 @flow(name="simulator-fidelity", log_prints=True)
-def simulator_fidelity_flow(config: PipelineConfig, esconv_path: str | Path | None = None, intensity: bool = True) -> dict[str, str]:
+def simulator_fidelity_flow(
+    config: PipelineConfig, esconv_path: str | Path | None = None, intensity: bool = True
+) -> dict[str, str]:
     """Table 29 (each candidate seeker simulator against real ESConv seeker turns) and Table 11
     (the ES-Intensity judge against ESConv's reported final intensities)."""
     from esvr.tasks.evaluation.fidelity import fidelity_markdown, intensity_validation, simulator_fidelity
@@ -306,11 +356,24 @@ def simulator_fidelity_flow(config: PipelineConfig, esconv_path: str | Path | No
             shots = [True, False] if cfg.zero_shot else [True]
             for one_shot in shots:
                 model = roles.chat_model(sim, run.out_dir, cache=use_cache)
-                rows.append(simulator_fidelity(model, dialogues, cfg, one_shot=one_shot, emotion=emotion, detector=detector, encoder_path=cfg.encoder, name=sim.spec))
+                rows.append(
+                    simulator_fidelity(
+                        model,
+                        dialogues,
+                        cfg,
+                        one_shot=one_shot,
+                        emotion=emotion,
+                        detector=detector,
+                        encoder_path=cfg.encoder,
+                        name=sim.spec,
+                    )
+                )
         result: dict[str, Any] = {"esconv": str(path), "simulators": rows}
         if intensity:
             judge = roles.chat_model(config.models.judge, run.out_dir, cache=use_cache)
-            result["intensity"] = intensity_validation(judge, dialogues, config.evaluate.judge_settings(config.run.seed), cfg.max_dialogues)
+            result["intensity"] = intensity_validation(
+                judge, dialogues, config.evaluate.judge_settings(config.run.seed), cfg.max_dialogues
+            )
         (out_dir / "fidelity.json").write_text(json.dumps(result, indent=2))
         md = fidelity_markdown(result)
         (out_dir / "fidelity.md").write_text(md)

@@ -14,9 +14,9 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
+from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig, load_config
 from esvr.tasks.common.paths import RunPaths
-from esvr.flows.caching import cache_policy
 from esvr.tasks.reddit.ingest import (
     MANIFEST,
     IngestConfig,
@@ -66,7 +66,9 @@ def ingest_flow(config: PipelineConfig) -> dict[str, str]:
         if not dumps:
             sample = out / "sample_dump"
             missing = not all((sample / n).exists() for n in ("RS_2021-06.zst", "RC_2021-06.zst"))
-            dumps = [Path(p) for p in sample_dump_task.with_options(refresh_cache=missing)(sample, config.run.seed, cfg.sample_posts)]
+            dumps = [
+                Path(p) for p in sample_dump_task.with_options(refresh_cache=missing)(sample, config.run.seed, cfg.sample_posts)
+            ]
             print(f"no dumps configured (ingest.dumps): using the generated sample dump in {sample}")
         try:
             result = ingest_dumps(dumps, out, cfg, stage_fn=_stage_via_task)
@@ -80,10 +82,16 @@ def ingest_flow(config: PipelineConfig) -> dict[str, str]:
         if rejects.stat().st_size < 20 << 20:
             tracking.log_artifact(rejects, "ingest")
         t = result.summary["threads"]
-        print(f"threads: {t['threads']} ({t['single_turn']} single-turn, {t['multi_turn']} multi-turn) from "
-              f"{t['posts']} posts; staged now: {result.staged_now or 'none'}, reused: {result.reused or 'none'}")
-        return {"threads": str(result.threads), "ingest_rejects": str(rejects),
-                "ingest_stats": str(result.stats), "ingest_manifest": str(result.manifest)}
+        print(
+            f"threads: {t['threads']} ({t['single_turn']} single-turn, {t['multi_turn']} multi-turn) from "
+            f"{t['posts']} posts; staged now: {result.staged_now or 'none'}, reused: {result.reused or 'none'}"
+        )
+        return {
+            "threads": str(result.threads),
+            "ingest_rejects": str(rejects),
+            "ingest_stats": str(result.stats),
+            "ingest_manifest": str(result.manifest),
+        }
 
 
 @flow(name="ingest-new-dumps", log_prints=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import OrchestrationConfig, PipelineConfig
-from esvr.tasks.common.paths import RunPaths
 from esvr.flows.caching import cache_policy
+from esvr.flows.config import OrchestrationConfig, PipelineConfig
 from esvr.flows.task_runners import map_runner, uses_cluster
 from esvr.tasks.common.hashing import path_digest
+from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.common.roles import labelers as build_labelers
 from esvr.tasks.labeling.label import LabelConfig, label_on_runner, label_threads
 
@@ -50,7 +50,10 @@ def labelers_identity(cfg: LabelConfig) -> str:
 
 @task(
     cache_policy=cache_policy(
-        STAGE, "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers", "orchestration", "run_dir", "use_cache"]
+        STAGE,
+        "esvr.models.value_detector",
+        "esvr.models.emotion",
+        exclude=["make_labelers", "orchestration", "run_dir", "use_cache"],
     ),
     persist_result=True,
 )
@@ -85,18 +88,29 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
         raise FileNotFoundError(f"label: threads file not found: {threads_path} (run the ingest stage first)")
     cfg = config.label
     with tracking.flow_run(
-        "label", config, section="label", prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, [])
+        "label",
+        config,
+        section="label",
+        prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, []),
     ):
         result = label_task(
-            threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), lambda: labelers(config),
-            config.orchestration, str(paths.out_dir), config.models.cache,
+            threads_path,
+            str(paths.stage("label")),
+            cfg,
+            labelers_identity(cfg),
+            lambda: labelers(config),
+            config.orchestration,
+            str(paths.out_dir),
+            config.models.cache,
         )
         stats = json.loads(Path(result["stats"]).read_text())
         tracking.log_metrics({f"label.{k}": v for k, v in stats.items()})
         tracking.log_artifact(result["stats"], "label")
         if "chunks" in result:
             tracking.log_artifact(result["chunks"], "label")
-            print(f"labelled {len(json.loads(Path(result['chunks']).read_text()))} chunks on "
-                  f"{int(stats['workers'])} {config.orchestration.task_runner} worker process(es)")
+            print(
+                f"labelled {len(json.loads(Path(result['chunks']).read_text()))} chunks on "
+                f"{int(stats['workers'])} {config.orchestration.task_runner} worker process(es)"
+            )
         print(f"labelled {int(stats['utterances'])} utterances -> {result['labels']}")
         return {"labels": result["labels"], "label_stats": result["stats"]}

@@ -23,6 +23,7 @@ from esvr.flows.config import PipelineConfig, load_config
 from esvr.flows.memory import StageMemory
 from esvr.tasks.common.roles import release_models
 
+
 def selected(config: PipelineConfig, stage: str) -> bool:
     return config.selected(stage)
 

@@ -38,13 +38,28 @@ def emotion_config(config: PipelineConfig) -> EmotionConfig | None:
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def simulate_task(
-    config: PipelineConfig, personas: list[dict], out: Path, supporter: ModelConfig, tvd: ModelConfig | None, rg: ModelConfig | None
+    config: PipelineConfig,
+    personas: list[dict],
+    out: Path,
+    supporter: ModelConfig,
+    tvd: ModelConfig | None,
+    rg: ModelConfig | None,
 ) -> SimulationSummary:
     """Not cached by Prefect: dialogues.jsonl itself is the resumable record of what is done."""
     cfg = config.simulate
-    with opened_agents(cfg, supporter, config.models.seeker, tvd=tvd, rg=rg, emotion=emotion_config(config),
-                       run_dir=config.run.out_dir.resolve(), use_cache=config.models.cache) as agents:
-        return simulate_dialogues(personas, out, agents, concurrency=cfg.concurrency, alternatives=cfg.alternatives, seed=config.run.seed)
+    with opened_agents(
+        cfg,
+        supporter,
+        config.models.seeker,
+        tvd=tvd,
+        rg=rg,
+        emotion=emotion_config(config),
+        run_dir=config.run.out_dir.resolve(),
+        use_cache=config.models.cache,
+    ) as agents:
+        return simulate_dialogues(
+            personas, out, agents, concurrency=cfg.concurrency, alternatives=cfg.alternatives, seed=config.run.seed
+        )
 
 
 @flow(name="simulate", log_prints=True)
@@ -83,13 +98,23 @@ def simulate_flow(
         if not personas:
             raise ValueError(f"{personas_file}: no persona in split(s) {splits} to simulate")
         tracking.log_metrics({"simulate.personas": len(personas)})
-        print(f"simulating {len(personas)} personas ({', '.join(splits)}) with supporter {sup_cfg.spec}, "
-              f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}")
+        print(
+            f"simulating {len(personas)} personas ({', '.join(splits)}) with supporter {sup_cfg.spec}, "
+            f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}"
+        )
         if uses_cluster(config.orchestration):
             roles = {"supporter": sup_cfg, "seeker": config.models.seeker, "tvd": tvd_cfg, "rg": rg_cfg}
             summary = simulate_on_runner(
-                map_runner(config.orchestration), config.orchestration.max_workers, cfg, personas, out, roles,
-                emotion_config(config), str(run.out_dir), config.models.cache, config.run.seed,
+                map_runner(config.orchestration),
+                config.orchestration.max_workers,
+                cfg,
+                personas,
+                out,
+                roles,
+                emotion_config(config),
+                str(run.out_dir),
+                config.models.cache,
+                config.run.seed,
             )
             shards = shard_runs(out)
             workers = len({s["worker_pid"] for s in shards})
@@ -109,7 +134,9 @@ def simulate_flow(
             f"{summary.calls_per_supporter_turn:.2f} LLM calls per supporter turn"
         )
         if summary.errors:
-            print(f"{len(summary.errors)} dialogues hit backend errors and were not written; rerun to retry them: {summary.errors[:3]}")
+            print(
+                f"{len(summary.errors)} dialogues hit backend errors and were not written; rerun to retry them: {summary.errors[:3]}"
+            )
         artifacts = {"dialogues": str(out)}
         sft_splits = [s for s in ("train", "dev") if s in splits]
         if export and sft_splits:
@@ -121,7 +148,9 @@ def simulate_flow(
             for s, p in result["paths"].items():
                 artifacts[f"sft_{s}"] = p
                 st = result["stats"][s]
-                print(f"SFT {s}: {st['dialogues']} dialogues, {st['turns']} turns, {st['examples_before_filter']} examples, "
-                      f"{st['examples']} after the strategy filter")
+                print(
+                    f"SFT {s}: {st['dialogues']} dialogues, {st['turns']} turns, {st['examples_before_filter']} examples, "
+                    f"{st['examples']} after the strategy filter"
+                )
             artifacts["sft_stats"] = result["stats_path"]
         return artifacts

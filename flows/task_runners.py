@@ -50,9 +50,7 @@ def task_runner_for(orch: OrchestrationConfig) -> TaskRunner:
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as exc:
-            raise TaskRunnerError(
-                "orchestration.task_runner=dask needs prefect-dask: pip install -e '.[dask]'"
-            ) from exc
+            raise TaskRunnerError("orchestration.task_runner=dask needs prefect-dask: pip install -e '.[dask]'") from exc
         if orch.address:
             return DaskTaskRunner(address=orch.address)
         # Processes, one thread each: the simulation's own asyncio loop supplies the concurrency
@@ -60,16 +58,13 @@ def task_runner_for(orch: OrchestrationConfig) -> TaskRunner:
         # over one GIL.
         return DaskTaskRunner(
             cluster_class="distributed.LocalCluster",
-            cluster_kwargs={"n_workers": orch.max_workers, "threads_per_worker": 1, "processes": True,
-                            "dashboard_address": None},
+            cluster_kwargs={"n_workers": orch.max_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
         )
     if orch.task_runner == "ray":
         try:
             from prefect_ray import RayTaskRunner
         except ImportError as exc:
-            raise TaskRunnerError(
-                "orchestration.task_runner=ray needs prefect-ray: pip install -e '.[ray]'"
-            ) from exc
+            raise TaskRunnerError("orchestration.task_runner=ray needs prefect-ray: pip install -e '.[ray]'") from exc
         if orch.address:
             return RayTaskRunner(address=orch.address)
         return RayTaskRunner(init_kwargs={"num_cpus": orch.max_workers})
@@ -98,7 +93,9 @@ def run_on_runner(orch: OrchestrationConfig, fn: Callable[..., T], calls: Sequen
         except OSError as exc:  # the first submission connects: a scheduler that does not answer
             if not orch.address:
                 raise
-            raise TaskRunnerError(f"orchestration.address {orch.address}: no {orch.task_runner} scheduler answers ({exc})") from None
+            raise TaskRunnerError(
+                f"orchestration.address {orch.address}: no {orch.task_runner} scheduler answers ({exc})"
+            ) from None
         return [f.result() for f in futures]
 
 

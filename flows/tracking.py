@@ -18,8 +18,8 @@ import mlflow
 
 from esvr.flows.config import PipelineConfig, flatten
 from esvr.flows.runtime import default_tracking_uri
-from esvr.tasks.common.paths import RunPaths
 from esvr.prompts import PROMPTS_DIR
+from esvr.tasks.common.paths import RunPaths
 
 # The key's last part names a credential ("models.judge.api_key", "hub.token"); "max_tokens" or
 # "api_key_env" (the variable's *name*) are ordinary settings.

@@ -27,10 +27,11 @@ from esvr.tasks.common.roles import base_model, component_spec
 from esvr.tasks.components import rg
 from esvr.tasks.components.datasets import load_manifest
 
-
 _keys = cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=rg.PROMPT_FILES)
 without_target_values_task = task(
-    rg.without_target_values, name="rg_sft_without_values", cache_policy=cache_policy(STAGE, prompts=rg.PROMPT_FILES),
+    rg.without_target_values,
+    name="rg_sft_without_values",
+    cache_policy=cache_policy(STAGE, prompts=rg.PROMPT_FILES),
     persist_result=True,
 )
 rg_generate_task = task(rg.rg_generate, name="rg_generate", cache_policy=_keys, persist_result=True)
@@ -38,7 +39,12 @@ rg_judge_task = task(rg.rg_judge, name="rg_judge", cache_policy=_keys, persist_r
 
 
 def evaluate_setting(
-    config: PipelineConfig, setting: str, data: Path, systems: dict[str, str], out_dir: Path, max_chars: int | None,
+    config: PipelineConfig,
+    setting: str,
+    data: Path,
+    systems: dict[str, str],
+    out_dir: Path,
+    max_chars: int | None,
 ) -> list[dict[str, Any]]:
     """Tables 7-8 for one setting. `systems`: name -> chat spec ('vanilla', 'sft', 'dpo')."""
     cfg = config.train_rg
@@ -49,8 +55,15 @@ def evaluate_setting(
     def generated(name: str, mode: str) -> Path:
         if (name, mode) not in replies:
             replies[(name, mode)] = rg_generate_task(
-                ModelConfig(spec=systems[name]), data, mode, cfg.eval, max_chars, config.run.seed,
-                out_dir / f"replies.{name}.{mode}.jsonl", str(paths.out_dir), config.models.cache,
+                ModelConfig(spec=systems[name]),
+                data,
+                mode,
+                cfg.eval,
+                max_chars,
+                config.run.seed,
+                out_dir / f"replies.{name}.{mode}.jsonl",
+                str(paths.out_dir),
+                config.models.cache,
             )
         return Path(replies[(name, mode)])
 
@@ -66,8 +79,18 @@ def evaluate_setting(
     for label, xn, xm, yn, ym in comparisons:
         x, y = (xn, yn) if xn != yn else (xm, ym)
         res = rg_judge_task(
-            judge, data, generated(xn, xm), generated(yn, ym), x, y, cfg.eval, max_chars, config.run.seed,
-            out_dir / f"verdicts.{label}.jsonl", str(paths.out_dir), config.models.cache,
+            judge,
+            data,
+            generated(xn, xm),
+            generated(yn, ym),
+            x,
+            y,
+            cfg.eval,
+            max_chars,
+            config.run.seed,
+            out_dir / f"verdicts.{label}.jsonl",
+            str(paths.out_dir),
+            config.models.cache,
         )
         res = {**res, "label": label}
         results.append(res)
@@ -95,8 +118,15 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
             if not cfg.with_values:
                 sft_data = Path(without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars))
             sft, sft_run = train_component(
-                config, component="rg", stage="sft", setting=setting, kind="sft", data=sft_data,
-                train_cfg=scfg.sft, out=stage_dir / setting / "sft", tags={"esvr.rg_values": str(cfg.with_values).lower()},
+                config,
+                component="rg",
+                stage="sft",
+                setting=setting,
+                kind="sft",
+                data=sft_data,
+                train_cfg=scfg.sft,
+                out=stage_dir / setting / "sft",
+                tags={"esvr.rg_values": str(cfg.with_values).lower()},
             )
             systems = {"vanilla": base_model(config.models.base).spec, "sft": component_spec(sft["adapter_dir"])}
             artifacts[f"rg_{setting}_sft"] = systems["sft"]
@@ -107,8 +137,15 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
                 print(f"rg ({setting}): no DPO pairs to train on; the SFT model stands in for DPO")
             else:
                 dpo, dpo_run = train_component(
-                    config, component="rg", stage="dpo", setting=setting, kind="dpo", data=dpo_data,
-                    train_cfg=scfg.dpo, out=stage_dir / setting / "dpo", sft_adapter=Path(sft["adapter_dir"]),
+                    config,
+                    component="rg",
+                    stage="dpo",
+                    setting=setting,
+                    kind="dpo",
+                    data=dpo_data,
+                    train_cfg=scfg.dpo,
+                    out=stage_dir / setting / "dpo",
+                    sft_adapter=Path(sft["adapter_dir"]),
                 )
                 systems["dpo"] = component_spec(dpo["adapter_dir"])
                 artifacts[f"rg_{setting}_dpo"] = systems["dpo"]

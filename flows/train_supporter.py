@@ -112,14 +112,22 @@ def train_supporter_flow(
         # 1. SFT -------------------------------------------------------------------------------
         sft_data = sft_data_task(dialogues, stage_dir / "sft", cfg.include_stepwise)
         stats = sft_data["stats"]
-        tracking.log_metrics({f"sft_data.{s}.{k}": v for s, st in stats.items() for k, v in st.items() if isinstance(v, (int, float))})
+        tracking.log_metrics(
+            {f"sft_data.{s}.{k}": v for s, st in stats.items() for k, v in st.items() if isinstance(v, (int, float))}
+        )
         print("SFT data: " + ", ".join(f"{s} {st['examples']} examples from {st['turns']} turns" for s, st in stats.items()))
         if stats["train"]["examples"] == 0:
             raise ValueError(f"train_supporter: {dialogues} gives no SFT training example (no successful train-split turn)")
         release_models()  # training wants the memory the simulation's models hold
         sft, sft_run = train_component(
-            config, component="supporter", stage="sft", setting=variant, kind="sft",
-            data=Path(sft_data["data"]), train_cfg=cfg.sft, out=stage_dir / "sft" / "train",
+            config,
+            component="supporter",
+            stage="sft",
+            setting=variant,
+            kind="sft",
+            data=Path(sft_data["data"]),
+            train_cfg=cfg.sft,
+            out=stage_dir / "sft" / "train",
         )
         sft_spec = component_spec(sft["adapter_dir"])
         artifacts.update(sft=sft_spec, sft_run=f"mlflow:{sft_run}", supporter=sft_spec, supporter_run=f"mlflow:{sft_run}")
@@ -135,8 +143,17 @@ def train_supporter_flow(
             personas = [p for ps in dialogues_by_split(chosen, cfg.dpo_max_personas).values() for p in ps]
             dpo_dialogues = stage_dir / "dpo" / "dialogues_sft.jsonl"
             sim = dpo_simulations_task(
-                personas, dpo_dialogues, config.simulate, ModelConfig(spec=sft_spec), config.models.seeker,
-                tvd_cfg, rg_cfg, _emotion_cfg(config), paths.out_dir, config.models.cache, config.run.seed,
+                personas,
+                dpo_dialogues,
+                config.simulate,
+                ModelConfig(spec=sft_spec),
+                config.models.seeker,
+                tvd_cfg,
+                rg_cfg,
+                _emotion_cfg(config),
+                paths.out_dir,
+                config.models.cache,
+                config.run.seed,
             )
             tracking.log_metrics(sim["metrics"])
             print(f"DPO (SFT): simulated {len(personas)} personas with the SFT model -> {dpo_dialogues}")
@@ -153,9 +170,20 @@ def train_supporter_flow(
         # with a dask or ray orchestration the rollouts' shards run on the cluster
         on_cluster = uses_cluster(config.orchestration)
         roll = rollouts_task(
-            dpo_dialogues, rollouts_path, cfg, config.simulate, rollout_supporter, config.models.seeker,
-            tvd_cfg, rg_cfg, _emotion_cfg(config), paths.out_dir, config.models.cache, config.run.seed,
-            run=map_runner(config.orchestration) if on_cluster else None, n_shards=config.orchestration.max_workers,
+            dpo_dialogues,
+            rollouts_path,
+            cfg,
+            config.simulate,
+            rollout_supporter,
+            config.models.seeker,
+            tvd_cfg,
+            rg_cfg,
+            _emotion_cfg(config),
+            paths.out_dir,
+            config.models.cache,
+            config.run.seed,
+            run=map_runner(config.orchestration) if on_cluster else None,
+            n_shards=config.orchestration.max_workers,
         )
         tracking.log_metrics(roll["metrics"])
         if "workers" in roll:
@@ -163,20 +191,41 @@ def train_supporter_flow(
             print(f"rollouts ran on {roll['workers']} {config.orchestration.task_runner} worker process(es)")
         if roll["errors"]:
             print(f"{len(roll['errors'])} rollouts hit backend errors and were not written; rerun to retry: {roll['errors'][:3]}")
-        print(f"rollouts (horizon {h_name}, shared by every setting): {roll['metrics']['rollouts.turns_with_candidates']:.0f} turns "
-              f"with both candidates over {roll['dialogues']} dialogues -> {rollouts_path}")
+        print(
+            f"rollouts (horizon {h_name}, shared by every setting): {roll['metrics']['rollouts.turns_with_candidates']:.0f} turns "
+            f"with both candidates over {roll['dialogues']} dialogues -> {rollouts_path}"
+        )
         release_models()
 
         # 4. scores, pairs and Table 19 per setting -------------------------------------------
         prefs = preferences_task(
-            rollouts_path, dpo_dialogues, cfg, _value_cfg(config), config.models.judge,
-            stage_dir / "dpo" / f"preferences_{variant}", str(paths.out_dir), config.models.cache, config.run.seed,
+            rollouts_path,
+            dpo_dialogues,
+            cfg,
+            _value_cfg(config),
+            config.models.judge,
+            stage_dir / "dpo" / f"preferences_{variant}",
+            str(paths.out_dir),
+            config.models.cache,
+            config.run.seed,
         )
         for name, counts in prefs["table19"].items():
-            with tracking.flow_run(f"supporter.pairs.{name}", config, tags={"esvr.component": "supporter", "esvr.setting": name, "esvr.reward": variant}):
+            with tracking.flow_run(
+                f"supporter.pairs.{name}",
+                config,
+                tags={"esvr.component": "supporter", "esvr.setting": name, "esvr.reward": variant},
+            ):
                 setting = next(s for s in cfg.settings() if s.name == name)
-                mlflow.log_params({"h": "all" if setting.h is None else setting.h, "gamma": setting.gamma, "t_diff": setting.t_diff,
-                                   "reward": variant, "dpo_simulations": cfg.dpo_simulations, "selected": name == prefs["selected"]})
+                mlflow.log_params(
+                    {
+                        "h": "all" if setting.h is None else setting.h,
+                        "gamma": setting.gamma,
+                        "t_diff": setting.t_diff,
+                        "reward": variant,
+                        "dpo_simulations": cfg.dpo_simulations,
+                        "selected": name == prefs["selected"],
+                    }
+                )
                 tracking.log_metrics(table19_metrics(counts))
                 tracking.log_artifact(prefs["pairs"][name], "pairs")
         table = Path(stage_dir / "dpo" / f"preferences_{variant}" / "table19.md")
@@ -190,12 +239,21 @@ def train_supporter_flow(
         if not cfg.train_dpo:
             print("train_supporter.train_dpo is off: stopping after the preference data")
         elif selected["train"]["pairs"] == 0:
-            print(f"DPO skipped: the selected setting {prefs['selected']} gave 0 training pairs "
-                  f"({selected['train']['candidates']} turns with both candidates); the supporter is the SFT model")
+            print(
+                f"DPO skipped: the selected setting {prefs['selected']} gave 0 training pairs "
+                f"({selected['train']['candidates']} turns with both candidates); the supporter is the SFT model"
+            )
         else:
             dpo, dpo_run = train_component(
-                config, component="supporter", stage="dpo", setting=f"{variant}.{prefs['selected']}", kind="dpo",
-                data=Path(prefs["data"]), train_cfg=cfg.dpo, out=stage_dir / "dpo" / "train", sft_adapter=Path(sft["adapter_dir"]),
+                config,
+                component="supporter",
+                stage="dpo",
+                setting=f"{variant}.{prefs['selected']}",
+                kind="dpo",
+                data=Path(prefs["data"]),
+                train_cfg=cfg.dpo,
+                out=stage_dir / "dpo" / "train",
+                sft_adapter=Path(sft["adapter_dir"]),
             )
             dpo_spec = component_spec(dpo["adapter_dir"])
             artifacts.update(dpo=dpo_spec, dpo_run=f"mlflow:{dpo_run}", supporter=dpo_spec, supporter_run=f"mlflow:{dpo_run}")

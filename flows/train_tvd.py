@@ -36,11 +36,15 @@ STAGE = "esvr.tasks.components"
 # `log_training` replays its step metrics into the new run. Libraries print bytecode listings while
 # hashing functions, hence no log_prints; step metrics go to MLflow instead.
 train_lora_task = task(
-    train_lora, name="train_lora", cache_policy=cache_policy(STAGE, "esvr.models.training", exclude=["run_id"]),
-    persist_result=True, log_prints=False,
+    train_lora,
+    name="train_lora",
+    cache_policy=cache_policy(STAGE, "esvr.models.training", exclude=["run_id"]),
+    persist_result=True,
+    log_prints=False,
 )
 tvd_eval_task = task(
-    tvd.tvd_eval, name="tvd_eval",
+    tvd.tvd_eval,
+    name="tvd_eval",
     cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=tvd.PROMPT_FILES),
     persist_result=True,
 )
@@ -71,13 +75,27 @@ def dataset_dir(manifest: dict[str, Any], setting: str, kind: str) -> Path:
 
 
 def train_component(
-    config: PipelineConfig, *, component: str, stage: str, setting: str, kind: str, data: Path,
-    train_cfg: Any, out: Path, sft_adapter: Path | None = None, tags: dict[str, str] | None = None,
+    config: PipelineConfig,
+    *,
+    component: str,
+    stage: str,
+    setting: str,
+    kind: str,
+    data: Path,
+    train_cfg: Any,
+    out: Path,
+    sft_adapter: Path | None = None,
+    tags: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """One training as a nested MLflow run; returns (TrainResult JSON, MLflow run id)."""
     base = base_model(config.models.base)
-    tags = {"esvr.component": component, "esvr.training_stage": stage, "esvr.setting": setting, "esvr.base_model": base.spec,
-            **(tags or {})}
+    tags = {
+        "esvr.component": component,
+        "esvr.training_stage": stage,
+        "esvr.setting": setting,
+        "esvr.base_model": base.spec,
+        **(tags or {}),
+    }
     with tracking.flow_run(f"{component}.{stage}.{setting}", config, tags=tags) as run:
         run_id = run.info.run_id
         items = list(tracking.safe_params(flatten(train_cfg, prefix="train.")).items())
@@ -89,8 +107,10 @@ def train_component(
         return_freed_memory()  # the Trainer holds reference cycles; free the training copy before evaluating
         log_training(result, run_id)
         m = result["metrics"]
-        print(f"{component} {stage} ({setting}): {int(m['global_step'])} steps, {m['step_time_s']:.2f} s/step, "
-              f"train loss {m['train_loss']:.3f}" + (f", dev loss {m['eval_loss']:.3f}" if "eval_loss" in m else ""))
+        print(
+            f"{component} {stage} ({setting}): {int(m['global_step'])} steps, {m['step_time_s']:.2f} s/step, "
+            f"train loss {m['train_loss']:.3f}" + (f", dev loss {m['eval_loss']:.3f}" if "eval_loss" in m else "")
+        )
     return result, run_id
 
 
@@ -105,8 +125,14 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
     stage_dir = paths.stage("train_tvd")
     with tracking.flow_run("train_tvd", config, section="train_tvd", prompts=tvd.PROMPT_FILES):
         result, run_id = train_component(
-            config, component="tvd", stage="sft", setting=cfg.setting, kind="sft", data=data,
-            train_cfg=cfg.train, out=stage_dir / "sft",
+            config,
+            component="tvd",
+            stage="sft",
+            setting=cfg.setting,
+            kind="sft",
+            data=data,
+            train_cfg=cfg.train,
+            out=stage_dir / "sft",
         )
         spec = component_spec(result["adapter_dir"])
 
@@ -116,10 +142,20 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
         evaluations = []
         for name, model, variant in systems:
             out = stage_dir / "eval" / f"{slug(name)}.{variant}.jsonl"
-            evaluations.append(tvd_eval_task(
-                model, data, name, variant, cfg.eval, max_chars, config.run.seed, out,
-                str(paths.out_dir), config.models.cache,
-            ))
+            evaluations.append(
+                tvd_eval_task(
+                    model,
+                    data,
+                    name,
+                    variant,
+                    cfg.eval,
+                    max_chars,
+                    config.run.seed,
+                    out,
+                    str(paths.out_dir),
+                    config.models.cache,
+                )
+            )
         for ev in evaluations:
             tracking.log_metrics({f"tvd.eval.{slug(ev['name'])}.{ev['variant']}.{k}": v for k, v in ev["metrics"].items()})
         trained = evaluations[0]["metrics"]

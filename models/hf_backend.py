@@ -150,7 +150,11 @@ class HFChat(ChatModel):
             except Exception as exc:  # e.g. out of memory: name the model and the batch
                 raise ChatError(f"{self.cache_id}: generation failed for a batch of {len(prompts)}: {exc}") from exc
         new = ids[:, enc["input_ids"].shape[1] :]
-        self._count(calls=len(prompts), prompt_tokens=int(enc["attention_mask"].sum()), completion_tokens=int((new != tok.pad_token_id).sum()))
+        self._count(
+            calls=len(prompts),
+            prompt_tokens=int(enc["attention_mask"].sum()),
+            completion_tokens=int((new != tok.pad_token_id).sum()),
+        )
         texts = tok.batch_decode(new, skip_special_tokens=True)
         return [_cut_at_stop(t, stop).strip() for t in texts]
 

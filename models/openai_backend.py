@@ -184,9 +184,7 @@ class OpenAIChat(ChatModel):
         if not texts:
             self._count(failures=1)
             shown = "no choices" if not choices else "a choice without a message"
-            raise ChatError(
-                f"{self.cache_id}: {what}: malformed reply from {self.server} for model {self.model} ({shown})"
-            )
+            raise ChatError(f"{self.cache_id}: {what}: malformed reply from {self.server} for model {self.model} ({shown})")
         return texts
 
     def _lacking(self, feature: str, fallback: str) -> None:
@@ -222,9 +220,7 @@ class OpenAIChat(ChatModel):
         response = await self._call("chat completion", **self._chat_kwargs(req, req.n, req.seed))
         texts = self._choices(response, "chat completion")
         if len(texts) < req.n:
-            self._lacking(
-                "n", f"it sent {len(texts)} of n={req.n} completions; sampling one completion per request from now on"
-            )
+            self._lacking("n", f"it sent {len(texts)} of n={req.n} completions; sampling one completion per request from now on")
             texts += await self._one_at_a_time(req, len(texts))
         return texts[: req.n]
 
@@ -307,8 +303,11 @@ class OpenAIChat(ChatModel):
             try:
                 async with semaphore:
                     stream = await client.chat.completions.create(
-                        model=self.model, messages=req.message_dicts(), temperature=req.temperature,
-                        max_tokens=req.max_tokens, stream=True,
+                        model=self.model,
+                        messages=req.message_dicts(),
+                        temperature=req.temperature,
+                        max_tokens=req.max_tokens,
+                        stream=True,
                     )
                     async for event in stream:
                         delta = event.choices[0].delta.content if event.choices else None

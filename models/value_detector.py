@@ -347,7 +347,11 @@ class HFValueDetector(ValueDetector):
             logits = result.logits if hasattr(result, "logits") else _first_tensor(result)
             scores = logits.float().cpu().numpy()
             # custom heads (e.g. tum-nlp/Deberta_Human_Value_Detector) already return probabilities
-            probs = scores if (scores.min() >= 0 and scores.max() <= 1 and not hasattr(result, "logits")) else 1 / (1 + np.exp(-scores))
+            probs = (
+                scores
+                if (scores.min() >= 0 and scores.max() <= 1 and not hasattr(result, "logits"))
+                else 1 / (1 + np.exp(-scores))
+            )
             if order is None and probs.shape[-1] != len(self.names):
                 raise ValueError(
                     f"value detector: a checkpoint gives {probs.shape[-1]} outputs per text and names no values in "

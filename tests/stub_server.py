@@ -218,6 +218,5 @@ def _logprobs(text: str, top: int) -> list[dict[str, Any]]:
         return [{"token": best, "logprob": math.log(dist[best]), "bytes": None, "top_logprobs": alts[: max(top, 1)]}]
     tokens = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
     return [
-        {"token": t, "logprob": 0.0, "bytes": None, "top_logprobs": [{"token": t, "logprob": 0.0, "bytes": None}]}
-        for t in tokens
+        {"token": t, "logprob": 0.0, "bytes": None, "top_logprobs": [{"token": t, "logprob": 0.0, "bytes": None}]} for t in tokens
     ]

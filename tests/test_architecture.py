@@ -134,8 +134,10 @@ def layer_problems(
         for target, line in sorted(targets.items()):
             theirs = layer_of(target, layers) if target in known else None
             if theirs is not None and theirs[1] > mine[1]:
-                problems.append(f"{files[name]}:{line}: {name} ({mine[0]}, layer {mine[1]}) imports {target} "
-                                f"({theirs[0]}, layer {theirs[1]}) upward")
+                problems.append(
+                    f"{files[name]}:{line}: {name} ({mine[0]}, layer {mine[1]}) imports {target} "
+                    f"({theirs[0]}, layer {theirs[1]}) upward"
+                )
             for top in (forbidden or {}).get(mine[0], ()):
                 if target == top or target.startswith(top + "."):
                     problems.append(f"{files[name]}:{line}: {name} imports {target}, which {mine[0]} must not")
@@ -172,8 +174,7 @@ def test_every_subpackage_is_installed():
     listed = set(installed_packages())
     for name in LAYERS:
         folder = package_folder(name)
-        subpackages = {f"{name}.{'.'.join(p.parent.relative_to(folder).parts)}".rstrip(".")
-                       for p in folder.rglob("__init__.py")}
+        subpackages = {f"{name}.{'.'.join(p.parent.relative_to(folder).parts)}".rstrip(".") for p in folder.rglob("__init__.py")}
         assert subpackages <= listed, f"pyproject.toml [tool.setuptools] packages lacks {sorted(subpackages - listed)}"
     assert {p.partition(".")[0] for p in listed} == {"esvr"}
     assert all(layer_of(p, LAYERS) is not None for p in listed), f"a package outside the layers {sorted(LAYERS)}"
@@ -187,8 +188,13 @@ def test_every_subpackage_is_installed():
 def _fake_package(tmp_path: Path, files: dict[str, str]) -> dict[str, Path]:
     """A package `fake` with `files` (relative path -> source) laid out like esvr's layers."""
     root = tmp_path / "fake"
-    for rel, source in {"__init__.py": "", "models/__init__.py": "", "tasks/__init__.py": "",
-                        "flows/__init__.py": "", **files}.items():
+    for rel, source in {
+        "__init__.py": "",
+        "models/__init__.py": "",
+        "tasks/__init__.py": "",
+        "flows/__init__.py": "",
+        **files,
+    }.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(source)
@@ -213,23 +219,34 @@ def test_a_clean_fake_package_passes(tmp_path):
     ("planted", "expected"),
     [
         # a model that reaches up into a stage, inside a function: found all the same
-        ({"models/chat.py": "def f():\n    from fake.tasks.stage import work\n"},
-         "models/chat.py:2: fake.models.chat (fake.models, layer 0) imports fake.tasks.stage.work (fake.tasks, layer 1) upward"),
+        (
+            {"models/chat.py": "def f():\n    from fake.tasks.stage import work\n"},
+            "models/chat.py:2: fake.models.chat (fake.models, layer 0) imports fake.tasks.stage.work (fake.tasks, layer 1) upward",
+        ),
         # a stage that imports a flow's name, only for type checking
-        ({"tasks/stage/helpers.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fake.flows.stage import x\n"},
-         "tasks/stage/helpers.py:3: fake.tasks.stage.helpers (fake.tasks, layer 1) imports fake.flows.stage (fake.flows, layer 2) upward"),
+        (
+            {
+                "tasks/stage/helpers.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fake.flows.stage import x\n"
+            },
+            "tasks/stage/helpers.py:3: fake.tasks.stage.helpers (fake.tasks, layer 1) imports fake.flows.stage (fake.flows, layer 2) upward",
+        ),
         # a relative import that climbs out of tasks into flows
-        ({"tasks/stage/helpers.py": "from ...flows import stage\n"},
-         "imports fake.flows.stage (fake.flows, layer 2) upward"),
+        ({"tasks/stage/helpers.py": "from ...flows import stage\n"}, "imports fake.flows.stage (fake.flows, layer 2) upward"),
         # a side-effect import in a package's __init__
-        ({"tasks/__init__.py": "import fake.flows.stage\n"},
-         "tasks/__init__.py:1: fake.tasks (fake.tasks, layer 1) imports fake.flows.stage (fake.flows, layer 2) upward"),
+        (
+            {"tasks/__init__.py": "import fake.flows.stage\n"},
+            "tasks/__init__.py:1: fake.tasks (fake.tasks, layer 1) imports fake.flows.stage (fake.flows, layer 2) upward",
+        ),
         # two modules of one layer that import each other
-        ({"tasks/stage/helpers.py": "from fake.tasks.stage import work\n"},
-         "import cycle among fake.tasks.stage.helpers, fake.tasks.stage.work"),
+        (
+            {"tasks/stage/helpers.py": "from fake.tasks.stage import work\n"},
+            "import cycle among fake.tasks.stage.helpers, fake.tasks.stage.work",
+        ),
         # Prefect in the plain functions of a stage
-        ({"tasks/stage/work.py": "from prefect import task\n"},
-         "tasks/stage/work.py:1: fake.tasks.stage.work imports prefect, which fake.tasks must not"),
+        (
+            {"tasks/stage/work.py": "from prefect import task\n"},
+            "tasks/stage/work.py:1: fake.tasks.stage.work imports prefect, which fake.tasks must not",
+        ),
     ],
 )
 def test_the_checker_finds_a_planted_mistake(tmp_path, planted, expected):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from esvr.models.config import ModelConfig
-from esvr.tasks.smoke import SmokeConfig
 from esvr.tasks.common.hashing import path_digest, stable_form
+from esvr.tasks.smoke import SmokeConfig
 
 
 def test_same_content_at_another_path_has_the_same_digest(tmp_path: Path):

@@ -22,7 +22,11 @@ PLAIN = "Okay."
 
 
 def template(response: str, strategy: str = "Affirmation") -> str:
-    return render_reply(SupporterReply("The patient is stressed.", "The reference offers hope.", "Yes, it fits.", True, strategy, strategy, response))
+    return render_reply(
+        SupporterReply(
+            "The patient is stressed.", "The reference offers hope.", "Yes, it fits.", True, strategy, strategy, response
+        )
+    )
 
 
 def scripted(request: dict) -> str:
@@ -57,8 +61,17 @@ def scripted(request: dict) -> str:
 
 def write_personas(path: Path, n: int = 2) -> Path:
     rows = [
-        {"id": f"p{i}", "split": "test", "problem": "Career and Work-Related Challenges", "value": "Achievement",
-         "situation": f"I keep failing at my new job, attempt {i}.", "emotion": "Anxiety", "age": "20s", "gender": "female", "occupation": "nurse"}
+        {
+            "id": f"p{i}",
+            "split": "test",
+            "problem": "Career and Work-Related Challenges",
+            "value": "Achievement",
+            "situation": f"I keep failing at my new job, attempt {i}.",
+            "emotion": "Anxiety",
+            "age": "20s",
+            "gender": "female",
+            "occupation": "nurse",
+        }
         for i in range(n)
     ] + [{"id": "t0", "split": "train", "problem": "x", "value": "Achievement", "situation": "train only", "emotion": "Sadness"}]
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
@@ -154,11 +167,23 @@ def test_demo_evaluation_on_the_tiny_model(tmp_path, tiny_llama, prefect_harness
         {
             "run": {"name": "tiny", "out_dir": str(tmp_path / "run"), "experiment": "esvr-eval-tiny"},
             "models": {"supporter": spec, "seeker": spec, "judge": spec, "persona_writer": spec},
-            "simulate": {"emotion": True, "fallback": "stepwise", "reask": 0, "supporter_max_tokens": 8, "stepwise_max_tokens": 6,
-                         "seeker_max_tokens": 8, "tvd_max_tokens": 6, "rg_max_tokens": 8},
+            "simulate": {
+                "emotion": True,
+                "fallback": "stepwise",
+                "reask": 0,
+                "supporter_max_tokens": 8,
+                "stepwise_max_tokens": 6,
+                "seeker_max_tokens": 8,
+                "tvd_max_tokens": 6,
+                "rg_max_tokens": 8,
+            },
             "evaluate": {
                 "supporters": [{"name": "Tiny (Both)"}, {"name": "Tiny plain", "style": "plain"}],
-                "reference": "Tiny (Both)", "max_turns": 1, "value_judgments": 2, "judge_reasoning": False, "complete_only": False,
+                "reference": "Tiny (Both)",
+                "max_turns": 1,
+                "value_judgments": 2,
+                "judge_reasoning": False,
+                "complete_only": False,
                 "table_score": "expected",
             },
         }

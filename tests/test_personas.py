@@ -13,6 +13,8 @@ import pytest
 
 from esvr.models.backends import load_chat_model
 from esvr.models.config import ModelConfig
+from esvr.prompts import load_taxonomy
+from esvr.tasks.bench.simulate import FakeOpenAIServer, Script
 from esvr.tasks.simulation.personas import (
     PERSONA_FIELDS,
     PersonasConfig,
@@ -31,8 +33,6 @@ from esvr.tasks.simulation.personas import (
     split_sizes,
     write_personas,
 )
-from esvr.tasks.bench.simulate import FakeOpenAIServer, Script
-from esvr.prompts import load_taxonomy
 
 
 def test_taxonomies_are_complete() -> None:
@@ -51,7 +51,10 @@ def test_taxonomies_are_complete() -> None:
     ],
 )
 def test_situation_lists_in_any_common_format(reply: str) -> None:
-    assert parse_situations(reply) == ["I just moved here and it's hard to make friends.", "My boss ignores every idea I bring to meetings."]
+    assert parse_situations(reply) == [
+        "I just moved here and it's hard to make friends.",
+        "My boss ignores every idea I bring to meetings.",
+    ]
 
 
 def test_invalid_lines_are_dropped() -> None:
@@ -73,7 +76,11 @@ def test_rating_emotion_and_demographics_parsers() -> None:
     text = "situation: a\n- Reasoning: x\n- Rating: 4\nsituation: b\n- Reasoning: y\n- **Rating:** 2"
     assert parse_ratings(text, 2) == [4, 2] and parse_ratings(text, 3) is None
     assert majority(["Fear", "Anxiety", "Fear", "Anxiety"], ["Frustration", "Anxiety", "Fear"]) == "Anxiety"
-    assert parse_demographics("Age: 40s / Gender: Male / Occupation: Nurse") == {"age": "40s", "gender": "Male", "occupation": "Nurse"}
+    assert parse_demographics("Age: 40s / Gender: Male / Occupation: Nurse") == {
+        "age": "40s",
+        "gender": "Male",
+        "occupation": "Nurse",
+    }
     assert parse_demographics("**Age:** late twenties\n**Gender:** female\n**Occupation:** software engineer") == {
         "age": "20s", "gender": "Female", "occupation": "Software Engineer"
     }  # fmt: skip
@@ -136,7 +143,9 @@ def test_count_keeps_a_stratified_subset(fake_writer) -> None:
 
 def test_a_broken_personas_file_names_the_line_and_field(tmp_path: Path) -> None:
     path = tmp_path / "personas.jsonl"
-    path.write_text('{"id": "p1", "split": "train", "problem": "x", "value": "y", "situation": "z", "emotion": "Fear"}\n{"id": "p2", "split": "train"}\n')
+    path.write_text(
+        '{"id": "p1", "split": "train", "problem": "x", "value": "y", "situation": "z", "emotion": "Fear"}\n{"id": "p2", "split": "train"}\n'
+    )
     with pytest.raises(ValueError, match=r"line 2.*problem"):
         read_personas(path)
 
@@ -145,12 +154,22 @@ def test_steps_run_on_the_tiny_model_without_crashing(tiny_llama: Path) -> None:
     """A random model writes no parseable list: the run completes, empty, with the failure counted;
     the scoring steps work on any model."""
     model = load_chat_model(f"hf:{tiny_llama}")
-    cfg = PersonasConfig(pairs=2, situations_max_tokens=24, reask=1, alignment_method="score", emotion_method="score", demographics_method="chat")
+    cfg = PersonasConfig(
+        pairs=2, situations_max_tokens=24, reask=1, alignment_method="score", emotion_method="score", demographics_method="chat"
+    )
     personas, rejected, stats = generate_personas(model, cfg)
     assert personas == [] and stats["situations.pairs_failed"] == 2 and stats["situations.calls"] == 4
     items = [
-        {"problem": "Career and Work-Related Challenges", "value": "Achievement", "situation": "I was passed over for a promotion I worked hard for."},
-        {"problem": "Family Dynamics and Conflicts", "value": "Tradition", "situation": "My parents want me to take over the family shop."},
+        {
+            "problem": "Career and Work-Related Challenges",
+            "value": "Achievement",
+            "situation": "I was passed over for a promotion I worked hard for.",
+        },
+        {
+            "problem": "Family Dynamics and Conflicts",
+            "value": "Tradition",
+            "situation": "My parents want me to take over the family shop.",
+        },
     ]
     rate_alignment(model, items, cfg)
     label_emotions(model, items, cfg)

@@ -30,12 +30,21 @@ def _adapter(tiny_llama: Path, folder: Path) -> Path:
 
 def _config(run_dir: Path, base_url: str) -> PipelineConfig:
     seeker = {"spec": "openai:stub", "base_url": base_url, "max_retries": 1}
-    return PipelineConfig.model_validate({
-        "run": {"out_dir": str(run_dir), "experiment": "roles-test"},
-        "models": {"supporter": seeker, "seeker": seeker, "judge": seeker, "persona_writer": seeker},
-        "simulate": {"emotion": False, "max_turns": 1, "alternatives": False, "reask": 0, "fallback": "fail",
-                     "supporter_max_tokens": 8, "concurrency": 2},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "run": {"out_dir": str(run_dir), "experiment": "roles-test"},
+            "models": {"supporter": seeker, "seeker": seeker, "judge": seeker, "persona_writer": seeker},
+            "simulate": {
+                "emotion": False,
+                "max_turns": 1,
+                "alternatives": False,
+                "reask": 0,
+                "fallback": "fail",
+                "supporter_max_tokens": 8,
+                "concurrency": 2,
+            },
+        }
+    )
 
 
 @pytest.fixture()
@@ -79,8 +88,23 @@ def test_simulate_command_takes_a_supporter_from_an_mlflow_run(logged_adapter, t
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(dump_config(config))
     personas = write_personas(tmp_path / "personas.jsonl")
-    status = main(["simulate", "--config", str(recipe), "--personas", str(personas), "--split", "test",
-                   "--supporter", f"mlflow:{run_id}", "--tvd", "", "--rg", ""])
+    status = main(
+        [
+            "simulate",
+            "--config",
+            str(recipe),
+            "--personas",
+            str(personas),
+            "--split",
+            "test",
+            "--supporter",
+            f"mlflow:{run_id}",
+            "--tvd",
+            "",
+            "--rg",
+            "",
+        ]
+    )
     assert status == 0
     dialogues = load_dialogues(config.run.out_dir / "simulate" / "main" / "dialogues.jsonl")
     adapter = (tmp_path / "cache" / "components" / run_id / "adapter").resolve()

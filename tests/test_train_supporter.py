@@ -14,10 +14,10 @@ import pytest
 from supporter_script import CAREER_REPLY, END_REPLY, PLAIN_REPLY, personas, script
 
 from esvr.flows.config import PipelineConfig
-from esvr.models.config import ModelConfig
 from esvr.models.backends import load_chat_model
-from esvr.tasks.supporter.preferences import rollout_candidates
+from esvr.models.config import ModelConfig
 from esvr.tasks.simulation.simulate import SimulateConfig, build_agents, load_dialogues, simulate_dialogues
+from esvr.tasks.supporter.preferences import rollout_candidates
 
 
 def stub_cfg(server) -> dict:
@@ -67,8 +67,22 @@ def _config(stub_server, tiny_llama: Path, out_dir: Path, **supporter: object) -
     stub = stub_cfg(stub_server)
     ts = {
         # one step on one or two examples: the prompts are ~1k tokens and the CI has 2 cores
-        "sft": {"max_steps": 1, "batch_size": 2, "learning_rate": 5e-3, "max_length": 2048, "max_train_examples": 2, "max_eval_examples": 1},
-        "dpo": {"max_steps": 1, "batch_size": 1, "learning_rate": 5e-3, "max_length": 2048, "max_train_examples": 1, "max_eval_examples": 1},
+        "sft": {
+            "max_steps": 1,
+            "batch_size": 2,
+            "learning_rate": 5e-3,
+            "max_length": 2048,
+            "max_train_examples": 2,
+            "max_eval_examples": 1,
+        },
+        "dpo": {
+            "max_steps": 1,
+            "batch_size": 1,
+            "learning_rate": 5e-3,
+            "max_length": 2048,
+            "max_train_examples": 1,
+            "max_eval_examples": 1,
+        },
         "dpo_simulations": "prompted",
         "sweep": [{"h": 1, "gamma": 1, "t_diff": 0}, {"h": "all", "gamma": 0.9, "t_diff": 0.5}],
         "selected": {"h": 1, "gamma": 1, "t_diff": 0},
@@ -97,8 +111,8 @@ def test_train_supporter_flow_sft_pairs_dpo(prefect_harness, stub_server, dialog
 
     from mlflow.tracking import MlflowClient
 
-    from esvr.flows.train_supporter import train_supporter_flow
     from esvr.flows.chat import resolve_supporter
+    from esvr.flows.train_supporter import train_supporter_flow
 
     out_dir = dialogues.parents[2]
     config = _config(stub_server, tiny_llama, out_dir)
@@ -117,7 +131,12 @@ def test_train_supporter_flow_sft_pairs_dpo(prefect_harness, stub_server, dialog
     for name in ("h=1,gamma=1,t_diff=0", "h=all,gamma=0.9,t_diff=0.5"):
         assert table[name]["train"] == {"candidates": 6, "pairs": 4, "chosen_initial": 4, "chosen_alternative": 0}
         assert table[name]["dev"] == {"candidates": 3, "pairs": 2, "chosen_initial": 2, "chosen_alternative": 0}
-    pairs = [orjson.loads(line) for line in (out_dir / "train_supporter" / "dpo" / "preferences_value" / "pairs_h1_gamma1_t_diff0.jsonl").read_bytes().splitlines()]
+    pairs = [
+        orjson.loads(line)
+        for line in (out_dir / "train_supporter" / "dpo" / "preferences_value" / "pairs_h1_gamma1_t_diff0.jsonl")
+        .read_bytes()
+        .splitlines()
+    ]
     assert "career" in pairs[0]["chosen"][0]["content"] and "calm" in pairs[0]["rejected"][0]["content"]
     assert pairs[0]["prompt"][0]["role"] == "system" and "Achievement" in pairs[0]["prompt"][1]["content"]
 

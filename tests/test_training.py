@@ -18,15 +18,27 @@ PROMPT = [{"role": "system", "content": "You support people."}, {"role": "user",
 
 def sft_data(n: int = 6) -> Dataset:
     return Dataset.from_list(
-        [{"prompt": PROMPT, "completion": [{"role": "assistant", "content": f"That is hard; one exam does not define you ({i})."}],
-          "example_id": str(i)} for i in range(n)]
+        [
+            {
+                "prompt": PROMPT,
+                "completion": [{"role": "assistant", "content": f"That is hard; one exam does not define you ({i})."}],
+                "example_id": str(i),
+            }
+            for i in range(n)
+        ]
     )
 
 
 def dpo_data(n: int = 6) -> Dataset:
     return Dataset.from_list(
-        [{"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "That is hard. What would help you now?"}],
-          "rejected": [{"role": "assistant", "content": "Exams are pointless anyway, forget it."}]} for _ in range(n)]
+        [
+            {
+                "prompt": PROMPT,
+                "chosen": [{"role": "assistant", "content": "That is hard. What would help you now?"}],
+                "rejected": [{"role": "assistant", "content": "Exams are pointless anyway, forget it."}],
+            }
+            for _ in range(n)
+        ]
     )
 
 

@@ -100,16 +100,16 @@ def _phase_main(argv: list[str]) -> None:
     n = {"floor": lambda: _floor(paths), "ingest": lambda: _ingest(paths, out), "naive": lambda: _naive(paths, out)}[name]()
     seconds = time.perf_counter() - t
     # VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's over fork + exec)
-    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-               if line.startswith("VmHWM"))
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     print(json.dumps({"bytes": n, "seconds": seconds, "peak_kb": hwm}))
 
 
 def _run_phase(name: str, out: Path, paths: list[Path]) -> dict[str, Any]:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "POLARS_MAX_THREADS": "1", "RAYON_NUM_THREADS": "1"}
     code = "import sys; from esvr.tasks.bench.ingest import _phase_main; _phase_main(sys.argv[1:])"
-    proc = subprocess.Popen([sys.executable, "-c", code, name, str(out), *map(str, paths)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, name, str(out), *map(str, paths)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"bench phase {name} failed:\n{stderr.decode(errors='replace')[-3000:]}")
@@ -145,8 +145,10 @@ def run_bench(size_mb: int = 520, tmp_dir: str | Path | None = None) -> dict[str
         dumps = make_bench_dump(work / "dumps", target_mb=size_mb)
         paths = [dumps["submissions"], dumps["comments"]]
         on_disk = sum(p.stat().st_size for p in paths) / 1e6
-        print(f"generated {size_mb} MB of comments (+ posts), {on_disk:.0f} MB compressed, in "
-              f"{time.perf_counter() - t:.0f} s: {work / 'dumps'}")
+        print(
+            f"generated {size_mb} MB of comments (+ posts), {on_disk:.0f} MB compressed, in "
+            f"{time.perf_counter() - t:.0f} s: {work / 'dumps'}"
+        )
         print(f"machine: {machine()}; each phase on one core")
         results = {}
         for name in ("floor", "ingest", "naive"):
@@ -154,18 +156,24 @@ def run_bench(size_mb: int = 520, tmp_dir: str | Path | None = None) -> dict[str
             out.mkdir()
             r = _run_phase(name, out, paths)
             results[name] = r
-            print(f"  {name:<6} {r['bytes'] / 1e6:8.0f} MB in {r['seconds']:6.2f} s = {r['mb_s']:6.1f} MB/s, "
-                  f"peak memory {r['peak_mb']:.0f} MB")
+            print(
+                f"  {name:<6} {r['bytes'] / 1e6:8.0f} MB in {r['seconds']:6.2f} s = {r['mb_s']:6.1f} MB/s, "
+                f"peak memory {r['peak_mb']:.0f} MB"
+            )
         ing, flo, nai = results["ingest"]["mb_s"], results["floor"]["mb_s"], results["naive"]["mb_s"]
         ok_floor, ok_naive = ing >= 0.5 * flo, ing >= 4 * nai
         ok_mem = results["ingest"]["peak_mb"] < 1000
         own = results["ingest"]["peak_mb"] - results["floor"]["peak_mb"]
-        print(f"memory: the zstd decoder alone peaks at {results['floor']['peak_mb']:.0f} MB (its window grows with "
-              f"the output up to the dump's 2 GiB window); ingest adds {own:.0f} MB, constant in the dump's size")
-        print(f"ingest / floor = {ing / flo:.0%} (target >= 50%: {'ok' if ok_floor else 'MISSED'}); "
-              f"ingest / naive = {ing / nai:.1f}x (target >= 4x: {'ok' if ok_naive else 'MISSED'}); "
-              f"ingest peak memory {results['ingest']['peak_mb']:.0f} MB (target < 1000 MB: "
-              f"{'ok' if ok_mem else 'MISSED'})")
+        print(
+            f"memory: the zstd decoder alone peaks at {results['floor']['peak_mb']:.0f} MB (its window grows with "
+            f"the output up to the dump's 2 GiB window); ingest adds {own:.0f} MB, constant in the dump's size"
+        )
+        print(
+            f"ingest / floor = {ing / flo:.0%} (target >= 50%: {'ok' if ok_floor else 'MISSED'}); "
+            f"ingest / naive = {ing / nai:.1f}x (target >= 4x: {'ok' if ok_naive else 'MISSED'}); "
+            f"ingest peak memory {results['ingest']['peak_mb']:.0f} MB (target < 1000 MB: "
+            f"{'ok' if ok_mem else 'MISSED'})"
+        )
         print(f"ingest: {ing:.1f} MB/s, floor: {flo:.1f} MB/s, naive: {nai:.1f} MB/s")
         return results
     finally:

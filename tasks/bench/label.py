@@ -113,7 +113,12 @@ def bench_label(
         detectors["embedding-fp32"] = value_detector(ValueDetectorConfig(quantize=False, max_seq_length=max_seq_length), None)
     scorer = VaderEmotionScorer()
     for name, det in detectors.items():
-        print_fn(_fmt(f"value detector ({name}, max_seq_length {det.encoder.model.max_seq_length})", rate(det.predict_proba, texts, repeats)))
+        print_fn(
+            _fmt(
+                f"value detector ({name}, max_seq_length {det.encoder.model.max_seq_length})",
+                rate(det.predict_proba, texts, repeats),
+            )
+        )
     if "vader" in backends:
         print_fn(_fmt("emotion scorer (vader)", rate(scorer.score, texts, repeats)))
     default = detectors.get("embedding") or value_detector(ValueDetectorConfig(max_seq_length=max_seq_length), None)
@@ -127,6 +132,8 @@ def bench_label(
         both = rate(lambda t: label_texts(t, default, worker), texts, repeats)
     finally:
         worker.close()
-    print_fn(f"both offline defaults, VADER in a worker process (the label stage): {both[1]:.1f} utterances per CPU-second of this process")
+    print_fn(
+        f"both offline defaults, VADER in a worker process (the label stage): {both[1]:.1f} utterances per CPU-second of this process"
+    )
     print_fn(f"label: {both[0]:.1f} utterances/s")
     return both[0]

@@ -187,7 +187,12 @@ class FakeOpenAIServer:
                         "created": int(time.time()),
                         "model": body.get("model", "fake"),
                         "choices": [
-                            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop", "logprobs": None}
+                            {
+                                "index": i,
+                                "message": {"role": "assistant", "content": t},
+                                "finish_reason": "stop",
+                                "logprobs": None,
+                            }
                             for i, t in enumerate(texts)
                         ],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
@@ -253,7 +258,11 @@ def _openai(base_url: str, name: str, concurrency: int) -> ChatModel:
 
     # the key is never checked by the fake server; the client insists on one being set
     os.environ.setdefault("ESVR_BENCH_KEY", "unused")
-    return own_model(ModelConfig(spec=f"openai:{name}", base_url=base_url, api_key_env="ESVR_BENCH_KEY", concurrency=concurrency, max_retries=2))
+    return own_model(
+        ModelConfig(
+            spec=f"openai:{name}", base_url=base_url, api_key_env="ESVR_BENCH_KEY", concurrency=concurrency, max_retries=2
+        )
+    )
 
 
 def bench_simulate(
@@ -276,7 +285,9 @@ def bench_simulate(
     try:
         with FakeOpenAIServer(Script(end_after=end_after), latency_s=latency_s) as server:
             # one set of clients for both runs, warmed up first: client start-up is not throughput
-            models = {role: _openai(server.base_url, f"fake-{role}", 2 * concurrency) for role in ("supporter", "seeker", "tvd", "rg")}
+            models = {
+                role: _openai(server.base_url, f"fake-{role}", 2 * concurrency) for role in ("supporter", "seeker", "tvd", "rg")
+            }
             agents = build_agents(
                 cfg,
                 models["supporter"],
@@ -292,7 +303,9 @@ def bench_simulate(
                 path.unlink(missing_ok=True)
                 summary = simulate_dialogues(bench_personas(n), path, agents, concurrency=conc)
                 if summary.errors:
-                    raise RuntimeError(f"bench at concurrency {conc}: {len(summary.errors)} dialogues failed: {summary.errors[:3]}")
+                    raise RuntimeError(
+                        f"bench at concurrency {conc}: {len(summary.errors)} dialogues failed: {summary.errors[:3]}"
+                    )
                 results[f"c{conc}"] = {
                     "dialogues": summary.written,
                     "elapsed_s": round(summary.elapsed_s, 2),

@@ -335,9 +335,7 @@ def format_rows(example: dict[str, Any], kind: str, cfg: DatasetsConfig, pair: d
     return row
 
 
-def build_datasets(
-    threads_path: str | Path, labels_path: str | Path, cfg: DatasetsConfig, out_dir: str | Path
-) -> dict[str, Any]:
+def build_datasets(threads_path: str | Path, labels_path: str | Path, cfg: DatasetsConfig, out_dir: str | Path) -> dict[str, Any]:
     """Build and save every dataset; returns the manifest (also written to ``manifest.json``).
 
     Manifest: ``{"root", "config", "paths": {setting: {kind: dir}}, "stats": {setting: {...}}}``.

@@ -28,7 +28,14 @@ from esvr.tasks.common.jsonl import read_jsonl, write_jsonl
 from esvr.tasks.common.roles import opened_model
 from esvr.tasks.components.tvd import eval_examples, render_history
 
-PROMPT_FILES = ["rg/system.txt", "rg/user.txt", "rg/user_no_values.txt", "judge_rg/system.txt", "judge_rg/user.txt", "judge_rg/user_direct.txt"]
+PROMPT_FILES = [
+    "rg/system.txt",
+    "rg/user.txt",
+    "rg/user_no_values.txt",
+    "judge_rg/system.txt",
+    "judge_rg/user.txt",
+    "judge_rg/user_direct.txt",
+]
 Setting = Literal["single_turn", "multi_turn"]
 
 
@@ -104,12 +111,8 @@ class TrainRGConfig(Section):
     """Training and evaluation of the reference generator, per setting."""
 
     settings: list[Setting] = ["single_turn", "multi_turn"]
-    single_turn: RGSettingConfig = RGSettingConfig(
-        sft=_table6(1e-4, 8, 8, 0.1), dpo=_table6(1e-5, 8, 16, 0.05)
-    )
-    multi_turn: RGSettingConfig = RGSettingConfig(
-        sft=_table6(1e-5, 8, 16, 0.05), dpo=_table6(1e-5, 8, 16, 0.05)
-    )
+    single_turn: RGSettingConfig = RGSettingConfig(sft=_table6(1e-4, 8, 8, 0.1), dpo=_table6(1e-5, 8, 16, 0.05))
+    multi_turn: RGSettingConfig = RGSettingConfig(sft=_table6(1e-5, 8, 16, 0.05), dpo=_table6(1e-5, 8, 16, 0.05))
     #: the setting whose DPO model the simulation uses: the paper kept single-turn (App. D.2)
     final_setting: Setting = "single_turn"
     #: false: the generator of the emotion-reinforced variant (App. G.1): SFT only, on the same
@@ -214,7 +217,9 @@ def pairwise_compare(
     return result
 
 
-def generate_replies(model: Any, histories: Sequence[str], target_sets: Sequence[Sequence[str] | None], max_tokens: int) -> list[str]:
+def generate_replies(
+    model: Any, histories: Sequence[str], target_sets: Sequence[Sequence[str] | None], max_tokens: int
+) -> list[str]:
     """Greedy replies of a generator (a ChatModel) for rendered histories and target values."""
     from esvr.models.chat import ChatRequest
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from esvr.models.config import ModelConfig
-from esvr.models.training import TrainConfig
 from esvr.models.default_model import base_checkpoint
+from esvr.models.training import TrainConfig
 from esvr.tasks.common.roles import write_component
 
 

@@ -164,7 +164,12 @@ def top_ranked(dist: Mapping[str, float], k: int = 3) -> list[str]:
 
 
 async def adetect_values(
-    model: Any, messages: list[dict[str, str]], method: TVDMethod = "generate", max_tokens: int = 48, seed: int | None = None, k: int = 3
+    model: Any,
+    messages: list[dict[str, str]],
+    method: TVDMethod = "generate",
+    max_tokens: int = 48,
+    seed: int | None = None,
+    k: int = 3,
 ) -> tuple[list[str], str]:
     """(target values, the raw reply) from a detector chat model, by `method`."""
     if method == "score":
@@ -322,7 +327,12 @@ def tvd_eval(
     tokens = cfg.max_new_tokens_reasoning if variant == "reasoning" else cfg.max_new_tokens
     with opened_model(model, Path(run_dir), use_cache) as chat:
         result = evaluate_tvd(
-            chat, examples, name=name, variant=variant, max_new_tokens=tokens, max_chars_per_utterance=max_chars,
+            chat,
+            examples,
+            name=name,
+            variant=variant,
+            max_new_tokens=tokens,
+            max_chars_per_utterance=max_chars,
             method=cfg.method,
         )
     write_jsonl(result.rows, out)

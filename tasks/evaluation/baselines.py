@@ -194,8 +194,8 @@ def finetune_baseline(
     chat spec ``hf:<base>+<adapter>`` of the fine-tuned baseline. `cfg` is a TrainConfig."""
     from datasets import Dataset
 
-    from esvr.models.training import train_sft
     from esvr.models.default_model import base_checkpoint
+    from esvr.models.training import train_sft
     from esvr.tasks.common.roles import write_component
 
     rows = sft_rows(load_corpus(kind, data_path), max_context)
@@ -204,7 +204,12 @@ def finetune_baseline(
     n_dev = int(len(rows) * dev_fraction) if len(rows) >= 20 else 0
     train, dev = rows[n_dev:], rows[:n_dev]
     result = train_sft(
-        base_checkpoint(base), Dataset.from_list(train), Dataset.from_list(dev) if dev else None, cfg, out_dir, metric_prefix=f"baseline.{kind}."
+        base_checkpoint(base),
+        Dataset.from_list(train),
+        Dataset.from_list(dev) if dev else None,
+        cfg,
+        out_dir,
+        metric_prefix=f"baseline.{kind}.",
     )
     write_component(result.adapter_dir, base=base, component=f"supporter-{kind}", corpus=str(data_path), examples=len(train))
     return f"hf:{base_checkpoint(base)}+{Path(result.adapter_dir).resolve()}"
@@ -226,10 +231,14 @@ class PlainSupporter:
         self.max_tokens = max_tokens
         self.temperature = temperature
 
-    async def respond(self, utterances, target_values, reference, *, seed: int = 0, calls: dict[str, int] | None = None) -> SupporterReply:
+    async def respond(
+        self, utterances, target_values, reference, *, seed: int = 0, calls: dict[str, int] | None = None
+    ) -> SupporterReply:
         calls = {} if calls is None else calls
         calls["supporter"] = calls.get("supporter", 0) + 1
-        out = await self.model.achat(plain_messages(utterances), n=1, temperature=self.temperature, max_tokens=self.max_tokens, seed=seed)
+        out = await self.model.achat(
+            plain_messages(utterances), n=1, temperature=self.temperature, max_tokens=self.max_tokens, seed=seed
+        )
         text = " ".join((out[0] if out else "").split())
         # small models continue the transcript: keep the supporter's own message
         for marker in ("Patient:", "User:", "Seeker:", "Client:"):
@@ -251,7 +260,9 @@ class PlainSupporter:
 class SelfDisclosureAblation:
     """A template supporter whose Self-disclosure turns are removed or rephrased (App. I)."""
 
-    def __init__(self, inner: Supporter, mode: Literal["remove", "rephrase"], rephraser: ChatModel | None = None, max_tokens: int = 120):
+    def __init__(
+        self, inner: Supporter, mode: Literal["remove", "rephrase"], rephraser: ChatModel | None = None, max_tokens: int = 120
+    ):
         if mode == "rephrase" and rephraser is None:
             raise ValueError("self_disclosure 'rephrase' needs a chat model to rephrase with")
         self.inner = inner
@@ -262,7 +273,9 @@ class SelfDisclosureAblation:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def respond(self, utterances, target_values, reference, *, seed: int = 0, calls: dict[str, int] | None = None) -> SupporterReply:
+    async def respond(
+        self, utterances, target_values, reference, *, seed: int = 0, calls: dict[str, int] | None = None
+    ) -> SupporterReply:
         calls = {} if calls is None else calls
         reply = await self.inner.respond(utterances, target_values, reference, seed=seed, calls=calls)
         if reply.strategy != SELF_DISCLOSURE:
@@ -281,7 +294,9 @@ class SelfDisclosureAblation:
             return f"Build on this reply another therapist gave in a similar situation: {reference}\n"
         return f"Do not build on this reply another therapist gave in a similar situation; say something different: {reference}\n"
 
-    async def _next_strategy(self, reply: SupporterReply, utterances, target_values, reference, seed: int, calls: dict[str, int]) -> SupporterReply:
+    async def _next_strategy(
+        self, reply: SupporterReply, utterances, target_values, reference, seed: int, calls: dict[str, int]
+    ) -> SupporterReply:
         model = self.inner.model
         history = format_history(utterances)
         tv = format_target_values(target_values)
@@ -289,14 +304,22 @@ class SelfDisclosureAblation:
         system = {"role": "system", "content": load_prompt("supporter/system.txt").strip()}
         others = [s for s in strategy_names() if s != SELF_DISCLOSURE]
         calls["self_disclosure"] = calls.get("self_disclosure", 0) + 2
-        ask = load_prompt("supporter/stepwise_strategy.txt").format(strategies=strategies_block(), dialogue_history=history, target_values=tv, decision_note=note)
+        ask = load_prompt("supporter/stepwise_strategy.txt").format(
+            strategies=strategies_block(), dialogue_history=history, target_values=tv, decision_note=note
+        )
         dist = await model.ascore_choices([system, {"role": "user", "content": ask}], others)
         strategy = max(others, key=lambda s: (dist.get(s, 0.0), -others.index(s)))
         desc = dict(strategies())[strategy]
         prompt = load_prompt("supporter/stepwise_response.txt").format(
             dialogue_history=history, target_values=tv, decision_note=note, strategy=strategy, strategy_description=desc
         )
-        out = await model.achat([system, {"role": "user", "content": prompt}], n=1, temperature=self.inner.settings.temperature, max_tokens=self.max_tokens, seed=seed + 77)
+        out = await model.achat(
+            [system, {"role": "user", "content": prompt}],
+            n=1,
+            temperature=self.inner.settings.temperature,
+            max_tokens=self.max_tokens,
+            seed=seed + 77,
+        )
         text = " ".join((out[0] if out else "").split()).strip('"“” ')
         if not text:
             return reply
@@ -305,15 +328,24 @@ class SelfDisclosureAblation:
             strategy=strategy,
             strategy_raw=strategy,
             response=text,
-            problems=[*reply.problems, f"self-disclosure removed; next most probable strategy: {strategy}; original: {reply.response}"],
+            problems=[
+                *reply.problems,
+                f"self-disclosure removed; next most probable strategy: {strategy}; original: {reply.response}",
+            ],
         )
 
     async def _rephrase(self, reply: SupporterReply, seed: int, calls: dict[str, int]) -> SupporterReply:
         assert self.rephraser is not None
         calls["self_disclosure"] = calls.get("self_disclosure", 0) + 1
         prompt = load_prompt("evaluate/rephrase_disclosure.txt").strip().format(response=reply.response)
-        out = await self.rephraser.achat([{"role": "user", "content": prompt}], n=1, temperature=0.0, max_tokens=self.max_tokens, seed=seed + 78)
+        out = await self.rephraser.achat(
+            [{"role": "user", "content": prompt}], n=1, temperature=0.0, max_tokens=self.max_tokens, seed=seed + 78
+        )
         text = " ".join((out[0] if out else "").split()).strip('"“” ')
         if not text:
             return reply
-        return replace(reply, response=text, problems=[*reply.problems, f"self-disclosure rephrased as others' experience; original: {reply.response}"])
+        return replace(
+            reply,
+            response=text,
+            problems=[*reply.problems, f"self-disclosure rephrased as others' experience; original: {reply.response}"],
+        )

@@ -225,13 +225,17 @@ def _seed(settings: JudgeSettings, *parts: str) -> int:
     return int(hashlib.sha256(":".join([str(settings.seed), *parts]).encode()).hexdigest()[:8], 16)
 
 
-async def ajudge_dialogues(judge: ChatModel, dialogues: Sequence[Mapping[str, Any]], settings: JudgeSettings, supporter: str) -> list[dict[str, Any]]:
+async def ajudge_dialogues(
+    judge: ChatModel, dialogues: Sequence[Mapping[str, Any]], settings: JudgeSettings, supporter: str
+) -> list[dict[str, Any]]:
     """One record per dialogue: ES-Skills, ES-Intensity, words per turn (and single value scores)."""
 
     async def one(d: Mapping[str, Any]) -> dict[str, Any]:
         utts = d["utterances"]
         seed = _seed(settings, supporter, str(d["persona_id"]))
-        skills, intensity = await asyncio.gather(ajudge_skills(judge, utts, settings, seed), ajudge_intensity(judge, utts, settings, seed))
+        skills, intensity = await asyncio.gather(
+            ajudge_skills(judge, utts, settings, seed), ajudge_intensity(judge, utts, settings, seed)
+        )
         reply = skills.pop("_reply", None)
         record = {
             "supporter": supporter,
@@ -334,11 +338,15 @@ def summarize(
             }
         row["intensity"] = {
             "score": _stat([r["intensity"]["level"] for r in recs], None if is_ref else [r["intensity"]["level"] for r in ref]),
-            "expected": _stat([r["intensity"]["expected"] for r in recs], None if is_ref else [r["intensity"]["expected"] for r in ref]),
+            "expected": _stat(
+                [r["intensity"]["expected"] for r in recs], None if is_ref else [r["intensity"]["expected"] for r in ref]
+            ),
         }
         single = [r for r in recs if r.get("value_single")]
         if single:
-            row["value_single"] = {k: mean_or_none([r["value_single"][k]["expected"] for r in single]) for k in single[0]["value_single"]}
+            row["value_single"] = {
+                k: mean_or_none([r["value_single"][k]["expected"] for r in single]) for k in single[0]["value_single"]
+            }
         row["words_per_turn"] = _stat([r["words_per_turn"] for r in recs], None if is_ref else [r["words_per_turn"] for r in ref])
         if not is_ref:
             pairs = values.get(s.name, [])
@@ -426,11 +434,17 @@ def make_agents(
         "style": s.style,
         "self_disclosure": s.self_disclosure,
     }
-    agents = build_agents(sim_cfg, supporter_model, seeker_model, tvd_model=tvd, rg_model=rg, emotion_scorer=emotion_scorer, names=names)
+    agents = build_agents(
+        sim_cfg, supporter_model, seeker_model, tvd_model=tvd, rg_model=rg, emotion_scorer=emotion_scorer, names=names
+    )
     if plain:
-        agents.supporter = PlainSupporter(supporter_model, max_tokens=min(sim_cfg.supporter_max_tokens, 256), temperature=sim_cfg.supporter_temperature)
+        agents.supporter = PlainSupporter(
+            supporter_model, max_tokens=min(sim_cfg.supporter_max_tokens, 256), temperature=sim_cfg.supporter_temperature
+        )
     elif s.self_disclosure != "keep":
-        agents.supporter = SelfDisclosureAblation(agents.supporter, s.self_disclosure, rephraser, max_tokens=max(sim_cfg.stepwise_max_tokens, 60))
+        agents.supporter = SelfDisclosureAblation(
+            agents.supporter, s.self_disclosure, rephraser, max_tokens=max(sim_cfg.stepwise_max_tokens, 60)
+        )
     return agents
 
 
@@ -444,7 +458,13 @@ def evaluation_dialogues(personas: list[dict], out: Path, agents: Any, concurren
     from esvr.tasks.simulation.simulate import simulate_dialogues
 
     summary = simulate_dialogues(personas, out, agents, concurrency=concurrency, alternatives=False, seed=seed)
-    return {"path": str(out), "written": summary.written, "skipped": summary.skipped, "errors": summary.errors, "metrics": summary.metrics("evaluate.simulate")}
+    return {
+        "path": str(out),
+        "written": summary.written,
+        "skipped": summary.skipped,
+        "errors": summary.errors,
+        "metrics": summary.metrics("evaluate.simulate"),
+    }
 
 
 def row_dialogues(
@@ -468,7 +488,10 @@ def row_dialogues(
 
     sup = load(models["supporter"])  # type: ignore[arg-type]
     agents = make_agents(
-        row, sim_cfg, sup, load(models["seeker"]),  # type: ignore[arg-type]
+        row,
+        sim_cfg,
+        sup,
+        load(models["seeker"]),  # type: ignore[arg-type]
         tvd_model=load(models["tvd"]) if models.get("tvd") is not None else sup,  # type: ignore[arg-type]
         rg_model=load(models["rg"]) if models.get("rg") is not None else sup,  # type: ignore[arg-type]
         rephraser=load(models["judge"]) if row.self_disclosure == "rephrase" else None,  # type: ignore[arg-type]
@@ -484,8 +507,14 @@ def row_dialogues(
 
 
 def judge_dialogues(
-    judge: ModelConfig, dialogues: Path, supporter: str, complete_only: bool, settings: dict[str, Any], out: Path,
-    run_dir: Path, use_cache: bool = True,
+    judge: ModelConfig,
+    dialogues: Path,
+    supporter: str,
+    complete_only: bool,
+    settings: dict[str, Any],
+    out: Path,
+    run_dir: Path,
+    use_cache: bool = True,
 ) -> str:
     """ES-Skills, ES-Intensity and words per turn of one supporter's dialogues -> judgments.jsonl."""
     from esvr.tasks.simulation.simulate import load_dialogues, run_coroutine
@@ -497,8 +526,16 @@ def judge_dialogues(
 
 
 def judge_values(
-    judge: ModelConfig, dialogues: Path, reference_dialogues: Path, supporter: str, reference: str, complete_only: bool,
-    settings: dict[str, Any], out: Path, run_dir: Path, use_cache: bool = True,
+    judge: ModelConfig,
+    dialogues: Path,
+    reference_dialogues: Path,
+    supporter: str,
+    reference: str,
+    complete_only: bool,
+    settings: dict[str, Any],
+    out: Path,
+    run_dir: Path,
+    use_cache: bool = True,
 ) -> str:
     """ES-Value of one supporter against the reference, per shared persona -> es_value.jsonl."""
     from esvr.tasks.simulation.simulate import load_dialogues, run_coroutine

@@ -35,13 +35,17 @@ from esvr.tasks.evaluation.metrics import classification_metrics, cosine, euclid
 def seeker_prompt(persona: Mapping[str, Any], one_shot: bool) -> str:
     """The seeker simulator's system prompt (stage 6's file); zero-shot drops the example paragraph."""
     marker = "\x00EXAMPLE\x00"
-    text = load_prompt("seeker/system.txt").strip().format(
-        problem=persona.get("problem") or "an emotional difficulty",
-        emotion=str(persona.get("emotion") or "distress").lower(),
-        age=persona.get("age") or "unspecified",
-        gender=persona.get("gender") or "unspecified",
-        occupation=persona.get("occupation") or "unspecified",
-        example=load_prompt("seeker/example.txt").strip() if one_shot else marker,
+    text = (
+        load_prompt("seeker/system.txt")
+        .strip()
+        .format(
+            problem=persona.get("problem") or "an emotional difficulty",
+            emotion=str(persona.get("emotion") or "distress").lower(),
+            age=persona.get("age") or "unspecified",
+            gender=persona.get("gender") or "unspecified",
+            occupation=persona.get("occupation") or "unspecified",
+            example=load_prompt("seeker/example.txt").strip() if one_shot else marker,
+        )
     )
     if not one_shot:
         text = "\n\n".join(p for p in text.split("\n\n") if marker not in p)
@@ -96,7 +100,10 @@ def simulator_fidelity(
     cases = seeker_cases(dialogues, cfg.max_dialogues, cfg.max_turns_per_dialogue)
     if not cases:
         raise ValueError("no seeker turn after a supporter turn in the ESConv dialogues given")
-    requests = [ChatRequest.build(context_messages(c["persona"], c["context"], one_shot), max_tokens=cfg.seeker_max_tokens, seed=i) for i, c in enumerate(cases)]
+    requests = [
+        ChatRequest.build(context_messages(c["persona"], c["context"], one_shot), max_tokens=cfg.seeker_max_tokens, seed=i)
+        for i, c in enumerate(cases)
+    ]
     replies = model.chat_batch(requests)
     generated = [clean_seeker_reply(r[0] if r else "").text for r in replies]
     real = [c["real"] for c in cases]
@@ -132,7 +139,9 @@ def simulator_fidelity(
 # --------------------------------------------------------------------------------------------
 
 
-def intensity_validation(judge: ChatModel, dialogues: Sequence[Any], settings: Any, max_dialogues: int | None = None) -> dict[str, Any]:
+def intensity_validation(
+    judge: ChatModel, dialogues: Sequence[Any], settings: Any, max_dialogues: int | None = None
+) -> dict[str, Any]:
     """The judge's final-intensity level and expected level vs the seekers' ratings (1-5)."""
     from esvr.tasks.evaluation.judges import ajudge_intensity
     from esvr.tasks.simulation.simulate import run_coroutine
@@ -190,7 +199,11 @@ def fidelity_markdown(result: Mapping[str, Any]) -> str:
             "| Predictor | Acc. | F1 (weighted) | MSE | Spearman |",
             "|---|---|---|---|---|",
         ]
-        for key, label in (("baseline_2", "Baseline (always 2)"), ("judge", "Judge (level)"), ("judge_expected", "Judge (expected level)")):
+        for key, label in (
+            ("baseline_2", "Baseline (always 2)"),
+            ("judge", "Judge (level)"),
+            ("judge_expected", "Judge (expected level)"),
+        ):
             m = it[key]
             lines.append(f"| {label} | {f(m['accuracy'])} | {f(m['f1_weighted'])} | {f(m['mse'])} | {f(m['spearman'])} |")
     return "\n".join(lines) + "\n"
@@ -273,7 +286,16 @@ def judge_vs_human(ratings_csv: str | Path, evaluate_dir: str | Path) -> dict[st
         rho, p = spearman(human, parsed)
         rho_e, p_e = spearman(human, expected)
         out_rows.append(
-            {"criterion": crit, "n": len(human), "spearman": rho, "p": p, "mark": significance_mark(p), "spearman_expected": rho_e, "p_expected": p_e, "mark_expected": significance_mark(p_e)}
+            {
+                "criterion": crit,
+                "n": len(human),
+                "spearman": rho,
+                "p": p,
+                "mark": significance_mark(p),
+                "spearman_expected": rho_e,
+                "p_expected": p_e,
+                "mark_expected": significance_mark(p_e),
+            }
         )
     return {"ratings": str(ratings_csv), "evaluate_dir": str(folder), "rows": out_rows, "unmatched_ratings": unmatched}
 
@@ -291,8 +313,9 @@ def judge_vs_human_markdown(result: Mapping[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['criterion']} | {r['n']} | {f(r['spearman'])}{r['mark']} | {f(r['spearman_expected'])}{r['mark_expected']} |")
+        lines.append(
+            f"| {r['criterion']} | {r['n']} | {f(r['spearman'])}{r['mark']} | {f(r['spearman_expected'])}{r['mark_expected']} |"
+        )
     if result.get("unmatched_ratings"):
         lines += ["", f"{result['unmatched_ratings']} ratings named a dialogue the evaluation folder does not hold."]
     return "\n".join(lines) + "\n"
-

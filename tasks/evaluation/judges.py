@@ -129,8 +129,12 @@ def skills_criterion_messages(utterances: Sequence[Mapping[str, Any]], criterion
         {"role": "system", "content": load_prompt("evaluate/es_skills_system.txt").strip()},
         {
             "role": "user",
-            "content": load_prompt("evaluate/es_skills_criterion.txt").strip().format(
-                dialogue=format_dialogue(utterances), name=criterion["name"].replace("_", "-").capitalize(), question=criterion["question"]
+            "content": load_prompt("evaluate/es_skills_criterion.txt")
+            .strip()
+            .format(
+                dialogue=format_dialogue(utterances),
+                name=criterion["name"].replace("_", "-").capitalize(),
+                question=criterion["question"],
             ),
         },
     ]
@@ -147,9 +151,9 @@ def skills_reasoning_messages(utterances: Sequence[Mapping[str, Any]]) -> list[M
         {"role": "system", "content": load_prompt("evaluate/es_skills_system.txt").strip()},
         {
             "role": "user",
-            "content": load_prompt("evaluate/es_skills_reasoning.txt").strip().format(
-                dialogue=format_dialogue(utterances), criteria=crits, template=template
-            ),
+            "content": load_prompt("evaluate/es_skills_reasoning.txt")
+            .strip()
+            .format(dialogue=format_dialogue(utterances), criteria=crits, template=template),
         },
     ]
 
@@ -169,7 +173,9 @@ def parse_skill_ratings(text: str) -> dict[str, int | None]:
     return out
 
 
-async def ajudge_skills(judge: ChatModel, utterances: Sequence[Mapping[str, Any]], settings: JudgeSettings, seed: int) -> dict[str, dict[str, Any]]:
+async def ajudge_skills(
+    judge: ChatModel, utterances: Sequence[Mapping[str, Any]], settings: JudgeSettings, seed: int
+) -> dict[str, dict[str, Any]]:
     """Per criterion: ``score`` (parsed, or the most probable answer), ``expected``, ``dist``,
     ``method`` ('parsed' | 'argmax')."""
     dists = await asyncio.gather(
@@ -178,7 +184,9 @@ async def ajudge_skills(judge: ChatModel, utterances: Sequence[Mapping[str, Any]
     parsed: dict[str, int | None] = {}
     reply = None
     if settings.reasoning:
-        out = await judge.achat(skills_reasoning_messages(utterances), n=1, temperature=0.0, max_tokens=settings.max_tokens, seed=seed)
+        out = await judge.achat(
+            skills_reasoning_messages(utterances), n=1, temperature=0.0, max_tokens=settings.max_tokens, seed=seed
+        )
         reply = out[0] if out else ""
         parsed = parse_skill_ratings(reply)
     result: dict[str, dict[str, Any]] = {}
@@ -204,7 +212,12 @@ def intensity_messages(utterances: Sequence[Mapping[str, Any]]) -> list[Message]
     options = "\n".join(f"- {s}" for _, s in intensity_levels())
     return [
         {"role": "system", "content": load_prompt("evaluate/es_intensity_system.txt").strip()},
-        {"role": "user", "content": load_prompt("evaluate/es_intensity_user.txt").strip().format(dialogue=format_dialogue(utterances), options=options)},
+        {
+            "role": "user",
+            "content": load_prompt("evaluate/es_intensity_user.txt")
+            .strip()
+            .format(dialogue=format_dialogue(utterances), options=options),
+        },
     ]
 
 
@@ -219,7 +232,9 @@ def parse_intensity(text: str) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-async def ajudge_intensity(judge: ChatModel, utterances: Sequence[Mapping[str, Any]], settings: JudgeSettings, seed: int) -> dict[str, Any]:
+async def ajudge_intensity(
+    judge: ChatModel, utterances: Sequence[Mapping[str, Any]], settings: JudgeSettings, seed: int
+) -> dict[str, Any]:
     """``level`` (1-5: parsed reply, or the most probable sentence), ``expected``, ``dist``."""
     sentences = [s for _, s in intensity_levels()]
     messages = intensity_messages(utterances)
@@ -246,19 +261,23 @@ def value_messages(dialogue_a: Sequence[Mapping[str, Any]], dialogue_b: Sequence
         {"role": "system", "content": load_prompt("evaluate/es_value_system.txt").strip()},
         {
             "role": "user",
-            "content": load_prompt("evaluate/es_value_user.txt").strip().format(
-                values=values_block(), dialogue_a=format_dialogue(dialogue_a), dialogue_b=format_dialogue(dialogue_b)
-            ),
+            "content": load_prompt("evaluate/es_value_user.txt")
+            .strip()
+            .format(values=values_block(), dialogue_a=format_dialogue(dialogue_a), dialogue_b=format_dialogue(dialogue_b)),
         },
     ]
 
 
-def value_direct_messages(dialogue_a: Sequence[Mapping[str, Any]], dialogue_b: Sequence[Mapping[str, Any]], perspective: Mapping[str, str]) -> list[Message]:
+def value_direct_messages(
+    dialogue_a: Sequence[Mapping[str, Any]], dialogue_b: Sequence[Mapping[str, Any]], perspective: Mapping[str, str]
+) -> list[Message]:
     return [
         {"role": "system", "content": load_prompt("evaluate/es_value_system.txt").strip()},
         {
             "role": "user",
-            "content": load_prompt("evaluate/es_value_direct.txt").strip().format(
+            "content": load_prompt("evaluate/es_value_direct.txt")
+            .strip()
+            .format(
                 values=values_block(),
                 dialogue_a=format_dialogue(dialogue_a),
                 dialogue_b=format_dialogue(dialogue_b),
@@ -273,9 +292,9 @@ def value_single_messages(dialogue: Sequence[Mapping[str, Any]], perspective: Ma
         {"role": "system", "content": load_prompt("evaluate/es_skills_system.txt").strip()},
         {
             "role": "user",
-            "content": load_prompt("evaluate/es_value_single.txt").strip().format(
-                values=values_block(), dialogue=format_dialogue(dialogue), criterion=perspective["single"]
-            ),
+            "content": load_prompt("evaluate/es_value_single.txt")
+            .strip()
+            .format(values=values_block(), dialogue=format_dialogue(dialogue), criterion=perspective["single"]),
         },
     ]
 
@@ -354,7 +373,12 @@ async def ajudge_value_pair(
             outcome = pair_outcome(verdict, side)
             per[name]["outcomes"].append(outcome)
             per[name]["expected"].append(expected_win(dist, side))
-            record[name] = {"verdict": verdict, "outcome": outcome, "method": method, "dist": {k: round(float(v), 6) for k, v in dist.items()}}
+            record[name] = {
+                "verdict": verdict,
+                "outcome": outcome,
+                "method": method,
+                "dist": {k: round(float(v), 6) for k, v in dist.items()},
+            }
         judgments.append(record)
     result: dict[str, Any] = {"judgments": judgments}
     for name, d in per.items():
@@ -370,8 +394,15 @@ async def ajudge_value_pair(
 
 async def ajudge_value_single(judge: ChatModel, utterances: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each perspective rated alone on 1-5 (App. H compares these with experts' ratings)."""
-    dists = await asyncio.gather(*(judge.ascore_choices(value_single_messages(utterances, p), list(SCORE_CHOICES)) for p in perspectives()))
+    dists = await asyncio.gather(
+        *(judge.ascore_choices(value_single_messages(utterances, p), list(SCORE_CHOICES)) for p in perspectives())
+    )
     return {
-        f"value_{p['name']}": {"score": int(argmax_choice(d, SCORE_CHOICES)), "expected": expected_score(d), "dist": d, "method": "argmax"}
+        f"value_{p['name']}": {
+            "score": int(argmax_choice(d, SCORE_CHOICES)),
+            "expected": expected_score(d),
+            "dist": d,
+            "method": "argmax",
+        }
         for p, d in zip(perspectives(), dists)
     }

@@ -59,7 +59,9 @@ def summary_table(summary: Mapping[str, Any], score: str | None = None) -> str:
     models = summary["models"]
     with_category = len({m["category"] for m in models}) > 1
     head = (["Category"] if with_category else []) + ["Model"] + [labels.get(c, c) for c in crits]
-    head += ["ES-Intensity ↓"] + [f"ES-Value {PERSPECTIVE_LABELS.get(p, p)} ↑" for p in summary.get("perspectives", ["seeker", "supporter"])]
+    head += ["ES-Intensity ↓"] + [
+        f"ES-Value {PERSPECTIVE_LABELS.get(p, p)} ↑" for p in summary.get("perspectives", ["seeker", "supporter"])
+    ]
     head += ["Words/turn", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     last_category = None
@@ -101,7 +103,13 @@ def plot_skills(summary: Mapping[str, Any], path: Path, score: str | None = None
     cmap = plt.get_cmap("tab10")
     for i, m in enumerate(models):
         ys = [m["skills"][c][kind]["mean"] or 0.0 for c in crits]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), ys, width, label=m["name"] + (" (ref.)" if m.get("is_reference") else ""), color=cmap(i % 10))
+        bars = ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            ys,
+            width,
+            label=m["name"] + (" (ref.)" if m.get("is_reference") else ""),
+            color=cmap(i % 10),
+        )
         for b, c in zip(bars, crits):
             mark = m["skills"][c][kind].get("mark", "")
             if mark:
@@ -110,7 +118,10 @@ def plot_skills(summary: Mapping[str, Any], path: Path, score: str | None = None
     ax.set_xticklabels([labels.get(c, c) for c in crits])
     ax.set_ylim(1, 5.3)
     ax.set_ylabel("score (1-5)" if kind == "score" else "expected score (1-5)")
-    ax.set_title(f"ES-Skills per criterion ({'parsed ratings' if kind == 'score' else 'expected scores'}; * p<0.05, † p<0.1 vs reference)", fontsize=10)
+    ax.set_title(
+        f"ES-Skills per criterion ({'parsed ratings' if kind == 'score' else 'expected scores'}; * p<0.05, † p<0.1 vs reference)",
+        fontsize=10,
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(models)), frameon=False)
     fig.tight_layout()
@@ -140,11 +151,20 @@ def plot_values(summary: Mapping[str, Any], path: Path, score: str | None = None
     for j, p in enumerate(persps):
         vals = [((m["value"].get(p) or {}).get(kind) or {}).get("mean") for m in models]
         pos = y - 0.4 + height * (j + 0.5)
-        bars = ax.barh(pos, [v if v is not None else 0 for v in vals], height, label=PERSPECTIVE_LABELS.get(p, p), color=colors.get(p))
+        bars = ax.barh(
+            pos, [v if v is not None else 0 for v in vals], height, label=PERSPECTIVE_LABELS.get(p, p), color=colors.get(p)
+        )
         for b, m, v in zip(bars, models, vals):
             mark = ((m["value"].get(p) or {}).get(kind) or {}).get("mark", "")
             text = "n/a" if v is None else f"{v:.2f}{mark}"
-            ax.annotate(text, (b.get_width(), b.get_y() + b.get_height() / 2), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+            ax.annotate(
+                text,
+                (b.get_width(), b.get_y() + b.get_height() / 2),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(y)
     ax.set_yticklabels([m["name"] for m in models])
@@ -160,7 +180,9 @@ def plot_values(summary: Mapping[str, Any], path: Path, score: str | None = None
     return path
 
 
-def build_report(summaries: Sequence[tuple[str, Mapping[str, Any]]], out_dir: str | Path, title: str = "ES-VR evaluation report") -> dict[str, Any]:
+def build_report(
+    summaries: Sequence[tuple[str, Mapping[str, Any]]], out_dir: str | Path, title: str = "ES-VR evaluation report"
+) -> dict[str, Any]:
     """`summaries`: (label, summary) pairs, e.g. (MLflow run id, summary.json). Writes
     ``report.md`` and one pair of PNGs per summary into `out_dir`; returns their paths."""
     out = Path(out_dir)
@@ -188,11 +210,15 @@ def build_report(summaries: Sequence[tuple[str, Mapping[str, Any]]], out_dir: st
             f"personas: {s.get('personas', '?')} ({s.get('split', 'test')})",
             f"max turns: {s.get('max_turns', '?')}",
             f"ES-Value judgments per pair: {s.get('value_judgments', '?')}",
-            "dialogues judged: " + ("complete only" if s.get("complete_only", True) else "all, including those cut at the turn limit"),
+            "dialogues judged: "
+            + ("complete only" if s.get("complete_only", True) else "all, including those cut at the turn limit"),
         ]
         parts += ["; ".join(facts) + ".", ""]
         if s.get("judge") and s.get("judge") == s.get("seeker"):
-            parts += ["> The judge is the seeker simulator's model: scores may favour dialogues that model finds natural (circularity).", ""]
+            parts += [
+                "> The judge is the seeker simulator's model: scores may favour dialogues that model finds natural (circularity).",
+                "",
+            ]
         parts += [f"**Scores: {'parsed ratings' if kind == 'parsed' else 'expected scores'}**", "", summary_table(s, kind), ""]
         other = "expected" if kind == "parsed" else "parsed"
         parts += [
@@ -260,7 +286,11 @@ def summary_from_run(run_id: str, dst: str | Path) -> dict[str, Any]:
     import mlflow
 
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SUMMARY_ARTIFACT, dst_path=str(Path(dst) / run_id))
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=SUMMARY_ARTIFACT, dst_path=str(Path(dst) / run_id)
+        )
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types; the message matters
-        raise FileNotFoundError(f"MLflow run {run_id} has no artifact {SUMMARY_ARTIFACT} ({exc}); is it an evaluate run?") from None
+        raise FileNotFoundError(
+            f"MLflow run {run_id} has no artifact {SUMMARY_ARTIFACT} ({exc}); is it an evaluate run?"
+        ) from None
     return load_summary(path)

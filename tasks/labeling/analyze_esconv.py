@@ -162,7 +162,10 @@ def group_statistics(records: Sequence[SeekerTurns], threshold: float, cfg: Anal
     """Everything §3.2 reports: group sizes, mean positive values, per-value tests, per-turn means."""
     names = value_names()
     by_group = {g: [r for r in records if r.group == g] for g in (HIGH, LOW)}
-    counts = {g: np.array([r.value_counts(threshold, cfg.min_positive_sentiment) for r in rs]).reshape(-1, len(names)) for g, rs in by_group.items()}
+    counts = {
+        g: np.array([r.value_counts(threshold, cfg.min_positive_sentiment) for r in rs]).reshape(-1, len(names))
+        for g, rs in by_group.items()
+    }
     totals = {g: c.sum(1) for g, c in counts.items()}
     u, p = mann_whitney(totals[HIGH], totals[LOW])
     rows = []
@@ -253,7 +256,9 @@ def plot_figure(stats: dict[str, Any], path: str | Path, top_when_none: int = 3)
     for k, j in enumerate(shown):
         c = colors[k % len(colors)]
         ax2.plot(positions, [row[j] for row in stats["per_turn_mean_prob"][HIGH]], "-o", color=c, label=f"{names[j]} (high)")
-        ax2.plot(positions, [row[j] for row in stats["per_turn_mean_prob"][LOW]], "--s", color=c, alpha=0.7, label=f"{names[j]} (low)")
+        ax2.plot(
+            positions, [row[j] for row in stats["per_turn_mean_prob"][LOW]], "--s", color=c, alpha=0.7, label=f"{names[j]} (low)"
+        )
     ax2.set_xticks(positions, [f"turn {p}" for p in positions])
     ax2.set_ylabel("mean predicted probability (non-positive turns = 0)")
     ax2.set_title("Per-turn probabilities" + note)
@@ -282,8 +287,15 @@ def turns_frame(records: Sequence[SeekerTurns]) -> pl.DataFrame:
                     "values": [float(x) for x in r.probs[i]],
                 }
             )
-    schema = {"dialog_id": pl.String, "group": pl.String, "position": pl.Int8, "text": pl.String,
-              "valence": pl.Float32, "sentiment": pl.Int8, "values": pl.List(pl.Float32)}
+    schema = {
+        "dialog_id": pl.String,
+        "group": pl.String,
+        "position": pl.Int8,
+        "text": pl.String,
+        "valence": pl.Float32,
+        "sentiment": pl.Int8,
+        "values": pl.List(pl.Float32),
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -301,7 +313,9 @@ def analyze_esconv(
     dialogues = load_esconv(esconv, report)
     groups, skipped = split_groups(dialogues, cfg)
     if not groups[HIGH] or not groups[LOW]:
-        log.warning("ESConv %s: a group is empty (high %d, low %d); statistics will be NaN", esconv, len(groups[HIGH]), len(groups[LOW]))
+        log.warning(
+            "ESConv %s: a group is empty (high %d, low %d); statistics will be NaN", esconv, len(groups[HIGH]), len(groups[LOW])
+        )
     records = label_last_turns(groups, detector, scorer, cfg.last_turns)
     stats = group_statistics(records, detector.threshold, cfg)
     stats["dialogues"] = len(dialogues)

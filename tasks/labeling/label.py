@@ -62,9 +62,7 @@ class LabelConfig(Section):
 # --------------------------------------------------------------------------------------------
 
 N_VALUES = 20
-LABELS_SCHEMA = pl.Schema(
-    {"utt_id": pl.String, "valence": pl.Float32, "sentiment": pl.Int8, "values": pl.List(pl.Float32)}
-)
+LABELS_SCHEMA = pl.Schema({"utt_id": pl.String, "valence": pl.Float32, "sentiment": pl.Int8, "values": pl.List(pl.Float32)})
 
 
 def validate_labels(df: pl.DataFrame, source: str = "labels.parquet") -> pl.DataFrame:
@@ -235,7 +233,9 @@ _process_labelers: dict[tuple[str, str, bool], tuple[ValueDetector, EmotionScore
 _process_labelers_lock = threading.Lock()
 
 
-def process_labelers(cfg: LabelConfig, run_dir: str | os.PathLike[str], use_cache: bool = True) -> tuple[ValueDetector, EmotionScorer]:
+def process_labelers(
+    cfg: LabelConfig, run_dir: str | os.PathLike[str], use_cache: bool = True
+) -> tuple[ValueDetector, EmotionScorer]:
     """The run's labelers, built once per process and label config: a task runner's worker labels
     many chunks with one loaded encoder."""
     key = (f"{cfg.values.model_dump_json()}|{cfg.emotion.model_dump_json()}", str(run_dir), use_cache)
@@ -254,7 +254,9 @@ def for_batches(scorer: EmotionScorer, cfg: EmotionConfig) -> EmotionScorer:
     return scorer
 
 
-def _label_stats(labels: pl.DataFrame, stats: dict[str, float], threshold: float, failures: dict[str, int] | None) -> dict[str, float]:
+def _label_stats(
+    labels: pl.DataFrame, stats: dict[str, float], threshold: float, failures: dict[str, int] | None
+) -> dict[str, float]:
     probs = np.stack(labels["values"].to_numpy()) if labels.height else np.zeros((0, N_VALUES))
     stats.update(
         {
@@ -363,8 +365,14 @@ def label_on_runner(
     ids, texts = utts["utt_id"].to_list(), utts["text"].to_list()
     size = cfg.chunk_size
     calls = [
-        {"utt_ids": ids[i : i + size], "texts": texts[i : i + size], "cfg": cfg, "chunk_dir": str(out_dir / "chunks"),
-         "run_dir": str(run_dir), "use_cache": use_cache}
+        {
+            "utt_ids": ids[i : i + size],
+            "texts": texts[i : i + size],
+            "cfg": cfg,
+            "chunk_dir": str(out_dir / "chunks"),
+            "run_dir": str(run_dir),
+            "use_cache": use_cache,
+        }
         for i in range(0, len(ids), size)
     ]
     t0 = time.perf_counter()

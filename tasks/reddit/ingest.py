@@ -82,9 +82,21 @@ class IngestConfig(Section):
     #: subreddit_type private/user/... (the field is absent in old dumps, which counts as public)
     drop_private: bool = True
     #: exact author names (case-insensitive) that are bots or moderation accounts
-    bot_authors: list[str] = ["AutoModerator", "RemindMeBot", "sneakpeekbot", "WikiTextBot",
-                              "SaveVideo", "savevideobot", "RepostSleuthBot", "BotDefense",
-                              "of_patrol_bot", "timee_bot", "exclaim_bot", "haikusbot", "Reddit"]
+    bot_authors: list[str] = [
+        "AutoModerator",
+        "RemindMeBot",
+        "sneakpeekbot",
+        "WikiTextBot",
+        "SaveVideo",
+        "savevideobot",
+        "RepostSleuthBot",
+        "BotDefense",
+        "of_patrol_bot",
+        "timee_bot",
+        "exclaim_bot",
+        "haikusbot",
+        "Reddit",
+    ]
     #: names that end in "bot" are nearly always bots on Reddit; the rare human "Abbot" is a fair loss
     bot_author_pattern: str = r"(?i)(?:^bot[_-]|[_-]?bot$)"
     #: moderator-distinguished or stickied comments are rules reminders, not support
@@ -126,11 +138,25 @@ class IngestConfig(Section):
 
 
 #: fields of IngestConfig that change what is staged; the others change only the thread build
-_FILTER_FIELDS = ("subreddits", "start_date", "end_date", "comment_window_days", "drop_deleted",
-                  "drop_removed", "drop_private", "bot_authors", "bot_author_pattern",
-                  "drop_moderator_comments", "min_post_score", "min_upvote_ratio",
-                  "min_comment_score", "min_post_chars", "max_post_chars", "min_comment_chars",
-                  "max_comment_chars")
+_FILTER_FIELDS = (
+    "subreddits",
+    "start_date",
+    "end_date",
+    "comment_window_days",
+    "drop_deleted",
+    "drop_removed",
+    "drop_private",
+    "bot_authors",
+    "bot_author_pattern",
+    "drop_moderator_comments",
+    "min_post_score",
+    "min_upvote_ratio",
+    "min_comment_score",
+    "min_post_chars",
+    "max_post_chars",
+    "min_comment_chars",
+    "max_comment_chars",
+)
 
 STAGE_VERSION = 1  # bump when the staged format or the filter semantics change
 
@@ -157,7 +183,8 @@ class DumpCorruptError(IngestError):
         self.path, self.compressed_offset, self.decompressed_offset = path, compressed_offset, decompressed_offset
         super().__init__(
             f"{path}: {reason} at compressed byte {compressed_offset} (decompressed byte "
-            f"{decompressed_offset}); the complete records before it were kept")
+            f"{decompressed_offset}); the complete records before it were kept"
+        )
 
 
 class NoThreadsError(IngestError):
@@ -175,8 +202,8 @@ class Block:
 
     data: bytes
     end: int
-    first_line: int    # 1-based number of the block's first line in the file
-    offset: int        # decompressed byte offset of data[0]
+    first_line: int  # 1-based number of the block's first line in the file
+    offset: int  # decompressed byte offset of data[0]
     newlines: int = 0  # b"\n" in data[:end]
 
     @property
@@ -221,11 +248,11 @@ def iter_blocks(path: str | Path, read_bytes: int = 2 << 20, scratch: _Scratch |
     scratch = scratch or _Scratch()
     dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
     dobj = dctx.decompressobj()
-    in_frame = False            # fed bytes to a frame that has not ended yet
+    in_frame = False  # fed bytes to a frame that has not ended yet
     carry = b""
     line_no = 1
-    offset = 0                  # decompressed offset of carry[0]
-    consumed = 0                # compressed bytes fed before the current read
+    offset = 0  # decompressed offset of carry[0]
+    consumed = 0  # compressed bytes fed before the current read
 
     def block_of(data: bytes, final: bool) -> Block | None:
         nonlocal carry, line_no, offset
@@ -296,11 +323,26 @@ def file_sha256(path: str | Path) -> str:
 # Filters
 # --------------------------------------------------------------------------------------------
 
-POST_COLUMNS = {"id": pl.String, "subreddit": pl.String, "author": pl.String, "title": pl.String,
-                "selftext": pl.String, "score": pl.Int64, "upvote_ratio": pl.Float64,
-                "created_utc": pl.Int64, "dump": pl.String}
-COMMENT_COLUMNS = {"id": pl.String, "link_id": pl.String, "parent_id": pl.String, "author": pl.String,
-                   "body": pl.String, "score": pl.Int64, "created_utc": pl.Int64}
+POST_COLUMNS = {
+    "id": pl.String,
+    "subreddit": pl.String,
+    "author": pl.String,
+    "title": pl.String,
+    "selftext": pl.String,
+    "score": pl.Int64,
+    "upvote_ratio": pl.Float64,
+    "created_utc": pl.Int64,
+    "dump": pl.String,
+}
+COMMENT_COLUMNS = {
+    "id": pl.String,
+    "link_id": pl.String,
+    "parent_id": pl.String,
+    "author": pl.String,
+    "body": pl.String,
+    "score": pl.Int64,
+    "created_utc": pl.Int64,
+}
 
 _DELETED = {"[deleted]", "[deleted by user]"}
 _REMOVED = {"[removed]", "[ removed by reddit ]", "[removed by reddit]"}
@@ -327,8 +369,19 @@ def _epoch(d: date) -> int:
 class RecordFilter:
     """Decides for one parsed record: the reason it is dropped, or the row to stage."""
 
-    REASONS = ("other_subreddit", "out_of_date_range", "deleted", "removed", "private", "bot",
-               "low_score", "low_upvote_ratio", "too_short", "too_long", "missing_field")
+    REASONS = (
+        "other_subreddit",
+        "out_of_date_range",
+        "deleted",
+        "removed",
+        "private",
+        "bot",
+        "low_score",
+        "low_upvote_ratio",
+        "too_short",
+        "too_long",
+        "missing_field",
+    )
 
     def __init__(self, cfg: IngestConfig, dump_name: str):
         self.cfg = cfg
@@ -393,8 +446,17 @@ class RecordFilter:
             return "too_short", None
         if n > self.cfg.max_post_chars:
             return "too_long", None
-        return None, (rec["id"], rec["subreddit"].lower(), rec["author"], title, text, score,
-                      float(ratio) if isinstance(ratio, (int, float)) else None, created, self.dump)
+        return None, (
+            rec["id"],
+            rec["subreddit"].lower(),
+            rec["author"],
+            title,
+            text,
+            score,
+            float(ratio) if isinstance(ratio, (int, float)) else None,
+            created,
+            self.dump,
+        )
 
     def comment(self, rec: dict) -> tuple[str | None, tuple | None]:
         text = rec.get("body")
@@ -505,6 +567,7 @@ def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig) -> St
     t_start = time.perf_counter()
     loads = orjson.loads
     with open(stage_dir / "rejects.ndjson", "wb") as rejects:
+
         def reject(block: Block, s: int, e: int, why: str) -> None:
             nonlocal malformed
             malformed += 1
@@ -516,7 +579,7 @@ def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig) -> St
         try:
             for block in iter_blocks(path, read_bytes=cfg.read_mb << 20, scratch=scratch):
                 data, end = block.data, block.end
-                lines += block.newlines + (data[end - 1:end] != b"\n")
+                lines += block.newlines + (data[end - 1 : end] != b"\n")
                 decompressed += end
                 view = memoryview(data)
                 for s, e in _candidates(data, end, needles, scratch):
@@ -590,8 +653,9 @@ def build_tree(post: Utt, comments: list[tuple[str, str, str, str, int, int]]) -
     are unreachable and stay out. Children are ordered by time, then id, for stable output.
     """
     nodes = {post.fullname: post}
-    items = [(Utt(cid, f"t1_{cid}", author, text, score, created), parent)
-             for cid, parent, author, text, score, created in comments]
+    items = [
+        (Utt(cid, f"t1_{cid}", author, text, score, created), parent) for cid, parent, author, text, score, created in comments
+    ]
     for utt, _ in items:
         nodes[utt.fullname] = utt
     for utt, parent in items:
@@ -656,14 +720,31 @@ def chain_siblings(chain: list[Utt], op: str, max_siblings: int) -> list[tuple[i
 # Threads: the table
 # --------------------------------------------------------------------------------------------
 
-TURN = pl.Struct({"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String,
-                  "score": pl.Int64, "created_utc": pl.Int64})
+TURN = pl.Struct(
+    {"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String, "score": pl.Int64, "created_utc": pl.Int64}
+)
 OP_REPLY = pl.Struct({"utt_id": pl.String, "text": pl.String})
-SIBLING = pl.Struct({"turn": pl.Int32, "utt_id": pl.String, "author": pl.String, "text": pl.String,
-                     "score": pl.Int64, "op_replies": pl.List(OP_REPLY)})
-THREADS_SCHEMA = pl.Schema({"thread_id": pl.String, "post_id": pl.String, "subreddit": pl.String,
-                            "created_utc": pl.Int64, "dump": pl.String, "turns": pl.List(TURN),
-                            "siblings": pl.List(SIBLING)})
+SIBLING = pl.Struct(
+    {
+        "turn": pl.Int32,
+        "utt_id": pl.String,
+        "author": pl.String,
+        "text": pl.String,
+        "score": pl.Int64,
+        "op_replies": pl.List(OP_REPLY),
+    }
+)
+THREADS_SCHEMA = pl.Schema(
+    {
+        "thread_id": pl.String,
+        "post_id": pl.String,
+        "subreddit": pl.String,
+        "created_utc": pl.Int64,
+        "dump": pl.String,
+        "turns": pl.List(TURN),
+        "siblings": pl.List(SIBLING),
+    }
+)
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"(?<!\w)(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{3}\)|\d{3})[\s.-]?\d{3}[\s.-]?\d{4}(?!\w)")
@@ -697,8 +778,11 @@ class Anonymizer:
 def author_salt(cfg: IngestConfig) -> str:
     salt = os.environ.get(cfg.author_salt_env)
     if not salt:
-        log.warning("%s is not set: author hashes use a public salt and can be reversed by hashing "
-                    "known user names; set it for data you share", cfg.author_salt_env)
+        log.warning(
+            "%s is not set: author hashes use a public salt and can be reversed by hashing "
+            "known user names; set it for data you share",
+            cfg.author_salt_env,
+        )
         return "esvr-public-salt"
     return salt
 
@@ -706,21 +790,44 @@ def author_salt(cfg: IngestConfig) -> str:
 def thread_rows(post_row: dict, comments: list[tuple], anon: Anonymizer, max_siblings: int) -> list[dict]:
     """The threads.parquet rows of one post. `comments`: (id, parent_id, author, body, score, created_utc)."""
     text = post_row["title"].strip() + "\n\n" + post_row["selftext"].strip()
-    post = Utt(post_row["id"], f"t3_{post_row['id']}", post_row["author"], text, post_row["score"],
-               post_row["created_utc"])
+    post = Utt(post_row["id"], f"t3_{post_row['id']}", post_row["author"], text, post_row["score"], post_row["created_utc"])
     build_tree(post, comments)
     op = post.author
     rows = []
     for chain in extract_chains(post):
-        turns = [{"utt_id": u.id, "role": "op" if i % 2 == 0 else "commenter", "author": anon.author(u.author),
-                  "text": anon.text(u.text), "score": u.score, "created_utc": u.created_utc}
-                 for i, u in enumerate(chain)]
-        siblings = [{"turn": t, "utt_id": s.id, "author": anon.author(s.author), "text": anon.text(s.text),
-                     "score": s.score, "op_replies": [{"utt_id": r.id, "text": anon.text(r.text)} for r in replies]}
-                    for t, s, replies in chain_siblings(chain, op, max_siblings)]
-        rows.append({"thread_id": f"{post.id}:{chain[-1].id}", "post_id": post.id,
-                     "subreddit": post_row["subreddit"], "created_utc": post.created_utc,
-                     "dump": post_row["dump"], "turns": turns, "siblings": siblings})
+        turns = [
+            {
+                "utt_id": u.id,
+                "role": "op" if i % 2 == 0 else "commenter",
+                "author": anon.author(u.author),
+                "text": anon.text(u.text),
+                "score": u.score,
+                "created_utc": u.created_utc,
+            }
+            for i, u in enumerate(chain)
+        ]
+        siblings = [
+            {
+                "turn": t,
+                "utt_id": s.id,
+                "author": anon.author(s.author),
+                "text": anon.text(s.text),
+                "score": s.score,
+                "op_replies": [{"utt_id": r.id, "text": anon.text(r.text)} for r in replies],
+            }
+            for t, s, replies in chain_siblings(chain, op, max_siblings)
+        ]
+        rows.append(
+            {
+                "thread_id": f"{post.id}:{chain[-1].id}",
+                "post_id": post.id,
+                "subreddit": post_row["subreddit"],
+                "created_utc": post.created_utc,
+                "dump": post_row["dump"],
+                "turns": turns,
+                "siblings": siblings,
+            }
+        )
     return rows
 
 
@@ -735,31 +842,41 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
 
     post_files = [str(p) for d in stage_dirs for p in sorted(d.glob("posts-*.parquet"))]
     comment_files = [str(p) for d in stage_dirs for p in sorted(d.glob("comments-*.parquet"))]
-    stats: dict[str, Any] = {"posts": 0, "comments": 0, "threads": 0, "single_turn": 0, "multi_turn": 0,
-                             "utterances": 0, "max_turns": 0}
+    stats: dict[str, Any] = {
+        "posts": 0,
+        "comments": 0,
+        "threads": 0,
+        "single_turn": 0,
+        "multi_turn": 0,
+        "utterances": 0,
+        "max_turns": 0,
+    }
     if not post_files:
         return stats
-    posts = (pl.scan_parquet(post_files, schema=POST_COLUMNS)
-             .unique(subset="id", keep="first", maintain_order=True))
+    posts = pl.scan_parquet(post_files, schema=POST_COLUMNS).unique(subset="id", keep="first", maintain_order=True)
     stats["posts"] = posts.select(pl.len()).collect().item()
     if not comment_files:
         return stats
-    comments = (pl.scan_parquet(comment_files, schema=COMMENT_COLUMNS)
-                .unique(subset="id", keep="first", maintain_order=True)
-                .join(posts.select(pl.col("id").alias("link_id"), pl.col("author").alias("op")), on="link_id")
-                .with_columns(is_op=pl.col("author") == pl.col("op")))
+    comments = (
+        pl.scan_parquet(comment_files, schema=COMMENT_COLUMNS)
+        .unique(subset="id", keep="first", maintain_order=True)
+        .join(posts.select(pl.col("id").alias("link_id"), pl.col("author").alias("op")), on="link_id")
+        .with_columns(is_op=pl.col("author") == pl.col("op"))
+    )
     op_ids = comments.filter("is_op").select(("t1_" + pl.col("id")).alias("parent_id"), pl.lit(True).alias("parent_is_op"))
-    comments = (comments.join(op_ids, on="parent_id", how="left")
-                .with_columns(pl.col("parent_is_op").fill_null(False)))
-    relevant = comments.filter(
-        pl.col("is_op") | pl.col("parent_is_op") | (pl.col("parent_id") == "t3_" + pl.col("link_id")))
+    comments = comments.join(op_ids, on="parent_id", how="left").with_columns(pl.col("parent_is_op").fill_null(False))
+    relevant = comments.filter(pl.col("is_op") | pl.col("parent_is_op") | (pl.col("parent_id") == "t3_" + pl.col("link_id")))
     # posts where the OP answered some commenter: the only ones with a chain
-    answered = (comments.filter(pl.col("is_op") & pl.col("parent_id").str.starts_with("t1_"))
-                .select(pl.col("parent_id").str.slice(3).alias("id"))
-                .join(comments.filter(~pl.col("is_op")).select("id", "link_id"), on="id")
-                .select("link_id").unique())
+    answered = (
+        comments.filter(pl.col("is_op") & pl.col("parent_id").str.starts_with("t1_"))
+        .select(pl.col("parent_id").str.slice(3).alias("id"))
+        .join(comments.filter(~pl.col("is_op")).select("id", "link_id"), on="id")
+        .select("link_id")
+        .unique()
+    )
     relevant = relevant.join(answered, on="link_id", how="semi").select(
-        "id", "link_id", "parent_id", "author", "body", "score", "created_utc")
+        "id", "link_id", "parent_id", "author", "body", "score", "created_utc"
+    )
     n_relevant = relevant.select(pl.len()).collect(engine="streaming").item()
     stats["comments"] = n_relevant
     n_buckets = max(1, math.ceil(n_relevant / max(1, cfg.bucket_rows)))
@@ -770,8 +887,11 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
         for b in range(n_buckets):
             part = relevant if n_buckets == 1 else relevant.filter(pl.col("link_id").hash(seed=0) % n_buckets == b)
             part = part.sort("link_id", "created_utc", "id").collect(engine="streaming")
-            bucket_posts = (posts.join(part.lazy().select(pl.col("link_id").unique().alias("id")), on="id", how="semi")
-                            .collect().sort("created_utc", "id"))
+            bucket_posts = (
+                posts.join(part.lazy().select(pl.col("link_id").unique().alias("id")), on="id", how="semi")
+                .collect()
+                .sort("created_utc", "id")
+            )
             by_post: dict[str, list[tuple]] = defaultdict(list)
             for cid, link, parent, author, body, score, created in part.iter_rows():
                 by_post[link].append((cid, parent, author, body, score, created))
@@ -795,8 +915,14 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
             writer.close()
     if writer is not None:
         tmp_path.replace(out_path)
-        stats["utterances"] = (pl.scan_parquet(out_path).select(pl.col("turns").list.explode().struct.field("utt_id"))
-                               .unique().select(pl.len()).collect().item())
+        stats["utterances"] = (
+            pl.scan_parquet(out_path)
+            .select(pl.col("turns").list.explode().struct.field("utt_id"))
+            .unique()
+            .select(pl.len())
+            .collect()
+            .item()
+        )
     return stats
 
 
@@ -877,8 +1003,7 @@ class IngestResult:
         return {"threads": self.threads, "rejects": self.rejects, "stats": self.stats, "manifest": self.manifest}
 
 
-def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig,
-                 stage_fn: Any = None) -> IngestResult:
+def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig, stage_fn: Any = None) -> IngestResult:
     """The whole stage: stage the dumps not staged yet, merge every staged dump, write the outputs.
 
     Outputs in `out_dir`: threads.parquet, rejects.ndjson, stats.json, manifest.json, staged/.
@@ -907,8 +1032,9 @@ def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig
                     todo[sha] = Path(p)
                     break
             else:
-                log.warning("%s was staged with other filters and is gone from %s: left out of the merge",
-                            entry["name"], entry["path"])
+                log.warning(
+                    "%s was staged with other filters and is gone from %s: left out of the merge", entry["name"], entry["path"]
+                )
     for p in given:
         todo[dump_hash(p, manifest)] = p
     staged_now, reused, errors = [], [], []
@@ -925,9 +1051,16 @@ def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig
             result = stage_fn(path, stage_dir, cfg)
             if entry and entry.get("stage") and entry["stage"] != str(stage_dir.relative_to(out_dir)):
                 shutil.rmtree(out_dir / entry["stage"], ignore_errors=True)
-            entry = {"name": path.name, "path": str(path.resolve()), "paths": [str(path.resolve())],
-                     "kind": dump_kind(path) or "mixed", "filters": fp, "stage": str(stage_dir.relative_to(out_dir)),
-                     "error": result.error, "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            entry = {
+                "name": path.name,
+                "path": str(path.resolve()),
+                "paths": [str(path.resolve())],
+                "kind": dump_kind(path) or "mixed",
+                "filters": fp,
+                "stage": str(stage_dir.relative_to(out_dir)),
+                "error": result.error,
+                "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
             manifest["dumps"][sha] = entry
             staged_now.append(path.name)
             save_manifest(manifest, manifest_path)  # a crash later keeps what was staged
@@ -942,8 +1075,14 @@ def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig
         for d in stage_dirs:
             with open(d / "rejects.ndjson", "rb") as src:
                 shutil.copyfileobj(src, out)
-    totals: dict[str, Any] = {"lines": 0, "decompressed_bytes": 0, "malformed": 0, "prefiltered_out": 0,
-                              "submissions": Counter(), "comments": Counter()}
+    totals: dict[str, Any] = {
+        "lines": 0,
+        "decompressed_bytes": 0,
+        "malformed": 0,
+        "prefiltered_out": 0,
+        "submissions": Counter(),
+        "comments": Counter(),
+    }
     for s in per_dump:
         for k in ("lines", "decompressed_bytes", "malformed", "prefiltered_out"):
             totals[k] += s[k]
@@ -951,9 +1090,15 @@ def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig
         totals["comments"].update(s["comments"])
     threads_path = out_dir / "threads.parquet"
     build = build_threads(stage_dirs, threads_path, cfg)
-    summary = {"dumps": per_dump, "totals": {k: dict(v) if isinstance(v, Counter) else v for k, v in totals.items()},
-               "threads": build, "staged_now": staged_now, "reused": reused, "errors": errors,
-               "filters_fingerprint": fp}
+    summary = {
+        "dumps": per_dump,
+        "totals": {k: dict(v) if isinstance(v, Counter) else v for k, v in totals.items()},
+        "threads": build,
+        "staged_now": staged_now,
+        "reused": reused,
+        "errors": errors,
+        "filters_fingerprint": fp,
+    }
     stats_path = out_dir / "stats.json"
     stats_path.write_text(json.dumps(summary, indent=1, default=str))
     names = ", ".join(s["dump"] for s in per_dump) or "(none)"
@@ -961,17 +1106,23 @@ def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig
         threads_path.unlink(missing_ok=True)
         kept_posts = totals["submissions"].get("kept", 0)
         kept_comments = totals["comments"].get("kept", 0)
-        why = ("no post matched the filters" if kept_posts == 0 else
-               "no comment matched the filters" if kept_comments == 0 else
-               "no post has an OP reply to a commenter among the kept records")
+        why = (
+            "no post matched the filters"
+            if kept_posts == 0
+            else "no comment matched the filters"
+            if kept_comments == 0
+            else "no post has an OP reply to a commenter among the kept records"
+        )
         raise NoThreadsError(
             f"ingest produced no thread from {names}: {why} (subreddits={cfg.subreddits}, "
             f"dates {cfg.start_date}..{cfg.end_date}); kept {kept_posts} posts and {kept_comments} comments; "
             f"drops per reason: posts {dict(totals['submissions'])}, comments {dict(totals['comments'])}; "
-            f"{totals['malformed']} malformed lines (see {rejects_path}); details in {stats_path}")
+            f"{totals['malformed']} malformed lines (see {rejects_path}); details in {stats_path}"
+        )
     if errors and cfg.fail_on_corrupt:
-        raise IngestError("damaged dump(s), their complete records were kept and merged into "
-                          f"{threads_path}:\n" + "\n".join(errors))
+        raise IngestError(
+            f"damaged dump(s), their complete records were kept and merged into {threads_path}:\n" + "\n".join(errors)
+        )
     return IngestResult(threads_path, rejects_path, stats_path, manifest_path, summary, staged_now, reused, errors)
 
 
@@ -994,8 +1145,12 @@ def read_threads(path: str | Path) -> pl.DataFrame:
 def flat_counts(summary: dict[str, Any]) -> dict[str, float]:
     """The numbers worth a metric each: per-reason drops, kept records, threads."""
     t = summary["totals"]
-    out: dict[str, float] = {"lines": t["lines"], "decompressed_mb": t["decompressed_bytes"] / 1e6,
-                             "malformed": t["malformed"], "prefiltered_out": t["prefiltered_out"]}
+    out: dict[str, float] = {
+        "lines": t["lines"],
+        "decompressed_mb": t["decompressed_bytes"] / 1e6,
+        "malformed": t["malformed"],
+        "prefiltered_out": t["prefiltered_out"],
+    }
     for kind in ("submissions", "comments"):
         for reason, n in t[kind].items():
             out[f"{kind}.{reason}"] = n

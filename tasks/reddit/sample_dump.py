@@ -24,14 +24,14 @@ import zstandard
 
 #: scenario outcomes the tests assert on: thread ids (post:last OP comment) and chain lengths
 EXPECTED_SCENARIO_THREADS = {
-    "smx1aa:smo1a3": 7,   # OP and one commenter alternate three times
-    "smx1aa:smo1b1": 3,   # a second commenter under the same post, single turn
-    "smx2bb:smo2a1": 3,   # the OP answered c1 twice: two chains
+    "smx1aa:smo1a3": 7,  # OP and one commenter alternate three times
+    "smx1aa:smo1b1": 3,  # a second commenter under the same post, single turn
+    "smx2bb:smo2a1": 3,  # the OP answered c1 twice: two chains
     "smx2bb:smo2a2": 3,
-    "smx3cc:smo3a1": 3,   # c2 was removed: the chain stops at o2
-    "smx4dd:smo4a1": 3,   # c2 came from another commenter: the chain stops at o2
-    "smx7gg:smo7a1": 3,   # unicode, emoji, HTML entities, created_utc as a string, edited as a number
-    "smx8hh:smo8a1": 3,   # subreddit spelled "OffMyChest" with spaces in the JSON
+    "smx3cc:smo3a1": 3,  # c2 was removed: the chain stops at o2
+    "smx4dd:smo4a1": 3,  # c2 came from another commenter: the chain stops at o2
+    "smx7gg:smo7a1": 3,  # unicode, emoji, HTML entities, created_utc as a string, edited as a number
+    "smx8hh:smo8a1": 3,  # subreddit spelled "OffMyChest" with spaces in the JSON
 }
 
 POST_OPENERS = [
@@ -124,29 +124,64 @@ def _ts(y: int, m: int, d: int, h: int = 12) -> int:
     return int(datetime(y, m, d, h, tzinfo=timezone.utc).timestamp())
 
 
-def post_record(pid: str, author: str, title: str, selftext: str, created: int, subreddit: str = "offmychest",
-                **extra: Any) -> dict[str, Any]:
+def post_record(
+    pid: str, author: str, title: str, selftext: str, created: int, subreddit: str = "offmychest", **extra: Any
+) -> dict[str, Any]:
     rec = {
-        "all_awardings": [], "author": author, "author_flair_text": None, "created_utc": created,
-        "domain": f"self.{subreddit}", "edited": False, "gilded": 0, "id": pid, "is_self": True,
-        "link_flair_text": None, "name": f"t3_{pid}", "num_comments": 0, "over_18": False,
-        "permalink": f"/r/{subreddit}/comments/{pid}/post/", "removed_by_category": None,
-        "retrieved_on": int(created) + 36 * 3600, "score": 25, "selftext": selftext, "stickied": False,
-        "subreddit": subreddit, "subreddit_id": "t5_2ranw", "subreddit_type": "public", "title": title,
-        "total_awards_received": 0, "upvote_ratio": 0.96, "url": f"https://www.reddit.com/r/{subreddit}/comments/{pid}/",
+        "all_awardings": [],
+        "author": author,
+        "author_flair_text": None,
+        "created_utc": created,
+        "domain": f"self.{subreddit}",
+        "edited": False,
+        "gilded": 0,
+        "id": pid,
+        "is_self": True,
+        "link_flair_text": None,
+        "name": f"t3_{pid}",
+        "num_comments": 0,
+        "over_18": False,
+        "permalink": f"/r/{subreddit}/comments/{pid}/post/",
+        "removed_by_category": None,
+        "retrieved_on": int(created) + 36 * 3600,
+        "score": 25,
+        "selftext": selftext,
+        "stickied": False,
+        "subreddit": subreddit,
+        "subreddit_id": "t5_2ranw",
+        "subreddit_type": "public",
+        "title": title,
+        "total_awards_received": 0,
+        "upvote_ratio": 0.96,
+        "url": f"https://www.reddit.com/r/{subreddit}/comments/{pid}/",
     }
     rec.update(extra)
     return rec
 
 
-def comment_record(cid: str, post_id: str, parent: str, author: str, body: str, created: int,
-                   subreddit: str = "offmychest", **extra: Any) -> dict[str, Any]:
+def comment_record(
+    cid: str, post_id: str, parent: str, author: str, body: str, created: int, subreddit: str = "offmychest", **extra: Any
+) -> dict[str, Any]:
     rec = {
-        "all_awardings": [], "author": author, "author_flair_text": None, "body": body,
-        "controversiality": 0, "created_utc": created, "distinguished": None, "edited": False, "gilded": 0,
-        "id": cid, "is_submitter": False, "link_id": f"t3_{post_id}", "parent_id": parent,
-        "permalink": f"/r/{subreddit}/comments/{post_id}/post/{cid}/", "retrieved_on": created + 36 * 3600,
-        "score": 4, "stickied": False, "subreddit": subreddit, "subreddit_id": "t5_2ranw",
+        "all_awardings": [],
+        "author": author,
+        "author_flair_text": None,
+        "body": body,
+        "controversiality": 0,
+        "created_utc": created,
+        "distinguished": None,
+        "edited": False,
+        "gilded": 0,
+        "id": cid,
+        "is_submitter": False,
+        "link_id": f"t3_{post_id}",
+        "parent_id": parent,
+        "permalink": f"/r/{subreddit}/comments/{post_id}/post/{cid}/",
+        "retrieved_on": created + 36 * 3600,
+        "score": 4,
+        "stickied": False,
+        "subreddit": subreddit,
+        "subreddit_id": "t5_2ranw",
         "subreddit_type": "public",
     }
     rec.update(extra)
@@ -155,7 +190,7 @@ def comment_record(cid: str, post_id: str, parent: str, author: str, body: str, 
 
 @dataclass
 class _Dump:
-    posts: list[Any] = field(default_factory=list)      # dicts, or raw bytes lines (malformed cases)
+    posts: list[Any] = field(default_factory=list)  # dicts, or raw bytes lines (malformed cases)
     comments: list[Any] = field(default_factory=list)
 
 
@@ -171,23 +206,44 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
     C(comment_record("smo1a1", "smx1aa", "t1_smc1a1", "op_maya", OP_REPLIES[3], t + 1200, is_submitter=True))
     C(comment_record("smc1a2", "smx1aa", "t1_smo1a1", "kind_stranger", COMMENTS[9], t + 1800))
     C(comment_record("smo1a2", "smx1aa", "t1_smc1a2", "op_maya", OP_REPLIES[8], t + 2400, is_submitter=True))
-    C(comment_record("smc1a3", "smx1aa", "t1_smo1a2", "kind_stranger", "That sounds perfect. Be gentle with yourself 💛",
-                     t + 3000))
+    C(
+        comment_record(
+            "smc1a3", "smx1aa", "t1_smo1a2", "kind_stranger", "That sounds perfect. Be gentle with yourself 💛", t + 3000
+        )
+    )
     C(comment_record("smo1a3", "smx1aa", "t1_smc1a3", "op_maya", OP_REPLIES[0], t + 3600, is_submitter=True))
-    C(comment_record("smd1a2", "smx1aa", "t1_smo1a1", "another_helper", COMMENTS[4], t + 2000))      # sibling of c2
+    C(comment_record("smd1a2", "smx1aa", "t1_smo1a1", "another_helper", COMMENTS[4], t + 2000))  # sibling of c2
     C(comment_record("smo1d1", "smx1aa", "t1_smd1a2", "op_maya", OP_REPLIES[10], t + 2600, is_submitter=True))
-    C(comment_record("smc1b1", "smx1aa", "t3_smx1aa", "listener42", COMMENTS[0], t + 700))           # sibling of c1
+    C(comment_record("smc1b1", "smx1aa", "t3_smx1aa", "listener42", COMMENTS[0], t + 700))  # sibling of c1
     C(comment_record("smo1b1", "smx1aa", "t1_smc1b1", "op_maya", OP_REPLIES[9], t + 900, is_submitter=True))
     C(comment_record("smc1c1", "smx1aa", "t3_smx1aa", "quiet_reader", COMMENTS[13], t + 800, score=9))  # no reply
-    C(comment_record("smbot1", "smx1aa", "t3_smx1aa", "AutoModerator", "Please remember the rules of r/offmychest.",
-                     t + 5, distinguished="moderator", stickied=True))
+    C(
+        comment_record(
+            "smbot1",
+            "smx1aa",
+            "t3_smx1aa",
+            "AutoModerator",
+            "Please remember the rules of r/offmychest.",
+            t + 5,
+            distinguished="moderator",
+            stickied=True,
+        )
+    )
     C(comment_record("smdel1", "smx1aa", "t3_smx1aa", "[deleted]", "[deleted]", t + 650))
     C(comment_record("smo1x1", "smx1aa", "t1_smdel1", "op_maya", "Why would you say that?", t + 660))  # orphaned
 
     # 2: the OP answered c1 twice; a third party's reply to o2 does not extend the chain
     t2 = t + 86400
-    P(post_record("smx2bb", "op_jon", "I got laid off and haven't told my partner",
-                  "Two weeks now. I leave the house every morning like I'm going to work.", t2, edited=t2 + 500))
+    P(
+        post_record(
+            "smx2bb",
+            "op_jon",
+            "I got laid off and haven't told my partner",
+            "Two weeks now. I leave the house every morning like I'm going to work.",
+            t2,
+            edited=t2 + 500,
+        )
+    )
     C(comment_record("smc2a1", "smx2bb", "t3_smx2bb", "been_there_too", COMMENTS[12], t2 + 300))
     C(comment_record("smo2a1", "smx2bb", "t1_smc2a1", "op_jon", OP_REPLIES[4], t2 + 900))
     C(comment_record("smo2a2", "smx2bb", "t1_smc2a1", "op_jon", "Also, thank you for not judging me.", t2 + 950))
@@ -195,8 +251,15 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
 
     # 3: c2 removed by moderators; the OP's reply to it is unreachable
     t3 = t + 2 * 86400
-    P(post_record("smx3cc", "op_lee", "My best friend ghosted me",
-                  "Ten years of friendship and she just stopped answering my texts.", t3))
+    P(
+        post_record(
+            "smx3cc",
+            "op_lee",
+            "My best friend ghosted me",
+            "Ten years of friendship and she just stopped answering my texts.",
+            t3,
+        )
+    )
     C(comment_record("smc3a1", "smx3cc", "t3_smx3cc", "pal_pat", COMMENTS[5], t3 + 300))
     C(comment_record("smo3a1", "smx3cc", "t1_smc3a1", "op_lee", OP_REPLIES[6], t3 + 600))
     C(comment_record("smc3a2", "smx3cc", "t1_smo3a1", "pal_pat", "[removed]", t3 + 900))
@@ -204,8 +267,15 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
 
     # 4: c2 from a different commenter: not the same alternation
     t4 = t + 3 * 86400
-    P(post_record("smx4dd", "op_ana", "Nobody noticed my 200 days sober",
-                  "I've been sober for 200 days and nobody in my family acknowledged it.", t4))
+    P(
+        post_record(
+            "smx4dd",
+            "op_ana",
+            "Nobody noticed my 200 days sober",
+            "I've been sober for 200 days and nobody in my family acknowledged it.",
+            t4,
+        )
+    )
     C(comment_record("smc4a1", "smx4dd", "t3_smx4dd", "cheer_bear", COMMENTS[7], t4 + 300))
     C(comment_record("smo4a1", "smx4dd", "t1_smc4a1", "op_ana", OP_REPLIES[5], t4 + 600))
     C(comment_record("smc4b2", "smx4dd", "t1_smo4a1", "someone_else", "Proud of you too!", t4 + 900))
@@ -220,22 +290,48 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
 
     # 7: unicode, emoji, HTML entities, created_utc as a string, edited as a number, a missing field
     t7 = t + 5 * 86400
-    P(post_record("smx7gg", "op_yuna", "엄마가 그리워요 — I miss my mom 😢",
-                  "It's been a year &amp; I still set two cups of tea every morning. 😔 "
-                  "Ça me brise le cœur. Mail me at yuna.k@example.com if you want to talk.", str(t7),
-                  edited=t7 + 3600))
-    C(comment_record("smc7a1", "smx7gg", "t3_smx7gg", "tea_friend", "Two cups of tea 🍵🍵 &lt;3 that's love. "
-                     "Ask u/grief_helper_bot... no, ask a person: call 555-123-4567.", t7 + 300, edited=t7 + 900))
-    C(comment_record("smo7a1", "smx7gg", "t1_smc7a1", "op_yuna", "고마워요 🙏 Thank you, family is everything to me.",
-                     t7 + 600))
+    P(
+        post_record(
+            "smx7gg",
+            "op_yuna",
+            "엄마가 그리워요 — I miss my mom 😢",
+            "It's been a year &amp; I still set two cups of tea every morning. 😔 "
+            "Ça me brise le cœur. Mail me at yuna.k@example.com if you want to talk.",
+            str(t7),
+            edited=t7 + 3600,
+        )
+    )
+    C(
+        comment_record(
+            "smc7a1",
+            "smx7gg",
+            "t3_smx7gg",
+            "tea_friend",
+            "Two cups of tea 🍵🍵 &lt;3 that's love. Ask u/grief_helper_bot... no, ask a person: call 555-123-4567.",
+            t7 + 300,
+            edited=t7 + 900,
+        )
+    )
+    C(comment_record("smo7a1", "smx7gg", "t1_smc7a1", "op_yuna", "고마워요 🙏 Thank you, family is everything to me.", t7 + 600))
     rec = comment_record("smc7b1", "smx7gg", "t3_smx7gg", "no_score_user", "A comment without a score.", t7 + 700)
     del rec["score"], rec["edited"], rec["author_flair_text"]
     C(rec)
 
     # 8: "OffMyChest" spelled otherwise, written with spaces: the prefilter must still find it
     t8 = t + 6 * 86400
-    P(("json", post_record("smx8hh", "op_zoe", "I finally left", "I finally left a relationship that was slowly "
-                           "crushing me.", t8, subreddit="OffMyChest")))
+    P(
+        (
+            "json",
+            post_record(
+                "smx8hh",
+                "op_zoe",
+                "I finally left",
+                "I finally left a relationship that was slowly crushing me.",
+                t8,
+                subreddit="OffMyChest",
+            ),
+        )
+    )
     C(("json", comment_record("smc8a1", "smx8hh", "t3_smx8hh", "brave_one", COMMENTS[8], t8 + 300, subreddit="OffMyChest")))
     C(comment_record("smo8a1", "smx8hh", "t1_smc8a1", "op_zoe", OP_REPLIES[7], t8 + 600))
 
@@ -244,13 +340,13 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
     drops = [
         ("smxd01", dict(author="[deleted]", selftext="[deleted]", removed_by_category="deleted")),
         ("smxd02", dict(selftext="[removed]", removed_by_category="moderator")),
-        ("smxd03", dict(score=1)),                                       # low score
-        ("smxd04", dict(upvote_ratio=0.41)),                             # low upvote ratio
-        ("smxd05", dict(created_utc=_ts(2018, 6, 1))),                   # before 2019
-        ("smxd06", dict(subreddit="AskReddit")),                         # another subreddit
+        ("smxd03", dict(score=1)),  # low score
+        ("smxd04", dict(upvote_ratio=0.41)),  # low upvote ratio
+        ("smxd05", dict(created_utc=_ts(2018, 6, 1))),  # before 2019
+        ("smxd06", dict(subreddit="AskReddit")),  # another subreddit
         ("smxd07", dict(subreddit_type="private")),
-        ("smxd08", dict(selftext="ok")),                                 # too short
-        ("smxd09", dict(author="SaveVideo")),                            # a bot
+        ("smxd08", dict(selftext="ok")),  # too short
+        ("smxd09", dict(author="SaveVideo")),  # a bot
     ]
     for i, (pid, changes) in enumerate(drops):
         base = post_record(pid, f"op_drop{i}", "This should not survive", SITUATIONS[i] + " " + FEELINGS[i % 8], t9 + i)
@@ -258,29 +354,34 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
         P(base)
         sub = base["subreddit"]
         C(comment_record(f"smdc{i:02d}", pid, f"t3_{pid}", "steady_friend", COMMENTS[i], t9 + 300 + i, subreddit=sub))
-        C(comment_record(f"smdo{i:02d}", pid, f"t1_smdc{i:02d}", base["author"], OP_REPLIES[i], t9 + 600 + i,
-                         subreddit=sub))
+        C(comment_record(f"smdo{i:02d}", pid, f"t1_smdc{i:02d}", base["author"], OP_REPLIES[i], t9 + 600 + i, subreddit=sub))
     rec = post_record("smxd10", "op_drop10", "No upvote ratio here", SITUATIONS[10], t9 + 20)
     del rec["upvote_ratio"]
     P(rec)
     # comments each filter drops (under post 1, so a kept one would show up as a sibling)
     # a user named like the subreddit, in another subreddit: the prefilter lets it through, the
     # field check drops it
-    C(comment_record("smoth1", "smxd06", "t3_smxd06", "offmychest", "Wrong sub, try r/offmychest", t9 + 900,
-                     subreddit="AskReddit"))
-    for i, (author, body, extra) in enumerate([
-        ("downvoted_guy", "Just get over it.", dict(score=-3)),
-        ("RemindMeBot", "I will be messaging you in 2 days to remind you of this link", {}),
-        ("essay_writer", "I understand. " * 400, {}),                   # too long
-        ("time_traveler", COMMENTS[2], dict(created_utc=_ts(2018, 12, 1))),
-        ("mod_team", "Removed: rule 3.", dict(distinguished="moderator")),
-        ("[deleted]", "this author deleted their account", {}),
-    ]):
+    C(
+        comment_record(
+            "smoth1", "smxd06", "t3_smxd06", "offmychest", "Wrong sub, try r/offmychest", t9 + 900, subreddit="AskReddit"
+        )
+    )
+    for i, (author, body, extra) in enumerate(
+        [
+            ("downvoted_guy", "Just get over it.", dict(score=-3)),
+            ("RemindMeBot", "I will be messaging you in 2 days to remind you of this link", {}),
+            ("essay_writer", "I understand. " * 400, {}),  # too long
+            ("time_traveler", COMMENTS[2], dict(created_utc=_ts(2018, 12, 1))),
+            ("mod_team", "Removed: rule 3.", dict(distinguished="moderator")),
+            ("[deleted]", "this author deleted their account", {}),
+        ]
+    ):
         C(comment_record(f"smcx{i:02d}", "smx1aa", "t3_smx1aa", author, body, t + 1000 + i, **extra))
 
 
 def _filler(dumps: dict[str, _Dump], months: list[tuple[int, int]], n_posts: int, rng: random.Random) -> None:
     """Random posts and comment trees; comments land in the dump of their own month."""
+
     def month_of(ts: int) -> str:
         dt = datetime.fromtimestamp(ts, tz=timezone.utc)
         return f"{dt.year:04d}-{dt.month:02d}"
@@ -299,9 +400,17 @@ def _filler(dumps: dict[str, _Dump], months: list[tuple[int, int]], n_posts: int
             text = " ".join([rng.choice(POST_OPENERS), rng.choice(SITUATIONS), rng.choice(FEELINGS), rng.choice(FEELINGS)])
         else:
             title, text = rng.choice(OTHER_TEXT), rng.choice(OTHER_TEXT) + " " + rng.choice(OTHER_TEXT)
-        rec = post_record(pid, op, title, text, created, subreddit=sub, score=rng.choice([1, 3, 8, 40, 250]),
-                          upvote_ratio=rng.choice([0.55, 0.86, 0.93, 1.0]),
-                          edited=rng.choice([False, False, created + 7200]))
+        rec = post_record(
+            pid,
+            op,
+            title,
+            text,
+            created,
+            subreddit=sub,
+            score=rng.choice([1, 3, 8, 40, 250]),
+            upvote_ratio=rng.choice([0.55, 0.86, 0.93, 1.0]),
+            edited=rng.choice([False, False, created + 7200]),
+        )
         dumps[month_of(created)].posts.append(rec)
         # comment tree: some top-level comments; the OP answers some; the commenter follows up
         t = created
@@ -311,16 +420,20 @@ def _filler(dumps: dict[str, _Dump], months: list[tuple[int, int]], n_posts: int
             t += rng.randint(60, 20000)
             cid = "c" + _b36(counter * 104729)
             body = rng.choice(COMMENTS if sub == "offmychest" else OTHER_TEXT)
-            dumps[month_of(t)].comments.append(comment_record(cid, pid, f"t3_{pid}", helper, body, t, subreddit=sub,
-                                                              score=rng.choice([-1, 1, 2, 5, 30])))
+            dumps[month_of(t)].comments.append(
+                comment_record(cid, pid, f"t3_{pid}", helper, body, t, subreddit=sub, score=rng.choice([-1, 1, 2, 5, 30]))
+            )
             parent, depth = cid, 0
             while rng.random() < 0.55 and depth < 4:
                 counter += 1
                 t += rng.randint(60, 40000)
                 oid = "c" + _b36(counter * 104729)
                 body = rng.choice(OP_REPLIES if sub == "offmychest" else OTHER_TEXT)
-                dumps[month_of(t)].comments.append(comment_record(oid, pid, f"t1_{parent}", op, body, t, subreddit=sub,
-                                                                  is_submitter=True, score=rng.choice([1, 2, 3])))
+                dumps[month_of(t)].comments.append(
+                    comment_record(
+                        oid, pid, f"t1_{parent}", op, body, t, subreddit=sub, is_submitter=True, score=rng.choice([1, 2, 3])
+                    )
+                )
                 if rng.random() < 0.5:
                     break
                 counter += 1
@@ -353,8 +466,9 @@ def _write(path: Path, records: list[Any], level: int = 10) -> None:
     path.write_bytes(zstandard.ZstdCompressor(compression_params=params).compress(data))
 
 
-def make_sample_dump(out_dir: str | Path, months: list[str] | tuple[str, ...] = ("2021-06",), posts: int = 150,
-                     seed: int = 0) -> dict[str, list[Path]]:
+def make_sample_dump(
+    out_dir: str | Path, months: list[str] | tuple[str, ...] = ("2021-06",), posts: int = 150, seed: int = 0
+) -> dict[str, list[Path]]:
     """Write RS_<month>.zst and RC_<month>.zst per month into `out_dir`; returns their paths.
 
     The first month holds the scenarios (EXPECTED_SCENARIO_THREADS) and the malformed lines; a blank
@@ -378,8 +492,8 @@ def make_sample_dump(out_dir: str | Path, months: list[str] | tuple[str, ...] = 
         d.comments.sort(key=_created)
     first = dumps[months[0]]
     # malformed lines and a blank line in the middle of the first month's files
-    first.comments[len(first.comments) // 2:len(first.comments) // 2] = [MALFORMED_LINES[0], b"", MALFORMED_LINES[2]]
-    first.posts[len(first.posts) // 2:len(first.posts) // 2] = [MALFORMED_LINES[1]]
+    first.comments[len(first.comments) // 2 : len(first.comments) // 2] = [MALFORMED_LINES[0], b"", MALFORMED_LINES[2]]
+    first.posts[len(first.posts) // 2 : len(first.posts) // 2] = [MALFORMED_LINES[1]]
     paths: dict[str, list[Path]] = {"submissions": [], "comments": []}
     for m in months:
         rs, rc = out / f"RS_{m}.zst", out / f"RC_{m}.zst"
@@ -399,8 +513,9 @@ def _created(rec: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def make_bench_dump(out_dir: str | Path, target_mb: int = 520, offmychest_share: float = 0.01,
-                    seed: int = 0, level: int = 3) -> dict[str, Path]:
+def make_bench_dump(
+    out_dir: str | Path, target_mb: int = 520, offmychest_share: float = 0.01, seed: int = 0, level: int = 3
+) -> dict[str, Path]:
     """A monthly-style pair: RS_2022-01.zst (posts) and RC_2022-01.zst (`target_mb` MB of comments).
 
     Like a real monthly dump, r/offmychest is a small share of the records (about 1%, its share of
@@ -410,8 +525,16 @@ def make_bench_dump(out_dir: str | Path, target_mb: int = 520, offmychest_share:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    vocab = [w.encode() for w in (" ".join(COMMENTS + OP_REPLIES + SITUATIONS + FEELINGS + OTHER_TEXT)
-                                  .replace(".", "").replace(",", "").replace("?", "").split())]
+    vocab = [
+        w.encode()
+        for w in (
+            " ".join(COMMENTS + OP_REPLIES + SITUATIONS + FEELINGS + OTHER_TEXT)
+            .replace(".", "")
+            .replace(",", "")
+            .replace("?", "")
+            .split()
+        )
+    ]
     vocab += [_b36(rng.getrandbits(30)).encode() for _ in range(20000)]
     weights = [1.0 / (i + 1) for i in range(len(vocab))]
     cum = []
@@ -419,14 +542,25 @@ def make_bench_dump(out_dir: str | Path, target_mb: int = 520, offmychest_share:
     for w in weights:
         acc += w
         cum.append(acc)
-    subs = [b"AskReddit", b"gaming", b"politics", b"funny", b"worldnews", b"nba", b"relationships",
-            b"personalfinance", b"memes", b"pics"]
+    subs = [
+        b"AskReddit",
+        b"gaming",
+        b"politics",
+        b"funny",
+        b"worldnews",
+        b"nba",
+        b"relationships",
+        b"personalfinance",
+        b"memes",
+        b"pics",
+    ]
     t0 = _ts(2022, 1, 1, 0)
     n_posts = 3000
     post_ids = [f"b{_b36(i * 7919 + 1000)}" for i in range(n_posts)]
     ops = [f"op_{i}" for i in range(n_posts)]
-    params = zstandard.ZstdCompressionParameters.from_level(level, window_log=31, enable_ldm=True, threads=-1,
-                                                            write_checksum=True)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, window_log=31, enable_ldm=True, threads=-1, write_checksum=True
+    )
     rs_path, rc_path = out / "RS_2022-01.zst", out / "RC_2022-01.zst"
     with open(rs_path, "wb") as fh, zstandard.ZstdCompressor(compression_params=params).stream_writer(fh) as w:
         for i, pid in enumerate(post_ids):
@@ -434,17 +568,19 @@ def make_bench_dump(out_dir: str | Path, target_mb: int = 520, offmychest_share:
             w.write(orjson.dumps(post_record(pid, ops[i], rng.choice(FEELINGS), body, t0 + i * 60)) + b"\n")
     # the field set of a 2019+ RC record: most of a real line is small fields, which is what
     # makes stdlib json slow on the real dumps (DESIGN §6: 20-37 MB/s)
-    template = (b'{"all_awardings":[],"associated_award":null,"author":"%s","author_flair_background_color":null,'
-                b'"author_flair_css_class":null,"author_flair_richtext":[],"author_flair_template_id":null,'
-                b'"author_flair_text":null,"author_flair_text_color":null,"author_flair_type":"text",'
-                b'"author_fullname":"t2_%s","author_patreon_flair":false,"author_premium":false,"awarders":[],'
-                b'"body":"%s","can_gild":true,"can_mod_post":false,"collapsed":false,"collapsed_because_crowd_control":null,'
-                b'"collapsed_reason":null,"comment_type":null,"controversiality":0,"created_utc":%d,'
-                b'"distinguished":null,"edited":false,"gilded":0,"gildings":{},"id":"%s","is_submitter":%s,'
-                b'"link_id":"t3_%s","locked":false,"no_follow":true,"parent_id":"%s",'
-                b'"permalink":"/r/%s/comments/%s/comment/%s/","retrieved_on":%d,"score":%d,"send_replies":true,'
-                b'"stickied":false,"subreddit":"%s","subreddit_id":"t5_2qh1i","subreddit_name_prefixed":"r/%s",'
-                b'"subreddit_type":"public","top_awarded_type":null,"total_awards_received":0,"treatment_tags":[]}\n')
+    template = (
+        b'{"all_awardings":[],"associated_award":null,"author":"%s","author_flair_background_color":null,'
+        b'"author_flair_css_class":null,"author_flair_richtext":[],"author_flair_template_id":null,'
+        b'"author_flair_text":null,"author_flair_text_color":null,"author_flair_type":"text",'
+        b'"author_fullname":"t2_%s","author_patreon_flair":false,"author_premium":false,"awarders":[],'
+        b'"body":"%s","can_gild":true,"can_mod_post":false,"collapsed":false,"collapsed_because_crowd_control":null,'
+        b'"collapsed_reason":null,"comment_type":null,"controversiality":0,"created_utc":%d,'
+        b'"distinguished":null,"edited":false,"gilded":0,"gildings":{},"id":"%s","is_submitter":%s,'
+        b'"link_id":"t3_%s","locked":false,"no_follow":true,"parent_id":"%s",'
+        b'"permalink":"/r/%s/comments/%s/comment/%s/","retrieved_on":%d,"score":%d,"send_replies":true,'
+        b'"stickied":false,"subreddit":"%s","subreddit_id":"t5_2qh1i","subreddit_name_prefixed":"r/%s",'
+        b'"subreddit_type":"public","top_awarded_type":null,"total_awards_received":0,"treatment_tags":[]}\n'
+    )
     target = target_mb * 1_000_000
     written = 0
     i = 0
@@ -479,8 +615,23 @@ def make_bench_dump(out_dir: str | Path, target_mb: int = 520, offmychest_share:
                 pid = _b36(rng.getrandbits(28)).encode()
                 author, parent, is_sub = b"u%d" % rng.randrange(1000000), b"t3_" + pid, b"false"
                 sub = subs[i % len(subs)]
-            line = template % (author, _b36(hash(author) & 0xFFFFFFF).encode(), words, created, cid, is_sub, pid,
-                               parent, sub, pid, cid, created + 90000, rng.randint(-5, 200), sub, sub)
+            line = template % (
+                author,
+                _b36(hash(author) & 0xFFFFFFF).encode(),
+                words,
+                created,
+                cid,
+                is_sub,
+                pid,
+                parent,
+                sub,
+                pid,
+                cid,
+                created + 90000,
+                rng.randint(-5, 200),
+                sub,
+                sub,
+            )
             buf.append(line)
             size += len(line)
             if size >= 4 << 20:

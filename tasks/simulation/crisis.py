@@ -39,23 +39,67 @@ _I = r"(?:i|i'm|im|i\s+am|i've|ive|i\s+have|i'll|ill|i\s+will|i'd|id|i\s+would)"
 #: (rule id, category, pattern). Ids name the rule in the event log instead of the user's words.
 RULES: tuple[tuple[str, str, str], ...] = (
     # direct statements of suicidal intent
-    ("kill_self", "suicide", r"\b(?:kill(?:ing|ed)?|hang(?:ing)?|shoot(?:ing)?|off(?:ing)?)\s+(?:myself|my\s*self)\b"
-     r"|\b(?:want|wish|need)\s+(?:someone|somebody|something|it)\s+(?:would\s+|to\s+|could\s+)?(?:kill|end)\s+me\b"),
+    (
+        "kill_self",
+        "suicide",
+        r"\b(?:kill(?:ing|ed)?|hang(?:ing)?|shoot(?:ing)?|off(?:ing)?)\s+(?:myself|my\s*self)\b"
+        r"|\b(?:want|wish|need)\s+(?:someone|somebody|something|it)\s+(?:would\s+|to\s+|could\s+)?(?:kill|end)\s+me\b",
+    ),
     ("suicide_word", "suicide", r"\bsuicid(?:e|al)\b|\bkms\b|\bunalive\b"),
     ("take_own_life", "suicide", r"\b(?:take|taking|end|ending)\s+(?:my\s+(?:own\s+)?life|it\s+all|everything)\b"),
-    ("want_to_die", "suicide", rf"\b{_I}?\s*(?:want|wanna|wish|going|plan(?:ning)?|ready|deserve)\s+(?:to\s+)?die\b|\bwish\s+i\s+(?:was|were)\s+dead\b|\bbetter\s+off\s+dead\b"),
-    ("not_wake_up", "suicide", r"\b(?:don't|do\s+not|never)\s+(?:want\s+to\s+)?wake\s+up\b|\bgo\s+to\s+sleep\s+(?:and|&)\s+never\b"),
+    (
+        "want_to_die",
+        "suicide",
+        rf"\b{_I}?\s*(?:want|wanna|wish|going|plan(?:ning)?|ready|deserve)\s+(?:to\s+)?die\b|\bwish\s+i\s+(?:was|were)\s+dead\b|\bbetter\s+off\s+dead\b",
+    ),
+    (
+        "not_wake_up",
+        "suicide",
+        r"\b(?:don't|do\s+not|never)\s+(?:want\s+to\s+)?wake\s+up\b|\bgo\s+to\s+sleep\s+(?:and|&)\s+never\b",
+    ),
     # indirect phrasings
-    ("not_be_here", "suicide", r"\b(?:don't|do\s+not|doesn't|no\s+longer)\s+want\s+to\s+(?:be\s+here|exist|be\s+alive|live|go\s+on)\b|\bnot\s+(?:want|wanting)\s+to\s+(?:be\s+here|exist|live)\b"),
-    ("better_off_without", "suicide", r"\b(?:everyone|everybody|they|people|my\s+\w+|the\s+world|all\s+of\s+them)(?:'d|\s+would|\s+will|'ll)?\s+be\s+better\s+off\s+without\s+me\b|\bbetter\s+off\s+without\s+me\b"),
-    ("no_reason_to_live", "suicide", r"\bno\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living|going\s+on|being\s+alive)\b|\bcan't\s+go\s+on\s+(?:living|like\s+this\s+anymore)\b|\bnothing\s+(?:left\s+)?to\s+live\s+for\b"),
-    ("disappear_forever", "suicide", r"\b(?:disappear|vanish|be\s+gone)\s+(?:forever|for\s+good|permanently)\b|\bwon't\s+be\s+(?:around|here)\s+(?:much\s+longer|for\s+long|anymore)\b"),
-    ("goodbye_note", "suicide", r"\b(?:suicide|goodbye|farewell)\s+(?:note|letter)\b|\bwrote\s+(?:my|a)\s+(?:goodbye|farewell)\b|\bgiving\s+away\s+my\s+(?:things|stuff|belongings)\b"),
-    ("method", "suicide", r"\b(?:overdose|od)\s+on\b|\bjump\s+(?:off|from)\s+(?:a|the)\s+(?:bridge|roof|building)\b|\b(?:stockpil|sav)(?:e|ed|ing)\s+(?:up\s+)?(?:my\s+)?(?:pills|meds)\b"),
+    (
+        "not_be_here",
+        "suicide",
+        r"\b(?:don't|do\s+not|doesn't|no\s+longer)\s+want\s+to\s+(?:be\s+here|exist|be\s+alive|live|go\s+on)\b|\bnot\s+(?:want|wanting)\s+to\s+(?:be\s+here|exist|live)\b",
+    ),
+    (
+        "better_off_without",
+        "suicide",
+        r"\b(?:everyone|everybody|they|people|my\s+\w+|the\s+world|all\s+of\s+them)(?:'d|\s+would|\s+will|'ll)?\s+be\s+better\s+off\s+without\s+me\b|\bbetter\s+off\s+without\s+me\b",
+    ),
+    (
+        "no_reason_to_live",
+        "suicide",
+        r"\bno\s+(?:reason|point)\s+(?:to|in)\s+(?:live|living|going\s+on|being\s+alive)\b|\bcan't\s+go\s+on\s+(?:living|like\s+this\s+anymore)\b|\bnothing\s+(?:left\s+)?to\s+live\s+for\b",
+    ),
+    (
+        "disappear_forever",
+        "suicide",
+        r"\b(?:disappear|vanish|be\s+gone)\s+(?:forever|for\s+good|permanently)\b|\bwon't\s+be\s+(?:around|here)\s+(?:much\s+longer|for\s+long|anymore)\b",
+    ),
+    (
+        "goodbye_note",
+        "suicide",
+        r"\b(?:suicide|goodbye|farewell)\s+(?:note|letter)\b|\bwrote\s+(?:my|a)\s+(?:goodbye|farewell)\b|\bgiving\s+away\s+my\s+(?:things|stuff|belongings)\b",
+    ),
+    (
+        "method",
+        "suicide",
+        r"\b(?:overdose|od)\s+on\b|\bjump\s+(?:off|from)\s+(?:a|the)\s+(?:bridge|roof|building)\b|\b(?:stockpil|sav)(?:e|ed|ing)\s+(?:up\s+)?(?:my\s+)?(?:pills|meds)\b",
+    ),
     # self-harm
     ("self_harm_word", "self_harm", r"\bself[-\s]?harm(?:ing)?\b|\bself[-\s]?injur(?:y|e|ing)\b"),
-    ("hurt_self", "self_harm", rf"\b(?:hurt(?:ing)?|cut(?:ting)?|burn(?:ing)?|harm(?:ing)?|punish(?:ing)?|starv(?:e|ing))\s+{_SELF}\b"),
-    ("cutting", "self_harm", r"\b(?:started|been|keep|still)\s+cutting\s+(?:again|myself)?\b|\bcut\s+my\s+(?:wrists?|arms?|legs?|skin)\b|\brelapsed?\s+(?:on|into)\s+(?:cutting|self[-\s]?harm)\b"),
+    (
+        "hurt_self",
+        "self_harm",
+        rf"\b(?:hurt(?:ing)?|cut(?:ting)?|burn(?:ing)?|harm(?:ing)?|punish(?:ing)?|starv(?:e|ing))\s+{_SELF}\b",
+    ),
+    (
+        "cutting",
+        "self_harm",
+        r"\b(?:started|been|keep|still)\s+cutting\s+(?:again|myself)?\b|\bcut\s+my\s+(?:wrists?|arms?|legs?|skin)\b|\brelapsed?\s+(?:on|into)\s+(?:cutting|self[-\s]?harm)\b",
+    ),
 )
 
 #: harmless idioms removed before matching ('I'd kill for', 'killing me' about things, 'dying to')
@@ -130,7 +174,13 @@ class CrisisGuard:
             "message_chars": length,
             "action": "safe_reply",
         }
-        log.warning("crisis guard: %s sign (rule %s) in session %s, turn %s; safe reply sent", result.category, result.rule, self.session, turn)
+        log.warning(
+            "crisis guard: %s sign (rule %s) in session %s, turn %s; safe reply sent",
+            result.category,
+            result.rule,
+            self.session,
+            turn,
+        )
         with self._lock:
             self.events += 1
             if self.log_path is not None:

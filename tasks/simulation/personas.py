@@ -32,8 +32,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import field_validator
 
-from esvr.models.config import ModelConfig, Section
 from esvr.models.chat import ChatModel, ChatRequest, Message
+from esvr.models.config import ModelConfig, Section
 from esvr.prompts import load_prompt, load_taxonomy, values
 from esvr.tasks.common.jsonl import write_jsonl
 from esvr.tasks.common.roles import chat_model
@@ -234,7 +234,10 @@ def situation_messages(category: Mapping[str, Any], value: Any, cfg: PersonasCon
         max_situations=cfg.max_situations,
         **_value_fields(value),
     )
-    return [{"role": "system", "content": load_prompt("personas/situations_system.txt").strip()}, {"role": "user", "content": user}]
+    return [
+        {"role": "system", "content": load_prompt("personas/situations_system.txt").strip()},
+        {"role": "user", "content": user},
+    ]
 
 
 @dataclass
@@ -245,7 +248,9 @@ class StepStats:
         self.counts[key] = self.counts.get(key, 0) + n
 
 
-def generate_situations(model: ChatModel, cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None) -> list[dict[str, Any]]:
+def generate_situations(
+    model: ChatModel, cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None
+) -> list[dict[str, Any]]:
     """Step 1 over the configured pairs: de-duplicated situations with their category and value."""
     stats = stats or StepStats()
     pairs = select_pairs(cfg.pairs, seed)
@@ -286,7 +291,9 @@ def generate_situations(model: ChatModel, cfg: PersonasConfig, seed: int = 0, st
         items.extend({"problem": cat["name"], "value": v.name, "situation": s} for s in kept)
     stats.add("situations.kept", len(items))
     if pending:
-        log.warning("%d of %d (category, value) pairs gave no parseable situation after %d tries", len(pending), len(pairs), cfg.reask + 1)
+        log.warning(
+            "%d of %d (category, value) pairs gave no parseable situation after %d tries", len(pending), len(pairs), cfg.reask + 1
+        )
     return items
 
 
@@ -301,7 +308,9 @@ def _run(coro: Any) -> Any:
     return run_coroutine(coro)
 
 
-def score_many(model: ChatModel, items: Sequence[tuple[list[Message], list[str]]], concurrency: int = 16) -> list[dict[str, float]]:
+def score_many(
+    model: ChatModel, items: Sequence[tuple[list[Message], list[str]]], concurrency: int = 16
+) -> list[dict[str, float]]:
     """score_choices over many prompts, `concurrency` at a time."""
 
     async def all_of() -> list[dict[str, float]]:
@@ -329,7 +338,9 @@ def parse_ratings(text: str, n: int) -> list[int] | None:
     return found if len(found) == n else None
 
 
-def rate_alignment(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None) -> None:
+def rate_alignment(
+    model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None
+) -> None:
     """Step 2: sets ``alignment`` (1-5) and ``alignment_method`` on every item."""
     stats = stats or StepStats()
     by_value = {v.name: v for v in values()}
@@ -349,7 +360,10 @@ def rate_alignment(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasC
                     situations="\n".join(f"{k + 1}. {items[i]['situation']}" for k, i in enumerate(idx)),
                     **_value_fields(by_value[key[1]]),
                 )
-                msgs = [{"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()}, {"role": "user", "content": user}]
+                msgs = [
+                    {"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()},
+                    {"role": "user", "content": user},
+                ]
                 reqs.append(ChatRequest.build(msgs, max_tokens=cfg.alignment_max_tokens, seed=seed + attempt))
             stats.add("alignment.calls", len(reqs))
             still = []
@@ -367,8 +381,18 @@ def rate_alignment(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasC
     prompts = []
     for i in todo:
         it = items[i]
-        user = load_prompt("personas/alignment_single_user.txt").format(situation=it["situation"], **_value_fields(by_value[it["value"]]))
-        prompts.append(([{"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()}, {"role": "user", "content": user}], choices))
+        user = load_prompt("personas/alignment_single_user.txt").format(
+            situation=it["situation"], **_value_fields(by_value[it["value"]])
+        )
+        prompts.append(
+            (
+                [
+                    {"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()},
+                    {"role": "user", "content": user},
+                ],
+                choices,
+            )
+        )
     for i, dist in zip(todo, score_many(model, prompts, cfg.concurrency)):
         items[i]["alignment"], items[i]["alignment_method"] = int(_argmax(dist, choices)), "score"
 
@@ -391,14 +415,18 @@ def _emotion_msgs(situation: str) -> list[Message]:
     return [{"role": "system", "content": load_prompt("personas/emotion_system.txt").strip()}, {"role": "user", "content": user}]
 
 
-def label_emotions(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None) -> None:
+def label_emotions(
+    model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None
+) -> None:
     """Step 3: ``emotion`` (+ ``emotion_votes``, ``emotion_method``) and ``subcategory``."""
     stats = stats or StepStats()
     names = emotion_names()
     todo = list(range(len(items)))
     if cfg.emotion_method == "vote":
         reqs = [
-            ChatRequest.build(_emotion_msgs(items[i]["situation"]), n=cfg.emotion_votes, temperature=1.0, max_tokens=16, seed=seed)
+            ChatRequest.build(
+                _emotion_msgs(items[i]["situation"]), n=cfg.emotion_votes, temperature=1.0, max_tokens=16, seed=seed
+            )
             for i in todo
         ]
         stats.add("emotion.calls", len(reqs))
@@ -418,7 +446,9 @@ def label_emotions(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasC
     sub_prompts = []
     for it in items:
         subs = cats[it["problem"]]["subcategories"]
-        user = load_prompt("personas/subcategory_user.txt").format(situation=it["situation"], category=it["problem"], subcategories="; ".join(subs))
+        user = load_prompt("personas/subcategory_user.txt").format(
+            situation=it["situation"], category=it["problem"], subcategories="; ".join(subs)
+        )
         sub_prompts.append(([{"role": "user", "content": user}], list(subs)))
     for it, (_, subs), dist in zip(items, sub_prompts, score_many(model, sub_prompts, cfg.concurrency)):
         it["subcategory"] = _argmax(dist, subs)
@@ -451,7 +481,9 @@ def parse_demographics(text: str) -> dict[str, str] | None:
     if not m:
         return None
     age = normalize_age(m.group("age"))
-    gender = {"female": "Female", "male": "Male", "woman": "Female", "man": "Male"}.get(m.group("gender").strip().lower().strip(". "))
+    gender = {"female": "Female", "male": "Male", "woman": "Female", "man": "Male"}.get(
+        m.group("gender").strip().lower().strip(". ")
+    )
     occ = _clean_occupation(m.group("occ"))
     if not (age and gender and occ):
         return None
@@ -467,7 +499,9 @@ def _clean_occupation(text: str) -> str | None:
     return " ".join(w if w.isupper() else w[:1].upper() + w[1:] for w in words)
 
 
-def demographics(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None) -> None:
+def demographics(
+    model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None
+) -> None:
     """Step 4: ``age``, ``gender``, ``occupation``, ``demographics_method``."""
     stats = stats or StepStats()
     todo = list(range(len(items)))
@@ -478,8 +512,13 @@ def demographics(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasCon
             reqs = []
             for i in todo:
                 it = items[i]
-                user = load_prompt("personas/demographics_user.txt").format(situation=it["situation"], category=it["problem"], emotion=it["emotion"])
-                msgs = [{"role": "system", "content": load_prompt("personas/demographics_system.txt").strip()}, {"role": "user", "content": user}]
+                user = load_prompt("personas/demographics_user.txt").format(
+                    situation=it["situation"], category=it["problem"], emotion=it["emotion"]
+                )
+                msgs = [
+                    {"role": "system", "content": load_prompt("personas/demographics_system.txt").strip()},
+                    {"role": "user", "content": user},
+                ]
                 reqs.append(ChatRequest.build(msgs, temperature=1.0, max_tokens=48, seed=seed + attempt))
             stats.add("demographics.calls", len(reqs))
             still = []
@@ -494,12 +533,28 @@ def demographics(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasCon
     if not todo:
         return
     sys = {"role": "system", "content": load_prompt("personas/demographics_system.txt").strip()}
-    age_q = [([sys, {"role": "user", "content": f"Situation: {items[i]['situation']}\n\nThe person's age range is their:"}], AGE_RANGES) for i in todo]
-    gen_q = [([sys, {"role": "user", "content": f"Situation: {items[i]['situation']}\n\nThe person's gender is:"}], GENDERS) for i in todo]
+    age_q = [
+        (
+            [sys, {"role": "user", "content": f"Situation: {items[i]['situation']}\n\nThe person's age range is their:"}],
+            AGE_RANGES,
+        )
+        for i in todo
+    ]
+    gen_q = [
+        ([sys, {"role": "user", "content": f"Situation: {items[i]['situation']}\n\nThe person's gender is:"}], GENDERS)
+        for i in todo
+    ]
     ages = score_many(model, age_q, cfg.concurrency)
     genders = score_many(model, gen_q, cfg.concurrency)
     occ_reqs = [
-        ChatRequest.build([sys, {"role": "user", "content": load_prompt("personas/occupation_user.txt").format(situation=items[i]["situation"])}], max_tokens=12, seed=seed)
+        ChatRequest.build(
+            [
+                sys,
+                {"role": "user", "content": load_prompt("personas/occupation_user.txt").format(situation=items[i]["situation"])},
+            ],
+            max_tokens=12,
+            seed=seed,
+        )
         for i in todo
     ]
     occs = model.chat_batch(occ_reqs)
@@ -507,7 +562,9 @@ def demographics(model: ChatModel, items: list[dict[str, Any]], cfg: PersonasCon
         occ = _clean_occupation(o[0] if o else "")
         if occ is None:
             stats.add("demographics.occupation_unspecified")
-        items[i].update(age=_argmax(a, AGE_RANGES), gender=_argmax(g, GENDERS), occupation=occ or "unspecified", demographics_method="score")
+        items[i].update(
+            age=_argmax(a, AGE_RANGES), gender=_argmax(g, GENDERS), occupation=occ or "unspecified", demographics_method="score"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,13 +628,19 @@ def select_count(items: list[dict[str, Any]], count: int | None, seed: int = 0) 
 # --------------------------------------------------------------------------------------------
 
 
-def generate_personas(model: ChatModel, cfg: PersonasConfig, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+def generate_personas(
+    model: ChatModel, cfg: PersonasConfig, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """(personas, rejected situations, step counts). Personas carry every field of `PERSONA_FIELDS`."""
     stats = StepStats()
     items = generate_situations(model, cfg, seed, stats)
     rate_alignment(model, items, cfg, seed, stats) if items else None
     kept = [it for it in items if it["alignment"] >= cfg.min_alignment]
-    rejected = [dict(it, reason=f"alignment {it['alignment']} < {cfg.min_alignment}") for it in items if it["alignment"] < cfg.min_alignment]
+    rejected = [
+        dict(it, reason=f"alignment {it['alignment']} < {cfg.min_alignment}")
+        for it in items
+        if it["alignment"] < cfg.min_alignment
+    ]
     stats.add("alignment.kept", len(kept))
     stats.add("alignment.rejected", len(rejected))
     kept = select_count(kept, cfg.count, seed)
@@ -622,7 +685,9 @@ def read_personas(path: str | Path, splits: Sequence[str] | None = None) -> list
     return out
 
 
-def write_personas(personas: Sequence[Mapping[str, Any]], rejected: Sequence[Mapping[str, Any]], stats: Mapping[str, int], out_dir: Path) -> dict[str, Path]:
+def write_personas(
+    personas: Sequence[Mapping[str, Any]], rejected: Sequence[Mapping[str, Any]], stats: Mapping[str, int], out_dir: Path
+) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "personas": write_jsonl(personas, out_dir / "personas.jsonl"),
@@ -634,7 +699,9 @@ def write_personas(personas: Sequence[Mapping[str, Any]], rejected: Sequence[Map
     return paths
 
 
-def make_personas(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True) -> dict[str, str]:
+def make_personas(
+    writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True
+) -> dict[str, str]:
     """The stage: personas of the persona writer (`writer`) -> personas.jsonl, rejected.jsonl,
     stats.json; returns their paths."""
     model = chat_model(writer, run_dir, cache=use_cache)

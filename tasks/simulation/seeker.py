@@ -25,13 +25,17 @@ _NEXT_SPEAKER = re.compile(r"\n\s*(therapist|supporter|counselor)\s*:", re.IGNOR
 
 
 def seeker_system_prompt(persona: Mapping[str, Any]) -> str:
-    return load_prompt("seeker/system.txt").strip().format(
-        problem=persona["problem"],
-        emotion=str(persona["emotion"]).lower(),
-        age=persona.get("age") or "unspecified",
-        gender=persona.get("gender") or "unspecified",
-        occupation=persona.get("occupation") or "unspecified",
-        example=load_prompt("seeker/example.txt").strip(),
+    return (
+        load_prompt("seeker/system.txt")
+        .strip()
+        .format(
+            problem=persona["problem"],
+            emotion=str(persona["emotion"]).lower(),
+            age=persona.get("age") or "unspecified",
+            gender=persona.get("gender") or "unspecified",
+            occupation=persona.get("occupation") or "unspecified",
+            example=load_prompt("seeker/example.txt").strip(),
+        )
     )
 
 

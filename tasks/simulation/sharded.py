@@ -31,11 +31,18 @@ def simulate_shard(
 ) -> dict[str, Any]:
     """One shard's dialogues in this (worker) process; returns its summary and ``worker_pid``."""
     with opened_agents(
-        simulate_cfg, roles["supporter"], roles["seeker"], tvd=roles.get("tvd"), rg=roles.get("rg"), emotion=emotion,
-        run_dir=run_dir, use_cache=use_cache,
+        simulate_cfg,
+        roles["supporter"],
+        roles["seeker"],
+        tvd=roles.get("tvd"),
+        rg=roles.get("rg"),
+        emotion=emotion,
+        run_dir=run_dir,
+        use_cache=use_cache,
     ) as agents:
-        summary = simulate_dialogues(personas, shard_path, agents, concurrency=simulate_cfg.concurrency,
-                                     alternatives=simulate_cfg.alternatives, seed=seed)
+        summary = simulate_dialogues(
+            personas, shard_path, agents, concurrency=simulate_cfg.concurrency, alternatives=simulate_cfg.alternatives, seed=seed
+        )
     return {"shard": Path(shard_path).name, "personas": len(personas), "worker_pid": os.getpid(), "summary": summary}
 
 
@@ -64,8 +71,16 @@ def simulate_on_runner(
     summary = SimulationSummary(path=str(out), total=len(personas), skipped=len(personas) - len(todo))
     shards = split_shards(todo, n_shards)
     calls = [
-        {"simulate_cfg": simulate_cfg, "personas": shard, "shard_path": str(path), "roles": roles, "emotion": emotion,
-         "run_dir": run_dir, "use_cache": use_cache, "seed": seed}
+        {
+            "simulate_cfg": simulate_cfg,
+            "personas": shard,
+            "shard_path": str(path),
+            "roles": roles,
+            "emotion": emotion,
+            "run_dir": run_dir,
+            "use_cache": use_cache,
+            "seed": seed,
+        }
         for shard, path in zip(shards, shard_paths(shards, out, n_shards))
     ]
     runs = run(simulate_shard, calls, name="simulate-shard") if calls else []
@@ -73,7 +88,18 @@ def simulate_on_runner(
     summary.written = merge_shards(out, sorted(shard_dir(out).glob("shard-*.jsonl")))
     for shard_run in runs:
         summary.add(shard_run["summary"])
-    write_shard_runs(out, [{"shard": r["shard"], "personas": r["personas"], "written": r["summary"].written,
-                            "errors": len(r["summary"].errors), "elapsed_s": r["summary"].elapsed_s,
-                            "worker_pid": r["worker_pid"]} for r in runs])
+    write_shard_runs(
+        out,
+        [
+            {
+                "shard": r["shard"],
+                "personas": r["personas"],
+                "written": r["summary"].written,
+                "errors": len(r["summary"].errors),
+                "elapsed_s": r["summary"].elapsed_s,
+                "worker_pid": r["worker_pid"],
+            }
+            for r in runs
+        ],
+    )
     return summary

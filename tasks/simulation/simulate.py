@@ -402,10 +402,22 @@ def run_coroutine(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def simulate_dialogue(persona: Mapping[str, Any], agents: Agents, *, alternatives: bool = True, seed: int = 0) -> dict[str, Any]:
+async def simulate_dialogue(
+    persona: Mapping[str, Any], agents: Agents, *, alternatives: bool = True, seed: int = 0
+) -> dict[str, Any]:
     """One whole dialogue for a persona, as a dialogues.jsonl record."""
     started = time.perf_counter()
-    prefix = [{"role": "seeker", "text": persona["situation"], "valence": None, "sentiment": None, "gratitude": False, "end": False, "truncated": False}]
+    prefix = [
+        {
+            "role": "seeker",
+            "text": persona["situation"],
+            "valence": None,
+            "sentiment": None,
+            "gratitude": False,
+            "end": False,
+            "truncated": False,
+        }
+    ]
     roll = await acontinue_dialogue(persona, prefix, agents, alternatives=alternatives, seed=seed)
     supporter_turns = [t for t in roll.turns if not t["failed"]]
     return {
@@ -592,7 +604,9 @@ async def asimulate_dialogues(
     return summary
 
 
-def simulate_dialogues(personas: Sequence[Mapping[str, Any]], out_path: str | os.PathLike[str], agents: Agents, **kwargs: Any) -> SimulationSummary:
+def simulate_dialogues(
+    personas: Sequence[Mapping[str, Any]], out_path: str | os.PathLike[str], agents: Agents, **kwargs: Any
+) -> SimulationSummary:
     """Sync form of `asimulate_dialogues`."""
     return run_coroutine(asimulate_dialogues(personas, out_path, agents, **kwargs))
 
@@ -622,7 +636,9 @@ def build_agents(
             stepwise_max_tokens=cfg.stepwise_max_tokens,
         ),
     )
-    seeker = Seeker(seeker_model, SeekerSettings(max_tokens=cfg.seeker_max_tokens, temperature=cfg.seeker_temperature, reask=cfg.reask))
+    seeker = Seeker(
+        seeker_model, SeekerSettings(max_tokens=cfg.seeker_max_tokens, temperature=cfg.seeker_temperature, reask=cfg.reask)
+    )
     rules = EndRules(cfg.max_turns, cfg.valence_threshold, tuple(cfg.gratitude_phrases))
     default_names = {
         "supporter": supporter_model.cache_id,

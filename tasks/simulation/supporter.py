@@ -241,9 +241,7 @@ def _check(name: str, text: str) -> str:
     return text
 
 
-_DECISION = re.compile(
-    r"^[\W_]*(?:(?:decision|answer|use(?: the)? reference(?: response)?)[\W_]*)?(yes|no)\b", re.IGNORECASE
-)
+_DECISION = re.compile(r"^[\W_]*(?:(?:decision|answer|use(?: the)? reference(?: response)?)[\W_]*)?(yes|no)\b", re.IGNORECASE)
 
 
 def _decision(step3: str) -> bool:
@@ -374,9 +372,7 @@ class Supporter:
 
     async def _chat(self, messages: list[Message], seed: int, calls: dict[str, int], kind: str, max_tokens: int) -> str:
         calls[kind] = calls.get(kind, 0) + 1
-        out = await self.model.achat(
-            messages, n=1, temperature=self.settings.temperature, max_tokens=max_tokens, seed=seed
-        )
+        out = await self.model.achat(messages, n=1, temperature=self.settings.temperature, max_tokens=max_tokens, seed=seed)
         return out[0] if out else ""
 
     async def _score(self, messages: list[Message], choices: list[str], calls: dict[str, int], kind: str) -> str:
@@ -441,7 +437,10 @@ class Supporter:
         reverse = "No" if initial.reference_used else "Yes"
         messages = supporter_messages(utterances, target_values, reference) + [
             {"role": "assistant", "content": render_reply(initial)},
-            {"role": "user", "content": load_prompt("supporter/alternative.txt").strip().format(previous=previous, reverse=reverse)},
+            {
+                "role": "user",
+                "content": load_prompt("supporter/alternative.txt").strip().format(previous=previous, reverse=reverse),
+            },
         ]
         problems: list[str] = []
         replies: list[str] = []
@@ -500,7 +499,9 @@ class Supporter:
         else:
             note = f"Do not build on this reply another therapist gave in a similar situation; say something different: {reference}\n"
         strategy = await self._score(
-            msgs("stepwise_strategy", strategies=strategies_block(), dialogue_history=history, target_values=tv, decision_note=note),
+            msgs(
+                "stepwise_strategy", strategies=strategies_block(), dialogue_history=history, target_values=tv, decision_note=note
+            ),
             strategy_names(),
             calls,
             "stepwise",
@@ -509,7 +510,14 @@ class Supporter:
         response = ""
         for attempt in range(self.settings.reask + 1):
             text = await self._chat(
-                msgs("stepwise_response", dialogue_history=history, target_values=tv, decision_note=note, strategy=strategy, strategy_description=desc),
+                msgs(
+                    "stepwise_response",
+                    dialogue_history=history,
+                    target_values=tv,
+                    decision_note=note,
+                    strategy=strategy,
+                    strategy_description=desc,
+                ),
                 seed + attempt,
                 calls,
                 "stepwise",
@@ -519,7 +527,9 @@ class Supporter:
             if re.search(r"[A-Za-z]", response):
                 break
         else:
-            raise SupporterFailure("stepwise response was empty after every try", self.settings.reask + 1, ["empty response"], [response])
+            raise SupporterFailure(
+                "stepwise response was empty after every try", self.settings.reask + 1, ["empty response"], [response]
+            )
         step3 = ("Yes." if used else "No.") + (" (decided by scoring Yes/No)" if forced_decision is None and reference else "")
         reply = SupporterReply(
             step1=step1 or "(no analysis produced)",

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from esvr.models.chat import ChatModel
 from esvr.prompts import load_prompt
 from esvr.tasks.common.jsonl import append_jsonl, exclusive, read_jsonl_repairing
@@ -255,7 +254,9 @@ async def arollout_candidates(
     return summary
 
 
-def rollout_candidates(dialogues: Sequence[Mapping[str, Any]], agents: Agents, out_path: str | os.PathLike[str], **kwargs: Any) -> RolloutSummary:
+def rollout_candidates(
+    dialogues: Sequence[Mapping[str, Any]], agents: Agents, out_path: str | os.PathLike[str], **kwargs: Any
+) -> RolloutSummary:
     """Sync form of `arollout_candidates`."""
     return run_coroutine(arollout_candidates(dialogues, agents, out_path, **kwargs))
 
@@ -310,7 +311,9 @@ def parse_emotion_state(text: str) -> float | None:
     return None
 
 
-def emotion_score(judge: ChatModel, messages: list[dict[str, str]], *, method: str, n_samples: int, max_tokens: int, seed: int) -> float:
+def emotion_score(
+    judge: ChatModel, messages: list[dict[str, str]], *, method: str, n_samples: int, max_tokens: int, seed: int
+) -> float:
     """S: the mean state score over `n_samples` judge answers ('sample'), or its expectation
     under the judge's distribution over the four answers ('score')."""
     if method == "score":
@@ -345,7 +348,14 @@ def emotion_scores(
             seen.append(u)
             if u["role"] == "seeker":
                 scores.append(
-                    emotion_score(judge, emotion_judge_messages(d["persona"], seen), method=method, n_samples=n_samples, max_tokens=max_tokens, seed=seed)
+                    emotion_score(
+                        judge,
+                        emotion_judge_messages(d["persona"], seen),
+                        method=method,
+                        n_samples=n_samples,
+                        max_tokens=max_tokens,
+                        seed=seed,
+                    )
                 )
         out.append(scores)
     return out
@@ -360,7 +370,9 @@ def candidates_by_turn(scored: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     """Group scored rollouts into turns that have both candidates (a failed rollout drops its turn)."""
     turns: dict[tuple[str, int], dict[str, Any]] = {}
     for r in scored:
-        entry = turns.setdefault((r["dialogue_id"], r["turn"]), {"dialogue_id": r["dialogue_id"], "turn": r["turn"], "split": r["split"]})
+        entry = turns.setdefault(
+            (r["dialogue_id"], r["turn"]), {"dialogue_id": r["dialogue_id"], "turn": r["turn"], "split": r["split"]}
+        )
         entry[r["kind"]] = r
     return [t for t in turns.values() if all(k in t for k in CANDIDATES)]
 

@@ -43,7 +43,9 @@ def initial_reply(turn: Mapping[str, Any]) -> SupporterReply:
     )
 
 
-def sft_examples(dialogues: Iterable[Mapping[str, Any]], *, include_stepwise: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def sft_examples(
+    dialogues: Iterable[Mapping[str, Any]], *, include_stepwise: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(examples, stats). Stats hold Table 9's counts and Table 10's strategy distribution."""
     examples: list[dict[str, Any]] = []
     n_dialogues = n_turns = n_candidates = 0
@@ -84,7 +86,9 @@ def sft_examples(dialogues: Iterable[Mapping[str, Any]], *, include_stepwise: bo
     table10 = {}
     for kind, counts in dist.items():
         total = sum(counts.values())
-        table10[kind] = {s: {"count": counts[s], "pct": round(100 * counts[s] / total, 1) if total else 0.0} for s in strategy_names()}
+        table10[kind] = {
+            s: {"count": counts[s], "pct": round(100 * counts[s] / total, 1) if total else 0.0} for s in strategy_names()
+        }
     stats = {
         "dialogues": n_dialogues,
         "turns": n_turns,
@@ -96,7 +100,9 @@ def sft_examples(dialogues: Iterable[Mapping[str, Any]], *, include_stepwise: bo
     return examples, stats
 
 
-def export_sft(dialogues_by_split: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path, *, include_stepwise: bool = True) -> dict[str, Any]:
+def export_sft(
+    dialogues_by_split: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path, *, include_stepwise: bool = True
+) -> dict[str, Any]:
     """Writes ``sft_<split>.jsonl`` (TRL conversational prompt/completion) and ``sft_stats.json``.
 
     Returns {'paths': {split: path}, 'stats': {split: stats}}.

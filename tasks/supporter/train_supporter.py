@@ -86,7 +86,16 @@ class RewardSetting(Section):
 
 def _paper_sweep() -> list[RewardSetting]:
     """Table 19's grid for the value reward."""
-    grid = [(None, 1.0, 1.0), (None, 1.0, 2.0), (None, 0.9, 1.0), (None, 0.9, 1.5), (3, 1.0, 1.0), (3, 1.0, 2.0), (5, 1.0, 1.0), (5, 1.0, 2.0)]
+    grid = [
+        (None, 1.0, 1.0),
+        (None, 1.0, 2.0),
+        (None, 0.9, 1.0),
+        (None, 0.9, 1.5),
+        (3, 1.0, 1.0),
+        (3, 1.0, 2.0),
+        (5, 1.0, 1.0),
+        (5, 1.0, 2.0),
+    ]
     return [RewardSetting(h=h, gamma=g, t_diff=t) for h, g, t in grid]
 
 
@@ -147,7 +156,9 @@ class TrainSupporterConfig(Section):
 # --------------------------------------------------------------------------------------------
 
 
-def dialogues_by_split(dialogues: Sequence[Mapping[str, Any]], max_per_split: int | None = None) -> dict[str, list[Mapping[str, Any]]]:
+def dialogues_by_split(
+    dialogues: Sequence[Mapping[str, Any]], max_per_split: int | None = None
+) -> dict[str, list[Mapping[str, Any]]]:
     out: dict[str, list[Mapping[str, Any]]] = {s: [] for s in SPLITS}
     for d in dialogues:
         split = d.get("split")
@@ -171,6 +182,7 @@ def _save_dataset(
         from datasets import Features, Value
 
         features = Features({c: Value("string") for c in columns})
+
     def split(rows: list[dict[str, Any]]) -> Dataset:
         if rows or features is None:
             return Dataset.from_list(rows, features=features)
@@ -189,14 +201,17 @@ def _save_dataset(
 
 def build_sft_data(dialogues_path: Path, out_dir: Path, include_stepwise: bool = True) -> dict[str, Any]:
     """SFT examples of the simulated dialogues (train/dev) as a saved DatasetDict + Table 9 stats."""
-    from esvr.tasks.supporter.sft_export import sft_examples
     from esvr.tasks.simulation.simulate import load_dialogues
+    from esvr.tasks.supporter.sft_export import sft_examples
 
     by_split = dialogues_by_split(load_dialogues(dialogues_path))
     rows, stats = {}, {}
     for split, dialogues in by_split.items():
         examples, st = sft_examples(dialogues, include_stepwise=include_stepwise)
-        rows[split] = [{"prompt": e["prompt"], "completion": e["completion"], "kind": e["kind"], "dialogue_id": e["dialogue_id"]} for e in examples]
+        rows[split] = [
+            {"prompt": e["prompt"], "completion": e["completion"], "kind": e["kind"], "dialogue_id": e["dialogue_id"]}
+            for e in examples
+        ]
         stats[split] = {k: v for k, v in st.items() if k != "strategy_distribution"}
     data = _save_dataset(rows, Path(out_dir) / "sft_data")
     (Path(out_dir) / "sft_data_stats.json").write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
@@ -221,14 +236,20 @@ def score_rollouts(
         if judge is None:
             raise ValueError("the emotion reward needs a judge chat model")
         scores = emotion_scores(
-            rollouts, dialogues, judge, method=cfg.emotion_judge, n_samples=cfg.n_samples, max_tokens=cfg.judge_max_tokens, seed=seed
+            rollouts,
+            dialogues,
+            judge,
+            method=cfg.emotion_judge,
+            n_samples=cfg.n_samples,
+            max_tokens=cfg.judge_max_tokens,
+            seed=seed,
         )
     return [{**r, "scores": s} for r, s in zip(rollouts, scores)]
 
 
 def _prompt_and_replies(dialogue: Mapping[str, Any], turn_no: int) -> tuple[list[dict[str, str]], dict[str, str]]:
-    from esvr.tasks.supporter.sft_export import turn_prompt
     from esvr.tasks.simulation.supporter import render_reply
+    from esvr.tasks.supporter.sft_export import turn_prompt
 
     turn = next(t for t in dialogue["turns"] if int(t["turn"]) == int(turn_no))
     return turn_prompt(dialogue, turn), {k: render_reply(r) for k, r in candidate_replies(turn).items()}
@@ -332,8 +353,17 @@ def dpo_simulations(
 ) -> dict[str, Any]:
     """'DPO (SFT)': dialogues of the SFT model with alternatives; the dialogues file is itself the
     resumable record (`simulate_dialogues`)."""
-    with opened_agents(simulate_cfg, supporter, seeker, tvd=tvd, rg=rg, emotion=emotion_cfg, run_dir=out_dir,
-                       use_cache=use_cache, own_adapters=True) as agents:
+    with opened_agents(
+        simulate_cfg,
+        supporter,
+        seeker,
+        tvd=tvd,
+        rg=rg,
+        emotion=emotion_cfg,
+        run_dir=out_dir,
+        use_cache=use_cache,
+        own_adapters=True,
+    ) as agents:
         summary = simulate_dialogues(personas, out, agents, concurrency=simulate_cfg.concurrency, alternatives=True, seed=seed)
     return {"path": str(out), "metrics": summary.metrics("dpo_simulate"), "errors": summary.errors}
 
@@ -351,11 +381,25 @@ def rollout_shard(
 ) -> dict[str, Any]:
     """Rollouts of some dialogues in this (worker) process; returns the summary and ``worker_pid``.
     Trained components are loaded for this use and closed on exit."""
-    with opened_agents(simulate_cfg, roles["supporter"], roles["seeker"], tvd=roles["tvd"], rg=roles["rg"],  # type: ignore[arg-type]
-                       emotion=emotion_cfg, run_dir=out_dir, use_cache=use_cache, own_adapters=True) as agents:
+    with opened_agents(
+        simulate_cfg,
+        roles["supporter"],
+        roles["seeker"],
+        tvd=roles["tvd"],
+        rg=roles["rg"],  # type: ignore[arg-type]
+        emotion=emotion_cfg,
+        run_dir=out_dir,
+        use_cache=use_cache,
+        own_adapters=True,
+    ) as agents:
         summary = rollout_candidates(
-            dialogues, agents, out, horizon=cfg.rollout_horizon(), concurrency=cfg.rollout_concurrency,
-            max_turns_per_dialogue=cfg.dpo_max_turns, seed=seed,
+            dialogues,
+            agents,
+            out,
+            horizon=cfg.rollout_horizon(),
+            concurrency=cfg.rollout_concurrency,
+            max_turns_per_dialogue=cfg.dpo_max_turns,
+            seed=seed,
         )
     return {"shard": Path(out).name, "dialogues": len(dialogues), "worker_pid": os.getpid(), "summary": summary}
 
@@ -392,8 +436,17 @@ def rollouts_on_runner(
                 if rec["dialogue_id"] in ids and rec["key"] not in have:
                     append_jsonl(path, rec)
     calls = [
-        {"dialogues": shard, "out": str(path), "cfg": cfg, "simulate_cfg": simulate_cfg, "roles": roles,
-         "emotion_cfg": emotion_cfg, "out_dir": out_dir, "use_cache": use_cache, "seed": seed}
+        {
+            "dialogues": shard,
+            "out": str(path),
+            "cfg": cfg,
+            "simulate_cfg": simulate_cfg,
+            "roles": roles,
+            "emotion_cfg": emotion_cfg,
+            "out_dir": out_dir,
+            "use_cache": use_cache,
+            "seed": seed,
+        }
         for shard, path in zip(shards, paths)
     ]
     runs = run(rollout_shard, calls, name="rollout-shard") if calls else []
@@ -401,8 +454,19 @@ def rollouts_on_runner(
     summary.rollouts_written = merge_shards(out, sorted(shard_dir(out).glob("shard-*.jsonl")), key="key")
     for shard_run in runs:
         summary.add(shard_run["summary"])
-    write_shard_runs(out, [{"shard": r["shard"], "dialogues": r["dialogues"], "written": r["summary"].rollouts_written,
-                            "errors": len(r["summary"].errors), "worker_pid": r["worker_pid"]} for r in runs])
+    write_shard_runs(
+        out,
+        [
+            {
+                "shard": r["shard"],
+                "dialogues": r["dialogues"],
+                "written": r["summary"].rollouts_written,
+                "errors": len(r["summary"].errors),
+                "worker_pid": r["worker_pid"],
+            }
+            for r in runs
+        ],
+    )
     return summary
 
 
@@ -430,10 +494,24 @@ def rollouts(
     if run is not None:
         roles = {"supporter": supporter, "seeker": seeker, "tvd": tvd, "rg": rg}
         summary = rollouts_on_runner(run, n_shards, chosen, out, cfg, simulate_cfg, roles, emotion_cfg, out_dir, use_cache, seed)
-        return {"path": str(out), "dialogues": len(chosen), "metrics": summary.metrics(), "errors": summary.errors,
-                "workers": len({r["worker_pid"] for r in shard_runs(out)})}
-    result = rollout_shard(chosen, str(out), cfg, simulate_cfg, {"supporter": supporter, "seeker": seeker, "tvd": tvd, "rg": rg},
-                           emotion_cfg, out_dir, use_cache, seed)
+        return {
+            "path": str(out),
+            "dialogues": len(chosen),
+            "metrics": summary.metrics(),
+            "errors": summary.errors,
+            "workers": len({r["worker_pid"] for r in shard_runs(out)}),
+        }
+    result = rollout_shard(
+        chosen,
+        str(out),
+        cfg,
+        simulate_cfg,
+        {"supporter": supporter, "seeker": seeker, "tvd": tvd, "rg": rg},
+        emotion_cfg,
+        out_dir,
+        use_cache,
+        seed,
+    )
     summary = result["summary"]
     return {"path": str(out), "dialogues": len(chosen), "metrics": summary.metrics(), "errors": summary.errors}
 
