@@ -145,7 +145,7 @@ class ChatModel(ABC):
         """Text pieces as they come. Backends that cannot stream yield the whole reply once."""
         yield self.chat(messages, **kwargs)[0]
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release servers, threads and memory; the object is unusable afterwards."""
 
     def _count(self, **deltas: int) -> None:

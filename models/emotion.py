@@ -58,7 +58,7 @@ class EmotionScorer(ABC):
         done.set_result(self.score(texts))
         return done
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: only a scorer with a worker process holds anything
         """Free what the scorer holds (a worker process)."""
 
     @property

@@ -192,7 +192,7 @@ class HFChat(ChatModel):
                 results = self._generate([r for r, _ in batch])
                 for (_, fut), res in zip(batch, results):
                     fut.set_result(res)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller, raised there
                 for _, fut in batch:
                     fut.set_exception(exc)
 

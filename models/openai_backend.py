@@ -316,7 +316,7 @@ class OpenAIChat(ChatModel):
                                 sync_queue.append(delta)
                                 cond.notify()
                 self._count(calls=1)
-            except Exception as exc:  # surfaced to the reader below
+            except Exception as exc:  # noqa: BLE001 - surfaced to the reader below
                 with cond:
                     sync_queue.append(ChatError(f"{self.cache_id}: streaming failed: {exc}"))
                     cond.notify()
@@ -341,6 +341,6 @@ class OpenAIChat(ChatModel):
         if self._client is not None:
             try:
                 self._run(self._client.close())
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing is best effort; the loop stops regardless
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -278,5 +278,5 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
         for row in ("good-both", "plain-baseline"):
             got = (tmp_path / "dask" / "run" / "evaluate" / row / "dialogues.jsonl").read_text().splitlines()
             want = (tmp_path / "threads" / "run" / "evaluate" / row / "dialogues.jsonl").read_text().splitlines()
-            by_id = lambda lines: sorted((_without_timings(json.loads(l)) for l in lines), key=lambda d: d["id"])  # noqa: E731
+            by_id = lambda lines: sorted((_without_timings(json.loads(line)) for line in lines), key=lambda d: d["id"])  # noqa: E731
             assert by_id(got) == by_id(want)

@@ -28,7 +28,8 @@ REPO_FOLDERS = ("flows", "tasks", "models", "prompts", "configs", "tests", "infr
 MODULE_RE = re.compile(r"(?<![\w./-])esvr\.(?:flows|tasks|models|prompts)(?:\.\w+)*")
 # A repository path starts a token (not `~/.cache/esvr/models/`, not `<run>/evaluate/`) and has
 # no placeholder in it (`tasks/<stage>.py`, `prompts/x_{a,b}.txt`).
-PATH_RE = re.compile(r"(?<![\w./~<>-])(?:%s)/[\w./-]*(?![\w./{<*-])" % "|".join(re.escape(f) for f in REPO_FOLDERS))
+_FOLDERS = "|".join(re.escape(f) for f in REPO_FOLDERS)
+PATH_RE = re.compile(rf"(?<![\w./~<>-])(?:{_FOLDERS})/[\w./-]*(?![\w./{{<*-])")
 LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
 
 

@@ -43,7 +43,7 @@ def scripted(request: dict) -> str:
             return '<dist>{"Dialogue A": 0.9, "Tie": 0.1}' if "wonderful" in a else '<dist>{"Dialogue B": 0.9, "Tie": 0.1}'
         if "negative emotion" in last:
             level = "low" if "wonderful" in last else "high"
-            return '<dist>{"The patient shows a %s amount of negative emotion.": 1.0}' % level
+            return f'<dist>{{"The patient shows a {level} amount of negative emotion.": 1.0}}'
         if "Answer with the number only" in last:
             return '<dist>{"5": 0.75, "4": 0.25}' if "wonderful" in last else '<dist>{"2": 0.5, "3": 0.5}'
         return '<dist>{"Yes": 1.0}'
@@ -140,7 +140,7 @@ def test_evaluate_flow_and_report_end_to_end(tmp_path, stub_server, prefect_harn
     comps = summary["components"]
     assert comps["Good (Both)"]["tvd"] and comps["Good (Both)"]["rg"]
     assert comps["Good w/o components"]["tvd"] is None and comps["Plain baseline"]["rg"] is None
-    d0 = [json.loads(l) for l in (Path(out["evaluate_dir"]) / "good-both" / "dialogues.jsonl").read_text().splitlines()][0]
+    d0 = [json.loads(line) for line in (Path(out["evaluate_dir"]) / "good-both" / "dialogues.jsonl").read_text().splitlines()][0]
     assert d0["turns"][0]["target_values"] and d0["turns"][0]["reference"]
 
     # a second run is free: every call comes from the caches, the numbers are identical

@@ -42,7 +42,6 @@ def judgments(name: str, overall: list[int], words: int) -> list[dict]:
 def value_records(name: str, ratios: list[float]) -> list[dict]:
     return [
         {
-            "supporter": name,
             "persona_id": f"p{i}",
             "seeker": {"win_ratio": r, "expected": r},
             "supporter": {"win_ratio": 1 - r, "expected": 1 - r},

@@ -60,7 +60,7 @@ def machine_line() -> str:
 
     cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"machine: {cpu}, {cores()} cores usable{load}, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 

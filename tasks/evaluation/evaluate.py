@@ -403,7 +403,7 @@ def evaluation_simulate_config(simulate_cfg: Any, cfg: EvaluateConfig) -> Any:
     data = {**simulate_cfg.model_dump(), "max_turns": cfg.max_turns, "alternatives": False, **cfg.simulate_overrides}
     try:
         return SimulateConfig.model_validate(data)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any invalid override is the recipe's, named by its key
         raise ValueError(f"evaluate.simulate_overrides: {exc}") from None
 
 
