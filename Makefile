@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine (README):
 #   make demo   # the whole pipeline on configs/demo.yaml: CPU, offline, no key
 #   make test   # the test suite (everything that needs no GPU)
-# Both create .venv on first use and are safe to run again.
+# Both create .venv on first use and are safe to run again. CI (.ci/run) runs `make lint` (ruff,
+# mypy) and then `make test`.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup demo rehearse test test-rehearsal test-fast bench clean
+.PHONY: setup demo rehearse lint format typecheck test test-rehearsal test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,24 @@ demo: setup
 rehearse: setup
 	$(BIN)/esvr rehearse --config configs/rehearsal.yaml
 
+# Lint, formatting and types (CI runs it before the tests); `make format` applies ruff's fixes
+lint: setup
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+format: setup
+	$(BIN)/python -m ruff check --fix .
+	$(BIN)/python -m ruff format .
+
+# mypy finds a package by its folder's name, and flows/, tasks/, models/, prompts/ install as
+# esvr.* (pyproject.toml's package-dir): it reads them through links named as they are imported.
+typecheck: setup
+	mkdir -p .typecheck/esvr
+	ln -sfn ../../esvr/__init__.py .typecheck/esvr/__init__.py
+	for d in flows tasks models prompts; do ln -sfn ../../$$d .typecheck/esvr/$$d; done
+	$(BIN)/python -m mypy
+
 # Everything that runs without a GPU, the rehearsal's end-to-end test included (~30 min on 2 cores)
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider
@@ -52,4 +71,4 @@ bench: setup
 	$(BIN)/esvr bench simulate
 
 clean:
-	rm -rf data .pytest_cache
+	rm -rf data .pytest_cache .mypy_cache .ruff_cache .typecheck

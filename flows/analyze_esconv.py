@@ -14,22 +14,26 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
+from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
-from esvr.flows.label import LABEL_PROMPTS, labelers, labelers_identity
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.analyze_esconv import HIGH, LOW, AnalyzeESConvConfig, analyze_esconv
-from esvr.tasks.caching import cache_policy
-from esvr.tasks.label import LabelConfig
+from esvr.flows.label import LABEL_PROMPTS, STAGE, labelers, labelers_identity
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.labeling.analyze_esconv import HIGH, LOW, AnalyzeESConvConfig, analyze_esconv
+from esvr.tasks.labeling.label import LabelConfig
 
 
 @task(
     cache_policy=cache_policy(
-        "esvr.tasks.esconv", "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers"]
+        STAGE, "esvr.tasks.common.esconv", "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers"]
     ),
     persist_result=True,
 )
 def analyze_task(
-    esconv: Path | str, out: str, cfg: AnalyzeESConvConfig, label_cfg: LabelConfig, identity: str,
+    esconv: Path | str,
+    out: str,
+    cfg: AnalyzeESConvConfig,
+    label_cfg: LabelConfig,
+    identity: str,
     make_labelers: Callable[[], tuple],
 ) -> dict[str, str]:
     """Keyed like the label stage; the labelers are built only when the task runs (a cache hit
@@ -51,7 +55,11 @@ def analyze_esconv_flow(config: PipelineConfig, esconv: str | Path | None = None
     prompts = LABEL_PROMPTS.get(config.label.values.backend, []) + LABEL_PROMPTS.get(config.label.emotion.backend, [])
     with tracking.flow_run("analyze_esconv", config, section="analyze_esconv", prompts=prompts):
         result = analyze_task(
-            source_arg, str(paths.stage("analyze_esconv")), cfg, config.label, labelers_identity(config.label),
+            source_arg,
+            str(paths.stage("analyze_esconv")),
+            cfg,
+            config.label,
+            labelers_identity(config.label),
             lambda: labelers(config),
         )
         stats = json.loads(Path(result["summary"]).read_text())

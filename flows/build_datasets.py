@@ -10,15 +10,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 
 from esvr.flows import tracking
+from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.components import prompts_digest
-from esvr.tasks.datasets import build_datasets_task, stats_metrics
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.components.datasets import DatasetsConfig, build_datasets, stats_metrics
 
 PROMPTS = ["tvd/system.txt", "tvd/user.txt", "rg/system.txt", "rg/user.txt"]
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.components"
+
+
+@task(
+    name="build_datasets",
+    cache_policy=cache_policy(STAGE, prompts=PROMPTS),
+    persist_result=True,
+    log_prints=False,  # `datasets` prints bytecode listings while fingerprinting
+)
+def build_datasets_task(threads: Path, labels: Path, cfg: DatasetsConfig, out: Path) -> str:
+    """`build_datasets` as a cached task (keyed by the inputs' content, the config, the prompt
+    files and the builders' source); returns the manifest's path."""
+    build_datasets(threads, labels, cfg, out)
+    return str(Path(out) / "manifest.json")
 
 
 @flow(name="build_datasets", log_prints=True)
@@ -33,13 +48,14 @@ def build_datasets_flow(
         if not path.is_file():
             raise FileNotFoundError(f"build_datasets: {what} file not found: {path} (run the {stage} stage first)")
     with tracking.flow_run("build_datasets", config, section="datasets", prompts=PROMPTS):
-        manifest_path = build_datasets_task(
-            threads_path, labels_path, config.datasets, paths.stage("datasets"), prompts_digest(PROMPTS)
-        )
+        manifest_path = build_datasets_task(threads_path, labels_path, config.datasets, paths.stage("datasets"))
         manifest = json.loads(Path(manifest_path).read_text())
         tracking.log_metrics({f"datasets.{k}": v for k, v in stats_metrics(manifest).items()})
         tracking.log_artifact(manifest_path, "datasets")
         for setting, stats in manifest["stats"].items():
-            sizes = ", ".join(f"{k} {stats.get(f'{k}.train', 0)}/{stats.get(f'{k}.dev', 0)}/{stats.get(f'{k}.test', 0)}" for k in ("tvd", "rg_sft", "rg_dpo"))
+            sizes = ", ".join(
+                f"{k} {stats.get(f'{k}.train', 0)}/{stats.get(f'{k}.dev', 0)}/{stats.get(f'{k}.test', 0)}"
+                for k in ("tvd", "rg_sft", "rg_dpo")
+            )
             print(f"{setting}: {stats.get('success', 0)} successes -> train/dev/test {sizes}")
         return {"datasets": manifest["root"], "datasets_manifest": str(manifest_path)}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from esvr.flows.errors import ConfigError
+from esvr.models.config import ConfigError
 
 if TYPE_CHECKING:
     from esvr.flows.config import PipelineConfig
@@ -27,8 +27,14 @@ DEFAULT_CONFIG = Path("configs/demo.yaml")
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help=f"run recipe (YAML); default {DEFAULT_CONFIG} if present")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set simulate.max_turns=6 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set simulate.max_turns=6 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="run folder for every output (default: run.out_dir)")
 
 
@@ -45,7 +51,7 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def peek_out_dir(args: argparse.Namespace) -> Path:
-    """The run folder, read without loading the config classes (which import Prefect)."""
+    """The run folder, read from the recipe and the arguments alone (before any config class)."""
     if args.out is not None:
         return args.out
     for item in reversed(args.overrides):
@@ -65,8 +71,8 @@ def peek_out_dir(args: argparse.Namespace) -> Path:
 def prepared(args: argparse.Namespace) -> PipelineConfig:
     """Point Prefect/MLflow at the run folder, then load the config.
 
-    Prefect reads its settings when first imported, and the stage config classes import Prefect,
-    so the run folder is peeked from the recipe before any of them is loaded.
+    Prefect reads its settings when first imported, so the run folder is peeked from the recipe
+    before anything that might import Prefect is loaded.
     """
     from esvr.flows.runtime import prepare
 
@@ -143,8 +149,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     parent = load_config(chain[1]) if len(chain) > 1 else load_config(None)
     print(f"# {args.config} against {chain[1] if len(chain) > 1 else 'the defaults'}")
     for key, (before, after) in config_diff(config, parent).items():
-        print(f"{key}: {yaml.safe_dump(after, default_flow_style=True).strip().removesuffix('...').strip()}"
-              f"  # was {yaml.safe_dump(before, default_flow_style=True).strip().removesuffix('...').strip()}")
+        print(
+            f"{key}: {yaml.safe_dump(after, default_flow_style=True).strip().removesuffix('...').strip()}"
+            f"  # was {yaml.safe_dump(before, default_flow_style=True).strip().removesuffix('...').strip()}"
+        )
     return 0
 
 
@@ -156,20 +164,31 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- stage 1: ingest (tasks/ingest.py, flows/ingest.py) ------------------------------------
+# ---- stage 1: ingest (tasks/reddit/ingest.py, flows/ingest.py) ------------------------------------
 
 
 def add_ingest_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="Pushshift .zst dumps -> threads.parquet (demo: the generated sample dump)")
     _common(p)
-    p.add_argument("--dumps", type=Path, nargs="+", default=None, metavar="PATH",
-                   help="RS_/RC_YYYY-MM.zst or <sub>_submissions/_comments.zst files (default: ingest.dumps)")
+    p.add_argument(
+        "--dumps",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="RS_/RC_YYYY-MM.zst or <sub>_submissions/_comments.zst files (default: ingest.dumps)",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("make-sample-dump", help="write realistic Pushshift-format sample dumps (zstd, long window)")
     p.add_argument("--out", type=Path, required=True, help="folder for RS_<month>.zst and RC_<month>.zst")
-    p.add_argument("--months", nargs="+", default=["2021-06"], metavar="YYYY-MM",
-                   help="one pair of dumps per month; the first holds the hand-built cases")
+    p.add_argument(
+        "--months",
+        nargs="+",
+        default=["2021-06"],
+        metavar="YYYY-MM",
+        help="one pair of dumps per month; the first holds the hand-built cases",
+    )
     p.add_argument("--posts", type=int, default=150, help="random posts spread over the months")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_sample_dump)
@@ -180,7 +199,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.dumps:
         config.ingest.dumps = args.dumps
     from esvr.flows.ingest import ingest_flow
-    from esvr.tasks.ingest import IngestError
+    from esvr.tasks.reddit.ingest import IngestError
 
     try:
         _print_artifacts(ingest_flow(config))
@@ -191,7 +210,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_make_sample_dump(args: argparse.Namespace) -> int:
-    from esvr.tasks.sample_dump import make_sample_dump
+    from esvr.tasks.reddit.sample_dump import make_sample_dump
 
     paths = make_sample_dump(args.out, months=args.months, posts=args.posts, seed=args.seed)
     for kind, files in paths.items():
@@ -201,19 +220,38 @@ def cmd_make_sample_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from esvr.tasks.bench_ingest import run_bench
+    from esvr.tasks.bench.ingest import run_bench
 
     run_bench(size_mb=args.size_mb, tmp_dir=args.tmp)
     return 0
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from esvr.tasks.bench_train import bench_train
+    from esvr.flows.recipe import read_recipe
+    from esvr.tasks.bench.train import bench_train
 
-    opts = {k: getattr(args, k) for k in ("config", "model", "sft", "dpo", "generate", "steps", "warmup", "max_length", "batch_size",
-                                         "dpo_batch_size", "grad_accum", "gradient_checkpointing", "attn", "gen_batch_sizes",
-                                         "gen_new_tokens", "peak_tflops")}
-    bench_train(**opts, json_path=args.json)
+    opts = {
+        k: getattr(args, k)
+        for k in (
+            "config",
+            "model",
+            "sft",
+            "dpo",
+            "generate",
+            "steps",
+            "warmup",
+            "max_length",
+            "batch_size",
+            "dpo_batch_size",
+            "grad_accum",
+            "gradient_checkpointing",
+            "attn",
+            "gen_batch_sizes",
+            "gen_new_tokens",
+            "peak_tflops",
+        )
+    }
+    bench_train(recipe=read_recipe(args.config), **opts, json_path=args.json)
     return 0
 
 
@@ -244,7 +282,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_simulate(args: argparse.Namespace) -> int:
-    from esvr.tasks.sim_bench import bench_simulate, format_bench
+    from esvr.tasks.bench.simulate import bench_simulate, format_bench
 
     results = bench_simulate(
         latency_s=args.latency,
@@ -269,19 +307,32 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="preflight: list everything the recipe's stages still lack (keys, servers, files), in seconds")
+    p = sub.add_parser(
+        "check", help="preflight: list everything the recipe's stages still lack (keys, servers, files), in seconds"
+    )
     _common(p)
-    p.add_argument("--stage", dest="stages", action="append", default=[], metavar="STAGE",
-                   help="check only this stage's needs (repeatable; default: the stages `esvr run` selects)")
+    p.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="check only this stage's needs (repeatable; default: the stages `esvr run` selects)",
+    )
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("rehearse", help="the paper recipe end to end on this machine, against local servers it starts "
-                       "(default configs/rehearsal.yaml)")
+    p = sub.add_parser(
+        "rehearse",
+        help="the paper recipe end to end on this machine, against local servers it starts (default configs/rehearsal.yaml)",
+    )
     _common(p)
     p.set_defaults(func=cmd_rehearse)
 
-    p = sub.add_parser("build-value-detector", help="write a 20-value sequence-classification checkpoint from the "
-                       "bundled encoder and value head (for label.values.backend: hf)")
+    p = sub.add_parser(
+        "build-value-detector",
+        help="write a 20-value sequence-classification checkpoint from the "
+        "bundled encoder and value head (for label.values.backend: hf)",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder to write (a no-op when it holds the same build)")
     p.add_argument("--head", type=Path, default=None, help="value head .npz (default: the bundled one)")
     p.set_defaults(func=cmd_build_value_detector)
@@ -306,15 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- stage 8: evaluate, report (tasks/evaluate.py, tasks/report.py, flows/evaluate.py, flows/report.py)
+# ---- stage 8: evaluate, report (tasks/evaluation/evaluate.py, tasks/evaluation/report.py, flows/evaluate.py, flows/report.py)
 
 
 def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="supporters under test x test personas -> ES-Skills, ES-Intensity, ES-Value (stage 8)")
     _common(p)
-    p.add_argument("--personas", type=Path, default=None, help="personas.jsonl (default: evaluate.personas or <run>/personas/personas.jsonl)")
-    p.add_argument("--supporter", action="append", default=[], metavar="NAME=SPEC",
-                   help="model of a row of evaluate.supporters: a spec, mlflow:<run_id> or an adapter folder (repeatable)")
+    p.add_argument(
+        "--personas", type=Path, default=None, help="personas.jsonl (default: evaluate.personas or <run>/personas/personas.jsonl)"
+    )
+    p.add_argument(
+        "--supporter",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="model of a row of evaluate.supporters: a spec, mlflow:<run_id> or an adapter folder (repeatable)",
+    )
     p.add_argument("--tvd", default=None, help="target value detector for rows that use it (default simulate.tvd)")
     p.add_argument("--rg", default=None, help="reference generator for rows that use it (default simulate.rg)")
     p.add_argument("--no-report", action="store_true", help="do not build the report afterwards")
@@ -324,19 +382,29 @@ def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="MLflow run ids of evaluate runs")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="choose evaluate runs by tag (repeatable)")
-    p.add_argument("--summary", nargs="+", type=Path, default=[], metavar="FILE", help="evaluate/summary.json files instead of runs")
+    p.add_argument(
+        "--summary", nargs="+", type=Path, default=[], metavar="FILE", help="evaluate/summary.json files instead of runs"
+    )
     p.add_argument("--title", default="ES-VR evaluation report")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("judge-vs-human", help="Spearman correlation per criterion between human ratings (CSV) and the judge (paper App. H)")
+    p = sub.add_parser(
+        "judge-vs-human", help="Spearman correlation per criterion between human ratings (CSV) and the judge (paper App. H)"
+    )
     _common(p)
     p.add_argument("--ratings", type=Path, required=True, help="CSV: supporter,persona_id,<criterion>... (docs/evaluation.md)")
-    p.add_argument("--evaluate-dir", type=Path, default=None, help="evaluation folder with */judgments.jsonl (default <run>/evaluate)")
+    p.add_argument(
+        "--evaluate-dir", type=Path, default=None, help="evaluation folder with */judgments.jsonl (default <run>/evaluate)"
+    )
     p.set_defaults(func=cmd_judge_vs_human)
 
-    p = sub.add_parser("simulator-fidelity", help="seeker simulators and the ES-Intensity judge against ESConv (paper Tables 29 and 11)")
+    p = sub.add_parser(
+        "simulator-fidelity", help="seeker simulators and the ES-Intensity judge against ESConv (paper Tables 29 and 11)"
+    )
     _common(p)
-    p.add_argument("--esconv", type=Path, default=None, help="ESConv.json or FailedESConv.json (default evaluate.fidelity.esconv)")
+    p.add_argument(
+        "--esconv", type=Path, default=None, help="ESConv.json or FailedESConv.json (default evaluate.fidelity.esconv)"
+    )
     p.add_argument("--no-intensity", action="store_true", help="skip the ES-Intensity predictor validation")
     p.set_defaults(func=cmd_simulator_fidelity)
 
@@ -355,7 +423,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = prepared(args)
     from esvr.flows.evaluate import evaluate_flow
 
-    artifacts = evaluate_flow(config, personas_path=args.personas, supporters=_name_specs(args.supporter) or None, tvd=args.tvd, rg=args.rg)
+    artifacts = evaluate_flow(
+        config, personas_path=args.personas, supporters=_name_specs(args.supporter) or None, tvd=args.tvd, rg=args.rg
+    )
     if not args.no_report:
         from esvr.flows.report import report_flow
 
@@ -367,13 +437,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     config = prepared(args)
     from esvr.flows.report import report_flow
-    from esvr.tasks.report import parse_tags
+    from esvr.tasks.evaluation.report import parse_tags
 
     try:
         tags = parse_tags(args.tag)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    _print_artifacts(report_flow(config, run_ids=args.runs or None, tags=tags or None, summaries=args.summary or None, title=args.title))
+    _print_artifacts(
+        report_flow(config, run_ids=args.runs or None, tags=tags or None, summaries=args.summary or None, title=args.title)
+    )
     return 0
 
 
@@ -454,11 +526,20 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
 
 def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="register prefect.yaml's deployments on the Prefect server of PREFECT_API_URL")
-    p.add_argument("--config", default="configs/paper.yaml",
-                   help="run recipe the deployments use, relative to the worker's project folder (default configs/paper.yaml); "
-                   "its ingest.schedule_cron schedules ingest-new-dumps")
-    p.add_argument("--name", dest="names", action="append", default=[], metavar="DEPLOYMENT",
-                   help="register only this deployment (repeatable; default: all)")
+    p.add_argument(
+        "--config",
+        default="configs/paper.yaml",
+        help="run recipe the deployments use, relative to the worker's project folder (default configs/paper.yaml); "
+        "its ingest.schedule_cron schedules ingest-new-dumps",
+    )
+    p.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT",
+        help="register only this deployment (repeatable; default: all)",
+    )
     p.set_defaults(func=cmd_deploy)
 
 
@@ -483,8 +564,13 @@ def add_simulation_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate supporter-seeker dialogues over personas (stage 6); resumable")
     _common(p)
     p.add_argument("--personas", type=Path, default=None, help="personas.jsonl (default: <run>/personas/personas.jsonl)")
-    p.add_argument("--split", action="append", choices=["train", "dev", "test"], default=[],
-                   help="persona split(s) to simulate (repeatable; default simulate.splits)")
+    p.add_argument(
+        "--split",
+        action="append",
+        choices=["train", "dev", "test"],
+        default=[],
+        help="persona split(s) to simulate (repeatable; default simulate.splits)",
+    )
     p.add_argument("--supporter", default=None, help="supporter model spec (default models.supporter)")
     p.add_argument("--tvd", default=None, help="target value detector spec, e.g. hf:<base>+<adapter>; '' for none")
     p.add_argument("--rg", default=None, help="reference generator spec; '' for none")
@@ -495,8 +581,15 @@ def add_simulation_commands(sub: argparse._SubParsersAction) -> None:
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     """One benchmark per stage that has a speed target."""
     add_label_bench(bench_sub)
-    p = bench_sub.add_parser("simulate", help="simulated dialogues/min at concurrency 1 and 32 against a fake OpenAI server with fixed latency")
-    p.add_argument("--latency", type=float, default=1.0, help="seconds the fake server waits before each reply (an API reply of a few hundred tokens takes longer)")
+    p = bench_sub.add_parser(
+        "simulate", help="simulated dialogues/min at concurrency 1 and 32 against a fake OpenAI server with fixed latency"
+    )
+    p.add_argument(
+        "--latency",
+        type=float,
+        default=1.0,
+        help="seconds the fake server waits before each reply (an API reply of a few hundred tokens takes longer)",
+    )
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--dialogues", type=int, default=32, help="dialogues simulated at --concurrency")
     p.add_argument("--dialogues-c1", type=int, default=2, help="dialogues simulated at concurrency 1")
@@ -506,9 +599,21 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size-mb", type=int, default=520, help="decompressed size of the generated comments dump")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the generated dump (deleted afterwards)")
     p.set_defaults(func=cmd_bench_ingest)
-    p = bench_sub.add_parser("train", help="LoRA SFT/DPO step time, tokens/s, memory and MFU through the trainers; --generate: hf backend tokens/s")
-    p.add_argument("--config", type=Path, default=Path("configs/paper.yaml"), help="recipe whose train_tvd.train (SFT) and train_rg DPO settings are used")
-    p.add_argument("--model", default="auto", choices=["auto", "llama3-8b", "tiny"], help="random model shape (auto: llama3-8b on CUDA, tiny on CPU)")
+    p = bench_sub.add_parser(
+        "train", help="LoRA SFT/DPO step time, tokens/s, memory and MFU through the trainers; --generate: hf backend tokens/s"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/paper.yaml"),
+        help="recipe whose train_tvd.train (SFT) and train_rg DPO settings are used",
+    )
+    p.add_argument(
+        "--model",
+        default="auto",
+        choices=["auto", "llama3-8b", "tiny"],
+        help="random model shape (auto: llama3-8b on CUDA, tiny on CPU)",
+    )
     p.add_argument("--sft", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--dpo", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--generate", action="store_true", help="also measure generation of the hf chat backend at --gen-batch-sizes")
@@ -518,9 +623,16 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="SFT micro-batch (default: the recipe's)")
     p.add_argument("--dpo-batch-size", type=int, default=None, help="DPO micro-batch of pairs (default: the recipe's)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: the recipe's setting (on with CUDA where it sets none)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: the recipe's setting (on with CUDA where it sets none)",
+    )
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--gen-batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 8, 32, 64), metavar="B1,B2,...")
+    p.add_argument(
+        "--gen-batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=(1, 8, 32, 64), metavar="B1,B2,..."
+    )
     p.add_argument("--gen-new-tokens", type=int, default=None, help="new tokens per reply (default 32 on CUDA, 8 on CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, when its name is not known")
     p.add_argument("--json", type=Path, default=None, help="write every number to this file")
@@ -549,7 +661,7 @@ def cmd_analyze_esconv(args: argparse.Namespace) -> int:
 def cmd_train_value_head(args: argparse.Namespace) -> int:
     import json
 
-    from esvr.tasks.value_head import metrics_table, train_value_head
+    from esvr.tasks.labeling.value_head import metrics_table, train_value_head
 
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"Touché23-ValueEval folder not found: {args.data}")
@@ -564,7 +676,7 @@ def cmd_bench_label(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from esvr.tasks.bench_label import bench_label
+    from esvr.tasks.bench.label import bench_label
 
     bench_label(n=args.n, threads_path=args.threads, repeats=args.repeats, max_seq_length=args.max_seq_length)
     return 0
@@ -596,32 +708,50 @@ def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1000, help="texts to label")
     p.add_argument("--threads", type=Path, default=None, help="label the utterances of this threads.parquet instead")
     p.add_argument("--repeats", type=int, default=1, help="best of this many passes")
-    p.add_argument("--max-seq-length", type=int, default=None, help="tokens per text for the value detector's encoder (default: label.values' default, 64)")
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=None,
+        help="tokens per text for the value detector's encoder (default: label.values' default, 64)",
+    )
     p.set_defaults(func=cmd_bench_label)
 
 
-# -- stage 7: supporter training and the chat front end (flows/train_supporter.py, tasks/chat_frontend.py)
+# -- stage 7: supporter training and the chat front end (flows/train_supporter.py, flows/chat.py)
 
 
 def add_supporter_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-supporter", help="SFT the supporter on simulated dialogues, build look-ahead DPO pairs (Table 19), DPO (stage 7)")
+    p = sub.add_parser(
+        "train-supporter", help="SFT the supporter on simulated dialogues, build look-ahead DPO pairs (Table 19), DPO (stage 7)"
+    )
     _common(p)
     p.add_argument("--dialogues", type=Path, default=None, help="dialogues.jsonl (default: <run>/simulate/main/dialogues.jsonl)")
-    p.add_argument("--personas", type=Path, default=None, help="personas for the DPO (SFT) simulations (default: the dialogues' own)")
+    p.add_argument(
+        "--personas", type=Path, default=None, help="personas for the DPO (SFT) simulations (default: the dialogues' own)"
+    )
     p.add_argument("--tvd", default=None, help="target value detector spec (default simulate.tvd; '' for none)")
     p.add_argument("--rg", default=None, help="reference generator spec (default simulate.rg; '' for none)")
     p.set_defaults(func=cmd_train_supporter)
 
     p = sub.add_parser("chat", help="talk to a trained supporter in the terminal (TVD and RG in the loop, crisis guard on)")
     _common(p)
-    p.add_argument("--supporter", default="latest", metavar="REF",
-                   help="an MLflow run id, mlflow:<run_id>, an adapter folder, a model spec, or 'latest' (default: the "
-                        "newest train_supporter run of run.experiment)")
-    p.add_argument("--tvd", default=None, help="target value detector spec (default: the one the supporter was trained with, "
-                                               "else simulate.tvd; '' for none)")
+    p.add_argument(
+        "--supporter",
+        default="latest",
+        metavar="REF",
+        help="an MLflow run id, mlflow:<run_id>, an adapter folder, a model spec, or 'latest' (default: the "
+        "newest train_supporter run of run.experiment)",
+    )
+    p.add_argument(
+        "--tvd",
+        default=None,
+        help="target value detector spec (default: the one the supporter was trained with, else simulate.tvd; '' for none)",
+    )
     p.add_argument("--rg", default=None, help="reference generator spec (default as for --tvd; '' for none)")
     p.add_argument("--show-reasoning", action="store_true", help="print the supporter's four reasoning steps")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per supporter reply (default simulate.supporter_max_tokens)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="tokens per supporter reply (default simulate.supporter_max_tokens)"
+    )
     p.set_defaults(func=cmd_chat)
 
 
@@ -635,7 +765,7 @@ def cmd_train_supporter(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     config = prepared(args)
-    from esvr.tasks.chat_frontend import open_session, run_terminal
+    from esvr.flows.chat import open_session, run_terminal
 
     with open_session(config, args.supporter, tvd=args.tvd, rg=args.rg, max_tokens=args.max_tokens) as (session, banner):
         print(banner, file=sys.stderr)
@@ -666,9 +796,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ESVR_TRACEBACK"):
             raise
         # The flow's log above holds the traceback; finished stages stay cached in the run folder.
-        print(f"esvr {args.command}: failed: {type(exc).__name__}: {exc}\n"
-              "finished stages are kept and cached: fix the cause and run the same command to resume "
-              "(ESVR_TRACEBACK=1 shows the traceback here)", file=sys.stderr)
+        print(
+            f"esvr {args.command}: failed: {type(exc).__name__}: {exc}\n"
+            "finished stages are kept and cached: fix the cause and run the same command to resume "
+            "(ESVR_TRACEBACK=1 shows the traceback here)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -4,8 +4,10 @@ One YAML file describes one run (``configs/demo.yaml``, ``configs/paper.yaml``);
 overrides single keys. Every section is a pydantic model that forbids unknown keys, so a typo is an
 error that names the key and the file instead of a silently ignored setting.
 
-Stage sections are defined next to the code that uses them (``tasks/<stage>.py``) and composed
-here into `PipelineConfig`.
+Stage sections are defined next to the code that uses them (``esvr.tasks.<stage>``, and the
+labelers' and trainers' in ``esvr.models``) and composed here into `PipelineConfig`; the base
+class `Section`, the one model config `ModelConfig` and `ConfigError` come from
+``esvr.models.config``, below every layer that uses them.
 """
 
 from __future__ import annotations
@@ -14,44 +16,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
-from esvr.flows.errors import ConfigError  # noqa: F401  (re-exported: raised by load_config)
-from esvr.flows.recipe import apply_overrides, parse_override, read_recipe  # noqa: F401  (re-exported)
-from esvr.models.chat import ModelSpec
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class ModelConfig(Section):
-    """A chat model. YAML may give just the spec string: ``supporter: openai:gpt-4o-mini``."""
-
-    spec: str = "default"
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    batch_size: int = 8
-    device: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"spec": value} if isinstance(value, str) else value
-
-    @field_validator("spec")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        ModelSpec(spec=value).backend  # raises on an unknown backend
-        return value
-
-    def to_spec(self) -> ModelSpec:
-        return ModelSpec(**self.model_dump())
+from esvr.flows.recipe import apply_overrides, read_recipe
+from esvr.models.config import ConfigError, ModelConfig, Section
+from esvr.tasks.components.datasets import DatasetsConfig
+from esvr.tasks.components.rg import TrainRGConfig
+from esvr.tasks.components.tvd import TrainTVDConfig
+from esvr.tasks.evaluation.evaluate import EvaluateConfig
+from esvr.tasks.labeling.analyze_esconv import AnalyzeESConvConfig
+from esvr.tasks.labeling.label import LabelConfig
+from esvr.tasks.reddit.ingest import IngestConfig
+from esvr.tasks.simulation.personas import PersonasConfig
+from esvr.tasks.simulation.simulate import SimulateConfig
+from esvr.tasks.smoke import SmokeConfig
+from esvr.tasks.supporter.train_supporter import TrainSupporterConfig
 
 
 class RunConfig(Section):
@@ -86,28 +65,6 @@ class OrchestrationConfig(Section):
     max_workers: int = 2
     #: address of an existing Dask scheduler or Ray cluster; empty starts a local one
     address: str | None = None
-
-
-class SmokeConfig(Section):
-    """The foundation's minimal stage: one reply and one scored choice from the configured model."""
-
-    prompt: str = "In one sentence, what helps a friend who feels overwhelmed?"
-    choices: list[str] = ["Yes", "No"]
-    question: str = "Is listening without judgment a way to support someone? Answer Yes or No."
-    max_tokens: int = 40
-
-
-# Stage sections live beside the code that uses them; imported after Section, which they subclass.
-from esvr.tasks.ingest import IngestConfig  # noqa: E402
-from esvr.tasks.label import LabelConfig  # noqa: E402
-from esvr.tasks.analyze_esconv import AnalyzeESConvConfig  # noqa: E402
-from esvr.tasks.datasets import DatasetsConfig  # noqa: E402
-from esvr.tasks.tvd import TrainTVDConfig  # noqa: E402
-from esvr.tasks.rg import TrainRGConfig  # noqa: E402
-from esvr.tasks.personas import PersonasConfig  # noqa: E402
-from esvr.tasks.simulate import SimulateConfig  # noqa: E402
-from esvr.tasks.train_supporter import TrainSupporterConfig  # noqa: E402
-from esvr.tasks.evaluate import EvaluateConfig  # noqa: E402
 
 
 #: `esvr run`'s stages in pipeline order (flows/pipeline.py)

@@ -133,8 +133,13 @@ def _prefect_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [shutil.which("prefect") or "prefect"]
 
 
-def deploy(config_path: str | Path, *, names: list[str] | None = None, prefect_file: str | Path = PREFECT_FILE,
-           project_dir: str | Path = PROJECT_DIR) -> list[str]:
+def deploy(
+    config_path: str | Path,
+    *,
+    names: list[str] | None = None,
+    prefect_file: str | Path = PREFECT_FILE,
+    project_dir: str | Path = PROJECT_DIR,
+) -> list[str]:
     """Register the deployments (all, or `names`) on the Prefect server of ``PREFECT_API_URL``.
 
     `config_path` is written into the deployments as given: a relative path is read by the worker

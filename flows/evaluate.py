@@ -19,67 +19,77 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths, chat_model
-from esvr.flows.task_runners import run_on_runner, uses_cluster
-from esvr.tasks.baselines import BASELINE_PROMPTS
-from esvr.tasks.evaluate import (
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import PipelineConfig
+from esvr.flows.task_runners import map_runner, uses_cluster
+from esvr.models.config import ModelConfig
+from esvr.tasks.common import roles
+from esvr.tasks.common.jsonl import read_jsonl
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.evaluation.baselines import BASELINE_PROMPTS, finetune_baseline
+from esvr.tasks.evaluation.evaluate import (
     SupporterUnderTest,
-    evaluation_dialogues_task,
+    evaluation_dialogues,
     evaluation_simulate_config,
-    finetune_baseline_task,
-    judge_dialogues_task,
-    judge_values_task,
+    judge_dialogues,
+    judge_values,
     make_agents,
-    read_jsonl,
     row_dialogues,
     summarize,
     summary_metrics,
 )
-from esvr.tasks.judges import JUDGE_PROMPTS
+from esvr.tasks.evaluation.judges import JUDGE_PROMPTS
 
 SupporterRef = ModelConfig | str
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.evaluation"
 
 
-def _model_config(value: SupporterRef | None) -> ModelConfig | None:
-    if value is None or isinstance(value, ModelConfig):
-        return value
-    from esvr.tasks.components import resolve_component
+# Not cached by Prefect: dialogues.jsonl is itself the resumable record (stage 6's engine).
+evaluation_dialogues_task = task(
+    evaluation_dialogues, name="evaluation_dialogues_task", cache_policy=NO_CACHE, persist_result=False
+)
+# Keyed by the dialogues' content, the judge, the settings and the judge prompts' content.
+judge_dialogues_task = task(
+    judge_dialogues, name="judge_dialogues_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
+)
+judge_values_task = task(
+    judge_values, name="judge_values_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
+)
 
-    return ModelConfig(spec=resolve_component(value))
 
-
-def _base_config(base: str) -> ModelConfig:
-    return ModelConfig(spec=base if base == "default" or base.startswith("hf:") else f"hf:{base}")
+@task(cache_policy=cache_policy(STAGE, "esvr.models.training"), persist_result=True)
+def finetune_baseline_task(kind: str, data: Path, base: ModelConfig, train: Any, out: Path) -> str:
+    """A fine-tuned baseline's chat spec, trained once per corpus content, base and settings."""
+    return finetune_baseline(kind, data, base.spec, train, out)  # type: ignore[arg-type]
 
 
 def supporter_model(config: PipelineConfig, s: SupporterUnderTest, override: SupporterRef | None, stage_dir: Path) -> ModelConfig:
     """The chat model of a supporter under test: the flow's override, a component, a fine-tuned
     baseline (trained here, cached), the row's model, or models.supporter."""
     if override is not None:
-        return _model_config(override)  # type: ignore[return-value]
+        return roles.model_config(override)  # type: ignore[return-value]
     if s.component is not None and s.component.startswith("pipeline:"):
         raise ValueError(
-            f"evaluate.supporters row {s.name!r} takes the pipeline's trained {s.component[len('pipeline:'):]!r}: "
+            f"evaluate.supporters row {s.name!r} takes the pipeline's trained {s.component[len('pipeline:') :]!r}: "
             f"run it through `esvr run`, or give its model: esvr evaluate --supporter '{s.name}=mlflow:<run_id>'"
         )
     if s.component is not None:
-        return _model_config(s.component)  # type: ignore[return-value]
+        return roles.model_config(s.component)  # type: ignore[return-value]
     if s.finetune is not None:
         spec = finetune_baseline_task(
-            s.finetune, Path(s.finetune_data), _base_config(config.models.base), config.evaluate.finetune_train, stage_dir / "baselines" / s.slug
+            s.finetune,
+            Path(s.finetune_data),
+            roles.base_model(config.models.base),
+            config.evaluate.finetune_train,
+            stage_dir / "baselines" / s.slug,
         )
         return ModelConfig(spec=spec)
     return s.model or config.models.supporter
-
-
-def _prompts_digest() -> str:
-    from esvr.tasks.components import prompts_digest
-
-    return prompts_digest(list(JUDGE_PROMPTS))
 
 
 @flow(name="evaluate", log_prints=True)
@@ -109,7 +119,7 @@ def evaluate_flow(
         if name not in rows:
             raise ValueError(f"evaluate_flow: supporter {name!r} is not a row of evaluate.supporters {list(rows)}")
         if isinstance(value, dict):  # {'model': ..., 'tvd': ..., 'rg': ...}
-            extra = {k: _model_config(value[k]) for k in ("tvd", "rg") if value.get(k)}
+            extra = {k: roles.model_config(value[k]) for k in ("tvd", "rg") if value.get(k)}
             rows[name] = rows[name].model_copy(update=extra)
             if value.get("model"):
                 overrides[name] = value["model"]
@@ -119,9 +129,10 @@ def evaluate_flow(
     sim_cfg = evaluation_simulate_config(config.simulate, cfg)
     use_cache = config.models.cache
     tags = {"esvr.kind": "evaluate", "esvr.evaluate.reference": cfg.reference, "esvr.evaluate.judge": config.models.judge.spec}
-    with tracking.flow_run("evaluate", config, section="evaluate", tags=tags, prompts=(*JUDGE_PROMPTS, *BASELINE_PROMPTS)) as active:
-        from esvr.flows.simulate import emotion_scorer
-        from esvr.tasks.personas import read_personas
+    with tracking.flow_run(
+        "evaluate", config, section="evaluate", tags=tags, prompts=(*JUDGE_PROMPTS, *BASELINE_PROMPTS)
+    ) as active:
+        from esvr.tasks.simulation.personas import read_personas
 
         personas = read_personas(personas_file, [cfg.split])
         if cfg.max_personas is not None:
@@ -130,19 +141,26 @@ def evaluate_flow(
             raise ValueError(f"{personas_file}: no persona in split {cfg.split!r} to evaluate on")
         tracking.log_metrics({"evaluate.personas": len(personas)})
         on_cluster = uses_cluster(config.orchestration)
-        judge = chat_model(config.models.judge, run.out_dir, cache=use_cache)
-        default_tvd = _model_config(tvd) if tvd is not None else sim_cfg.tvd
-        default_rg = _model_config(rg) if rg is not None else sim_cfg.rg
-        print(f"evaluating {len(cfg.supporters)} supporters on {len(personas)} {cfg.split} personas "
-              f"(max {cfg.max_turns} turns), judge {config.models.judge.spec}, seeker {config.models.seeker.spec}, "
-              f"reference {cfg.reference!r}")
+        judge = roles.chat_model(config.models.judge, run.out_dir, cache=use_cache)
+        default_tvd = roles.model_config(tvd) if tvd is not None else sim_cfg.tvd
+        default_rg = roles.model_config(rg) if rg is not None else sim_cfg.rg
+        print(
+            f"evaluating {len(cfg.supporters)} supporters on {len(personas)} {cfg.split} personas "
+            f"(max {cfg.max_turns} turns), judge {config.models.judge.spec}, seeker {config.models.seeker.spec}, "
+            f"reference {cfg.reference!r}"
+        )
 
         dialogue_paths: dict[str, Path] = {}
         used_models: dict[str, Any] = {"judge": judge}
         components: dict[str, dict[str, str | None]] = {}
         row_models = {
-            s.name: {"supporter": supporter_model(config, s, overrides.get(s.name), stage_dir), "seeker": config.models.seeker,
-                     "judge": config.models.judge, "tvd": s.tvd or default_tvd, "rg": s.rg or default_rg}
+            s.name: {
+                "supporter": supporter_model(config, s, overrides.get(s.name), stage_dir),
+                "seeker": config.models.seeker,
+                "judge": config.models.judge,
+                "tvd": s.tvd or default_tvd,
+                "rg": s.rg or default_rg,
+            }
             for s in rows.values()
         }
         for s in rows.values():
@@ -150,26 +168,37 @@ def evaluate_flow(
         if on_cluster:
             # one task per row on the cluster; each worker loads the row's models itself
             calls = [
-                {"row": s, "sim_cfg": sim_cfg, "models": row_models[s.name], "emotion_cfg": config.label.emotion if sim_cfg.emotion else None,
-                 "personas": personas, "out": dialogue_paths[s.name], "run_dir": run.out_dir, "use_cache": use_cache, "seed": config.run.seed}
+                {
+                    "row": s,
+                    "sim_cfg": sim_cfg,
+                    "models": row_models[s.name],
+                    "emotion_cfg": config.label.emotion if sim_cfg.emotion else None,
+                    "personas": personas,
+                    "out": dialogue_paths[s.name],
+                    "run_dir": run.out_dir,
+                    "use_cache": use_cache,
+                    "seed": config.run.seed,
+                }
                 for s in rows.values()
             ]
-            results = dict(zip(rows, run_on_runner(config.orchestration, row_dialogues, calls, name="evaluate-row")))
+            results = dict(zip(rows, map_runner(config.orchestration)(row_dialogues, calls, name="evaluate-row")))
             workers = len({r["worker_pid"] for r in results.values()})
             tracking.log_metrics({"evaluate.workers": workers})
             print(f"{len(results)} supporters simulated on {workers} {config.orchestration.task_runner} worker process(es)")
         else:
-            seeker = chat_model(config.models.seeker, run.out_dir, cache=use_cache)
+            seeker = roles.chat_model(config.models.seeker, run.out_dir, cache=use_cache)
             used_models["seeker"] = seeker
-            scorer = emotion_scorer(config.model_copy(update={"simulate": sim_cfg}))
+            scorer = roles.emotion_scorer(config.label.emotion if sim_cfg.emotion else None, run.out_dir, use_cache)
             results = {}
             for s in rows.values():
                 m = row_models[s.name]
-                sup = chat_model(m["supporter"], run.out_dir, cache=use_cache)
+                sup = roles.chat_model(m["supporter"], run.out_dir, cache=use_cache)
                 # without a trained component the row's own model plays it zero-shot (same prompts)
-                tvd_model = chat_model(m["tvd"], run.out_dir, cache=use_cache) if m["tvd"] is not None else sup
-                rg_model = chat_model(m["rg"], run.out_dir, cache=use_cache) if m["rg"] is not None else sup
-                agents = make_agents(s, sim_cfg, sup, seeker, tvd_model=tvd_model, rg_model=rg_model, rephraser=judge, emotion_scorer=scorer)
+                tvd_model = roles.chat_model(m["tvd"], run.out_dir, cache=use_cache) if m["tvd"] is not None else sup
+                rg_model = roles.chat_model(m["rg"], run.out_dir, cache=use_cache) if m["rg"] is not None else sup
+                agents = make_agents(
+                    s, sim_cfg, sup, seeker, tvd_model=tvd_model, rg_model=rg_model, rephraser=judge, emotion_scorer=scorer
+                )
                 used_models[f"supporter.{s.slug}"] = sup
                 res = evaluation_dialogues_task(personas, dialogue_paths[s.name], agents, sim_cfg.concurrency, config.run.seed)
                 results[s.name] = {**res, "names": {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}}
@@ -178,17 +207,24 @@ def evaluate_flow(
             components[s.name] = res["names"]
             tracking.log_metrics({k.replace("evaluate.simulate", f"{s.slug}.simulate"): v for k, v in res["metrics"].items()})
             if res["errors"]:
-                print(f"{s.name}: {len(res['errors'])} dialogues hit backend errors and were not written; rerun to retry: {res['errors'][:2]}")
+                print(
+                    f"{s.name}: {len(res['errors'])} dialogues hit backend errors and were not written; rerun to retry: {res['errors'][:2]}"
+                )
             where = f" (worker process {res['worker_pid']})" if "worker_pid" in res else ""
             print(f"{s.name}: {res['written']} new dialogues, {res['skipped']} already done -> {dialogue_paths[s.name]}{where}")
 
         settings = dataclasses.asdict(cfg.judge_settings(config.run.seed))
-        digest = _prompts_digest()
         judgment_paths = {
             s.name: Path(
                 judge_dialogues_task(
-                    config.models.judge, dialogue_paths[s.name], s.name, cfg.complete_only, settings, digest,
-                    stage_dir / s.slug / "judgments.jsonl", run.out_dir, use_cache,
+                    config.models.judge,
+                    dialogue_paths[s.name],
+                    s.name,
+                    cfg.complete_only,
+                    settings,
+                    stage_dir / s.slug / "judgments.jsonl",
+                    run.out_dir,
+                    use_cache,
                 )
             )
             for s in cfg.supporters
@@ -196,14 +232,22 @@ def evaluate_flow(
         value_paths = {
             s.name: Path(
                 judge_values_task(
-                    config.models.judge, dialogue_paths[s.name], dialogue_paths[cfg.reference], s.name, cfg.reference,
-                    cfg.complete_only, settings, digest, stage_dir / s.slug / "es_value.jsonl", run.out_dir, use_cache,
+                    config.models.judge,
+                    dialogue_paths[s.name],
+                    dialogue_paths[cfg.reference],
+                    s.name,
+                    cfg.reference,
+                    cfg.complete_only,
+                    settings,
+                    stage_dir / s.slug / "es_value.jsonl",
+                    run.out_dir,
+                    use_cache,
                 )
             )
             for s in cfg.supporters
             if s.name != cfg.reference
         }
-        from esvr.tasks.simulate import load_dialogues
+        from esvr.tasks.simulation.simulate import load_dialogues
 
         summary = summarize(
             {n: read_jsonl(p) for n, p in judgment_paths.items()},
@@ -235,9 +279,11 @@ def evaluate_flow(
             tracking.log_artifact(stage_dir / s.slug, f"evaluate/{s.slug}")
         for m in summary["models"]:
             sk = m["skills"]["overall"]["score"]
-            print(f"  {m['name']:<28} dialogues {m['n_dialogues']:>3}  overall {_fmt(sk['mean'])}{sk['mark']}  "
-                  f"intensity {_fmt(m['intensity']['score']['mean'])}{m['intensity']['score']['mark']}  "
-                  f"words/turn {_fmt(m['words_per_turn']['mean'], 1)}")
+            print(
+                f"  {m['name']:<28} dialogues {m['n_dialogues']:>3}  overall {_fmt(sk['mean'])}{sk['mark']}  "
+                f"intensity {_fmt(m['intensity']['score']['mean'])}{m['intensity']['score']['mark']}  "
+                f"words/turn {_fmt(m['words_per_turn']['mean'], 1)}"
+            )
         artifacts = {"evaluate_summary": str(summary_path), "evaluate_dir": str(stage_dir)}
         if cfg.human_ratings is not None:
             artifacts.update(judge_vs_human_flow(config, cfg.human_ratings, stage_dir))
@@ -254,10 +300,12 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 @flow(name="judge-vs-human", log_prints=True)
-def judge_vs_human_flow(config: PipelineConfig, ratings_csv: str | Path, evaluate_dir: str | Path | None = None) -> dict[str, str]:
+def judge_vs_human_flow(
+    config: PipelineConfig, ratings_csv: str | Path, evaluate_dir: str | Path | None = None
+) -> dict[str, str]:
     """Spearman correlation per criterion between human ratings (CSV) and the judge's scores in an
     evaluation folder (default ``<run>/evaluate``); writes ``judge_vs_human.{json,md}`` there."""
-    from esvr.tasks.fidelity import judge_vs_human, judge_vs_human_markdown
+    from esvr.tasks.evaluation.fidelity import judge_vs_human, judge_vs_human_markdown
 
     run = RunPaths(config.run.out_dir.resolve())
     folder = Path(evaluate_dir) if evaluate_dir else run.out_dir / "evaluate"
@@ -267,7 +315,9 @@ def judge_vs_human_flow(config: PipelineConfig, ratings_csv: str | Path, evaluat
         out_md = folder / "judge_vs_human.md"
         out_json.write_text(json.dumps(result, indent=2))
         out_md.write_text(judge_vs_human_markdown(result))
-        tracking.log_metrics({f"judge_vs_human.{r['criterion']}.spearman": r["spearman"] for r in result["rows"] if r["spearman"] is not None})
+        tracking.log_metrics(
+            {f"judge_vs_human.{r['criterion']}.spearman": r["spearman"] for r in result["rows"] if r["spearman"] is not None}
+        )
         tracking.log_artifact(out_json, "judge_vs_human")
         tracking.log_artifact(out_md, "judge_vs_human")
         print(out_md.read_text())
@@ -280,10 +330,12 @@ def judge_vs_human_flow(config: PipelineConfig, ratings_csv: str | Path, evaluat
 
 
 @flow(name="simulator-fidelity", log_prints=True)
-def simulator_fidelity_flow(config: PipelineConfig, esconv_path: str | Path | None = None, intensity: bool = True) -> dict[str, str]:
+def simulator_fidelity_flow(
+    config: PipelineConfig, esconv_path: str | Path | None = None, intensity: bool = True
+) -> dict[str, str]:
     """Table 29 (each candidate seeker simulator against real ESConv seeker turns) and Table 11
     (the ES-Intensity judge against ESConv's reported final intensities)."""
-    from esvr.tasks.fidelity import fidelity_markdown, intensity_validation, simulator_fidelity
+    from esvr.tasks.evaluation.fidelity import fidelity_markdown, intensity_validation, simulator_fidelity
 
     cfg = config.evaluate.fidelity
     path = Path(esconv_path) if esconv_path else cfg.esconv
@@ -293,23 +345,35 @@ def simulator_fidelity_flow(config: PipelineConfig, esconv_path: str | Path | No
     out_dir = run.stage("fidelity")
     use_cache = config.models.cache
     with tracking.flow_run("simulator-fidelity", config, section="evaluate", tags={"esvr.kind": "simulator-fidelity"}):
-        from esvr.models.value_detector import load_value_detector
-        from esvr.tasks.esconv import load_esconv
+        from esvr.tasks.common.esconv import load_esconv
 
         dialogues = load_esconv(path)
         sims = cfg.simulators or [config.models.seeker]
-        emotion = _emotion_scorer(config)
-        detector = load_value_detector(config.label.values, chat_model(config.label.values.model, run.out_dir, cache=use_cache) if config.label.values.backend == "llm" else None)
+        emotion = roles.emotion_scorer(config.label.emotion, config.run.out_dir, use_cache)
+        detector = roles.value_detector(config.label.values, run.out_dir, use_cache)
         rows = []
         for sim in sims:
             shots = [True, False] if cfg.zero_shot else [True]
             for one_shot in shots:
-                model = chat_model(sim, run.out_dir, cache=use_cache)
-                rows.append(simulator_fidelity(model, dialogues, cfg, one_shot=one_shot, emotion=emotion, detector=detector, encoder_path=cfg.encoder, name=sim.spec))
+                model = roles.chat_model(sim, run.out_dir, cache=use_cache)
+                rows.append(
+                    simulator_fidelity(
+                        model,
+                        dialogues,
+                        cfg,
+                        one_shot=one_shot,
+                        emotion=emotion,
+                        detector=detector,
+                        encoder_path=cfg.encoder,
+                        name=sim.spec,
+                    )
+                )
         result: dict[str, Any] = {"esconv": str(path), "simulators": rows}
         if intensity:
-            judge = chat_model(config.models.judge, run.out_dir, cache=use_cache)
-            result["intensity"] = intensity_validation(judge, dialogues, config.evaluate.judge_settings(config.run.seed), cfg.max_dialogues)
+            judge = roles.chat_model(config.models.judge, run.out_dir, cache=use_cache)
+            result["intensity"] = intensity_validation(
+                judge, dialogues, config.evaluate.judge_settings(config.run.seed), cfg.max_dialogues
+            )
         (out_dir / "fidelity.json").write_text(json.dumps(result, indent=2))
         md = fidelity_markdown(result)
         (out_dir / "fidelity.md").write_text(md)
@@ -320,11 +384,3 @@ def simulator_fidelity_flow(config: PipelineConfig, esconv_path: str | Path | No
         tracking.log_artifact(out_dir, "fidelity")
         print(md)
         return {"fidelity": str(out_dir / "fidelity.md")}
-
-
-def _emotion_scorer(config: PipelineConfig) -> Any:
-    from esvr.models.emotion import load_emotion_scorer
-
-    cfg = config.label.emotion
-    echat = chat_model(cfg.model, config.run.out_dir, cache=config.models.cache) if cfg.backend == "emollama" else None
-    return load_emotion_scorer(cfg, echat)

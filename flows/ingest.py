@@ -14,10 +14,10 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
+from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig, load_config
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.caching import cache_policy
-from esvr.tasks.ingest import (
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.reddit.ingest import (
     MANIFEST,
     IngestConfig,
     IngestError,
@@ -27,10 +27,13 @@ from esvr.tasks.ingest import (
     ingest_dumps,
     stage_dump,
 )
-from esvr.tasks.sample_dump import make_sample_dump
+from esvr.tasks.reddit.sample_dump import make_sample_dump
+
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.reddit"
 
 
-@task(cache_policy=cache_policy(), persist_result=True)
+@task(cache_policy=cache_policy(STAGE), persist_result=True)
 def stage_dump_task(dump: Path, out_stage_dir: Path, cfg: IngestConfig) -> dict:
     result = stage_dump(dump, out_stage_dir, cfg)
     return {"stats": result.stats, "error": result.error}
@@ -43,7 +46,7 @@ def _stage_via_task(dump: Path, stage_dir: Path, cfg: IngestConfig) -> StageResu
     return StageResult(out["stats"], out["error"])
 
 
-@task(cache_policy=cache_policy("esvr.tasks.sample_dump"), persist_result=True)
+@task(cache_policy=cache_policy(STAGE), persist_result=True)
 def sample_dump_task(out_dir: Path, seed: int, posts: int = 150) -> list[str]:
     paths = make_sample_dump(out_dir, seed=seed, posts=posts)
     return [str(p) for p in paths["submissions"] + paths["comments"]]
@@ -63,7 +66,9 @@ def ingest_flow(config: PipelineConfig) -> dict[str, str]:
         if not dumps:
             sample = out / "sample_dump"
             missing = not all((sample / n).exists() for n in ("RS_2021-06.zst", "RC_2021-06.zst"))
-            dumps = [Path(p) for p in sample_dump_task.with_options(refresh_cache=missing)(sample, config.run.seed, cfg.sample_posts)]
+            dumps = [
+                Path(p) for p in sample_dump_task.with_options(refresh_cache=missing)(sample, config.run.seed, cfg.sample_posts)
+            ]
             print(f"no dumps configured (ingest.dumps): using the generated sample dump in {sample}")
         try:
             result = ingest_dumps(dumps, out, cfg, stage_fn=_stage_via_task)
@@ -77,10 +82,16 @@ def ingest_flow(config: PipelineConfig) -> dict[str, str]:
         if rejects.stat().st_size < 20 << 20:
             tracking.log_artifact(rejects, "ingest")
         t = result.summary["threads"]
-        print(f"threads: {t['threads']} ({t['single_turn']} single-turn, {t['multi_turn']} multi-turn) from "
-              f"{t['posts']} posts; staged now: {result.staged_now or 'none'}, reused: {result.reused or 'none'}")
-        return {"threads": str(result.threads), "ingest_rejects": str(rejects),
-                "ingest_stats": str(result.stats), "ingest_manifest": str(result.manifest)}
+        print(
+            f"threads: {t['threads']} ({t['single_turn']} single-turn, {t['multi_turn']} multi-turn) from "
+            f"{t['posts']} posts; staged now: {result.staged_now or 'none'}, reused: {result.reused or 'none'}"
+        )
+        return {
+            "threads": str(result.threads),
+            "ingest_rejects": str(rejects),
+            "ingest_stats": str(result.stats),
+            "ingest_manifest": str(result.manifest),
+        }
 
 
 @flow(name="ingest-new-dumps", log_prints=True)

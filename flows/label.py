@@ -17,11 +17,16 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
+from esvr.flows.caching import cache_policy
 from esvr.flows.config import OrchestrationConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.flows.task_runners import uses_cluster
-from esvr.tasks.caching import cache_policy, path_digest
-from esvr.tasks.label import LabelConfig, label_on_runner, label_threads, run_labelers
+from esvr.flows.task_runners import map_runner, uses_cluster
+from esvr.tasks.common.hashing import path_digest
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import labelers as build_labelers
+from esvr.tasks.labeling.label import LabelConfig, label_on_runner, label_threads
+
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.labeling"
 
 LABEL_PROMPTS = {
     "llm": ["labeling/value_llm.txt"],
@@ -31,7 +36,7 @@ LABEL_PROMPTS = {
 
 def labelers(config: PipelineConfig):
     """The configured detector and scorer; chat models (llm, emollama) are shared and cached."""
-    return run_labelers(config.label, config.run.out_dir.resolve(), config.models.cache)
+    return build_labelers(config.label.values, config.label.emotion, config.run.out_dir.resolve(), config.models.cache)
 
 
 def labelers_identity(cfg: LabelConfig) -> str:
@@ -45,7 +50,10 @@ def labelers_identity(cfg: LabelConfig) -> str:
 
 @task(
     cache_policy=cache_policy(
-        "esvr.models.value_detector", "esvr.models.emotion", exclude=["make_labelers", "orchestration", "run_dir", "use_cache"]
+        STAGE,
+        "esvr.models.value_detector",
+        "esvr.models.emotion",
+        exclude=["make_labelers", "orchestration", "run_dir", "use_cache"],
     ),
     persist_result=True,
 )
@@ -64,7 +72,7 @@ def label_task(
     part of it (the labels are the same). The labelers are built only when the task runs: a cache
     hit loads no encoder (~7 s of a cached demo re-run)."""
     if orchestration is not None and uses_cluster(orchestration):
-        result = label_on_runner(threads, out, cfg, orchestration, run_dir or str(Path(out).parent), use_cache)
+        result = label_on_runner(threads, out, cfg, map_runner(orchestration), run_dir or str(Path(out).parent), use_cache)
     else:
         detector, scorer = make_labelers() if make_labelers else (None, None)
         result = label_threads(threads, out, cfg, detector=detector, scorer=scorer)
@@ -80,18 +88,29 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
         raise FileNotFoundError(f"label: threads file not found: {threads_path} (run the ingest stage first)")
     cfg = config.label
     with tracking.flow_run(
-        "label", config, section="label", prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, [])
+        "label",
+        config,
+        section="label",
+        prompts=LABEL_PROMPTS.get(cfg.values.backend, []) + LABEL_PROMPTS.get(cfg.emotion.backend, []),
     ):
         result = label_task(
-            threads_path, str(paths.stage("label")), cfg, labelers_identity(cfg), lambda: labelers(config),
-            config.orchestration, str(paths.out_dir), config.models.cache,
+            threads_path,
+            str(paths.stage("label")),
+            cfg,
+            labelers_identity(cfg),
+            lambda: labelers(config),
+            config.orchestration,
+            str(paths.out_dir),
+            config.models.cache,
         )
         stats = json.loads(Path(result["stats"]).read_text())
         tracking.log_metrics({f"label.{k}": v for k, v in stats.items()})
         tracking.log_artifact(result["stats"], "label")
         if "chunks" in result:
             tracking.log_artifact(result["chunks"], "label")
-            print(f"labelled {len(json.loads(Path(result['chunks']).read_text()))} chunks on "
-                  f"{int(stats['workers'])} {config.orchestration.task_runner} worker process(es)")
+            print(
+                f"labelled {len(json.loads(Path(result['chunks']).read_text()))} chunks on "
+                f"{int(stats['workers'])} {config.orchestration.task_runner} worker process(es)"
+            )
         print(f"labelled {int(stats['utterances'])} utterances -> {result['labels']}")
         return {"labels": result["labels"], "label_stats": result["stats"]}

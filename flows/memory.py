@@ -56,7 +56,7 @@ class StageMemory:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
-    def __enter__(self) -> "StageMemory":
+    def __enter__(self) -> StageMemory:
         self._thread = threading.Thread(target=self._loop, name="stage-memory", daemon=True)
         self._thread.start()
         return self

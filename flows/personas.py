@@ -14,17 +14,13 @@ from pathlib import Path
 from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths, chat_model
-from esvr.tasks.caching import cache_policy
-from esvr.tasks.personas import PERSONA_PROMPTS, PersonasConfig, generate_personas, write_personas
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import PipelineConfig
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.simulation.personas import PERSONA_PROMPTS, make_personas
 
-
-@task(cache_policy=cache_policy("esvr.tasks.personas"), persist_result=True)
-def personas_task(writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True) -> dict[str, str]:
-    model = chat_model(writer, run_dir, cache=use_cache)
-    personas, rejected, stats = generate_personas(model, cfg, seed)
-    return {k: str(v) for k, v in write_personas(personas, rejected, stats, out_dir).items()}
+# Keyed by the persona config, the writer model and the seed (and the stage's code).
+personas_task = task(make_personas, name="personas_task", cache_policy=cache_policy("esvr.tasks.simulation"), persist_result=True)
 
 
 def personas_path(config: PipelineConfig) -> Path:
@@ -40,7 +36,12 @@ def personas_flow(config: PipelineConfig) -> dict[str, str]:
         # a cache hit is only good while the files it names are still there
         fresh = not (out / "personas.jsonl").exists()
         paths = personas_task.with_options(refresh_cache=fresh)(
-            config.models.persona_writer, config.personas, config.run.seed, out, str(config.run.out_dir.resolve()), config.models.cache
+            config.models.persona_writer,
+            config.personas,
+            config.run.seed,
+            out,
+            str(config.run.out_dir.resolve()),
+            config.models.cache,
         )
         stats = json.loads(Path(paths["personas_stats"]).read_text())
         tracking.log_metrics({f"personas.{k}": v for k, v in stats.items()})

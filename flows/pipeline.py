@@ -19,9 +19,10 @@ from __future__ import annotations
 from prefect import flow
 
 from esvr.flows import tracking
-from esvr.flows.config import OPTIONAL_STAGES, STAGES, PipelineConfig, load_config  # noqa: F401
+from esvr.flows.config import PipelineConfig, load_config
 from esvr.flows.memory import StageMemory
-from esvr.flows.runtime import release_models
+from esvr.tasks.common.roles import release_models
+
 
 def selected(config: PipelineConfig, stage: str) -> bool:
     return config.selected(stage)

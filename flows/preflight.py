@@ -2,7 +2,7 @@
 
 A paper run meets a missing API key, a stopped model server or an absent dump only when the
 stage that needs it starts, hours in. `preflight(config)` looks at what the stages that will run
-(`esvr.flows.pipeline.selected`) are going to read, all at once: dump files, chat models (API key
+(`PipelineConfig.selected`) are going to read, all at once: dump files, chat models (API key
 variables; every OpenAI-compatible server is asked ``GET /models``, in parallel, with a short
 timeout), local checkpoints and adapters, the corpora the evaluation and the ESConv analysis
 parse, the run folder, the task runner's extra and scheduler, and the run-folder files a stage
@@ -59,19 +59,32 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     # the prompted supporter rolls out 'DPO (GPT)' candidates; the reward reads the value detector
     # (reward: value) or asks the judge (reward: emotion)
     "train_supporter": (
-        "models.base", "models.seeker", "train_supporter.dpo_simulations", "simulate.tvd", "simulate.rg",
-        "simulate.emotion", "train_supporter.reward",
+        "models.base",
+        "models.seeker",
+        "train_supporter.dpo_simulations",
+        "simulate.tvd",
+        "simulate.rg",
+        "simulate.emotion",
+        "train_supporter.reward",
     ),
     # seeker and judge (the judge also rephrases self-disclosure), each row's supporter / component
     # / fine-tuning corpus and own TVD / RG; the simulation settings (stage 6's plus the
     # overrides) give the rows' default TVD / RG and the valence end rule
     "evaluate": (
-        "models.seeker", "models.judge", "evaluate.supporters", "evaluate.simulate_overrides",
-        "evaluate.personas", "evaluate.human_ratings",
+        "models.seeker",
+        "models.judge",
+        "evaluate.supporters",
+        "evaluate.simulate_overrides",
+        "evaluate.personas",
+        "evaluate.human_ratings",
     ),
     "report": (),
     "simulator_fidelity": (
-        "evaluate.fidelity.esconv", "evaluate.fidelity.simulators", "models.judge", "label.values", "label.emotion",
+        "evaluate.fidelity.esconv",
+        "evaluate.fidelity.simulators",
+        "models.judge",
+        "label.values",
+        "label.emotion",
     ),
 }
 
@@ -114,9 +127,9 @@ class PreflightError(ConfigError):
 
 def run_stages(config: PipelineConfig) -> list[str]:
     """The stages `esvr run` executes for this recipe, in pipeline order."""
-    from esvr.flows.pipeline import OPTIONAL_STAGES, STAGES, selected
+    from esvr.flows.config import OPTIONAL_STAGES, STAGES
 
-    return [s for s in OPTIONAL_STAGES + STAGES if selected(config, s)]
+    return [s for s in OPTIONAL_STAGES + STAGES if config.selected(s)]
 
 
 def preflight(
@@ -193,8 +206,13 @@ class _Server:
 
 class _Plan:
     def __init__(
-        self, config: PipelineConfig, stages: set[str], timeout_s: float,
-        parent: _Plan | None = None, label: str = "", touched: Sequence[str] = (),
+        self,
+        config: PipelineConfig,
+        stages: set[str],
+        timeout_s: float,
+        parent: _Plan | None = None,
+        label: str = "",
+        touched: Sequence[str] = (),
     ):
         self.config = config
         self.stages = stages
@@ -328,7 +346,8 @@ class _Plan:
             if mc.base_url is None:
                 if not os.environ.get(mc.api_key_env):
                     self.problem(
-                        key, f"{mc.api_key_env} is not set (needed for {spec} on the OpenAI API)",
+                        key,
+                        f"{mc.api_key_env} is not set (needed for {spec} on the OpenAI API)",
                         f"export {mc.api_key_env}=<your key>, or set {label}.base_url to an OpenAI-compatible server",
                     )
             else:
@@ -355,8 +374,11 @@ class _Plan:
             self.model(f"{key}.model", cfg.model)
         elif cfg.backend == "hf":
             if not cfg.checkpoints:
-                self.problem(f"{key}.checkpoints", "the hf value detector needs at least one checkpoint",
-                             "list a path or hub id, e.g. tum-nlp/Deberta_Human_Value_Detector")
+                self.problem(
+                    f"{key}.checkpoints",
+                    "the hf value detector needs at least one checkpoint",
+                    "list a path or hub id, e.g. tum-nlp/Deberta_Human_Value_Detector",
+                )
             for i, ckpt in enumerate(cfg.checkpoints):
                 self.checkpoint(f"{key}.checkpoints[{i}]", ckpt, "checkpoint")
         else:  # embedding
@@ -382,11 +404,17 @@ class _Plan:
                 produced = c.pipeline_artifacts()
                 name = comp.removeprefix("pipeline:")
                 if name not in produced:
-                    self.problem(f"{key}.component", f"row {row.name!r}: {comp} is nothing the pipeline trains",
-                                 f"use one of {', '.join('pipeline:' + n for n in produced)}, or mlflow:<run_id>")
+                    self.problem(
+                        f"{key}.component",
+                        f"row {row.name!r}: {comp} is nothing the pipeline trains",
+                        f"use one of {', '.join('pipeline:' + n for n in produced)}, or mlflow:<run_id>",
+                    )
                 elif produced[name] not in self.stages:
-                    self.problem(f"{key}.component", f"row {row.name!r}: {comp} comes from the {produced[name]} stage, "
-                                 "which this run leaves out", f"add {produced[name]} to run.stages, or give the row mlflow:<run_id>")
+                    self.problem(
+                        f"{key}.component",
+                        f"row {row.name!r}: {comp} comes from the {produced[name]} stage, which this run leaves out",
+                        f"add {produced[name]} to run.stages, or give the row mlflow:<run_id>",
+                    )
             elif comp.startswith("mlflow:"):
                 self.later(lambda: _check_mlflow_ref(self.key(f"{key}.component"), comp, c))
             elif comp == "default" or comp.startswith(("hf:", "openai:")):
@@ -407,7 +435,7 @@ class _Plan:
     def adapter_folder(self, key: str, ref: str) -> None:
         """A trained component's folder: its component.json names the base, which must exist too.
         (Read here rather than by `component_spec`, which would convert the default model.)"""
-        from esvr.tasks.components import COMPONENT_FILE
+        from esvr.tasks.common.roles import COMPONENT_FILE
 
         folder = Path(ref)
         fix = "give an adapter folder with component.json, mlflow:<run_id> or an hf: spec"
@@ -424,8 +452,8 @@ class _Plan:
 
     def evaluate_simulation(self, runs_tvd: bool, runs_rg: bool) -> None:
         """The rows' default TVD/RG and valence scorer: stage 6's settings plus
-        evaluate.simulate_overrides (tasks/evaluate.py: evaluation_simulate_config)."""
-        from esvr.tasks.evaluate import evaluation_simulate_config
+        evaluate.simulate_overrides (tasks/evaluation/evaluate.py: evaluation_simulate_config)."""
+        from esvr.tasks.evaluation.evaluate import evaluation_simulate_config
 
         c = self.config
         try:
@@ -460,8 +488,13 @@ class _Plan:
         if folder is None or not self.first("ingest.dumps_dir", str(folder)):
             return
         if not Path(folder).exists():
-            self.problem("ingest.dumps_dir", f"folder {folder} does not exist (the scheduled ingest-new-dumps deployment "
-                         "watches it; esvr run reads only ingest.dumps)", f"mkdir -p {folder}", "warning")
+            self.problem(
+                "ingest.dumps_dir",
+                f"folder {folder} does not exist (the scheduled ingest-new-dumps deployment "
+                "watches it; esvr run reads only ingest.dumps)",
+                f"mkdir -p {folder}",
+                "warning",
+            )
         elif not Path(folder).is_dir():
             self.problem("ingest.dumps_dir", f"{folder} is not a folder", "point it at the folder new .zst dumps arrive in")
 
@@ -472,8 +505,11 @@ class _Plan:
             with tempfile.NamedTemporaryFile(dir=self.run_dir, prefix=".preflight-"):
                 pass
         except OSError as exc:
-            self.problem("run.out_dir", f"cannot write to {out}: {exc.strerror or exc}",
-                         "choose a writable folder (--set run.out_dir=PATH)")
+            self.problem(
+                "run.out_dir",
+                f"cannot write to {out}: {exc.strerror or exc}",
+                "choose a writable folder (--set run.out_dir=PATH)",
+            )
 
     def run_inputs(self, stage: str) -> None:
         for writer, rel in RUN_INPUTS.get(stage, ()):
@@ -483,8 +519,11 @@ class _Plan:
                 continue  # evaluate.personas names the file instead
             path = self.run_dir / rel
             if not path.exists() and self.first("run.stages", rel):
-                self.problem("run.stages", f"{stage} reads {path}, which the {writer} stage writes, and it is not there",
-                             f"add {writer} to run.stages, or run it first into {self.config.run.out_dir}")
+                self.problem(
+                    "run.stages",
+                    f"{stage} reads {path}, which the {writer} stage writes, and it is not there",
+                    f"add {writer} to run.stages, or run it first into {self.config.run.out_dir}",
+                )
 
     def task_runner(self) -> None:
         orch = self.config.orchestration
@@ -492,13 +531,20 @@ class _Plan:
         if orch.task_runner in extras:
             missing = [m for m in extras[orch.task_runner] if importlib.util.find_spec(m) is None]
             if missing:
-                self.problem("orchestration.task_runner", f"{orch.task_runner} needs {', '.join(missing)}, which is not installed",
-                             f"pip install -e '.[{orch.task_runner}]'")
+                self.problem(
+                    "orchestration.task_runner",
+                    f"{orch.task_runner} needs {', '.join(missing)}, which is not installed",
+                    f"pip install -e '.[{orch.task_runner}]'",
+                )
         if not orch.address:
             return
         if orch.task_runner == "threads":
-            self.problem("orchestration.address", f"{orch.address} is set but task_runner is threads, which does not use it",
-                         "set orchestration.task_runner to dask or ray, or drop the address", "warning")
+            self.problem(
+                "orchestration.address",
+                f"{orch.address} is set but task_runner is threads, which does not use it",
+                "set orchestration.task_runner to dask or ray, or drop the address",
+                "warning",
+            )
             return
         if orch.address in ("auto", "local"):  # Ray finds its own cluster
             return
@@ -522,20 +568,29 @@ class _Plan:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return each(f"server at {server.url} does not answer ({_reason(exc)})", start)
         if reply.status_code in (401, 403):
-            return each(f"server at {server.url} refuses the key in {server.api_key_env} (HTTP {reply.status_code})",
-                        f"export {server.api_key_env} with the key the server expects")
+            return each(
+                f"server at {server.url} refuses the key in {server.api_key_env} (HTTP {reply.status_code})",
+                f"export {server.api_key_env} with the key the server expects",
+            )
         if reply.status_code != 200:
-            return each(f"server at {server.url} answers GET /models with HTTP {reply.status_code}",
-                        "base_url must end where /models and /chat/completions are (usually .../v1)")
+            return each(
+                f"server at {server.url} answers GET /models with HTTP {reply.status_code}",
+                "base_url must end where /models and /chat/completions are (usually .../v1)",
+            )
         try:
             served = [str(m["id"]) for m in reply.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            return each(f"server at {server.url} answers GET /models with something that is not a model list",
-                        "base_url must point at an OpenAI-compatible API")
+            return each(
+                f"server at {server.url} answers GET /models with something that is not a model list",
+                "base_url must point at an OpenAI-compatible API",
+            )
         # Ollama lists 'llama3:latest' and answers to 'llama3'
         return [
-            Problem(", ".join(keys), f"server at {server.url} answers but does not serve {model}; it serves: "
-                    f"{', '.join(served) or 'nothing'}", "correct the model name in the spec, or serve that model there")
+            Problem(
+                ", ".join(keys),
+                f"server at {server.url} answers but does not serve {model}; it serves: {', '.join(served) or 'nothing'}",
+                "correct the model name in the spec, or serve that model there",
+            )
             for model, keys in server.models.items()
             if model not in served and f"{model}:latest" not in served
         ]
@@ -575,8 +630,14 @@ def _check_readable(path: Path) -> Found:
 
 def _check_dump(path: Path) -> Found:
     if not path.exists():
-        return [(f"dump {path} does not exist", "download it (the recipe's comment says from where), or remove it "
-                 "from ingest.dumps (none: the generated sample dump)", "error")]
+        return [
+            (
+                f"dump {path} does not exist",
+                "download it (the recipe's comment says from where), or remove it "
+                "from ingest.dumps (none: the generated sample dump)",
+                "error",
+            )
+        ]
     if found := _exists(path):
         return found
     with open(path, "rb") as f:
@@ -590,7 +651,7 @@ def _check_dump(path: Path) -> Found:
 
 
 def _check_personas(path: Path, split: str) -> Found:
-    from esvr.tasks.personas import read_personas
+    from esvr.tasks.simulation.personas import read_personas
 
     if found := _exists(path):
         return found
@@ -601,29 +662,42 @@ def _check_personas(path: Path, split: str) -> Found:
 
 def _check_corpus(kind: str, path: Path) -> Found:
     """Parsed by the loader the fine-tuning uses; at least one supporter turn after a seeker's."""
-    from esvr.tasks.baselines import load_corpus
+    from esvr.tasks.evaluation.baselines import load_corpus
 
     if not path.exists():  # checked first: the ESConv loader would take a missing 'a/b' for a hub id
         return [(f"{kind} corpus {path} does not exist", f"download it from its publishers to {path}", "error")]
     dialogues = load_corpus(kind, path)  # type: ignore[arg-type]
-    turns = sum(1 for d in dialogues for i, u in enumerate(d) if u["role"] == "supporter" and any(h["role"] == "seeker" for h in d[:i]))
+    turns = sum(
+        1 for d in dialogues for i, u in enumerate(d) if u["role"] == "supporter" and any(h["role"] == "seeker" for h in d[:i])
+    )
     if not turns:
-        return [(f"{path} gives no supporter turn that answers a seeker ({len(dialogues)} dialogues)",
-                 f"is it the {kind} corpus?", "error")]
+        return [
+            (
+                f"{path} gives no supporter turn that answers a seeker ({len(dialogues)} dialogues)",
+                f"is it the {kind} corpus?",
+                "error",
+            )
+        ]
     return []
 
 
 def _check_esconv(source: str, cfg: Any | None) -> Found:
     """ESConv through the loader the stage uses; for the analysis (cfg given) both intensity groups."""
-    from esvr.tasks.esconv import LoadReport, load_esconv
+    from esvr.tasks.common.esconv import LoadReport, load_esconv
 
     path = Path(source)
     if not path.exists():
         if source.count("/") == 1 and not source.startswith((".", "/", "~")):
             if _hub_cached(source, "dataset"):
                 return []
-            return [(f"{source} is not a local file; as a hub dataset it is not in the local HF cache: it will be "
-                     "downloaded on first use", "or download ESConv.json and give its path", _hub_severity())]
+            return [
+                (
+                    f"{source} is not a local file; as a hub dataset it is not in the local HF cache: it will be "
+                    "downloaded on first use",
+                    "or download ESConv.json and give its path",
+                    _hub_severity(),
+                )
+            ]
         return [(f"ESConv file {source} does not exist", "download ESConv.json from its publishers and give its path", "error")]
     report = LoadReport()
     dialogues = load_esconv(path, report)
@@ -631,23 +705,40 @@ def _check_esconv(source: str, cfg: Any | None) -> Found:
         return [(f"{source} holds no dialogue", "", "error")]
     if cfg is None:  # simulator fidelity: seeker turns, and final intensities for the ES-Intensity check
         if not any(d.final_intensity is not None and d.turns() for d in dialogues):
-            return [(f"{source}: no dialogue has a final_emotion_intensity rating (the ES-Intensity check needs them)",
-                     "use ESConv.json, whose survey_score holds them", "error")]
+            return [
+                (
+                    f"{source}: no dialogue has a final_emotion_intensity rating (the ES-Intensity check needs them)",
+                    "use ESConv.json, whose survey_score holds them",
+                    "error",
+                )
+            ]
         return []
-    from esvr.tasks.analyze_esconv import HIGH, LOW, split_groups
+    from esvr.tasks.labeling.analyze_esconv import HIGH, LOW, split_groups
 
     groups, skipped = split_groups(dialogues, cfg)
     counts = {g: len(groups[g]) for g in (HIGH, LOW)}
-    need = (f"initial intensity {cfg.initial_intensity}, final {cfg.high_final} (high) or {cfg.low_final} (low); "
-            f"skipped: {dict(skipped)}")
+    need = (
+        f"initial intensity {cfg.initial_intensity}, final {cfg.high_final} (high) or {cfg.low_final} (low); "
+        f"skipped: {dict(skipped)}"
+    )
     if not counts[HIGH] and not counts[LOW]:
         missing = {k: v for k, v in report.missing_survey.items() if k.endswith("emotion_intensity")}
-        return [(f"{source}: no dialogue falls in either group ({need}; missing survey fields: {missing})",
-                 "the analysis needs the seekers' survey intensities (survey_score.seeker)", "error")]
+        return [
+            (
+                f"{source}: no dialogue falls in either group ({need}; missing survey fields: {missing})",
+                "the analysis needs the seekers' survey intensities (survey_score.seeker)",
+                "error",
+            )
+        ]
     empty = [g for g in (HIGH, LOW) if not counts[g]]
     if empty:
-        return [(f"{source}: the {empty[0]} group is empty ({need}): the group comparison will be undefined",
-                 "use the full ESConv.json", "warning")]
+        return [
+            (
+                f"{source}: the {empty[0]} group is empty ({need}): the group comparison will be undefined",
+                "use the full ESConv.json",
+                "warning",
+            )
+        ]
     return []
 
 
@@ -691,9 +782,14 @@ def _check_checkpoint(key: str, name: str, what: str) -> list[Problem]:
         return [Problem(key, f"{what} {name!r} is neither an existing path nor a hub id", "correct the name")]
     if _hub_cached(name, "model"):
         return []
-    return [Problem(key, f"{what} {name} is not a local folder and not in the local HF cache: it will be downloaded "
-                    "from the hub on first use", f"pre-fetch it: hf download {name} (gated models need hf auth login)",
-                    _hub_severity())]
+    return [
+        Problem(
+            key,
+            f"{what} {name} is not a local folder and not in the local HF cache: it will be downloaded from the hub on first use",
+            f"pre-fetch it: hf download {name} (gated models need hf auth login)",
+            _hub_severity(),
+        )
+    ]
 
 
 def _hub_severity() -> Severity:
@@ -736,8 +832,14 @@ def _check_mlflow_ref(key: str, ref: str, config: PipelineConfig) -> list[Proble
         store = Path(uri)
     if store.exists():
         return []
-    return [Problem(key, f"{ref}: the tracking store {store} does not exist, so the run cannot be found there",
-                    "set MLFLOW_TRACKING_URI to the store that holds the run, or run.out_dir to its run folder", "warning")]
+    return [
+        Problem(
+            key,
+            f"{ref}: the tracking store {store} does not exist, so the run cannot be found there",
+            "set MLFLOW_TRACKING_URI to the store that holds the run, or run.out_dir to its run folder",
+            "warning",
+        )
+    ]
 
 
 def _check_scheduler(address: str, runner: str, timeout_s: float) -> list[Problem]:
@@ -748,9 +850,14 @@ def _check_scheduler(address: str, runner: str, timeout_s: float) -> list[Proble
         with socket.create_connection((host, port), timeout=timeout_s):
             return []
     except OSError as exc:
-        return [Problem("orchestration.address", f"{runner} scheduler at {address} is not reachable ({exc.strerror or exc})",
-                        f"start it (e.g. {'dask scheduler' if runner == 'dask' else 'ray start --head'}) or drop the "
-                        "address to start a local cluster")]
+        return [
+            Problem(
+                "orchestration.address",
+                f"{runner} scheduler at {address} is not reachable ({exc.strerror or exc})",
+                f"start it (e.g. {'dask scheduler' if runner == 'dask' else 'ray start --head'}) or drop the "
+                "address to start a local cluster",
+            )
+        ]
 
 
 def _reason(exc: Exception) -> str:
@@ -761,9 +868,9 @@ def _reason(exc: Exception) -> str:
 
 
 def _base_model(config: PipelineConfig) -> ModelConfig:
-    from esvr.flows.train_tvd import base_model_config
+    from esvr.tasks.common.roles import base_model
 
-    return base_model_config(config)
+    return base_model(config.models.base)
 
 
 def main_report(config: PipelineConfig, stages: Sequence[str] | None = None) -> tuple[str, int]:
@@ -772,4 +879,3 @@ def main_report(config: PipelineConfig, stages: Sequence[str] | None = None) -> 
     start = time.perf_counter()
     problems = preflight(config, stages)
     return format_report(problems, stages, time.perf_counter() - start), exit_code(problems)
-

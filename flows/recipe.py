@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from esvr.flows.errors import ConfigError
+from esvr.models.config import ConfigError
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

@@ -29,15 +29,22 @@ from typing import Any
 from urllib.parse import urlparse
 
 from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.errors import ConfigError
 from esvr.flows.memory import StageMemory
+from esvr.models.config import ConfigError
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 #: Continuous batching answers concurrent requests together: 16 EmoLlama-sized prompts at once took
 #: 4.3 s instead of 68 s on a 2-core machine. Its KV cache is sized here (512 blocks of 32 tokens,
 #: ~0.75 GB for SmolLM2-135M): left to its default on CPU it took 9.7 GB.
-CONTINUOUS_BATCHING = ("--continuous-batching", "--cb-block-size", "32", "--cb-num-blocks", "512",
-                       "--cb-max-batch-tokens", "2048")
+CONTINUOUS_BATCHING = (
+    "--continuous-batching",
+    "--cb-block-size",
+    "32",
+    "--cb-num-blocks",
+    "512",
+    "--cb-max-batch-tokens",
+    "2048",
+)
 #: a chat completion as the server's access log records it
 _CHAT_REQUEST = re.compile(r'"POST /v1/chat/completions HTTP/[0-9.]+" 200')
 
@@ -195,8 +202,14 @@ def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
             log.write_text("")  # this rehearsal's requests only
             print(f"starting transformers serve for {name!r} on {url} (log: {log})")
             stack.enter_context(
-                serve_transformers(model_dir, name=name, host=parsed.hostname or "127.0.0.1", port=parsed.port,
-                                   log_path=log, extra_args=CONTINUOUS_BATCHING)
+                serve_transformers(
+                    model_dir,
+                    name=name,
+                    host=parsed.hostname or "127.0.0.1",
+                    port=parsed.port,
+                    log_path=log,
+                    extra_args=CONTINUOUS_BATCHING,
+                )
             )
             logs[url] = log
         warnings = ensure_ready(config)
@@ -230,5 +243,3 @@ def summary(report: Rehearsal) -> str:
     lines.append(f"  requests by stage: {stages or '(none)'}")
     lines.append(f"  report: {report.artifacts.get('report', '(none)')}")
     return "\n".join(lines)
-
-

@@ -13,8 +13,8 @@ from prefect import flow
 
 from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.report import build_report, find_runs, load_summary, summary_from_run
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.evaluation.report import build_report, find_runs, load_summary, summary_from_run
 
 
 @flow(name="report", log_prints=True)

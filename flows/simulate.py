@@ -6,73 +6,60 @@ arguments), absent meaning the paper's ablations. Dialogues go to
 ``<run>/simulate/<name>/dialogues.jsonl``, appended as they finish: rerunning the same command after
 an interruption resumes (finished dialogues are skipped, answered calls come from the response
 cache). With ``orchestration.task_runner`` dask or ray the personas are split into shards that the
-cluster's workers simulate (`esvr.flows.task_runners.simulate_on_runner`). When train or dev
+cluster's workers simulate (`esvr.tasks.simulation.sharded.simulate_on_runner`). When train or dev
 personas were simulated, the supporter's SFT data is exported next to it (Tables 9 and 10).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths, chat_model
-from esvr.flows.task_runners import shard_dir, shard_runs, simulate_on_runner, uses_cluster
-from esvr.tasks.personas import read_personas
-from esvr.tasks.sft_export import export_sft, sft_metrics
-from esvr.tasks.simulate import (
-    SIMULATE_PROMPTS,
-    Agents,
-    SimulationSummary,
-    build_agents,
-    load_dialogues,
-    simulate_dialogues,
-)
+from esvr.flows.config import PipelineConfig
+from esvr.flows.task_runners import map_runner, uses_cluster
+from esvr.models.config import ModelConfig
+from esvr.models.emotion import EmotionConfig
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import model_config
+from esvr.tasks.common.shards import shard_dir, shard_runs
+from esvr.tasks.simulation.personas import read_personas
+from esvr.tasks.simulation.sharded import simulate_on_runner
+from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, SimulationSummary, load_dialogues, opened_agents, simulate_dialogues
+from esvr.tasks.supporter.sft_export import export_sft, sft_metrics
 
 
-def _model_config(value: ModelConfig | str | None) -> ModelConfig | None:
-    if value is None or isinstance(value, ModelConfig):
-        return value
-    return ModelConfig(spec=value)
-
-
-def emotion_scorer(config: PipelineConfig) -> Any | None:
-    """The label stage's emotion scorer (valence for the end rule), or None when turned off."""
-    if not config.simulate.emotion:
-        return None
-    from esvr.models.emotion import load_emotion_scorer
-
-    cfg = config.label.emotion
-    run_dir = config.run.out_dir.resolve()
-    echat = chat_model(cfg.model, run_dir, cache=config.models.cache) if cfg.backend == "emollama" else None
-    return load_emotion_scorer(cfg, echat)
-
-
-def agents_from(config: PipelineConfig, supporter: ModelConfig, tvd: ModelConfig | None, rg: ModelConfig | None) -> Agents:
-    """The supporter, seeker, TVD, RG and emotion scorer a config names (models loaded once per process)."""
-    run_dir, cache = config.run.out_dir.resolve(), config.models.cache
-    return build_agents(
-        config.simulate,
-        chat_model(supporter, run_dir, cache=cache),
-        chat_model(config.models.seeker, run_dir, cache=cache),
-        tvd_model=chat_model(tvd, run_dir, cache=cache) if tvd is not None else None,
-        rg_model=chat_model(rg, run_dir, cache=cache) if rg is not None else None,
-        emotion_scorer=emotion_scorer(config),
-    )
+def emotion_config(config: PipelineConfig) -> EmotionConfig | None:
+    """The label stage's emotion scorer when the simulation's valence end rule is on (else None)."""
+    return config.label.emotion if config.simulate.emotion else None
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def simulate_task(
-    config: PipelineConfig, personas: list[dict], out: Path, supporter: ModelConfig, tvd: ModelConfig | None, rg: ModelConfig | None
+    config: PipelineConfig,
+    personas: list[dict],
+    out: Path,
+    supporter: ModelConfig,
+    tvd: ModelConfig | None,
+    rg: ModelConfig | None,
 ) -> SimulationSummary:
     """Not cached by Prefect: dialogues.jsonl itself is the resumable record of what is done."""
-    agents = agents_from(config, supporter, tvd, rg)
     cfg = config.simulate
-    return simulate_dialogues(personas, out, agents, concurrency=cfg.concurrency, alternatives=cfg.alternatives, seed=config.run.seed)
+    with opened_agents(
+        cfg,
+        supporter,
+        config.models.seeker,
+        tvd=tvd,
+        rg=rg,
+        emotion=emotion_config(config),
+        run_dir=config.run.out_dir.resolve(),
+        use_cache=config.models.cache,
+    ) as agents:
+        return simulate_dialogues(
+            personas, out, agents, concurrency=cfg.concurrency, alternatives=cfg.alternatives, seed=config.run.seed
+        )
 
 
 @flow(name="simulate", log_prints=True)
@@ -88,16 +75,17 @@ def simulate_flow(
 ) -> dict[str, str]:
     """Simulate the personas of `splits`; returns {'dialogues': path, ['sft_train', 'sft_dev', 'sft_stats']}.
 
-    `supporter`, `tvd`, `rg`: a spec string or ModelConfig; None takes ``models.supporter``,
-    ``simulate.tvd``, ``simulate.rg``. Pass ``tvd=""``/``rg=""`` to leave one out explicitly.
+    `supporter`, `tvd`, `rg`: a spec, a trained component (``mlflow:<run_id>``, an adapter folder)
+    or a ModelConfig; None takes ``models.supporter``, ``simulate.tvd``, ``simulate.rg``. Pass
+    ``tvd=""``/``rg=""`` to leave one out explicitly.
     """
     cfg = config.simulate
     run = RunPaths(config.run.out_dir.resolve())
     personas_file = Path(personas_path) if personas_path else run.out_dir / "personas" / "personas.jsonl"
     splits = list(splits or cfg.splits)
-    sup_cfg = _model_config(supporter) or config.models.supporter
-    tvd_cfg = cfg.tvd if tvd is None else _model_config(tvd or None)
-    rg_cfg = cfg.rg if rg is None else _model_config(rg or None)
+    sup_cfg = model_config(supporter) or config.models.supporter
+    tvd_cfg = cfg.tvd if tvd is None else model_config(tvd)
+    rg_cfg = cfg.rg if rg is None else model_config(rg)
     out_dir = run.stage("simulate") / name
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "dialogues.jsonl"
@@ -110,11 +98,24 @@ def simulate_flow(
         if not personas:
             raise ValueError(f"{personas_file}: no persona in split(s) {splits} to simulate")
         tracking.log_metrics({"simulate.personas": len(personas)})
-        print(f"simulating {len(personas)} personas ({', '.join(splits)}) with supporter {sup_cfg.spec}, "
-              f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}")
+        print(
+            f"simulating {len(personas)} personas ({', '.join(splits)}) with supporter {sup_cfg.spec}, "
+            f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}"
+        )
         if uses_cluster(config.orchestration):
             roles = {"supporter": sup_cfg, "seeker": config.models.seeker, "tvd": tvd_cfg, "rg": rg_cfg}
-            summary = simulate_on_runner(config, personas, out, roles)
+            summary = simulate_on_runner(
+                map_runner(config.orchestration),
+                config.orchestration.max_workers,
+                cfg,
+                personas,
+                out,
+                roles,
+                emotion_config(config),
+                str(run.out_dir),
+                config.models.cache,
+                config.run.seed,
+            )
             shards = shard_runs(out)
             workers = len({s["worker_pid"] for s in shards})
             tracking.log_metrics({"simulate.shards": len(shards), "simulate.workers": workers})
@@ -133,7 +134,9 @@ def simulate_flow(
             f"{summary.calls_per_supporter_turn:.2f} LLM calls per supporter turn"
         )
         if summary.errors:
-            print(f"{len(summary.errors)} dialogues hit backend errors and were not written; rerun to retry them: {summary.errors[:3]}")
+            print(
+                f"{len(summary.errors)} dialogues hit backend errors and were not written; rerun to retry them: {summary.errors[:3]}"
+            )
         artifacts = {"dialogues": str(out)}
         sft_splits = [s for s in ("train", "dev") if s in splits]
         if export and sft_splits:
@@ -145,7 +148,9 @@ def simulate_flow(
             for s, p in result["paths"].items():
                 artifacts[f"sft_{s}"] = p
                 st = result["stats"][s]
-                print(f"SFT {s}: {st['dialogues']} dialogues, {st['turns']} turns, {st['examples_before_filter']} examples, "
-                      f"{st['examples']} after the strategy filter")
+                print(
+                    f"SFT {s}: {st['dialogues']} dialogues, {st['turns']} turns, {st['examples_before_filter']} examples, "
+                    f"{st['examples']} after the strategy filter"
+                )
             artifacts["sft_stats"] = result["stats_path"]
         return artifacts

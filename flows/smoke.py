@@ -1,7 +1,8 @@
 """Flow `smoke`: config -> default model reply + score_choices -> cached task -> MLflow run.
 
-The pattern every stage flow follows: open an MLflow run, build what the stage needs from the
-config, call the cached task(s), log metrics and artifacts, return artifact paths.
+The pattern every stage flow follows: its cached tasks wrap the stage's plain functions
+(``esvr.tasks``); the flow opens an MLflow run, calls the tasks with the config's sections, logs
+metrics and artifacts and returns artifact paths.
 """
 
 from __future__ import annotations
@@ -9,12 +10,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 
 from esvr.flows import tracking
+from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.tasks.smoke import smoke_task
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.smoke import smoke
+
+smoke_task = task(
+    smoke,
+    name="smoke_task",
+    cache_policy=cache_policy("esvr.tasks.smoke", "esvr.models.chat", "esvr.models.hf_backend"),
+    persist_result=True,
+)
 
 
 @flow(name="smoke", log_prints=True)

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
 from esvr.flows.config import PipelineConfig, flatten
-from esvr.flows.runtime import RunPaths, default_tracking_uri
+from esvr.flows.runtime import default_tracking_uri
 from esvr.prompts import PROMPTS_DIR
+from esvr.tasks.common.paths import RunPaths
 
 # The key's last part names a credential ("models.judge.api_key", "hub.token"); "max_tokens" or
 # "api_key_env" (the variable's *name*) are ordinary settings.
@@ -132,18 +132,8 @@ def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None)
 def log_usage(models: Mapping[str, Any] | None = None) -> None:
     """Token and call counters of chat models (default: every model this process loaded)."""
     if models is None:
-        from esvr.flows.runtime import loaded_models
+        from esvr.tasks.common.roles import loaded_models
 
         models = loaded_models()
     for name, model in models.items():
         log_metrics(model.usage.as_metrics(f"usage.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[-60:]}"))
-
-
-def runs_by_tag(experiment: str, **tags: str) -> list[mlflow.entities.Run]:
-    """Finished runs of an experiment whose tags match, newest first."""
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])

@@ -15,32 +15,55 @@ from pathlib import Path
 from typing import Any
 
 from datasets import load_from_disk
-from prefect import flow
+from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths
-from esvr.flows.train_tvd import base_model_config, dataset_dir, model_for, train_component
-from esvr.tasks import rg
-from esvr.tasks.components import component_spec, prompts_digest
-from esvr.tasks.datasets import load_manifest
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import PipelineConfig
+from esvr.flows.train_tvd import STAGE, dataset_dir, model_for, train_component
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import base_model, component_spec
+from esvr.tasks.components import rg
+from esvr.tasks.components.datasets import load_manifest
+
+_keys = cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=rg.PROMPT_FILES)
+without_target_values_task = task(
+    rg.without_target_values,
+    name="rg_sft_without_values",
+    cache_policy=cache_policy(STAGE, prompts=rg.PROMPT_FILES),
+    persist_result=True,
+)
+rg_generate_task = task(rg.rg_generate, name="rg_generate", cache_policy=_keys, persist_result=True)
+rg_judge_task = task(rg.rg_judge, name="rg_judge", cache_policy=_keys, persist_result=True)
 
 
 def evaluate_setting(
-    config: PipelineConfig, setting: str, data: Path, systems: dict[str, str], out_dir: Path, max_chars: int | None,
+    config: PipelineConfig,
+    setting: str,
+    data: Path,
+    systems: dict[str, str],
+    out_dir: Path,
+    max_chars: int | None,
 ) -> list[dict[str, Any]]:
     """Tables 7-8 for one setting. `systems`: name -> chat spec ('vanilla', 'sft', 'dpo')."""
     cfg = config.train_rg
     paths = RunPaths(config.run.out_dir.resolve())
-    digest = prompts_digest(rg.PROMPT_FILES)
     judge = model_for(cfg.judge, config)
     replies: dict[tuple[str, str], str] = {}
 
     def generated(name: str, mode: str) -> Path:
         if (name, mode) not in replies:
-            replies[(name, mode)] = rg.rg_generate_task(
-                ModelConfig(spec=systems[name]), data, mode, cfg.eval, max_chars, config.run.seed,
-                out_dir / f"replies.{name}.{mode}.jsonl", str(paths.out_dir), config.models.cache, digest,
+            replies[(name, mode)] = rg_generate_task(
+                ModelConfig(spec=systems[name]),
+                data,
+                mode,
+                cfg.eval,
+                max_chars,
+                config.run.seed,
+                out_dir / f"replies.{name}.{mode}.jsonl",
+                str(paths.out_dir),
+                config.models.cache,
             )
         return Path(replies[(name, mode)])
 
@@ -55,9 +78,19 @@ def evaluate_setting(
     results = []
     for label, xn, xm, yn, ym in comparisons:
         x, y = (xn, yn) if xn != yn else (xm, ym)
-        res = rg.rg_judge_task(
-            judge, data, generated(xn, xm), generated(yn, ym), x, y, cfg.eval, max_chars, config.run.seed,
-            out_dir / f"verdicts.{label}.jsonl", str(paths.out_dir), config.models.cache, digest,
+        res = rg_judge_task(
+            judge,
+            data,
+            generated(xn, xm),
+            generated(yn, ym),
+            x,
+            y,
+            cfg.eval,
+            max_chars,
+            config.run.seed,
+            out_dir / f"verdicts.{label}.jsonl",
+            str(paths.out_dir),
+            config.models.cache,
         )
         res = {**res, "label": label}
         results.append(res)
@@ -78,18 +111,24 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
     stage_dir = paths.stage("train_rg")
     artifacts: dict[str, str] = {}
     report = ["# Reference generator (Tables 7 and 8)", ""]
-    digest = prompts_digest(rg.PROMPT_FILES)
     with tracking.flow_run("train_rg", config, section="train_rg", prompts=rg.PROMPT_FILES):
         for setting in cfg.settings:
             scfg = cfg.for_setting(setting)
             sft_data, dpo_data = dataset_dir(manifest, setting, "rg_sft"), dataset_dir(manifest, setting, "rg_dpo")
             if not cfg.with_values:
-                sft_data = Path(rg.without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars, digest))
+                sft_data = Path(without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars))
             sft, sft_run = train_component(
-                config, component="rg", stage="sft", setting=setting, kind="sft", data=sft_data,
-                train_cfg=scfg.sft, out=stage_dir / setting / "sft", tags={"esvr.rg_values": str(cfg.with_values).lower()},
+                config,
+                component="rg",
+                stage="sft",
+                setting=setting,
+                kind="sft",
+                data=sft_data,
+                train_cfg=scfg.sft,
+                out=stage_dir / setting / "sft",
+                tags={"esvr.rg_values": str(cfg.with_values).lower()},
             )
-            systems = {"vanilla": base_model_config(config).spec, "sft": component_spec(sft["adapter_dir"])}
+            systems = {"vanilla": base_model(config.models.base).spec, "sft": component_spec(sft["adapter_dir"])}
             artifacts[f"rg_{setting}_sft"] = systems["sft"]
             artifacts[f"rg_{setting}_sft_run"] = f"mlflow:{sft_run}"
             if not cfg.with_values:
@@ -98,8 +137,15 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
                 print(f"rg ({setting}): no DPO pairs to train on; the SFT model stands in for DPO")
             else:
                 dpo, dpo_run = train_component(
-                    config, component="rg", stage="dpo", setting=setting, kind="dpo", data=dpo_data,
-                    train_cfg=scfg.dpo, out=stage_dir / setting / "dpo", sft_adapter=Path(sft["adapter_dir"]),
+                    config,
+                    component="rg",
+                    stage="dpo",
+                    setting=setting,
+                    kind="dpo",
+                    data=dpo_data,
+                    train_cfg=scfg.dpo,
+                    out=stage_dir / setting / "dpo",
+                    sft_adapter=Path(sft["adapter_dir"]),
                 )
                 systems["dpo"] = component_spec(dpo["adapter_dir"])
                 artifacts[f"rg_{setting}_dpo"] = systems["dpo"]

@@ -20,29 +20,42 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.flows.runtime import RunPaths, release_models
-from esvr.tasks.components import component_spec
-from esvr.tasks.preferences import EMOTION_PROMPTS
-from esvr.tasks.simulate import SIMULATE_PROMPTS, load_dialogues
-from esvr.tasks.train_supporter import (
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import PipelineConfig
+from esvr.flows.task_runners import map_runner, uses_cluster
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import component_spec, model_config, release_models
+from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, load_dialogues
+from esvr.tasks.supporter.preferences import EMOTION_PROMPTS
+from esvr.tasks.supporter.train_supporter import (
     SPLITS,
+    build_sft_data,
     dialogues_by_split,
-    dpo_simulations_task,
-    preferences_task,
-    rollouts_task,
-    sft_data_task,
+    dpo_simulations,
+    preferences,
+    rollouts,
     table19_metrics,
 )
 
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.supporter"
 
-def _model(value: ModelConfig | str | None) -> ModelConfig | None:
-    if value is None or isinstance(value, ModelConfig):
-        return value
-    return ModelConfig(spec=value) if value else None
+
+sft_data_task = task(build_sft_data, name="supporter_sft_data", cache_policy=cache_policy(STAGE), persist_result=True)
+# Not cached by Prefect: the dialogues file is itself the resumable record.
+dpo_simulations_task = task(dpo_simulations, name="supporter_dpo_simulations", cache_policy=NO_CACHE, persist_result=False)
+preferences_task = task(
+    preferences, name="supporter_preferences", cache_policy=cache_policy(STAGE, "esvr.models.value_detector"), persist_result=True
+)
+
+
+# Not cached by Prefect: the rollouts file is resumable (candidates already in it are skipped).
+rollouts_task = task(rollouts, name="supporter_rollouts", cache_policy=NO_CACHE, persist_result=False)
 
 
 def _emotion_cfg(config: PipelineConfig) -> Any | None:
@@ -71,8 +84,9 @@ def train_supporter_flow(
 
     `dialogues_path`: the SFT stage's dialogues (default ``<run>/simulate/main/dialogues.jsonl``).
     `personas_path`: personas for the 'DPO (SFT)' simulations (default: the dialogues' own personas).
-    `tvd`, `rg`: the trained components as specs (default ``simulate.tvd`` / ``simulate.rg``;
-    ``""`` for none), used by the rollouts and the 'DPO (SFT)' simulations.
+    `tvd`, `rg`: the trained components as specs or component references (default
+    ``simulate.tvd`` / ``simulate.rg``; ``""`` for none), used by the rollouts and the 'DPO (SFT)'
+    simulations.
     """
     from esvr.flows.train_tvd import train_component
 
@@ -81,8 +95,8 @@ def train_supporter_flow(
     dialogues = Path(dialogues_path) if dialogues_path else paths.out_dir / "simulate" / "main" / "dialogues.jsonl"
     if not dialogues.exists():
         raise FileNotFoundError(f"train_supporter: no dialogues file {dialogues} (run the simulate stage first)")
-    tvd_cfg = config.simulate.tvd if tvd is None else _model(tvd)
-    rg_cfg = config.simulate.rg if rg is None else _model(rg)
+    tvd_cfg = config.simulate.tvd if tvd is None else model_config(tvd)
+    rg_cfg = config.simulate.rg if rg is None else model_config(rg)
     stage_dir = paths.stage("train_supporter")
     variant = cfg.reward
     tags = {
@@ -98,14 +112,22 @@ def train_supporter_flow(
         # 1. SFT -------------------------------------------------------------------------------
         sft_data = sft_data_task(dialogues, stage_dir / "sft", cfg.include_stepwise)
         stats = sft_data["stats"]
-        tracking.log_metrics({f"sft_data.{s}.{k}": v for s, st in stats.items() for k, v in st.items() if isinstance(v, (int, float))})
+        tracking.log_metrics(
+            {f"sft_data.{s}.{k}": v for s, st in stats.items() for k, v in st.items() if isinstance(v, (int, float))}
+        )
         print("SFT data: " + ", ".join(f"{s} {st['examples']} examples from {st['turns']} turns" for s, st in stats.items()))
         if stats["train"]["examples"] == 0:
             raise ValueError(f"train_supporter: {dialogues} gives no SFT training example (no successful train-split turn)")
         release_models()  # training wants the memory the simulation's models hold
         sft, sft_run = train_component(
-            config, component="supporter", stage="sft", setting=variant, kind="sft",
-            data=Path(sft_data["data"]), train_cfg=cfg.sft, out=stage_dir / "sft" / "train",
+            config,
+            component="supporter",
+            stage="sft",
+            setting=variant,
+            kind="sft",
+            data=Path(sft_data["data"]),
+            train_cfg=cfg.sft,
+            out=stage_dir / "sft" / "train",
         )
         sft_spec = component_spec(sft["adapter_dir"])
         artifacts.update(sft=sft_spec, sft_run=f"mlflow:{sft_run}", supporter=sft_spec, supporter_run=f"mlflow:{sft_run}")
@@ -113,7 +135,7 @@ def train_supporter_flow(
         # 2. the dialogues behind the preference data ------------------------------------------
         if cfg.dpo_simulations == "sft":
             if personas_path:
-                from esvr.tasks.personas import read_personas
+                from esvr.tasks.simulation.personas import read_personas
 
                 chosen = read_personas(personas_path, list(SPLITS))
             else:
@@ -121,8 +143,17 @@ def train_supporter_flow(
             personas = [p for ps in dialogues_by_split(chosen, cfg.dpo_max_personas).values() for p in ps]
             dpo_dialogues = stage_dir / "dpo" / "dialogues_sft.jsonl"
             sim = dpo_simulations_task(
-                personas, dpo_dialogues, config.simulate, ModelConfig(spec=sft_spec), config.models.seeker,
-                tvd_cfg, rg_cfg, _emotion_cfg(config), paths.out_dir, config.models.cache, config.run.seed,
+                personas,
+                dpo_dialogues,
+                config.simulate,
+                ModelConfig(spec=sft_spec),
+                config.models.seeker,
+                tvd_cfg,
+                rg_cfg,
+                _emotion_cfg(config),
+                paths.out_dir,
+                config.models.cache,
+                config.run.seed,
             )
             tracking.log_metrics(sim["metrics"])
             print(f"DPO (SFT): simulated {len(personas)} personas with the SFT model -> {dpo_dialogues}")
@@ -136,10 +167,23 @@ def train_supporter_flow(
         horizon = cfg.rollout_horizon()
         h_name = "all" if horizon is None else str(horizon)
         rollouts_path = stage_dir / "dpo" / f"rollouts_{cfg.dpo_simulations}_h{h_name}.jsonl"
+        # with a dask or ray orchestration the rollouts' shards run on the cluster
+        on_cluster = uses_cluster(config.orchestration)
         roll = rollouts_task(
-            dpo_dialogues, rollouts_path, cfg, config.simulate, rollout_supporter, config.models.seeker,
-            tvd_cfg, rg_cfg, _emotion_cfg(config), paths.out_dir, config.models.cache, config.run.seed,
-            config.orchestration,
+            dpo_dialogues,
+            rollouts_path,
+            cfg,
+            config.simulate,
+            rollout_supporter,
+            config.models.seeker,
+            tvd_cfg,
+            rg_cfg,
+            _emotion_cfg(config),
+            paths.out_dir,
+            config.models.cache,
+            config.run.seed,
+            run=map_runner(config.orchestration) if on_cluster else None,
+            n_shards=config.orchestration.max_workers,
         )
         tracking.log_metrics(roll["metrics"])
         if "workers" in roll:
@@ -147,20 +191,41 @@ def train_supporter_flow(
             print(f"rollouts ran on {roll['workers']} {config.orchestration.task_runner} worker process(es)")
         if roll["errors"]:
             print(f"{len(roll['errors'])} rollouts hit backend errors and were not written; rerun to retry: {roll['errors'][:3]}")
-        print(f"rollouts (horizon {h_name}, shared by every setting): {roll['metrics']['rollouts.turns_with_candidates']:.0f} turns "
-              f"with both candidates over {roll['dialogues']} dialogues -> {rollouts_path}")
+        print(
+            f"rollouts (horizon {h_name}, shared by every setting): {roll['metrics']['rollouts.turns_with_candidates']:.0f} turns "
+            f"with both candidates over {roll['dialogues']} dialogues -> {rollouts_path}"
+        )
         release_models()
 
         # 4. scores, pairs and Table 19 per setting -------------------------------------------
         prefs = preferences_task(
-            rollouts_path, dpo_dialogues, cfg, _value_cfg(config), config.models.judge,
-            stage_dir / "dpo" / f"preferences_{variant}", str(paths.out_dir), config.models.cache, config.run.seed,
+            rollouts_path,
+            dpo_dialogues,
+            cfg,
+            _value_cfg(config),
+            config.models.judge,
+            stage_dir / "dpo" / f"preferences_{variant}",
+            str(paths.out_dir),
+            config.models.cache,
+            config.run.seed,
         )
         for name, counts in prefs["table19"].items():
-            with tracking.flow_run(f"supporter.pairs.{name}", config, tags={"esvr.component": "supporter", "esvr.setting": name, "esvr.reward": variant}):
+            with tracking.flow_run(
+                f"supporter.pairs.{name}",
+                config,
+                tags={"esvr.component": "supporter", "esvr.setting": name, "esvr.reward": variant},
+            ):
                 setting = next(s for s in cfg.settings() if s.name == name)
-                mlflow.log_params({"h": "all" if setting.h is None else setting.h, "gamma": setting.gamma, "t_diff": setting.t_diff,
-                                   "reward": variant, "dpo_simulations": cfg.dpo_simulations, "selected": name == prefs["selected"]})
+                mlflow.log_params(
+                    {
+                        "h": "all" if setting.h is None else setting.h,
+                        "gamma": setting.gamma,
+                        "t_diff": setting.t_diff,
+                        "reward": variant,
+                        "dpo_simulations": cfg.dpo_simulations,
+                        "selected": name == prefs["selected"],
+                    }
+                )
                 tracking.log_metrics(table19_metrics(counts))
                 tracking.log_artifact(prefs["pairs"][name], "pairs")
         table = Path(stage_dir / "dpo" / f"preferences_{variant}" / "table19.md")
@@ -174,12 +239,21 @@ def train_supporter_flow(
         if not cfg.train_dpo:
             print("train_supporter.train_dpo is off: stopping after the preference data")
         elif selected["train"]["pairs"] == 0:
-            print(f"DPO skipped: the selected setting {prefs['selected']} gave 0 training pairs "
-                  f"({selected['train']['candidates']} turns with both candidates); the supporter is the SFT model")
+            print(
+                f"DPO skipped: the selected setting {prefs['selected']} gave 0 training pairs "
+                f"({selected['train']['candidates']} turns with both candidates); the supporter is the SFT model"
+            )
         else:
             dpo, dpo_run = train_component(
-                config, component="supporter", stage="dpo", setting=f"{variant}.{prefs['selected']}", kind="dpo",
-                data=Path(prefs["data"]), train_cfg=cfg.dpo, out=stage_dir / "dpo" / "train", sft_adapter=Path(sft["adapter_dir"]),
+                config,
+                component="supporter",
+                stage="dpo",
+                setting=f"{variant}.{prefs['selected']}",
+                kind="dpo",
+                data=Path(prefs["data"]),
+                train_cfg=cfg.dpo,
+                out=stage_dir / "dpo" / "train",
+                sft_adapter=Path(sft["adapter_dir"]),
             )
             dpo_spec = component_spec(dpo["adapter_dir"])
             artifacts.update(dpo=dpo_spec, dpo_run=f"mlflow:{dpo_run}", supporter=dpo_spec, supporter_run=f"mlflow:{dpo_run}")

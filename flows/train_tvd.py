@@ -14,31 +14,50 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow
+from prefect import flow, task
 
 from esvr.flows import tracking
-from esvr.flows.config import ModelConfig, PipelineConfig, flatten
-from esvr.flows.runtime import RunPaths, release_models, return_freed_memory
-from esvr.tasks import tvd
-from esvr.tasks.components import component_spec, log_training, prompts_digest, train_lora_task
-from esvr.tasks.datasets import load_manifest
+from esvr.flows.caching import cache_policy
+from esvr.flows.config import PipelineConfig, flatten
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import base_model, component_spec, release_models, resolve_component, return_freed_memory
+from esvr.tasks.components import tvd
+from esvr.tasks.components.datasets import load_manifest
+from esvr.tasks.components.training import log_training, train_lora
 
 _ROLES = ("supporter", "seeker", "persona_writer", "judge")
+#: the stage's code: every task's cache key follows its source
+STAGE = "esvr.tasks.components"
 
 
-def base_model_config(config: PipelineConfig) -> ModelConfig:
-    """`models.base` as a chat spec ('default', or 'hf:<path-or-hub-id>')."""
-    base = config.models.base
-    return ModelConfig(spec=base if base == "default" or base.startswith("hf:") else f"hf:{base}")
+# Keyed by the dataset's and the base weights' content, the SFT adapter's content, the config and
+# the trainer's source; not by the MLflow run id, so a re-run reuses the adapter and
+# `log_training` replays its step metrics into the new run. Libraries print bytecode listings while
+# hashing functions, hence no log_prints; step metrics go to MLflow instead.
+train_lora_task = task(
+    train_lora,
+    name="train_lora",
+    cache_policy=cache_policy(STAGE, "esvr.models.training", exclude=["run_id"]),
+    persist_result=True,
+    log_prints=False,
+)
+tvd_eval_task = task(
+    tvd.tvd_eval,
+    name="tvd_eval",
+    cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=tvd.PROMPT_FILES),
+    persist_result=True,
+)
 
 
 def model_for(name: str, config: PipelineConfig) -> ModelConfig:
-    """'base' = the training base checkpoint; a role name = that configured model; else a spec."""
+    """'base' = the training base checkpoint; a role name = that configured model; else a spec or
+    a trained component (``mlflow:<run_id>``, an adapter folder)."""
     if name == "base":
-        return base_model_config(config)
+        return base_model(config.models.base)
     if name in _ROLES:
         return getattr(config.models, name)
-    return ModelConfig(spec=name)
+    return ModelConfig(spec=resolve_component(name))
 
 
 def slug(name: str) -> str:
@@ -56,13 +75,27 @@ def dataset_dir(manifest: dict[str, Any], setting: str, kind: str) -> Path:
 
 
 def train_component(
-    config: PipelineConfig, *, component: str, stage: str, setting: str, kind: str, data: Path,
-    train_cfg: Any, out: Path, sft_adapter: Path | None = None, tags: dict[str, str] | None = None,
+    config: PipelineConfig,
+    *,
+    component: str,
+    stage: str,
+    setting: str,
+    kind: str,
+    data: Path,
+    train_cfg: Any,
+    out: Path,
+    sft_adapter: Path | None = None,
+    tags: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """One training as a nested MLflow run; returns (TrainResult JSON, MLflow run id)."""
-    base = base_model_config(config)
-    tags = {"esvr.component": component, "esvr.training_stage": stage, "esvr.setting": setting, "esvr.base_model": base.spec,
-            **(tags or {})}
+    base = base_model(config.models.base)
+    tags = {
+        "esvr.component": component,
+        "esvr.training_stage": stage,
+        "esvr.setting": setting,
+        "esvr.base_model": base.spec,
+        **(tags or {}),
+    }
     with tracking.flow_run(f"{component}.{stage}.{setting}", config, tags=tags) as run:
         run_id = run.info.run_id
         items = list(tracking.safe_params(flatten(train_cfg, prefix="train.")).items())
@@ -74,8 +107,10 @@ def train_component(
         return_freed_memory()  # the Trainer holds reference cycles; free the training copy before evaluating
         log_training(result, run_id)
         m = result["metrics"]
-        print(f"{component} {stage} ({setting}): {int(m['global_step'])} steps, {m['step_time_s']:.2f} s/step, "
-              f"train loss {m['train_loss']:.3f}" + (f", dev loss {m['eval_loss']:.3f}" if "eval_loss" in m else ""))
+        print(
+            f"{component} {stage} ({setting}): {int(m['global_step'])} steps, {m['step_time_s']:.2f} s/step, "
+            f"train loss {m['train_loss']:.3f}" + (f", dev loss {m['eval_loss']:.3f}" if "eval_loss" in m else "")
+        )
     return result, run_id
 
 
@@ -88,11 +123,16 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
     data = dataset_dir(manifest, cfg.setting, "tvd")
     max_chars = manifest["config"].get("max_chars_per_utterance")
     stage_dir = paths.stage("train_tvd")
-    digest = prompts_digest(tvd.PROMPT_FILES)
     with tracking.flow_run("train_tvd", config, section="train_tvd", prompts=tvd.PROMPT_FILES):
         result, run_id = train_component(
-            config, component="tvd", stage="sft", setting=cfg.setting, kind="sft", data=data,
-            train_cfg=cfg.train, out=stage_dir / "sft",
+            config,
+            component="tvd",
+            stage="sft",
+            setting=cfg.setting,
+            kind="sft",
+            data=data,
+            train_cfg=cfg.train,
+            out=stage_dir / "sft",
         )
         spec = component_spec(result["adapter_dir"])
 
@@ -102,10 +142,20 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
         evaluations = []
         for name, model, variant in systems:
             out = stage_dir / "eval" / f"{slug(name)}.{variant}.jsonl"
-            evaluations.append(tvd.tvd_eval_task(
-                model, data, name, variant, cfg.eval, max_chars, config.run.seed, out,
-                str(paths.out_dir), config.models.cache, digest,
-            ))
+            evaluations.append(
+                tvd_eval_task(
+                    model,
+                    data,
+                    name,
+                    variant,
+                    cfg.eval,
+                    max_chars,
+                    config.run.seed,
+                    out,
+                    str(paths.out_dir),
+                    config.models.cache,
+                )
+            )
         for ev in evaluations:
             tracking.log_metrics({f"tvd.eval.{slug(ev['name'])}.{ev['variant']}.{k}": v for k, v in ev["metrics"].items()})
         trained = evaluations[0]["metrics"]

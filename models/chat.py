@@ -9,6 +9,7 @@ Supporter, seeker simulator, persona writer, judges and LLM-based labelers all t
 
 `score_choices` turns log-probabilities of a fixed set of answers into a distribution; judges and
 classifiers use it because it is robust on small models and costs one forward pass.
+`esvr.models.backends.load_chat_model` builds the backend a `ModelConfig` names.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ class ChatModel(ABC):
         """Text pieces as they come. Backends that cannot stream yield the whole reply once."""
         yield self.chat(messages, **kwargs)[0]
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release servers, threads and memory; the object is unusable afterwards."""
 
     def _count(self, **deltas: int) -> None:
@@ -260,50 +261,3 @@ class CachedChatModel(ChatModel):
 
     def close(self) -> None:
         self.inner.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Model specs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSpec:
-    """Where a model comes from and how to talk to it. Parsed from config; never holds a secret."""
-
-    spec: str = "default"
-    base_url: str | None = None
-    #: name of the environment variable that holds the API key (the key itself is never stored)
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    batch_size: int = 8
-    device: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def backend(self) -> str:
-        if self.spec == "default":
-            return "default"
-        backend, sep, _ = self.spec.partition(":")
-        if not sep or backend not in {"openai", "hf"}:
-            raise ValueError(f"model spec {self.spec!r}: expected 'default', 'openai:<model>' or 'hf:<path>[+<adapter>]'")
-        return backend
-
-
-def load_chat_model(spec: ModelSpec | str, cache: ResponseCache | None = None) -> ChatModel:
-    """Build the backend a spec names, wrapped in the response cache when one is given."""
-    if isinstance(spec, str):
-        spec = ModelSpec(spec=spec)
-    backend = spec.backend
-    model: ChatModel
-    if backend == "openai":
-        from esvr.models.openai_backend import OpenAIChat
-
-        model = OpenAIChat.from_spec(spec)
-    else:
-        from esvr.models.hf_backend import HFChat
-
-        model = HFChat.from_spec(spec)
-    return CachedChatModel(model, cache) if cache is not None else model

@@ -53,6 +53,16 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def base_checkpoint(spec: str | os.PathLike[str]) -> str:
+    """The local folder or hub id of a base checkpoint: 'default' (this model, converted on first
+    use), 'hf:<path-or-hub-id>' or the path or hub id itself. An adapter (``+``) is not a base."""
+    name = str(spec)
+    name = name[3:] if name.startswith("hf:") else name
+    if "+" in name:
+        raise ValueError(f"base model {name!r} names an adapter; a base is a plain checkpoint")
+    return str(ensure_default_model()) if name == "default" else name
+
+
 def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -2,8 +2,7 @@
 
 The paper scores utterances with EmoLlama-chat-7B (Liu et al., 2024, EmoLLMs) in two of its task
 formats: valence intensity regression (V-reg, 0 most negative .. 1 most positive) and sentiment
-classification (V-oc, seven ordinal classes -3..3). Backends (``EmotionConfig.backend``, defined in
-``esvr.tasks.label``):
+classification (V-oc, seven ordinal classes -3..3). Backends (``EmotionConfig.backend``):
 
 - ``emollama``: those two task formats (``prompts/labeling/emollama_*.txt``) sent to any chat
   backend (an OpenAI-compatible server running an EmoLLMs checkpoint, or a local ``hf:`` model);
@@ -26,13 +25,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from esvr.models.config import ModelConfig, Section
 from esvr.prompts import load_prompt
 
 if TYPE_CHECKING:
     from esvr.models.chat import ChatModel
-    from esvr.tasks.label import EmotionConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class EmotionScorer(ABC):
         done.set_result(self.score(texts))
         return done
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: only a scorer with a worker process holds anything
         """Free what the scorer holds (a worker process)."""
 
     @property
@@ -269,6 +268,21 @@ class EmoLlamaScorer(EmotionScorer):
     def fingerprint(self) -> str:
         digest = hashlib.sha256((self.valence_template + self.sentiment_template).encode()).hexdigest()[:12]
         return f"emollama:{self.chat_model.cache_id}:{self.wrap}:{digest}"
+
+
+class EmotionConfig(Section):
+    """Which emotion scorer labels utterances (the label stage's ``label.emotion``)."""
+
+    backend: Literal["vader", "emollama"] = "vader"
+    #: emollama: the chat model serving an EmoLLMs checkpoint (e.g. openai:lzw1008/Emollama-chat-7b on vLLM)
+    model: ModelConfig = ModelConfig()
+    #: emollama: wrap the task in EmoLLMs' "Human: ... Assistant:" transcript format
+    wrap_human_assistant: bool = True
+    #: emollama: the replies are a number or a short class name
+    max_tokens: int = 16
+    #: vader: score in a worker process while the value detector encodes (same scores, ~10% faster
+    #: on 2 cores; off: inline, no extra process)
+    worker_process: bool = True
 
 
 def load_emotion_scorer(cfg: EmotionConfig, chat_model: ChatModel | None = None) -> EmotionScorer:

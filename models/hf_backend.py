@@ -21,16 +21,9 @@ from typing import Any
 
 import torch
 
-from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message, ModelSpec
-
-
-def resolve_model_path(name: str) -> str:
-    """'default' -> the converted SmolLM2 folder; anything else is a local path or a hub id."""
-    if name == "default":
-        from esvr.models.default_model import ensure_default_model
-
-        return str(ensure_default_model())
-    return name
+from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
+from esvr.models.config import ModelConfig
+from esvr.models.default_model import base_checkpoint
 
 
 def split_hf_spec(spec: str) -> tuple[str, str | None]:
@@ -66,7 +59,7 @@ def load_causal_lm(base: str, adapter: str | None = None, device: torch.device |
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device()
-    path = resolve_model_path(base)
+    path = base_checkpoint(base)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -97,7 +90,7 @@ class HFChat(ChatModel):
         self.model, self.tokenizer = load_causal_lm(base, adapter, self.device)
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
-        path = resolve_model_path(base)
+        path = base_checkpoint(base)
         self.cache_id = f"hf:{base}@{_folder_fingerprint(path)}"
         if adapter:
             self.cache_id += f"+{adapter}@{_folder_fingerprint(adapter)}"
@@ -105,7 +98,7 @@ class HFChat(ChatModel):
         self._queue: queue.Queue[tuple[ChatRequest, Future]] | None = None
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> HFChat:
+    def from_spec(cls, spec: ModelConfig) -> HFChat:
         base, adapter = split_hf_spec(spec.spec)
         return cls(base, adapter, device=spec.device, batch_size=spec.batch_size)
 
@@ -157,7 +150,11 @@ class HFChat(ChatModel):
             except Exception as exc:  # e.g. out of memory: name the model and the batch
                 raise ChatError(f"{self.cache_id}: generation failed for a batch of {len(prompts)}: {exc}") from exc
         new = ids[:, enc["input_ids"].shape[1] :]
-        self._count(calls=len(prompts), prompt_tokens=int(enc["attention_mask"].sum()), completion_tokens=int((new != tok.pad_token_id).sum()))
+        self._count(
+            calls=len(prompts),
+            prompt_tokens=int(enc["attention_mask"].sum()),
+            completion_tokens=int((new != tok.pad_token_id).sum()),
+        )
         texts = tok.batch_decode(new, skip_special_tokens=True)
         return [_cut_at_stop(t, stop).strip() for t in texts]
 
@@ -195,7 +192,7 @@ class HFChat(ChatModel):
                 results = self._generate([r for r, _ in batch])
                 for (_, fut), res in zip(batch, results):
                     fut.set_result(res)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller, raised there
                 for _, fut in batch:
                     fut.set_exception(exc)
 

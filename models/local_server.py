@@ -172,7 +172,12 @@ def serve_transformers(
         cmd = [*_transformers_cli(), "serve", name, "--host", host, "--port", str(port), "--device", "cpu", *extra_args]
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cmd,
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, stopped as a whole
             )
         try:

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 import openai
 
-from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message, ModelSpec
+from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
+from esvr.models.config import ModelConfig
 
 T = TypeVar("T")
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -89,7 +90,7 @@ class OpenAIChat(ChatModel):
         #: scoring replies that named none of the choices (scored as uniform)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> OpenAIChat:
+    def from_spec(cls, spec: ModelConfig) -> OpenAIChat:
         return cls(
             spec.spec.partition(":")[2],
             base_url=spec.base_url,
@@ -183,9 +184,7 @@ class OpenAIChat(ChatModel):
         if not texts:
             self._count(failures=1)
             shown = "no choices" if not choices else "a choice without a message"
-            raise ChatError(
-                f"{self.cache_id}: {what}: malformed reply from {self.server} for model {self.model} ({shown})"
-            )
+            raise ChatError(f"{self.cache_id}: {what}: malformed reply from {self.server} for model {self.model} ({shown})")
         return texts
 
     def _lacking(self, feature: str, fallback: str) -> None:
@@ -221,9 +220,7 @@ class OpenAIChat(ChatModel):
         response = await self._call("chat completion", **self._chat_kwargs(req, req.n, req.seed))
         texts = self._choices(response, "chat completion")
         if len(texts) < req.n:
-            self._lacking(
-                "n", f"it sent {len(texts)} of n={req.n} completions; sampling one completion per request from now on"
-            )
+            self._lacking("n", f"it sent {len(texts)} of n={req.n} completions; sampling one completion per request from now on")
             texts += await self._one_at_a_time(req, len(texts))
         return texts[: req.n]
 
@@ -306,8 +303,11 @@ class OpenAIChat(ChatModel):
             try:
                 async with semaphore:
                     stream = await client.chat.completions.create(
-                        model=self.model, messages=req.message_dicts(), temperature=req.temperature,
-                        max_tokens=req.max_tokens, stream=True,
+                        model=self.model,
+                        messages=req.message_dicts(),
+                        temperature=req.temperature,
+                        max_tokens=req.max_tokens,
+                        stream=True,
                     )
                     async for event in stream:
                         delta = event.choices[0].delta.content if event.choices else None
@@ -316,7 +316,7 @@ class OpenAIChat(ChatModel):
                                 sync_queue.append(delta)
                                 cond.notify()
                 self._count(calls=1)
-            except Exception as exc:  # surfaced to the reader below
+            except Exception as exc:  # noqa: BLE001 - surfaced to the reader below
                 with cond:
                     sync_queue.append(ChatError(f"{self.cache_id}: streaming failed: {exc}"))
                     cond.notify()
@@ -341,6 +341,6 @@ class OpenAIChat(ChatModel):
         if self._client is not None:
             try:
                 self._run(self._client.close())
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing is best effort; the loop stops regardless
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -39,22 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from esvr.models.config import Section
+from esvr.models.default_model import base_checkpoint
 
 # A completion needs room after its prompt: a prompt that leaves fewer tokens than this before
 # `max_length` is dropped rather than trained on with its completion truncated to nothing.
 MIN_COMPLETION_TOKENS = 16
 
 
-class _Section(BaseModel):
-    """Same rules as `esvr.flows.config.Section` (unknown keys are errors). Not that class itself:
-    flows/config.py imports the stage modules, which import this one, so importing it from here
-    is circular whenever this module is imported first."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """One LoRA training run (SFT or DPO). Defaults are the CPU-safe, paper-neutral choices."""
 
     learning_rate: float = 5e-5
@@ -147,7 +140,9 @@ def fit_logprob_tiles_to_cpu() -> None:
     if torch.cuda.is_available():
         return
     if not hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
-        raise RuntimeError("trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE is gone: re-check the CPU tile fix for this TRL version")
+        raise RuntimeError(
+            "trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE is gone: re-check the CPU tile fix for this TRL version"
+        )
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_LOGPROB_VOCAB_CHUNK)
 
 
@@ -156,7 +151,7 @@ def load_base(base_model_path: str | os.PathLike[str], bf16: bool, sft_adapter_d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _resolve_base(base_model_path)
+    path = base_checkpoint(base_model_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -166,17 +161,6 @@ def load_base(base_model_path: str | os.PathLike[str], bf16: bool, sft_adapter_d
 
         model = PeftModel.from_pretrained(model, str(sft_adapter_dir)).merge_and_unload()
     return model, tokenizer
-
-
-def _resolve_base(base: str | os.PathLike[str]) -> str:
-    base = str(base)
-    if base.startswith("hf:"):
-        base = base[3:]
-    if base == "default":
-        from esvr.models.default_model import ensure_default_model
-
-        return str(ensure_default_model())
-    return base
 
 
 def lora_config(cfg: TrainConfig):
@@ -447,7 +431,7 @@ def train_dpo(
     result = _finish(trainer, out, out / "dpo_only", extra, started)
     result.adapter_dir = out / "adapter"
     if trainer.is_world_process_zero():
-        stack_adapters(sft_adapter_dir, out / "dpo_only", out / "adapter", base_model_path=_resolve_base(base_model_path))
+        stack_adapters(sft_adapter_dir, out / "dpo_only", out / "adapter", base_model_path=base_checkpoint(base_model_path))
         shutil.copy2(out / "training.json", out / "dpo_only" / "training.json")
         (out / "training.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
@@ -506,7 +490,7 @@ def stack_adapters(
     s1, s2 = _scaling(c1), _scaling(c2)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(set(w1) | set(w2)):
-        ref_a, ref_b = (w1.get(module) or w2.get(module))
+        ref_a, ref_b = w1.get(module) or w2.get(module)
         in_f, out_f = ref_a.shape[1], ref_b.shape[0]
         a1, b1 = w1.get(module, (torch.zeros(r1, in_f), torch.zeros(out_f, r1)))
         a2, b2 = w2.get(module, (torch.zeros(r2, in_f), torch.zeros(out_f, r2)))

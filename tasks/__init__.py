@@ -1,3 +1,5 @@
-# Stage config sections import Section from esvr.flows.config, which composes them: load it first
-# so that importing any esvr.tasks module first cannot hit a half-initialized config.
-import esvr.flows.config  # noqa: E402,F401
+"""The pipeline's domain code: plain functions, one subpackage per stage, no Prefect.
+
+Flows (``esvr.flows``) call these functions and wrap them in cached Prefect tasks; the models they
+use come from ``esvr.models``. A module here imports only its own layer and the one below.
+"""

@@ -1,8 +1,8 @@
 """The foundation's minimal stage: proves the chat stack, the cache and tracking work end to end.
 
-It asks the configured supporter model for one reply and one scored choice. Later stages follow
-the same shape: a plain function that does the work, a cached `@task` that wraps it and builds
-what it needs (models are loaded inside the task, so a cache hit loads nothing).
+It asks the configured supporter model for one reply and one scored choice. Every stage has the
+same shape: its config section and plain functions here, and a flow (``esvr.flows``) that wraps
+them in a cached Prefect task; models are loaded inside the task, so a cache hit loads nothing.
 """
 
 from __future__ import annotations
@@ -10,12 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-from prefect import task
 
-from esvr.flows.config import ModelConfig, SmokeConfig
-from esvr.flows.runtime import chat_model
 from esvr.models.chat import ChatModel
-from esvr.tasks.caching import cache_policy
+from esvr.models.config import ModelConfig, Section
+from esvr.tasks.common.roles import chat_model
+
+
+class SmokeConfig(Section):
+    """One reply and one scored choice from the configured model."""
+
+    prompt: str = "In one sentence, what helps a friend who feels overwhelmed?"
+    choices: list[str] = ["Yes", "No"]
+    question: str = "Is listening without judgment a way to support someone? Answer Yes or No."
+    max_tokens: int = 40
 
 
 def smoke_check(model: ChatModel, settings: SmokeConfig) -> dict:
@@ -31,7 +38,7 @@ def write_json(result: dict, path: Path) -> Path:
     return path
 
 
-@task(cache_policy=cache_policy("esvr.models.chat", "esvr.models.hf_backend"), persist_result=True)
-def smoke_task(model: ModelConfig, settings: SmokeConfig, out_dir: Path, use_cache: bool = True) -> str:
+def smoke(model: ModelConfig, settings: SmokeConfig, out_dir: Path, use_cache: bool = True) -> str:
+    """The stage: ``<out_dir>/smoke/smoke.json``; returns its path."""
     chat = chat_model(model, out_dir, cache=use_cache)
     return str(write_json(smoke_check(chat, settings), out_dir / "smoke" / "smoke.json"))

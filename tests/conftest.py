@@ -104,8 +104,8 @@ def tiny_llama(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture()
 def stub_server():
-    """A scripted OpenAI-compatible server on 127.0.0.1 (see esvr.models.stub_server)."""
-    from esvr.models.stub_server import StubServer
+    """A scripted OpenAI-compatible server on 127.0.0.1 (tests/stub_server.py)."""
+    from stub_server import StubServer
 
     with StubServer() as server:
         yield server

@@ -1,4 +1,4 @@
-"""A scripted world for supporter tests, served by the stub OpenAI server (esvr.models.stub_server).
+"""A scripted world for supporter tests, served by the stub OpenAI server (stub_server.py).
 
 One reply function plays every role, told apart by the prompt files the request was built from:
 the supporter (the four-step template; the alternative with the reversed Step 3), the seeker (who

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from esvr.tasks.baselines import PlainSupporter, SelfDisclosureAblation, load_corpus, sft_rows
-from esvr.tasks.evaluate import EvaluateConfig
-from esvr.tasks.supporter import Supporter, SupporterReply, SupporterSettings, render_reply
+from esvr.tasks.evaluation.baselines import PlainSupporter, SelfDisclosureAblation, load_corpus, sft_rows
+from esvr.tasks.evaluation.evaluate import EvaluateConfig
+from esvr.tasks.simulation.supporter import Supporter, SupporterReply, SupporterSettings, render_reply
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HISTORY = [{"role": "seeker", "text": "I failed my exam."}]
@@ -83,7 +83,11 @@ def disclosing(req):
         return "Many people who failed an exam found that the next try went better."
     if "Strategy to use:" in last:
         return "What do you think went wrong on the day?"
-    return render_reply(SupporterReply("a", "b", "No, not needed.", False, "Self-disclosure", "Self-disclosure", "When I failed an exam, I felt the same."))
+    return render_reply(
+        SupporterReply(
+            "a", "b", "No, not needed.", False, "Self-disclosure", "Self-disclosure", "When I failed an exam, I felt the same."
+        )
+    )
 
 
 @pytest.mark.parametrize("mode", ["remove", "rephrase"])
@@ -121,12 +125,11 @@ def test_evaluate_config_validation():
 @pytest.mark.slow  # loads the sentence encoder and the value detector
 def test_simulator_and_intensity_fidelity_on_esconv_fixture(stub_server):
     from esvr.models.emotion import VaderEmotionScorer
-    from esvr.models.value_detector import load_value_detector
-    from esvr.tasks.esconv import load_esconv
-    from esvr.tasks.evaluate import FidelityConfig
-    from esvr.tasks.fidelity import fidelity_markdown, intensity_validation, simulator_fidelity
-    from esvr.tasks.judges import JudgeSettings
-    from esvr.tasks.label import ValueDetectorConfig
+    from esvr.models.value_detector import ValueDetectorConfig, load_value_detector
+    from esvr.tasks.common.esconv import load_esconv
+    from esvr.tasks.evaluation.evaluate import FidelityConfig
+    from esvr.tasks.evaluation.fidelity import fidelity_markdown, intensity_validation, simulator_fidelity
+    from esvr.tasks.evaluation.judges import JudgeSettings
 
     def reply(req):
         if req.get("logprobs"):
@@ -136,7 +139,14 @@ def test_simulator_and_intensity_fidelity_on_esconv_fixture(stub_server):
     stub_server.reply = reply
     dialogues = load_esconv(FIXTURES / "esconv_sample.json")
     model = _openai(stub_server)
-    row = simulator_fidelity(model, dialogues, FidelityConfig(), one_shot=False, emotion=VaderEmotionScorer(), detector=load_value_detector(ValueDetectorConfig()))
+    row = simulator_fidelity(
+        model,
+        dialogues,
+        FidelityConfig(),
+        one_shot=False,
+        emotion=VaderEmotionScorer(),
+        detector=load_value_detector(ValueDetectorConfig()),
+    )
     assert row["n"] == 9 and row["prompt"] == "zero-shot"
     assert row["metrics"]["avg_length"] == 7.0  # 'Therapist: ok' is cut off
     assert -1 <= row["metrics"]["semantic_similarity"] <= 1 and row["metrics"]["value_euclidean"] >= 0
@@ -153,7 +163,7 @@ def test_simulator_and_intensity_fidelity_on_esconv_fixture(stub_server):
 @pytest.mark.slow
 def test_finetune_baseline_on_tiny_model(tmp_path, tiny_llama):
     from esvr.models.training import TrainConfig
-    from esvr.tasks.baselines import finetune_baseline
+    from esvr.tasks.evaluation.baselines import finetune_baseline
 
     cfg = TrainConfig(max_steps=1, batch_size=2, max_length=256, lora_r=2, lora_alpha=4)
     spec = finetune_baseline("extes", FIXTURES / "extes_sample.json", f"hf:{tiny_llama}", cfg, tmp_path / "ft")

@@ -1,4 +1,4 @@
-"""`esvr bench train` (tasks/bench_train.py): what it measures through the real trainers.
+"""`esvr bench train` (tasks/bench/train.py): what it measures through the real trainers.
 
 Runs on CPU with the tiny model in seconds; the gpu test runs the same bench on CUDA with a small
 shape (the 8B one is for the device check, infra/gpu/device_check.sh). This file imports nothing
@@ -14,13 +14,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from esvr.tasks.bench_train import SHAPES, bench_train, recipe_train_configs, word_tokenizer
+from esvr.flows.recipe import read_recipe
+from esvr.tasks.bench.train import SHAPES, bench_train, recipe_train_configs, word_tokenizer
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper.yaml"
 MEASUREMENT_FIELDS = {
-    "kind", "n_params", "max_length", "batch_size", "grad_accum", "lora_r", "lora_alpha", "bf16", "gradient_checkpointing",
-    "attn", "step_times_s", "step_time_s", "timed_steps", "tokens_per_step", "tokens_per_s", "flops_per_token",
-    "mfu", "mfu_lora", "peak_memory_gb", "peak_memory_kind", "trainable_params", "lora_weights_changed", "train_loss",
+    "kind",
+    "n_params",
+    "max_length",
+    "batch_size",
+    "grad_accum",
+    "lora_r",
+    "lora_alpha",
+    "bf16",
+    "gradient_checkpointing",
+    "attn",
+    "step_times_s",
+    "step_time_s",
+    "timed_steps",
+    "tokens_per_step",
+    "tokens_per_s",
+    "flops_per_token",
+    "mfu",
+    "mfu_lora",
+    "peak_memory_gb",
+    "peak_memory_kind",
+    "trainable_params",
+    "lora_weights_changed",
+    "train_loss",
 }
 
 
@@ -37,8 +58,19 @@ def cpu_run(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip("the CPU path of the bench")
     out = tmp_path_factory.mktemp("bench-train")
     lines: list[str] = []
-    report = bench_train(config=PAPER, steps=2, warmup=1, max_length=64, generate=True, gen_batch_sizes=(1, 4),
-                         gen_new_tokens=4, json_path=out / "bench.json", out_dir=out / "work", print_fn=lines.append)
+    report = bench_train(
+        recipe=read_recipe(PAPER),
+        config=PAPER,
+        steps=2,
+        warmup=1,
+        max_length=64,
+        generate=True,
+        gen_batch_sizes=(1, 4),
+        gen_new_tokens=4,
+        json_path=out / "bench.json",
+        out_dir=out / "work",
+        print_fn=lines.append,
+    )
     return report, lines, out / "bench.json"
 
 
@@ -101,7 +133,7 @@ def test_recipe_settings_are_the_resolved_configs():
     """The bench reads the recipe without Prefect; it must agree with the pipeline's own loader."""
     from esvr.flows.config import load_config
 
-    (sft, dpo), sections = recipe_train_configs(PAPER)
+    (sft, dpo), sections = recipe_train_configs(read_recipe(PAPER), PAPER)
     config = load_config(PAPER)
     assert sft == config.train_tvd.train
     assert dpo == config.train_rg.single_turn.dpo
@@ -149,8 +181,19 @@ def test_cli_names_an_attention_that_is_not_installed(capsys: pytest.CaptureFixt
 
 @pytest.mark.gpu
 def test_gpu_bench_small_shape_uses_bf16_the_recipes_checkpointing_and_reports_mfu(tmp_path: Path):
-    report = bench_train(config=PAPER, model="tiny", steps=2, warmup=1, max_length=256, generate=True,
-                         gen_batch_sizes=(1, 8), gen_new_tokens=8, json_path=tmp_path / "bench.json", out_dir=tmp_path / "work")
+    report = bench_train(
+        recipe=read_recipe(PAPER),
+        config=PAPER,
+        model="tiny",
+        steps=2,
+        warmup=1,
+        max_length=256,
+        generate=True,
+        gen_batch_sizes=(1, 8),
+        gen_new_tokens=8,
+        json_path=tmp_path / "bench.json",
+        out_dir=tmp_path / "work",
+    )
     # paper.yaml turns checkpointing off for its 2,048-token SFT; DPO leaves it to the CUDA default (on)
     checkpointing = {"sft": False, "dpo": True}
     for m in report["measurements"]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esvr.flows.config import ModelConfig, SmokeConfig
-from esvr.tasks.caching import path_digest, stable_form
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.hashing import path_digest, stable_form
+from esvr.tasks.smoke import SmokeConfig
 
 
 def test_same_content_at_another_path_has_the_same_digest(tmp_path: Path):
@@ -44,11 +45,15 @@ def test_configs_hash_by_value_and_local_weights_by_content(tmp_path: Path):
 
 
 def test_flow_file_tasks_are_keyed_on_the_domain_modules_doing_the_work():
-    from esvr.tasks.caching import work_modules
+    from esvr.flows.caching import work_modules
 
-    # the label task lives in a flow file; its work is in tasks/label.py and the models it loads
+    # the label task lives in a flow file; its work is in tasks/labeling/label.py and the models it loads
     modules = work_modules("esvr.flows.label")
-    assert {"esvr.tasks.label", "esvr.models.value_detector", "esvr.models.emotion"} <= set(modules)
+    assert {"esvr.tasks.labeling.label", "esvr.models.value_detector", "esvr.models.emotion"} <= set(modules)
+    # a stage subpackage counts with every module in it, imported by the task or not
+    stage = work_modules("esvr.tasks.labeling")
+    assert {"esvr.tasks.labeling", "esvr.tasks.labeling.analyze_esconv", "esvr.tasks.labeling.value_head"} <= set(stage)
+    assert "esvr.tasks.labeling.value_head" not in modules
 
 
 def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, monkeypatch, prefect_harness):
@@ -68,7 +73,7 @@ def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, m
     )
     (pkg / "wrapper.py").write_text(
         "from prefect import task\n"
-        "from esvr.tasks.caching import cache_policy\n\n"
+        "from esvr.flows.caching import cache_policy\n\n"
         "@task(cache_policy=cache_policy(packages=('esvr_cache_probe',)), persist_result=True)\n"
         "def probe(x: int) -> int:\n"
         "    from esvr_cache_probe.work import compute\n"
@@ -89,3 +94,29 @@ def test_editing_the_module_that_does_the_work_reruns_the_task(tmp_path: Path, m
     assert calls.read_text().count("ran") == 2
     for name in [m for m in sys.modules if m.startswith("esvr_cache_probe")]:
         del sys.modules[name]
+
+
+def test_editing_a_prompt_the_task_names_reruns_it(tmp_path: Path, monkeypatch, prefect_harness):
+    """`cache_policy(prompts=...)`: new wording of a prompt file is a new result."""
+    from prefect import flow, task
+
+    import esvr.prompts
+    from esvr.flows.caching import cache_policy
+
+    prompt = tmp_path / "judge.txt"
+    prompt.write_text("Rate the reply from 1 to 5.")
+    monkeypatch.setattr(esvr.prompts, "prompt_path", lambda name: tmp_path / name)
+    calls = []
+
+    @task(cache_policy=cache_policy(prompts=["judge.txt"]), persist_result=True)
+    def judged(x: int) -> int:
+        calls.append(x)
+        return x
+
+    @flow
+    def run_judged() -> int:
+        return judged(7)
+
+    assert run_judged() == 7 and run_judged() == 7 and len(calls) == 1
+    prompt.write_text("Rate the reply from 1 to 10.")
+    assert run_judged() == 7 and len(calls) == 2

@@ -8,17 +8,24 @@ from pathlib import Path
 
 from supporter_script import script
 
-from esvr.models.chat import ModelSpec, load_chat_model
-from esvr.tasks.chat_frontend import ChatSession, run_terminal
-from esvr.tasks.crisis import CrisisGuard, safe_reply
-from esvr.tasks.supporter import SupporterSettings
+from esvr.flows.chat import ChatSession, run_terminal
+from esvr.models.backends import load_chat_model
+from esvr.models.config import ModelConfig
+from esvr.tasks.simulation.crisis import CrisisGuard, safe_reply
+from esvr.tasks.simulation.supporter import SupporterSettings
 
 
 def session(server, tmp_path: Path, **kw) -> ChatSession:
     server.reply = script
-    model = load_chat_model(ModelSpec(spec="openai:stub", base_url=server.base_url))
-    return ChatSession(model, tvd=model, rg=model, guard=CrisisGuard(tmp_path / "crisis.jsonl", session="t"),
-                       settings=SupporterSettings(max_tokens=256), **kw)
+    model = load_chat_model(ModelConfig(spec="openai:stub", base_url=server.base_url))
+    return ChatSession(
+        model,
+        tvd=model,
+        rg=model,
+        guard=CrisisGuard(tmp_path / "crisis.jsonl", session="t"),
+        settings=SupporterSettings(max_tokens=256),
+        **kw,
+    )
 
 
 def test_a_few_turns_with_tvd_and_rg_in_the_loop(stub_server, tmp_path: Path):

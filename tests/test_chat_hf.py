@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from esvr.models.chat import ChatRequest, load_chat_model
+from esvr.models.backends import load_chat_model
+from esvr.models.chat import ChatRequest
 from esvr.models.hf_backend import HFChat, split_hf_spec
 
 USER = [{"role": "user", "content": "How are you feeling today?"}]

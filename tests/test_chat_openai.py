@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from esvr.models.chat import CachedChatModel, ChatError, ResponseCache, load_chat_model
+from esvr.models.backends import load_chat_model
+from esvr.models.chat import CachedChatModel, ChatError, ResponseCache
 from esvr.models.openai_backend import OpenAIChat
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -132,7 +133,7 @@ def test_stream_yields_pieces(stub_server):
 
 
 def test_load_chat_model_from_spec(stub_server):
-    from esvr.models.chat import ModelSpec
+    from esvr.models.config import ModelConfig
 
-    model = load_chat_model(ModelSpec(spec="openai:stub", base_url=stub_server.base_url))
+    model = load_chat_model(ModelConfig(spec="openai:stub", base_url=stub_server.base_url))
     assert model.chat(USER) == ["echo: hello there"]

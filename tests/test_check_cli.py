@@ -15,26 +15,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def _esvr(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "esvr.flows.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "esvr.flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
     return proc, time.monotonic() - start
 
 
 def test_check_lists_everything_the_paper_recipe_lacks_within_seconds(tmp_path: Path):
-    proc, seconds = _esvr("check", "--config", str(ROOT / "configs" / "paper.yaml"), "--out", str(tmp_path / "run"),
-                          cwd=tmp_path)
+    proc, seconds = _esvr("check", "--config", str(ROOT / "configs" / "paper.yaml"), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert seconds < 10, f"esvr check took {seconds:.1f} s"
     out = proc.stdout
-    for key in ("ingest.dumps[0]", "models.judge", "models.seeker", "models.supporter", "models.persona_writer",
-                "label.emotion.model", "evaluate.supporters[2].finetune_data"):
+    for key in (
+        "ingest.dumps[0]",
+        "models.judge",
+        "models.seeker",
+        "models.supporter",
+        "models.persona_writer",
+        "label.emotion.model",
+        "evaluate.supporters[2].finetune_data",
+    ):
         assert key in out, f"{key} not reported:\n{out}"
     assert "OPENAI_API_KEY" in out and "Traceback" not in proc.stderr
 
 
 def test_run_refuses_to_start_before_prefect_when_the_recipe_lacks_things(tmp_path: Path):
-    proc, seconds = _esvr("run", "--config", str(ROOT / "configs" / "paper.yaml"), "--out", str(tmp_path / "run"),
-                          cwd=tmp_path)
+    proc, seconds = _esvr("run", "--config", str(ROOT / "configs" / "paper.yaml"), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "ingest.dumps[0]" in proc.stderr
     assert "Starting temporary server" not in proc.stdout + proc.stderr  # Prefect never started

@@ -85,7 +85,13 @@ def test_missing_file_and_bad_yaml(tmp_path: Path):
 
 
 def test_flatten_and_secret_filtering():
-    flat = flatten({"a": {"b": 1, "api_key": "sk-123", "token": "t", "password": "p"}, "models": {"judge": {"api_key_env": "OPENAI_API_KEY"}}, "smoke": {"max_tokens": 40}})
+    flat = flatten(
+        {
+            "a": {"b": 1, "api_key": "sk-123", "token": "t", "password": "p"},
+            "models": {"judge": {"api_key_env": "OPENAI_API_KEY"}},
+            "smoke": {"max_tokens": 40},
+        }
+    )
     assert flat["a.b"] == 1
     params = safe_params(flat)
     assert not {"a.api_key", "a.token", "a.password"} & set(params)  # credentials never reach MLflow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esvr.tasks.crisis import CrisisGuard, check_message, safe_reply
+from esvr.tasks.simulation.crisis import CrisisGuard, check_message, safe_reply
 
 POSITIVE = [
     # direct

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from esvr.flows.config import ModelConfig, OrchestrationConfig, PipelineConfig
-from esvr.flows.task_runners import TaskRunnerError, shard_of, split_shards, task_runner_for
+from esvr.flows.config import OrchestrationConfig, PipelineConfig
+from esvr.flows.task_runners import TaskRunnerError, map_runner, task_runner_for
+from esvr.models.config import ModelConfig
+from esvr.tasks.common.shards import shard_of, split_shards
 
 
 def test_threads_is_the_default_runner():
@@ -68,10 +70,13 @@ def test_a_scheduler_that_does_not_answer_is_named():
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(
-        TaskRunnerError, match=rf"orchestration.address {address}: no dask scheduler answers"
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
+        pytest.raises(TaskRunnerError, match=rf"orchestration.address {address}: no dask scheduler answers"),
     ):
-        run_on_runner(OrchestrationConfig(task_runner="dask", address=address), shard_of, [{"item_id": "a", "n_shards": 2}], name="x")
+        run_on_runner(
+            OrchestrationConfig(task_runner="dask", address=address), shard_of, [{"item_id": "a", "n_shards": 2}], name="x"
+        )
 
 
 def _pids(records: list[dict]) -> set[int]:
@@ -95,14 +100,22 @@ def test_label_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_
 
     from esvr.flows.config import load_config
     from esvr.flows.label import label_flow
-    from esvr.tasks.label import read_labels
+    from esvr.tasks.labeling.label import read_labels
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     threads = write_threads(tmp_path / "threads.parquet", n_threads=24)  # 53 utterances: 14 chunks of 4
 
     def config(name: str, *orchestration: str):
-        return load_config(None, [f"run.out_dir={tmp_path / name}", "run.experiment=label-dask", "label.progress=false",
-                                  "label.chunk_size=4", *orchestration])
+        return load_config(
+            None,
+            [
+                f"run.out_dir={tmp_path / name}",
+                "run.experiment=label-dask",
+                "label.progress=false",
+                "label.chunk_size=4",
+                *orchestration,
+            ],
+        )
 
     base = label_flow(config("threads"), threads)
     base_chunks = sorted((tmp_path / "threads" / "label" / "chunks").glob("*.parquet"))
@@ -135,8 +148,8 @@ def test_label_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_
 def test_simulate_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, tmp_path, monkeypatch):
     pytest.importorskip("prefect_dask")
     from esvr.flows.simulate import simulate_flow
-    from esvr.tasks.sim_bench import FakeOpenAIServer, Script, bench_personas
-    from esvr.tasks.simulate import load_dialogues
+    from esvr.tasks.bench.simulate import FakeOpenAIServer, Script, bench_personas
+    from esvr.tasks.simulation.simulate import load_dialogues
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     personas = bench_personas(6)
@@ -144,16 +157,19 @@ def test_simulate_flow_on_a_local_dask_cluster_of_two_workers(prefect_harness, t
     personas_file.write_text("".join(json.dumps(p) + "\n" for p in personas))
 
     with FakeOpenAIServer(Script(end_after=2)) as server:
+
         def model(role: str) -> dict:
             return {"spec": f"openai:fake-{role}", "base_url": server.base_url, "max_retries": 1}
 
         def config(name: str, **orchestration) -> PipelineConfig:
-            return PipelineConfig.model_validate({
-                "run": {"out_dir": str(tmp_path / name), "experiment": "simulate-dask"},
-                "models": {"supporter": model("supporter"), "seeker": model("seeker")},
-                "orchestration": orchestration,
-                "simulate": {"emotion": False, "concurrency": 4, "tvd": model("tvd"), "rg": model("rg"), "splits": ["test"]},
-            })
+            return PipelineConfig.model_validate(
+                {
+                    "run": {"out_dir": str(tmp_path / name), "experiment": "simulate-dask"},
+                    "models": {"supporter": model("supporter"), "seeker": model("seeker")},
+                    "orchestration": orchestration,
+                    "simulate": {"emotion": False, "concurrency": 4, "tvd": model("tvd"), "rg": model("rg"), "splits": ["test"]},
+                }
+            )
 
         base = simulate_flow(config("threads"), personas_file)
         dask = config("dask", task_runner="dask", max_workers=2)
@@ -183,18 +199,27 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
     from test_evaluate import scripted, stub_config, write_personas
 
     from esvr.flows.evaluate import evaluate_flow
-    from esvr.models.chat import load_chat_model
-    from esvr.tasks.simulate import SimulateConfig, build_agents, simulate_dialogues
-    from esvr.tasks.train_supporter import TrainSupporterConfig, read_rollouts, rollouts_task
+    from esvr.flows.train_supporter import rollouts_task
+    from esvr.models.backends import load_chat_model
+    from esvr.tasks.simulation.simulate import SimulateConfig, build_agents, simulate_dialogues
+    from esvr.tasks.supporter.train_supporter import TrainSupporterConfig, read_rollouts
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     stub = ModelConfig(spec="openai:stub", base_url=stub_server.base_url)
     sim = SimulateConfig(emotion=False, supporter_temperature=0.0, seeker_temperature=0.0)
     stub_server.reply = script
-    model = load_chat_model(stub.to_spec())
+    model = load_chat_model(stub)
     dialogues = tmp_path / "dialogues.jsonl"
-    assert simulate_dialogues(personas(), dialogues, build_agents(sim, model, model, tvd_model=model, rg_model=model),
-                              concurrency=4, alternatives=True).written == 3
+    assert (
+        simulate_dialogues(
+            personas(),
+            dialogues,
+            build_agents(sim, model, model, tvd_model=model, rg_model=model),
+            concurrency=4,
+            alternatives=True,
+        ).written
+        == 3
+    )
     cfg = TrainSupporterConfig(sweep=[{"h": 2}], selected={"h": 2}, dpo_max_turns=2)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -203,8 +228,22 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
             worker_pids = set(client.run(os.getpid).values())
 
         def rollouts(name: str, orchestration: OrchestrationConfig | None) -> dict:
-            return rollouts_task(dialogues, tmp_path / name / "rollouts.jsonl", cfg, sim, stub, stub, stub, stub, None,
-                                 tmp_path / name, True, 0, orchestration)
+            runner = {"run": map_runner(orchestration), "n_shards": orchestration.max_workers} if orchestration else {}
+            return rollouts_task(
+                dialogues,
+                tmp_path / name / "rollouts.jsonl",
+                cfg,
+                sim,
+                stub,
+                stub,
+                stub,
+                stub,
+                None,
+                tmp_path / name,
+                True,
+                0,
+                **runner,
+            )
 
         base = rollouts("threads", None)
         # one dialogue's rollouts are already in the file (an interrupted run): no shard redoes them
@@ -221,8 +260,13 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
 
         stub_server.reply = scripted
         personas_file = write_personas(tmp_path / "personas.jsonl")
-        expected = json.loads(Path(evaluate_flow(stub_config(tmp_path / "threads", stub_server.base_url),
-                                                 personas_path=personas_file)["evaluate_summary"]).read_text())
+        expected = json.loads(
+            Path(
+                evaluate_flow(stub_config(tmp_path / "threads", stub_server.base_url), personas_path=personas_file)[
+                    "evaluate_summary"
+                ]
+            ).read_text()
+        )
         config = stub_config(tmp_path / "dask", stub_server.base_url).model_copy(update={"orchestration": dask})
         summary = json.loads(Path(evaluate_flow(config, personas_path=personas_file)["evaluate_summary"]).read_text())
         assert summary["models"] == expected["models"] and summary["components"] == expected["components"]
@@ -234,5 +278,5 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
         for row in ("good-both", "plain-baseline"):
             got = (tmp_path / "dask" / "run" / "evaluate" / row / "dialogues.jsonl").read_text().splitlines()
             want = (tmp_path / "threads" / "run" / "evaluate" / row / "dialogues.jsonl").read_text().splitlines()
-            by_id = lambda lines: sorted((_without_timings(json.loads(l)) for l in lines), key=lambda d: d["id"])  # noqa: E731
+            by_id = lambda lines: sorted((_without_timings(json.loads(line)) for line in lines), key=lambda d: d["id"])  # noqa: E731
             assert by_id(got) == by_id(want)

@@ -1,4 +1,4 @@
-"""Dataset construction on hand-built threads and labels (tasks/datasets.py)."""
+"""Dataset construction on hand-built threads and labels (tasks/components/datasets.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from esvr.prompts import value_names
-from esvr.tasks.datasets import (
+from esvr.tasks.components.datasets import (
     DatasetsConfig,
     assign_splits,
     build_datasets,
@@ -32,34 +32,80 @@ def probs(*top: int) -> list[float]:
 
 
 def turn(utt: str, role: str, text: str | None = None) -> dict:
-    return {"utt_id": utt, "role": role, "author": "op" if role == "op" else f"a_{utt}", "text": text or f"text {utt}",
-            "score": 5, "created_utc": 0}
+    return {
+        "utt_id": utt,
+        "role": role,
+        "author": "op" if role == "op" else f"a_{utt}",
+        "text": text or f"text {utt}",
+        "score": 5,
+        "created_utc": 0,
+    }
 
 
 def sibling(at: int, utt: str, replies: list[str]) -> dict:
-    return {"turn": at, "utt_id": utt, "author": f"a_{utt}", "text": f"sibling {utt}", "score": 1,
-            "op_replies": [{"utt_id": r, "text": f"reply {r}"} for r in replies]}
+    return {
+        "turn": at,
+        "utt_id": utt,
+        "author": f"a_{utt}",
+        "text": f"sibling {utt}",
+        "score": 1,
+        "op_replies": [{"utt_id": r, "text": f"reply {r}"} for r in replies],
+    }
 
 
 def write_inputs(tmp: Path, chains: list[dict], labels: dict[str, tuple[float, list[float]]]) -> tuple[Path, Path]:
     rows = [
-        {"thread_id": c["thread_id"], "post_id": c["post_id"], "subreddit": "offmychest", "created_utc": 0, "dump": "RS_x",
-         "turns": c["turns"], "siblings": c.get("siblings", [])}
+        {
+            "thread_id": c["thread_id"],
+            "post_id": c["post_id"],
+            "subreddit": "offmychest",
+            "created_utc": 0,
+            "dump": "RS_x",
+            "turns": c["turns"],
+            "siblings": c.get("siblings", []),
+        }
         for c in chains
     ]
     schema = {
-        "thread_id": pl.String, "post_id": pl.String, "subreddit": pl.String, "created_utc": pl.Int64, "dump": pl.String,
-        "turns": pl.List(pl.Struct({"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String,
-                                    "score": pl.Int64, "created_utc": pl.Int64})),
-        "siblings": pl.List(pl.Struct({"turn": pl.Int32, "utt_id": pl.String, "author": pl.String, "text": pl.String,
-                                       "score": pl.Int64,
-                                       "op_replies": pl.List(pl.Struct({"utt_id": pl.String, "text": pl.String}))})),
+        "thread_id": pl.String,
+        "post_id": pl.String,
+        "subreddit": pl.String,
+        "created_utc": pl.Int64,
+        "dump": pl.String,
+        "turns": pl.List(
+            pl.Struct(
+                {
+                    "utt_id": pl.String,
+                    "role": pl.String,
+                    "author": pl.String,
+                    "text": pl.String,
+                    "score": pl.Int64,
+                    "created_utc": pl.Int64,
+                }
+            )
+        ),
+        "siblings": pl.List(
+            pl.Struct(
+                {
+                    "turn": pl.Int32,
+                    "utt_id": pl.String,
+                    "author": pl.String,
+                    "text": pl.String,
+                    "score": pl.Int64,
+                    "op_replies": pl.List(pl.Struct({"utt_id": pl.String, "text": pl.String})),
+                }
+            )
+        ),
     }
     threads = tmp / "threads.parquet"
     pl.DataFrame(rows, schema=schema).write_parquet(threads)
     lab = pl.DataFrame(
-        {"utt_id": list(labels), "valence": [v for v, _ in labels.values()], "sentiment": [1] * len(labels),
-         "values": [p for _, p in labels.values()]},
+        {
+            "utt_id": list(labels),
+            "valence": [v for v, _ in labels.values()],
+            "sentiment": [1] * len(labels),
+            "values": [p for _, p in labels.values()],
+        },
         schema={"utt_id": pl.String, "valence": pl.Float32, "sentiment": pl.Int8, "values": pl.List(pl.Float32)},
     )
     label_path = tmp / "labels.parquet"
@@ -70,18 +116,25 @@ def write_inputs(tmp: Path, chains: list[dict], labels: dict[str, tuple[float, l
 def hand_built(tmp: Path, extra_posts: int = 0) -> tuple[Path, Path]:
     """Post p1: two overlapping chains sharing (o1, c1, o2); p2: a negative reply; p3: no siblings."""
     chains = [
-        {"thread_id": "t1", "post_id": "p1",
-         "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op")],
-         "siblings": [sibling(1, "s1", ["s1r"])]},
-        {"thread_id": "t2", "post_id": "p1",
-         "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op"), turn("u4", "commenter"), turn("u5", "op")],
-         "siblings": [sibling(1, "s1", ["s1r"]), sibling(3, "s2", ["s2r"])]},
-        {"thread_id": "t3", "post_id": "p2",
-         "turns": [turn("w1", "op"), turn("w2", "commenter"), turn("w3", "op")]},
-        {"thread_id": "t4", "post_id": "p3",
-         "turns": [turn("x1", "op"), turn("x2", "commenter"), turn("x3", "op")]},
-        {"thread_id": "t5", "post_id": "p4",  # exactly at the threshold: not a success
-         "turns": [turn("y1", "op"), turn("y2", "commenter"), turn("y3", "op")]},
+        {
+            "thread_id": "t1",
+            "post_id": "p1",
+            "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op")],
+            "siblings": [sibling(1, "s1", ["s1r"])],
+        },
+        {
+            "thread_id": "t2",
+            "post_id": "p1",
+            "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op"), turn("u4", "commenter"), turn("u5", "op")],
+            "siblings": [sibling(1, "s1", ["s1r"]), sibling(3, "s2", ["s2r"])],
+        },
+        {"thread_id": "t3", "post_id": "p2", "turns": [turn("w1", "op"), turn("w2", "commenter"), turn("w3", "op")]},
+        {"thread_id": "t4", "post_id": "p3", "turns": [turn("x1", "op"), turn("x2", "commenter"), turn("x3", "op")]},
+        {
+            "thread_id": "t5",
+            "post_id": "p4",  # exactly at the threshold: not a success
+            "turns": [turn("y1", "op"), turn("y2", "commenter"), turn("y3", "op")],
+        },
     ]
     labels = {
         "u3": (0.8, probs(0, 1, 2)),  # success: v = V0, V1, V2
@@ -93,9 +146,14 @@ def hand_built(tmp: Path, extra_posts: int = 0) -> tuple[Path, Path]:
         "y3": (0.5, probs(0, 1, 2)),
     }
     for k in range(extra_posts):
-        chains.append({"thread_id": f"e{k}", "post_id": f"ep{k}",
-                       "turns": [turn(f"e{k}a", "op"), turn(f"e{k}b", "commenter"), turn(f"e{k}c", "op")],
-                       "siblings": [sibling(1, f"e{k}s", [])]})
+        chains.append(
+            {
+                "thread_id": f"e{k}",
+                "post_id": f"ep{k}",
+                "turns": [turn(f"e{k}a", "op"), turn(f"e{k}b", "commenter"), turn(f"e{k}c", "op")],
+                "siblings": [sibling(1, f"e{k}s", [])],
+            }
+        )
         labels[f"e{k}c"] = (0.7, probs(k % 20, (k + 1) % 20, (k + 2) % 20))
     return write_inputs(tmp, chains, labels)
 

@@ -17,7 +17,7 @@ import yaml
 
 from esvr.flows.config import load_config
 from esvr.flows.deploy import DeployError, deploy, resolve_deployments, work_pools
-from esvr.tasks.ingest import IngestConfig
+from esvr.tasks.reddit.ingest import IngestConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -7,6 +7,7 @@ import pytest
 from esvr.models.chat import ChatModel
 from esvr.models.emotion import (
     EmoLlamaScorer,
+    EmotionConfig,
     EmotionScore,
     VaderEmotionScorer,
     load_emotion_scorer,
@@ -14,7 +15,6 @@ from esvr.models.emotion import (
     parse_valence,
     vader_class,
 )
-from esvr.tasks.label import EmotionConfig
 
 
 @pytest.mark.parametrize(
@@ -129,14 +129,25 @@ def test_vader_default():
 
 
 def test_vader_class_cut_points():
-    assert [vader_class(c) for c in (-0.9, -0.5, -0.2, 0.0, 0.04, 0.05, 0.34, 0.35, 0.65, 1.0)] == [-3, -2, -1, 0, 0, 1, 1, 2, 3, 3]
+    assert [vader_class(c) for c in (-0.9, -0.5, -0.2, 0.0, 0.04, 0.05, 0.34, 0.35, 0.65, 1.0)] == [
+        -3,
+        -2,
+        -1,
+        0,
+        0,
+        1,
+        1,
+        2,
+        3,
+        3,
+    ]
 
 
 def test_label_stage_scores_vader_in_a_worker_process_with_the_same_results():
     import os
 
     from esvr.models.emotion import ProcessEmotionScorer
-    from esvr.tasks.label import for_batches
+    from esvr.tasks.labeling.label import for_batches
 
     texts = ["Thank you so much, I feel a lot better now!", "I hate my life, everything is awful.", "", "ok"]
     worker = for_batches(load_emotion_scorer(EmotionConfig()), EmotionConfig())

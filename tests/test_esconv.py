@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import shared_data
+
 from esvr.prompts import value_names
-from esvr.tasks.analyze_esconv import (
+from esvr.tasks.common.esconv import LoadReport, load_esconv
+from esvr.tasks.labeling.analyze_esconv import (
     HIGH,
     LOW,
     AnalyzeESConvConfig,
@@ -23,7 +24,6 @@ from esvr.tasks.analyze_esconv import (
     plot_figure,
     split_groups,
 )
-from esvr.tasks.esconv import LoadReport, load_esconv
 
 
 def _dialog(names: tuple[str, str], initial, final, turns: list[tuple[int, str]]) -> dict:
@@ -39,9 +39,7 @@ def _dialog(names: tuple[str, str], initial, final, turns: list[tuple[int, str]]
         "problem_type": "job crisis",
         "situation": "lost my job",
         "survey_score": survey,
-        "dialog": [
-            {"speaker": seeker if who == 0 else supporter, "annotation": {}, "content": text} for who, text in turns
-        ],
+        "dialog": [{"speaker": seeker if who == 0 else supporter, "annotation": {}, "content": text} for who, text in turns],
     }
 
 
@@ -118,7 +116,9 @@ def _row(**probs: float) -> list[float]:
 
 
 def _turns(dialog_id: str, group: str, rows: list[list[float]], sentiment: list[int]) -> SeekerTurns:
-    return SeekerTurns(dialog_id, group, [f"t{i}" for i in range(len(rows))], np.array(rows), np.array(sentiment), np.zeros(len(rows)))
+    return SeekerTurns(
+        dialog_id, group, [f"t{i}" for i in range(len(rows))], np.array(rows), np.array(sentiment), np.zeros(len(rows))
+    )
 
 
 @pytest.fixture()
@@ -179,9 +179,8 @@ def test_figure_is_written(records: list[SeekerTurns], tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def labelers():
-    from esvr.models.emotion import load_emotion_scorer
-    from esvr.models.value_detector import load_value_detector
-    from esvr.tasks.label import EmotionConfig, ValueDetectorConfig
+    from esvr.models.emotion import EmotionConfig, load_emotion_scorer
+    from esvr.models.value_detector import ValueDetectorConfig, load_value_detector
 
     return load_value_detector(ValueDetectorConfig()), load_emotion_scorer(EmotionConfig())
 

@@ -15,14 +15,18 @@ import orjson
 import pytest
 
 from esvr.flows.config import PipelineConfig
-from esvr.tasks.supporter import SupporterReply, render_reply
+from esvr.tasks.simulation.supporter import SupporterReply, render_reply
 
 GOOD = "That sounds wonderful progress, and your courage shows how much you value growth."
 PLAIN = "Okay."
 
 
 def template(response: str, strategy: str = "Affirmation") -> str:
-    return render_reply(SupporterReply("The patient is stressed.", "The reference offers hope.", "Yes, it fits.", True, strategy, strategy, response))
+    return render_reply(
+        SupporterReply(
+            "The patient is stressed.", "The reference offers hope.", "Yes, it fits.", True, strategy, strategy, response
+        )
+    )
 
 
 def scripted(request: dict) -> str:
@@ -39,7 +43,7 @@ def scripted(request: dict) -> str:
             return '<dist>{"Dialogue A": 0.9, "Tie": 0.1}' if "wonderful" in a else '<dist>{"Dialogue B": 0.9, "Tie": 0.1}'
         if "negative emotion" in last:
             level = "low" if "wonderful" in last else "high"
-            return '<dist>{"The patient shows a %s amount of negative emotion.": 1.0}' % level
+            return f'<dist>{{"The patient shows a {level} amount of negative emotion.": 1.0}}'
         if "Answer with the number only" in last:
             return '<dist>{"5": 0.75, "4": 0.25}' if "wonderful" in last else '<dist>{"2": 0.5, "3": 0.5}'
         return '<dist>{"Yes": 1.0}'
@@ -57,8 +61,17 @@ def scripted(request: dict) -> str:
 
 def write_personas(path: Path, n: int = 2) -> Path:
     rows = [
-        {"id": f"p{i}", "split": "test", "problem": "Career and Work-Related Challenges", "value": "Achievement",
-         "situation": f"I keep failing at my new job, attempt {i}.", "emotion": "Anxiety", "age": "20s", "gender": "female", "occupation": "nurse"}
+        {
+            "id": f"p{i}",
+            "split": "test",
+            "problem": "Career and Work-Related Challenges",
+            "value": "Achievement",
+            "situation": f"I keep failing at my new job, attempt {i}.",
+            "emotion": "Anxiety",
+            "age": "20s",
+            "gender": "female",
+            "occupation": "nurse",
+        }
         for i in range(n)
     ] + [{"id": "t0", "split": "train", "problem": "x", "value": "Achievement", "situation": "train only", "emotion": "Sadness"}]
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
@@ -127,7 +140,7 @@ def test_evaluate_flow_and_report_end_to_end(tmp_path, stub_server, prefect_harn
     comps = summary["components"]
     assert comps["Good (Both)"]["tvd"] and comps["Good (Both)"]["rg"]
     assert comps["Good w/o components"]["tvd"] is None and comps["Plain baseline"]["rg"] is None
-    d0 = [json.loads(l) for l in (Path(out["evaluate_dir"]) / "good-both" / "dialogues.jsonl").read_text().splitlines()][0]
+    d0 = [json.loads(line) for line in (Path(out["evaluate_dir"]) / "good-both" / "dialogues.jsonl").read_text().splitlines()][0]
     assert d0["turns"][0]["target_values"] and d0["turns"][0]["reference"]
 
     # a second run is free: every call comes from the caches, the numbers are identical
@@ -154,11 +167,23 @@ def test_demo_evaluation_on_the_tiny_model(tmp_path, tiny_llama, prefect_harness
         {
             "run": {"name": "tiny", "out_dir": str(tmp_path / "run"), "experiment": "esvr-eval-tiny"},
             "models": {"supporter": spec, "seeker": spec, "judge": spec, "persona_writer": spec},
-            "simulate": {"emotion": True, "fallback": "stepwise", "reask": 0, "supporter_max_tokens": 8, "stepwise_max_tokens": 6,
-                         "seeker_max_tokens": 8, "tvd_max_tokens": 6, "rg_max_tokens": 8},
+            "simulate": {
+                "emotion": True,
+                "fallback": "stepwise",
+                "reask": 0,
+                "supporter_max_tokens": 8,
+                "stepwise_max_tokens": 6,
+                "seeker_max_tokens": 8,
+                "tvd_max_tokens": 6,
+                "rg_max_tokens": 8,
+            },
             "evaluate": {
                 "supporters": [{"name": "Tiny (Both)"}, {"name": "Tiny plain", "style": "plain"}],
-                "reference": "Tiny (Both)", "max_turns": 1, "value_judgments": 2, "judge_reasoning": False, "complete_only": False,
+                "reference": "Tiny (Both)",
+                "max_turns": 1,
+                "value_judgments": 2,
+                "judge_reasoning": False,
+                "complete_only": False,
                 "table_score": "expected",
             },
         }

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from esvr.flows.config import load_config
-from esvr.tasks.ingest import (
+from esvr.tasks.reddit.ingest import (
     THREADS_SCHEMA,
     Anonymizer,
     DumpCorruptError,
@@ -35,7 +35,7 @@ from esvr.tasks.ingest import (
     stage_dump,
     thread_rows,
 )
-from esvr.tasks.sample_dump import EXPECTED_SCENARIO_THREADS, comment_record, make_sample_dump, post_record
+from esvr.tasks.reddit.sample_dump import EXPECTED_SCENARIO_THREADS, comment_record, make_sample_dump, post_record
 
 T0 = 1_622_548_800  # 2021-06-01
 
@@ -64,8 +64,10 @@ def zst(path: Path, lines: list[bytes], **params) -> Path:
 def tree(edges: list[tuple[str, str, str]], op: str = "OP") -> Utt:
     """edges: (comment id, parent id or 'post', author)."""
     post = Utt("p", "t3_p", op, "title\n\nbody", 10, 0)
-    comments = [(cid, "t3_p" if parent == "post" else f"t1_{parent}", author, f"text {cid}", 5, i)
-                for i, (cid, parent, author) in enumerate(edges, 1)]
+    comments = [
+        (cid, "t3_p" if parent == "post" else f"t1_{parent}", author, f"text {cid}", 5, i)
+        for i, (cid, parent, author) in enumerate(edges, 1)
+    ]
     build_tree(post, comments)
     return post
 
@@ -80,8 +82,17 @@ def test_single_turn():
 
 
 def test_multi_turn_alternation_to_depth():
-    post = tree([("c1", "post", "A"), ("o2", "c1", "OP"), ("c2", "o2", "A"), ("o3", "c2", "OP"),
-                 ("c3", "o3", "A"), ("o4", "c3", "OP"), ("c4", "o4", "A")])  # c4 unanswered: dropped
+    post = tree(
+        [
+            ("c1", "post", "A"),
+            ("o2", "c1", "OP"),
+            ("c2", "o2", "A"),
+            ("o3", "c2", "OP"),
+            ("c3", "o3", "A"),
+            ("o4", "c3", "OP"),
+            ("c4", "o4", "A"),
+        ]
+    )  # c4 unanswered: dropped
     assert ids(extract_chains(post)) == [["p", "c1", "o2", "c2", "o3", "c3", "o4"]]
 
 
@@ -111,8 +122,9 @@ def test_a_second_commenter_does_not_continue_the_chain():
 
 
 def test_prefixes_are_not_emitted_and_every_chain_ends_at_a_distinct_op_comment():
-    post = tree([("c1", "post", "A"), ("o2", "c1", "OP"), ("c2", "o2", "A"), ("o3", "c2", "OP"),
-                 ("d1", "post", "B"), ("p2", "d1", "OP")])
+    post = tree(
+        [("c1", "post", "A"), ("o2", "c1", "OP"), ("c2", "o2", "A"), ("o3", "c2", "OP"), ("d1", "post", "B"), ("p2", "d1", "OP")]
+    )
     chains = extract_chains(post)
     assert ids(chains) == [["p", "c1", "o2", "c2", "o3"], ["p", "d1", "p2"]]
     ends = [c[-1].id for c in chains]
@@ -120,23 +132,48 @@ def test_prefixes_are_not_emitted_and_every_chain_ends_at_a_distinct_op_comment(
 
 
 def test_siblings_with_op_replies_first_then_by_score_and_capped():
-    post = tree([("c1", "post", "A"), ("o2", "c1", "OP"), ("s1", "post", "B"), ("s2", "post", "C"),
-                 ("r2", "s2", "OP"), ("s3", "post", "D"), ("o_self", "post", "OP"),
-                 ("c2", "o2", "A"), ("o3", "c2", "OP"), ("t1", "o2", "E")])
+    post = tree(
+        [
+            ("c1", "post", "A"),
+            ("o2", "c1", "OP"),
+            ("s1", "post", "B"),
+            ("s2", "post", "C"),
+            ("r2", "s2", "OP"),
+            ("s3", "post", "D"),
+            ("o_self", "post", "OP"),
+            ("c2", "o2", "A"),
+            ("o3", "c2", "OP"),
+            ("t1", "o2", "E"),
+        ]
+    )
     chain = next(c for c in extract_chains(post) if c[1].id == "c1" and len(c) == 5)
     sibs = chain_siblings(chain, "OP", max_siblings=10)
     assert [(t, s.id, [r.id for r in rs]) for t, s, rs in sibs] == [
-        (1, "s2", ["r2"]), (1, "s1", []), (1, "s3", []),  # OP's own top-level comment is no sibling
+        (1, "s2", ["r2"]),
+        (1, "s1", []),
+        (1, "s3", []),  # OP's own top-level comment is no sibling
         (3, "t1", []),
     ]
     assert [(t, s.id) for t, s, _ in chain_siblings(chain, "OP", max_siblings=1)] == [(1, "s2"), (3, "t1")]
 
 
 def test_thread_rows_follow_the_contract():
-    post_row = {"id": "p", "title": "Title", "selftext": "Body &amp; more", "author": "OP", "score": 3,
-                "created_utc": T0, "subreddit": "offmychest", "dump": "RS_2021-06.zst"}
-    comments = [("c1", "t3_p", "A", "reach me at a@b.co", 2, T0 + 1), ("o2", "t1_c1", "OP", "thanks", 1, T0 + 2),
-                ("s1", "t3_p", "B", "hug", 4, T0 + 3), ("r1", "t1_s1", "OP", "ty", 1, T0 + 4)]
+    post_row = {
+        "id": "p",
+        "title": "Title",
+        "selftext": "Body &amp; more",
+        "author": "OP",
+        "score": 3,
+        "created_utc": T0,
+        "subreddit": "offmychest",
+        "dump": "RS_2021-06.zst",
+    }
+    comments = [
+        ("c1", "t3_p", "A", "reach me at a@b.co", 2, T0 + 1),
+        ("o2", "t1_c1", "OP", "thanks", 1, T0 + 2),
+        ("s1", "t3_p", "B", "hug", 4, T0 + 3),
+        ("r1", "t1_s1", "OP", "ty", 1, T0 + 4),
+    ]
     rows = thread_rows(post_row, comments, Anonymizer("salt", scrub_pii=True), max_siblings=5)
     df = pl.DataFrame(rows, schema=THREADS_SCHEMA)
     assert sorted(df["thread_id"]) == ["p:o2", "p:r1"]
@@ -145,8 +182,16 @@ def test_thread_rows_follow_the_contract():
     assert row["turns"][0]["text"] == "Title\n\nBody & more"
     assert row["turns"][1]["text"] == "reach me at [email]"
     assert row["turns"][0]["author"] == row["turns"][2]["author"] != "OP" and len(row["turns"][0]["author"]) == 16
-    assert row["siblings"] == [{"turn": 1, "utt_id": "s1", "author": Anonymizer("salt", True).author("B"),
-                                "text": "hug", "score": 4, "op_replies": [{"utt_id": "r1", "text": "ty"}]}]
+    assert row["siblings"] == [
+        {
+            "turn": 1,
+            "utt_id": "s1",
+            "author": Anonymizer("salt", True).author("B"),
+            "text": "hug",
+            "score": 4,
+            "op_replies": [{"utt_id": "r1", "text": "ty"}],
+        }
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,54 +211,60 @@ def _comment(**changes):
     return rec
 
 
-@pytest.mark.parametrize("changes, reason", [
-    ({}, None),
-    ({"subreddit": "OffMyChest"}, None),
-    ({"created_utc": str(T0)}, None),
-    ({"subreddit": "AskReddit"}, "other_subreddit"),
-    ({"created_utc": 1_500_000_000}, "out_of_date_range"),
-    ({"created_utc": 1_704_067_200}, "out_of_date_range"),  # 2024-01-01: after end_date
-    ({"author": "[deleted]"}, "deleted"),
-    ({"selftext": "[deleted]"}, "deleted"),
-    ({"removed_by_category": "deleted"}, "deleted"),
-    ({"selftext": "[removed]"}, "removed"),
-    ({"removed_by_category": "moderator"}, "removed"),
-    ({"subreddit_type": "private"}, "private"),
-    ({"author": "AutoModerator"}, "bot"),
-    ({"author": "some_helper_bot"}, "bot"),
-    ({"score": 1}, "low_score"),
-    ({"upvote_ratio": 0.5}, "low_upvote_ratio"),
-    ({"upvote_ratio": None}, "missing_field"),
-    ({"selftext": "short"}, "too_short"),
-    ({"selftext": "x" * 10_001}, "too_long"),
-    ({"title": None}, "missing_field"),
-    ({"created_utc": None}, "missing_field"),
-])
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({}, None),
+        ({"subreddit": "OffMyChest"}, None),
+        ({"created_utc": str(T0)}, None),
+        ({"subreddit": "AskReddit"}, "other_subreddit"),
+        ({"created_utc": 1_500_000_000}, "out_of_date_range"),
+        ({"created_utc": 1_704_067_200}, "out_of_date_range"),  # 2024-01-01: after end_date
+        ({"author": "[deleted]"}, "deleted"),
+        ({"selftext": "[deleted]"}, "deleted"),
+        ({"removed_by_category": "deleted"}, "deleted"),
+        ({"selftext": "[removed]"}, "removed"),
+        ({"removed_by_category": "moderator"}, "removed"),
+        ({"subreddit_type": "private"}, "private"),
+        ({"author": "AutoModerator"}, "bot"),
+        ({"author": "some_helper_bot"}, "bot"),
+        ({"score": 1}, "low_score"),
+        ({"upvote_ratio": 0.5}, "low_upvote_ratio"),
+        ({"upvote_ratio": None}, "missing_field"),
+        ({"selftext": "short"}, "too_short"),
+        ({"selftext": "x" * 10_001}, "too_long"),
+        ({"title": None}, "missing_field"),
+        ({"created_utc": None}, "missing_field"),
+    ],
+)
 def test_post_filters(changes, reason):
     got, row = RecordFilter(IngestConfig(), "RS.zst").post(_post(**changes))
     assert got == reason
     assert (row is None) == (reason is not None)
 
 
-@pytest.mark.parametrize("changes, reason", [
-    ({}, None),
-    ({"edited": 1623456789}, None),
-    ({"created_utc": 1_704_067_200 + 86400 * 30}, None),  # a late comment on a December post
-    ({"created_utc": 1_704_067_200 + 86400 * 200}, "out_of_date_range"),
-    ({"subreddit": "gaming"}, "other_subreddit"),
-    ({"body": "[deleted]"}, "deleted"),
-    ({"author": "[deleted]"}, "deleted"),
-    ({"body": "[removed]"}, "removed"),
-    ({"body": "[ Removed by Reddit ]"}, "removed"),
-    ({"author": "RemindMeBot"}, "bot"),
-    ({"distinguished": "moderator"}, "bot"),
-    ({"stickied": True}, "bot"),
-    ({"score": 0}, "low_score"),
-    ({"score": None}, "missing_field"),
-    ({"parent_id": None}, "missing_field"),
-    ({"body": "k"}, "too_short"),
-    ({"body": "y" * 5001}, "too_long"),
-])
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({}, None),
+        ({"edited": 1623456789}, None),
+        ({"created_utc": 1_704_067_200 + 86400 * 30}, None),  # a late comment on a December post
+        ({"created_utc": 1_704_067_200 + 86400 * 200}, "out_of_date_range"),
+        ({"subreddit": "gaming"}, "other_subreddit"),
+        ({"body": "[deleted]"}, "deleted"),
+        ({"author": "[deleted]"}, "deleted"),
+        ({"body": "[removed]"}, "removed"),
+        ({"body": "[ Removed by Reddit ]"}, "removed"),
+        ({"author": "RemindMeBot"}, "bot"),
+        ({"distinguished": "moderator"}, "bot"),
+        ({"stickied": True}, "bot"),
+        ({"score": 0}, "low_score"),
+        ({"score": None}, "missing_field"),
+        ({"parent_id": None}, "missing_field"),
+        ({"body": "k"}, "too_short"),
+        ({"body": "y" * 5001}, "too_long"),
+    ],
+)
 def test_comment_filters(changes, reason):
     got, row = RecordFilter(IngestConfig(), "RC.zst").comment(_comment(**changes))
     assert got == reason
@@ -222,8 +273,14 @@ def test_comment_filters(changes, reason):
 
 
 def test_filters_are_configurable():
-    cfg = IngestConfig(subreddits=["r/Depression"], min_post_score=0, min_upvote_ratio=0, bot_author_pattern="",
-                       drop_deleted=False, start_date="2010-01-01")
+    cfg = IngestConfig(
+        subreddits=["r/Depression"],
+        min_post_score=0,
+        min_upvote_ratio=0,
+        bot_author_pattern="",
+        drop_deleted=False,
+        start_date="2010-01-01",
+    )
     f = RecordFilter(cfg, "x")
     assert f.post(_post(subreddit="depression", score=0, upvote_ratio=None, created_utc=1_300_000_000))[0] is None
     assert f.comment(_comment(subreddit="depression", author="some_helper_bot"))[0] is None
@@ -261,7 +318,7 @@ def test_damaged_dump_names_file_and_offset_and_keeps_complete_records(tmp_path,
         path.write_bytes(data[: len(data) * 2 // 3])
     else:
         bad = bytearray(data)
-        bad[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
+        bad[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
         path.write_bytes(bytes(bad))
     got = []
     with pytest.raises(DumpCorruptError) as err:
@@ -278,8 +335,10 @@ def test_damaged_dump_names_file_and_offset_and_keeps_complete_records(tmp_path,
 
 
 def test_prefilter_is_case_and_space_insensitive():
-    block = (b'{"subreddit":"offmychest","id":"a"}\n{"subreddit": "OffMyChest","id":"b"}\n'
-             b'{"subreddit":"gaming","body":"see r/offmychest"}\n{"subreddit":"gaming","body":"\\"offmychest\\""}\n')
+    block = (
+        b'{"subreddit":"offmychest","id":"a"}\n{"subreddit": "OffMyChest","id":"b"}\n'
+        b'{"subreddit":"gaming","body":"see r/offmychest"}\n{"subreddit":"gaming","body":"\\"offmychest\\""}\n'
+    )
     spans = _candidates(block, len(block), [b'"offmychest"'], _Scratch())
     assert len(spans) == 2 and b'"id":"a"' in block[slice(*spans[0])] and b'"id":"b"' in block[slice(*spans[1])]
 
@@ -302,20 +361,44 @@ def test_sample_end_to_end(sample, tmp_path):
         assert len(turns) % 2 == 1 and len(turns) >= 3
         assert [t["role"] for t in turns] == ["op", "commenter"] * (len(turns) // 2) + ["op"]
     text = df.write_ndjson()
-    for raw in ("op_maya", "kind_stranger", "yuna.k@example.com", "555-123-4567", "[deleted]", "[removed]",
-                "AutoModerator", "&amp;", "smbot1", "smdel1", "smcx0"):
+    for raw in (
+        "op_maya",
+        "kind_stranger",
+        "yuna.k@example.com",
+        "555-123-4567",
+        "[deleted]",
+        "[removed]",
+        "AutoModerator",
+        "&amp;",
+        "smbot1",
+        "smdel1",
+        "smcx0",
+    ):
         assert raw not in text, raw
     big = df.filter(pl.col("thread_id") == "smx1aa:smo1a3").row(0, named=True)
     assert [(s["turn"], s["utt_id"], [o["utt_id"] for o in s["op_replies"]]) for s in big["siblings"]] == [
-        (1, "smc1b1", ["smo1b1"]), (1, "smc1c1", []), (3, "smd1a2", ["smo1d1"])]
+        (1, "smc1b1", ["smo1b1"]),
+        (1, "smc1c1", []),
+        (3, "smd1a2", ["smo1d1"]),
+    ]
     rejects = [json.loads(line) for line in result.rejects.read_text().splitlines()]
     assert len(rejects) == 3 and all(r["file"].endswith(".zst") and r["line"] > 1 for r in rejects)
     stats = json.loads(result.stats.read_text())
     t = stats["totals"]
     assert t["malformed"] == 3
     assert t["prefiltered_out"] > 20  # other subreddits' lines never reach the parser
-    for reason in ("other_subreddit", "out_of_date_range", "deleted", "removed", "private", "bot", "low_score",
-                   "low_upvote_ratio", "too_short", "missing_field"):
+    for reason in (
+        "other_subreddit",
+        "out_of_date_range",
+        "deleted",
+        "removed",
+        "private",
+        "bot",
+        "low_score",
+        "low_upvote_ratio",
+        "too_short",
+        "missing_field",
+    ):
         assert t["submissions"].get(reason, 0) + t["comments"].get(reason, 0) > 0, reason
     assert stats["threads"]["single_turn"] + stats["threads"]["multi_turn"] == df.height
 
@@ -347,8 +430,9 @@ def test_truncated_dump_keeps_records_and_raises_after_writing(tmp_path):
 
 def test_no_matching_record_gives_a_clear_message(sample, tmp_path):
     with pytest.raises(NoThreadsError, match="no post matched the filters.*subreddits=\\['depression'\\]"):
-        ingest_dumps(sample["submissions"][:1] + sample["comments"][:1], tmp_path / "out",
-                     IngestConfig(subreddits=["depression"]))
+        ingest_dumps(
+            sample["submissions"][:1] + sample["comments"][:1], tmp_path / "out", IngestConfig(subreddits=["depression"])
+        )
     assert not (tmp_path / "out" / "threads.parquet").exists()
 
 
@@ -388,15 +472,13 @@ def test_find_new_dumps_picks_only_new_files(sample, tmp_path):
     for p in sample["submissions"][:1] + sample["comments"][:1]:
         shutil.copy(p, folder / p.name)
     (folder / "notes.txt").write_text("not a dump")
-    assert [p.name for p in find_new_dumps(folder, out / "manifest.json", min_age_s=0)] == [
-        "RC_2021-06.zst", "RS_2021-06.zst"]
+    assert [p.name for p in find_new_dumps(folder, out / "manifest.json", min_age_s=0)] == ["RC_2021-06.zst", "RS_2021-06.zst"]
     ingest_dumps(find_new_dumps(folder, out / "manifest.json", min_age_s=0), out, IngestConfig())
     assert find_new_dumps(folder, out / "manifest.json", min_age_s=0) == []
     shutil.copy(sample["comments"][0], folder / "copy_of_june.zst")  # same content: not new
     for p in sample["submissions"][1:] + sample["comments"][1:]:
         shutil.copy(p, folder / p.name)
-    assert [p.name for p in find_new_dumps(folder, out / "manifest.json", min_age_s=0)] == [
-        "RC_2021-07.zst", "RS_2021-07.zst"]
+    assert [p.name for p in find_new_dumps(folder, out / "manifest.json", min_age_s=0)] == ["RC_2021-07.zst", "RS_2021-07.zst"]
     assert find_new_dumps(folder, out / "manifest.json", min_age_s=3600) == []  # may still be downloading
     assert len(load_manifest(out)["dumps"]) == 2
 

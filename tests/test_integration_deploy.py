@@ -51,8 +51,9 @@ class Proc:
             # Started from a background job, SIGINT may be ignored; the worker maps SIGTERM onto it.
             signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-        self.popen = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=log_dir,
-                                      start_new_session=True, preexec_fn=child_setup)
+        self.popen = subprocess.Popen(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=log_dir, start_new_session=True, preexec_fn=child_setup
+        )
         fh.close()
 
     def tail(self, n: int = 4000) -> str:
@@ -118,7 +119,9 @@ def run_logs(client, run_id) -> list[str]:
         LogFilterFlowRunId,
     )
 
-    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+    )
     ids = [run_id, *(c.id for c in children)]
     return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))]
 
@@ -142,18 +145,20 @@ def stub_reply(request: dict) -> str:
 @pytest.fixture()
 def stack(tmp_path: Path):
     """Prefect server, MLflow server and a worker on the `cpu` pool; torn down as process groups."""
-    from esvr.models.stub_server import StubServer
+    from stub_server import StubServer
 
     prefect_port, mlflow_port = free_port(), free_port()
     api_url = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
     server_env = {**env, "PREFECT_UI_ENABLED": "false"}  # the API is what the test drives; the UI only costs start-up
     worker_env = {
         **env,
@@ -169,18 +174,44 @@ def stack(tmp_path: Path):
     procs: list[Proc] = []
     stub = StubServer(reply=stub_reply).start()
     try:
-        prefect = Proc("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                          "--port", str(prefect_port)], server_env, logs)
+        prefect = Proc(
+            "prefect-server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            server_env,
+            logs,
+        )
         procs.append(prefect)
-        mlflow_server = Proc("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                               "--workers", "1",
-                                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                               "--artifacts-destination", str(tmp_path / "mlartifacts")], env, logs)
+        mlflow_server = Proc(
+            "mlflow-server",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(tmp_path / "mlartifacts"),
+            ],
+            env,
+            logs,
+        )
         procs.append(mlflow_server)
         wait_http(f"{api_url}/health", prefect, 180)
         wait_http(f"{mlflow_url}/health", mlflow_server, 180)
-        yield {"api_url": api_url, "mlflow_url": mlflow_url, "worker_env": worker_env, "logs": logs,
-               "procs": procs, "stub": stub, "tmp": tmp_path}
+        yield {
+            "api_url": api_url,
+            "mlflow_url": mlflow_url,
+            "worker_env": worker_env,
+            "logs": logs,
+            "procs": procs,
+            "stub": stub,
+            "tmp": tmp_path,
+        }
     finally:
         for p in reversed(procs):
             p.stop()
@@ -193,31 +224,55 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from esvr.tasks.sample_dump import make_sample_dump
+    from esvr.tasks.reddit.sample_dump import make_sample_dump
 
     tmp: Path = stack["tmp"]
     dumps = tmp / "dumps"
     make_sample_dump(dumps, months=["2021-06"], posts=20)
     config_path = tmp / "deploy-test.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "run": {"name": "deploy-test", "out_dir": str(tmp / "run"), "experiment": "deploy-test", "stages": ["smoke"]},
-        "models": {"supporter": {"spec": "openai:stub", "base_url": stack["stub"].base_url,
-                                 "api_key_env": "ESVR_TEST_KEY", "max_retries": 1}},
-        "ingest": {"dumps_dir": str(dumps), "schedule_cron": "17 4 * * *"},
-    }))
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "deploy-test", "out_dir": str(tmp / "run"), "experiment": "deploy-test", "stages": ["smoke"]},
+                "models": {
+                    "supporter": {
+                        "spec": "openai:stub",
+                        "base_url": stack["stub"].base_url,
+                        "api_key_env": "ESVR_TEST_KEY",
+                        "max_retries": 1,
+                    }
+                },
+                "ingest": {"dumps_dir": str(dumps), "schedule_cron": "17 4 * * *"},
+            }
+        )
+    )
 
     # The worker starts first (it creates its pool) and comes up while `esvr deploy` runs.
-    worker = Proc("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process"],
-                  stack["worker_env"], stack["logs"])
+    worker = Proc(
+        "worker",
+        [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process"],
+        stack["worker_env"],
+        stack["logs"],
+    )
     stack["procs"].append(worker)
 
     # `esvr deploy`, as a user runs it (docs/deployment.md)
-    proc = subprocess.run([str(BIN / "esvr"), "deploy", "--config", str(config_path)], cwd=PROJECT_DIR,
-                          env={**stack["worker_env"], "PREFECT_API_URL": stack["api_url"]},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "esvr"), "deploy", "--config", str(config_path)],
+        cwd=PROJECT_DIR,
+        env={**stack["worker_env"], "PREFECT_API_URL": stack["api_url"]},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("pipeline-from-file/pipeline", "ingest-new-dumps/ingest-new-dumps", "train-tvd-from-file/train-tvd",
-                 "train-rg-from-file/train-rg", "train-supporter-from-file/train-supporter"):
+    for name in (
+        "pipeline-from-file/pipeline",
+        "ingest-new-dumps/ingest-new-dumps",
+        "train-tvd-from-file/train-tvd",
+        "train-rg-from-file/train-rg",
+        "train-supporter-from-file/train-supporter",
+    ):
         assert f"registered {name}" in proc.stdout, proc.stdout
 
     with temporary_settings({PREFECT_API_URL: stack["api_url"]}):
@@ -231,8 +286,7 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         procs = stack["procs"]
 
         # 1. the pipeline and the first scan, triggered through the API, run side by side
-        pipeline_run = run_deployment("pipeline-from-file/pipeline", timeout=0,
-                                      parameters={"config_path": str(config_path)})
+        pipeline_run = run_deployment("pipeline-from-file/pipeline", timeout=0, parameters={"config_path": str(config_path)})
         first_scan = run_deployment("ingest-new-dumps/ingest-new-dumps", timeout=0, parameters={"min_age_s": 0})
         with get_client(sync_client=True) as client:
             wait_runs(client, [pipeline_run.id, first_scan.id], procs, 300)
@@ -269,7 +323,12 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
             new_line = wait_log(client, second_scan.id, "new dumps:", 30)
         assert new_line.endswith("new dumps: ['RC_2021-07.zst', 'RS_2021-07.zst']"), new_line
         second = json.loads(manifest_path.read_text())["dumps"]
-        assert sorted(e["name"] for e in second.values()) == ["RC_2021-06.zst", "RC_2021-07.zst", "RS_2021-06.zst", "RS_2021-07.zst"]
+        assert sorted(e["name"] for e in second.values()) == [
+            "RC_2021-06.zst",
+            "RC_2021-07.zst",
+            "RS_2021-06.zst",
+            "RS_2021-07.zst",
+        ]
         # The sub-flow's summary line; logs reach the server in batches, so give it a moment.
         with get_client(sync_client=True) as client:
             summary = wait_log(client, second_scan.id, "staged now:", 30)

@@ -12,23 +12,39 @@ import pytest
 
 from esvr.flows.config import load_config
 from esvr.prompts import value_names
-from esvr.tasks.label import (
+from esvr.tasks.common.roles import labelers
+from esvr.tasks.labeling.label import (
     LABELS_SCHEMA,
     LabelConfig,
-    build_labelers,
     collect_utterances,
     label_threads,
     read_labels,
     validate_labels,
 )
 
-TURN = pl.Struct({"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String,
-                  "score": pl.Int64, "created_utc": pl.Int64})
+TURN = pl.Struct(
+    {"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String, "score": pl.Int64, "created_utc": pl.Int64}
+)
 REPLY = pl.Struct({"utt_id": pl.String, "text": pl.String})
-SIBLING = pl.Struct({"turn": pl.Int32, "utt_id": pl.String, "author": pl.String, "text": pl.String,
-                     "score": pl.Int64, "op_replies": pl.List(REPLY)})
-THREADS_SCHEMA = {"thread_id": pl.String, "post_id": pl.String, "subreddit": pl.String, "created_utc": pl.Int64,
-                  "dump": pl.String, "turns": pl.List(TURN), "siblings": pl.List(SIBLING)}
+SIBLING = pl.Struct(
+    {
+        "turn": pl.Int32,
+        "utt_id": pl.String,
+        "author": pl.String,
+        "text": pl.String,
+        "score": pl.Int64,
+        "op_replies": pl.List(REPLY),
+    }
+)
+THREADS_SCHEMA = {
+    "thread_id": pl.String,
+    "post_id": pl.String,
+    "subreddit": pl.String,
+    "created_utc": pl.Int64,
+    "dump": pl.String,
+    "turns": pl.List(TURN),
+    "siblings": pl.List(SIBLING),
+}
 
 
 def _turn(uid: str, role: str, text: str) -> dict:
@@ -39,16 +55,32 @@ def write_threads(path: Path, n_threads: int = 3) -> Path:
     """Chains of one post: they share the post's utterance (t3_p) and the OP's first comments."""
     rows = []
     for i in range(n_threads):
-        rows.append({
-            "thread_id": f"p_{i}", "post_id": "p", "subreddit": "offmychest", "created_utc": 1_600_000_000, "dump": "RS_test",
-            "turns": [
-                _turn("t3_p", "op", "I lost my job today and I feel worthless. My family depends on me."),
-                _turn(f"c{i}", "commenter", f"You are not worthless, friend number {i}. You will find something better."),
-                _turn(f"o{i}", "op", "Thank you so much, that really helps. I will keep trying."),
-            ],
-            "siblings": [{"turn": 1, "utt_id": f"s{i}", "author": "x", "text": "Sorry to hear that.", "score": 1,
-                          "op_replies": [{"utt_id": f"r{i}", "text": "Thanks!"}]}] if i < 2 else [],
-        })
+        rows.append(
+            {
+                "thread_id": f"p_{i}",
+                "post_id": "p",
+                "subreddit": "offmychest",
+                "created_utc": 1_600_000_000,
+                "dump": "RS_test",
+                "turns": [
+                    _turn("t3_p", "op", "I lost my job today and I feel worthless. My family depends on me."),
+                    _turn(f"c{i}", "commenter", f"You are not worthless, friend number {i}. You will find something better."),
+                    _turn(f"o{i}", "op", "Thank you so much, that really helps. I will keep trying."),
+                ],
+                "siblings": [
+                    {
+                        "turn": 1,
+                        "utt_id": f"s{i}",
+                        "author": "x",
+                        "text": "Sorry to hear that.",
+                        "score": 1,
+                        "op_replies": [{"utt_id": f"r{i}", "text": "Thanks!"}],
+                    }
+                ]
+                if i < 2
+                else [],
+            }
+        )
     pl.DataFrame(rows, schema=THREADS_SCHEMA).write_parquet(path)
     return path
 
@@ -71,7 +103,8 @@ def test_collect_utterances_names_file_and_column(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def default_labelers():
-    return build_labelers(LabelConfig())
+    cfg = LabelConfig()
+    return labelers(cfg.values, cfg.emotion)
 
 
 def test_label_threads_writes_the_contract_and_reuses_chunks(tmp_path: Path, default_labelers):
@@ -136,7 +169,9 @@ def test_label_flow_is_cached_and_logged(prefect_harness, tmp_path: Path, monkey
 
     async def task_state() -> str:
         async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.state_details.flow_run_id])))
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.state_details.flow_run_id]))
+            )
             return [r.state.name for r in runs if r.name.startswith("label_task")][0]
 
     assert asyncio.run(task_state()) == "Cached"
@@ -159,17 +194,24 @@ def _emollama_reply(request: dict) -> str:
 
 def test_label_flow_with_the_emollama_backend(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The emollama scorer's chat model comes from the run's shared pool, over real HTTP."""
+    from stub_server import StubServer
+
     from esvr.flows.label import label_flow
-    from esvr.models.stub_server import StubServer
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     threads = write_threads(tmp_path / "threads.parquet")
     with StubServer(reply=_emollama_reply) as server:
-        config = load_config(None, [
-            f"run.out_dir={tmp_path / 'run'}", "run.experiment=label-emollama", "label.progress=false",
-            "label.emotion.backend=emollama", "label.emotion.model.spec=openai:emollama",
-            f"label.emotion.model.base_url={server.base_url}",
-        ])
+        config = load_config(
+            None,
+            [
+                f"run.out_dir={tmp_path / 'run'}",
+                "run.experiment=label-emollama",
+                "label.progress=false",
+                "label.emotion.backend=emollama",
+                "label.emotion.model.spec=openai:emollama",
+                f"label.emotion.model.base_url={server.base_url}",
+            ],
+        )
         result = label_flow(config, threads)
         calls = server.calls
     labels = read_labels(result["labels"])
@@ -189,7 +231,7 @@ def test_label_flow_with_the_emollama_backend(prefect_harness, tmp_path: Path, m
 
 
 def test_bench_label_prints_its_figure_last(tmp_path: Path):
-    from esvr.tasks.bench_label import bench_label, reddit_like_texts
+    from esvr.tasks.bench.label import bench_label, reddit_like_texts
 
     texts = reddit_like_texts(200)
     words = sorted(len(t.split()) for t in texts)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from esvr.flows.memory import StageMemory
-from esvr.flows.runtime import return_freed_memory
+from esvr.tasks.common.roles import return_freed_memory
 
 
 def test_allocation_is_charged_to_its_stage():

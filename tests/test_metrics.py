@@ -7,8 +7,8 @@ import math
 import pytest
 from scipy.stats import mannwhitneyu
 
-from esvr.tasks.judges import parse_intensity, parse_skill_ratings, parse_value_verdicts
-from esvr.tasks.metrics import (
+from esvr.tasks.evaluation.judges import parse_intensity, parse_skill_ratings, parse_value_verdicts
+from esvr.tasks.evaluation.metrics import (
     classification_metrics,
     cosine,
     euclidean,
@@ -17,8 +17,8 @@ from esvr.tasks.metrics import (
     mann_whitney,
     pair_outcome,
     parse_score,
-    significance_mark,
     shown_side,
+    significance_mark,
     win_ratio,
     words_per_turn,
 )
@@ -26,8 +26,18 @@ from esvr.tasks.metrics import (
 
 @pytest.mark.parametrize(
     "text, score",
-    [("4", 4), ("Score: 5", 5), ("**3** because the therapist ...", 3), ("2/5", 2), ("I'd say 4 out of 5", 4),
-     ("10", None), ("4.5", None), ("in 2024 it was fine", None), ("no rating", None), ("", None)],
+    [
+        ("4", 4),
+        ("Score: 5", 5),
+        ("**3** because the therapist ...", 3),
+        ("2/5", 2),
+        ("I'd say 4 out of 5", 4),
+        ("10", None),
+        ("4.5", None),
+        ("in 2024 it was fine", None),
+        ("no rating", None),
+        ("", None),
+    ],
 )
 def test_parse_score(text, score):
     assert parse_score(text) == score
@@ -116,8 +126,18 @@ def test_parse_skill_ratings_from_the_reasoning_template():
         "Consistency: 5\nRole-adherence: **5**\nExpression: 3/5\nHumanness: 4\nOverall: 4"
     )
     r = parse_skill_ratings(text)
-    assert r == {"identification": 4, "comforting": 5, "suggestions": 3, "experience": 1, "informativeness": 3,
-                 "consistency": 5, "role_adherence": 5, "expression": 3, "humanness": 4, "overall": 4}
+    assert r == {
+        "identification": 4,
+        "comforting": 5,
+        "suggestions": 3,
+        "experience": 1,
+        "informativeness": 3,
+        "consistency": 5,
+        "role_adherence": 5,
+        "expression": 3,
+        "humanness": 4,
+        "overall": 4,
+    }
     assert parse_skill_ratings("Ratings:\nOverall: great")["overall"] is None
 
 

@@ -12,11 +12,11 @@ import time
 import uuid
 
 import pytest
+from stub_server import StubServer
 
 from esvr.models.chat import ChatError
 from esvr.models.local_server import LocalServerError, list_models, serve_transformers
 from esvr.models.openai_backend import OpenAIChat, choice_named
-from esvr.models.stub_server import StubServer
 
 USER = [{"role": "user", "content": "hello there"}]
 LOGGER = "esvr.models.openai_backend"
@@ -214,9 +214,7 @@ def test_real_transformers_serve_through_the_backend(default_model_dir, tmp_path
                 replies = model.chat(ask, n=3, temperature=1.0, max_tokens=12)
                 assert len(replies) == 3 and len(set(replies)) > 1
                 assert model.chat(ask, max_tokens=12) == model.chat(ask, max_tokens=12, seed=1)  # greedy
-                dist = model.score_choices(
-                    [{"role": "user", "content": "Is the sky blue? Answer Yes or No."}], ["Yes", "No"]
-                )
+                dist = model.score_choices([{"role": "user", "content": "Is the sky blue? Answer Yes or No."}], ["Yes", "No"])
         finally:
             model.close()
         assert set(dist) == {"Yes", "No"} and sum(dist.values()) == pytest.approx(1.0)

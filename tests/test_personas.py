@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from esvr.models.chat import ModelSpec, load_chat_model
-from esvr.tasks.personas import (
+from esvr.models.backends import load_chat_model
+from esvr.models.config import ModelConfig
+from esvr.prompts import load_taxonomy
+from esvr.tasks.bench.simulate import FakeOpenAIServer, Script
+from esvr.tasks.simulation.personas import (
     PERSONA_FIELDS,
     PersonasConfig,
     assign_splits,
@@ -30,8 +33,6 @@ from esvr.tasks.personas import (
     split_sizes,
     write_personas,
 )
-from esvr.tasks.sim_bench import FakeOpenAIServer, Script
-from esvr.prompts import load_taxonomy
 
 
 def test_taxonomies_are_complete() -> None:
@@ -50,7 +51,10 @@ def test_taxonomies_are_complete() -> None:
     ],
 )
 def test_situation_lists_in_any_common_format(reply: str) -> None:
-    assert parse_situations(reply) == ["I just moved here and it's hard to make friends.", "My boss ignores every idea I bring to meetings."]
+    assert parse_situations(reply) == [
+        "I just moved here and it's hard to make friends.",
+        "My boss ignores every idea I bring to meetings.",
+    ]
 
 
 def test_invalid_lines_are_dropped() -> None:
@@ -72,7 +76,11 @@ def test_rating_emotion_and_demographics_parsers() -> None:
     text = "situation: a\n- Reasoning: x\n- Rating: 4\nsituation: b\n- Reasoning: y\n- **Rating:** 2"
     assert parse_ratings(text, 2) == [4, 2] and parse_ratings(text, 3) is None
     assert majority(["Fear", "Anxiety", "Fear", "Anxiety"], ["Frustration", "Anxiety", "Fear"]) == "Anxiety"
-    assert parse_demographics("Age: 40s / Gender: Male / Occupation: Nurse") == {"age": "40s", "gender": "Male", "occupation": "Nurse"}
+    assert parse_demographics("Age: 40s / Gender: Male / Occupation: Nurse") == {
+        "age": "40s",
+        "gender": "Male",
+        "occupation": "Nurse",
+    }
     assert parse_demographics("**Age:** late twenties\n**Gender:** female\n**Occupation:** software engineer") == {
         "age": "20s", "gender": "Female", "occupation": "Software Engineer"
     }  # fmt: skip
@@ -102,7 +110,7 @@ def test_split_sizes_and_stratification() -> None:
 def fake_writer():
     os.environ.setdefault("ESVR_TEST_KEY", "unused")
     with FakeOpenAIServer(Script(situations=4)) as server:
-        model = load_chat_model(ModelSpec(spec="openai:fake-writer", base_url=server.base_url, api_key_env="ESVR_TEST_KEY"))
+        model = load_chat_model(ModelConfig(spec="openai:fake-writer", base_url=server.base_url, api_key_env="ESVR_TEST_KEY"))
         yield model, server
         model.close()
 
@@ -136,7 +144,9 @@ def test_count_keeps_a_stratified_subset(fake_writer) -> None:
 def test_a_weak_writer_gets_more_pairs_until_count_pass_bounded_by_max_pairs(fake_writer, caplog) -> None:
     model, _ = fake_writer
     # 4 situations per pair, a third of them rated 2: one pair cannot give 6 personas
-    cfg = PersonasConfig(pairs=1, min_situations=2, max_situations=4, count=6, max_pairs=10, split={"train": 4, "dev": 1, "test": 1})
+    cfg = PersonasConfig(
+        pairs=1, min_situations=2, max_situations=4, count=6, max_pairs=10, split={"train": 4, "dev": 1, "test": 1}
+    )
     personas, rejected, stats = generate_personas(model, cfg)
     assert len(personas) == 6 and 1 < stats["situations.rounds"] < 10
     assert stats["situations.pairs"] == stats["situations.rounds"] and stats["alignment.kept"] >= 6
@@ -152,7 +162,9 @@ def test_a_weak_writer_gets_more_pairs_until_count_pass_bounded_by_max_pairs(fak
 
 def test_a_broken_personas_file_names_the_line_and_field(tmp_path: Path) -> None:
     path = tmp_path / "personas.jsonl"
-    path.write_text('{"id": "p1", "split": "train", "problem": "x", "value": "y", "situation": "z", "emotion": "Fear"}\n{"id": "p2", "split": "train"}\n')
+    path.write_text(
+        '{"id": "p1", "split": "train", "problem": "x", "value": "y", "situation": "z", "emotion": "Fear"}\n{"id": "p2", "split": "train"}\n'
+    )
     with pytest.raises(ValueError, match=r"line 2.*problem"):
         read_personas(path)
 
@@ -161,12 +173,22 @@ def test_steps_run_on_the_tiny_model_without_crashing(tiny_llama: Path) -> None:
     """A random model writes no parseable list: the run completes, empty, with the failure counted;
     the scoring steps work on any model."""
     model = load_chat_model(f"hf:{tiny_llama}")
-    cfg = PersonasConfig(pairs=2, situations_max_tokens=24, reask=1, alignment_method="score", emotion_method="score", demographics_method="chat")
+    cfg = PersonasConfig(
+        pairs=2, situations_max_tokens=24, reask=1, alignment_method="score", emotion_method="score", demographics_method="chat"
+    )
     personas, rejected, stats = generate_personas(model, cfg)
     assert personas == [] and stats["situations.pairs_failed"] == 2 and stats["situations.calls"] == 4
     items = [
-        {"problem": "Career and Work-Related Challenges", "value": "Achievement", "situation": "I was passed over for a promotion I worked hard for."},
-        {"problem": "Family Dynamics and Conflicts", "value": "Tradition", "situation": "My parents want me to take over the family shop."},
+        {
+            "problem": "Career and Work-Related Challenges",
+            "value": "Achievement",
+            "situation": "I was passed over for a promotion I worked hard for.",
+        },
+        {
+            "problem": "Family Dynamics and Conflicts",
+            "value": "Tradition",
+            "situation": "My parents want me to take over the family shop.",
+        },
     ]
     rate_alignment(model, items, cfg)
     label_emotions(model, items, cfg)
@@ -183,7 +205,7 @@ def test_personas_and_simulate_flows_end_to_end(prefect_harness, tmp_path: Path)
     from esvr.flows.config import load_config
     from esvr.flows.personas import personas_flow
     from esvr.flows.simulate import simulate_flow
-    from esvr.tasks.simulate import load_dialogues
+    from esvr.tasks.simulation.simulate import load_dialogues
 
     os.environ.setdefault("ESVR_TEST_KEY", "unused")
     with FakeOpenAIServer(Script(end_after=2, situations=3)) as server:

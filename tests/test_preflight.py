@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 import zstandard
+from stub_server import StubServer
 
 from esvr.flows.config import ConfigError, PipelineConfig, load_config
 from esvr.flows.preflight import PreflightError, Problem, ensure_ready, exit_code, format_report, preflight
-from esvr.models.stub_server import StubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -86,11 +86,17 @@ def zst(path: Path, lines: list[dict]) -> Path:
 def esconv_dialogue(initial: str | None, final: str | None) -> dict:
     seeker = {} if initial is None else {"initial_emotion_intensity": initial, "final_emotion_intensity": final}
     return {
-        "emotion_type": "anxiety", "problem_type": "job crisis", "situation": "layoffs",
+        "emotion_type": "anxiety",
+        "problem_type": "job crisis",
+        "situation": "layoffs",
         "survey_score": {"seeker": seeker},
         "dialog": [
             {"speaker": "seeker", "content": "I might lose my job.", "annotation": {}},
-            {"speaker": "supporter", "content": "That sounds hard. What worries you most?", "annotation": {"strategy": "Question"}},
+            {
+                "speaker": "supporter",
+                "content": "That sounds hard. What worries you most?",
+                "annotation": {"strategy": "Question"},
+            },
             {"speaker": "seeker", "content": "Thanks, talking helps.", "annotation": {}},
         ],
     }
@@ -168,37 +174,59 @@ def test_recipe_whose_servers_answer_and_list_the_models_passes(tmp_path: Path, 
     with StubServer() as emotion_server:
         dumps = [zst(tmp_path / "RS_2021-06.zst", [{"id": "p1"}]), zst(tmp_path / "RC_2021-06.zst", [{"id": "c1"}])]
         esconv = write_json(tmp_path / "ESConv.json", [esconv_dialogue("5", "1"), esconv_dialogue("5", "4")])
-        config = recipe(tmp_path, {
-            "models": {role: stub_model(server) for role in ("supporter", "seeker", "persona_writer", "judge")},
-            "ingest": {"dumps": [str(d) for d in dumps]},
-            "label": {"emotion": {"backend": "emollama", "model": stub_model(emotion_server)}},
-            "analyze_esconv": {"esconv": str(esconv)},
-            "evaluate": {
-                "supporters": [
-                    {"name": "Prompted", "model": stub_model(server)},
-                    {"name": "ESConv-FT", "style": "plain", "finetune": "esconv", "finetune_data": str(esconv)},
-                    {"name": "ExTES-FT", "style": "plain", "finetune": "extes", "finetune_data": str(FIXTURES / "extes_sample.json")},
-                    {"name": "Psych8k-FT", "style": "plain", "finetune": "psych8k", "finetune_data": str(FIXTURES / "psych8k_sample.json")},
-                    {"name": "Ours", "component": "pipeline:supporter_dpo"},
-                ],
-                "reference": "Ours",
+        config = recipe(
+            tmp_path,
+            {
+                "models": {role: stub_model(server) for role in ("supporter", "seeker", "persona_writer", "judge")},
+                "ingest": {"dumps": [str(d) for d in dumps]},
+                "label": {"emotion": {"backend": "emollama", "model": stub_model(emotion_server)}},
+                "analyze_esconv": {"esconv": str(esconv)},
+                "evaluate": {
+                    "supporters": [
+                        {"name": "Prompted", "model": stub_model(server)},
+                        {"name": "ESConv-FT", "style": "plain", "finetune": "esconv", "finetune_data": str(esconv)},
+                        {
+                            "name": "ExTES-FT",
+                            "style": "plain",
+                            "finetune": "extes",
+                            "finetune_data": str(FIXTURES / "extes_sample.json"),
+                        },
+                        {
+                            "name": "Psych8k-FT",
+                            "style": "plain",
+                            "finetune": "psych8k",
+                            "finetune_data": str(FIXTURES / "psych8k_sample.json"),
+                        },
+                        {"name": "Ours", "component": "pipeline:supporter_dpo"},
+                    ],
+                    "reference": "Ours",
+                },
             },
-        })
+        )
         assert preflight(config) == []
 
 
 def test_a_server_that_does_not_serve_the_model_is_named(tmp_path: Path, server: StubServer):
-    config = recipe(tmp_path, {
-        "run": {"stages": ["personas", "evaluate"]},
-        "models": {"persona_writer": stub_model(server, "llama3-70b"), "seeker": stub_model(server),
-                   "judge": stub_model(server, "llama3-70b"), "supporter": stub_model(server)},
-    })
+    config = recipe(
+        tmp_path,
+        {
+            "run": {"stages": ["personas", "evaluate"]},
+            "models": {
+                "persona_writer": stub_model(server, "llama3-70b"),
+                "seeker": stub_model(server),
+                "judge": stub_model(server, "llama3-70b"),
+                "supporter": stub_model(server),
+            },
+        },
+    )
     problems = preflight(config)
-    assert problems == [Problem(
-        "models.persona_writer, models.judge",
-        f"server at {server.base_url} answers but does not serve llama3-70b; it serves: stub",
-        "correct the model name in the spec, or serve that model there",
-    )]
+    assert problems == [
+        Problem(
+            "models.persona_writer, models.judge",
+            f"server at {server.base_url} answers but does not serve llama3-70b; it serves: stub",
+            "correct the model name in the spec, or serve that model there",
+        )
+    ]
 
 
 def test_a_server_that_never_answers_costs_only_the_timeout(tmp_path: Path):
@@ -233,7 +261,13 @@ def test_a_server_that_wants_a_key_gets_the_one_in_api_key_env(tmp_path: Path, m
     thread.start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-        config = recipe(tmp_path, {"run": {"stages": ["smoke"]}, "models": {"supporter": {"spec": "openai:m", "base_url": url, "api_key_env": "VLLM_KEY"}}})
+        config = recipe(
+            tmp_path,
+            {
+                "run": {"stages": ["smoke"]},
+                "models": {"supporter": {"spec": "openai:m", "base_url": url, "api_key_env": "VLLM_KEY"}},
+            },
+        )
         monkeypatch.setenv("VLLM_KEY", "wrong")
         assert errors(preflight(config)) == {"models.supporter": f"server at {url} refuses the key in VLLM_KEY (HTTP 401)"}
         monkeypatch.setenv("VLLM_KEY", "secret")
@@ -244,10 +278,13 @@ def test_a_server_that_wants_a_key_gets_the_one_in_api_key_env(tmp_path: Path, m
 
 
 def test_openai_needs_only_its_key_variable(tmp_path: Path, monkeypatch):
-    config = recipe(tmp_path, {
-        "run": {"stages": ["personas"]},
-        "models": {"persona_writer": {"spec": "openai:gpt-4o", "api_key_env": "MY_OPENAI_KEY"}},
-    })
+    config = recipe(
+        tmp_path,
+        {
+            "run": {"stages": ["personas"]},
+            "models": {"persona_writer": {"spec": "openai:gpt-4o", "api_key_env": "MY_OPENAI_KEY"}},
+        },
+    )
     monkeypatch.delenv("MY_OPENAI_KEY", raising=False)
     assert errors(preflight(config)) == {
         "models.persona_writer": "MY_OPENAI_KEY is not set (needed for openai:gpt-4o on the OpenAI API)"
@@ -258,10 +295,13 @@ def test_openai_needs_only_its_key_variable(tmp_path: Path, monkeypatch):
 
 def test_only_the_models_of_the_selected_stages_are_checked(tmp_path: Path):
     # supporter, seeker and judge are OpenAI models without a key, but only personas runs
-    config = recipe(tmp_path, {
-        "run": {"stages": ["personas"]},
-        "models": {"supporter": "openai:gpt-4o-mini", "seeker": "openai:gpt-4o-mini", "judge": "openai:gpt-4o-mini"},
-    })
+    config = recipe(
+        tmp_path,
+        {
+            "run": {"stages": ["personas"]},
+            "models": {"supporter": "openai:gpt-4o-mini", "seeker": "openai:gpt-4o-mini", "judge": "openai:gpt-4o-mini"},
+        },
+    )
     assert preflight(config) == []
     assert set(errors(preflight(config, ["personas", "evaluate"]))) >= {"models.seeker", "models.judge", "models.supporter"}
 
@@ -277,7 +317,9 @@ def test_dumps_must_be_readable_zstd_files(tmp_path: Path):
     plain.write_text('{"id": "c1"}\n')
     empty = tmp_path / "RC_2021-07.zst"
     empty.touch()
-    config = recipe(tmp_path, {"run": {"stages": ["ingest"]}, "ingest": {"dumps": [str(good), str(plain), str(empty), str(tmp_path)]}})
+    config = recipe(
+        tmp_path, {"run": {"stages": ["ingest"]}, "ingest": {"dumps": [str(good), str(plain), str(empty), str(tmp_path)]}}
+    )
     errs = errors(preflight(config))
     assert set(errs) == {"ingest.dumps[1]", "ingest.dumps[2]", "ingest.dumps[3]"}
     assert "is not a zstd file" in errs["ingest.dumps[1]"]
@@ -297,20 +339,35 @@ def test_esconv_for_the_analysis_needs_its_survey_intensities(tmp_path: Path):
     no_survey = errors(check([esconv_dialogue(None, None)] * 3))
     assert "no dialogue falls in either group" in no_survey["analyze_esconv.esconv"]
     assert "initial_emotion_intensity" in no_survey["analyze_esconv.esconv"]
-    assert "the low group is empty" in warnings(check(FIXTURES.joinpath("esconv_sample.json").read_text()))["analyze_esconv.esconv"]
+    assert (
+        "the low group is empty" in warnings(check(FIXTURES.joinpath("esconv_sample.json").read_text()))["analyze_esconv.esconv"]
+    )
     assert "not valid JSON" in errors(check("[{"))["analyze_esconv.esconv"]
-    missing = preflight(recipe(tmp_path, {"analyze_esconv": {"esconv": str(tmp_path / "none" / "ESConv.json")}}), ["analyze_esconv"])
+    missing = preflight(
+        recipe(tmp_path, {"analyze_esconv": {"esconv": str(tmp_path / "none" / "ESConv.json")}}), ["analyze_esconv"]
+    )
     assert "does not exist" in errors(missing)["analyze_esconv.esconv"]
 
 
 def test_fine_tuning_corpora_parse_with_the_fields_the_loaders_read(tmp_path: Path):
     bad = write_json(tmp_path / "Psych8k.json", [{"instruction": "x", "input": "I feel low"}])
-    config = recipe(tmp_path, {
-        "evaluate": {"supporters": [
-            {"name": "Psych8k-FT", "style": "plain", "finetune": "psych8k", "finetune_data": str(bad)},
-            {"name": "ExTES-FT", "style": "plain", "finetune": "extes", "finetune_data": str(FIXTURES / "psych8k_sample.json")},
-        ], "reference": "Psych8k-FT"},
-    })
+    config = recipe(
+        tmp_path,
+        {
+            "evaluate": {
+                "supporters": [
+                    {"name": "Psych8k-FT", "style": "plain", "finetune": "psych8k", "finetune_data": str(bad)},
+                    {
+                        "name": "ExTES-FT",
+                        "style": "plain",
+                        "finetune": "extes",
+                        "finetune_data": str(FIXTURES / "psych8k_sample.json"),
+                    },
+                ],
+                "reference": "Psych8k-FT",
+            },
+        },
+    )
     errs = errors(preflight(config, ["evaluate"]))
     assert "record 0 needs 'input' and 'output'" in errs["evaluate.supporters[0].finetune_data"]
     assert "no 'content' list" in errs["evaluate.supporters[1].finetune_data"]  # a Psych8k file given as ExTES
@@ -319,7 +376,10 @@ def test_fine_tuning_corpora_parse_with_the_fields_the_loaders_read(tmp_path: Pa
 def test_simulator_fidelity_reads_esconv_final_intensities(tmp_path: Path):
     unrated = write_json(tmp_path / "FailedESConv.json", [esconv_dialogue(None, None)])
     config = recipe(tmp_path, {"evaluate": {"fidelity": {"esconv": str(unrated)}}})
-    assert "no dialogue has a final_emotion_intensity" in errors(preflight(config, ["simulator_fidelity"]))["evaluate.fidelity.esconv"]
+    assert (
+        "no dialogue has a final_emotion_intensity"
+        in errors(preflight(config, ["simulator_fidelity"]))["evaluate.fidelity.esconv"]
+    )
     config = recipe(tmp_path, {"evaluate": {"fidelity": {"esconv": str(FIXTURES / "esconv_sample.json")}}})
     assert preflight(config, ["simulator_fidelity"]) == []
     # not part of `esvr run`: the pipeline's check leaves it alone
@@ -348,7 +408,9 @@ def test_local_checkpoints_must_exist_hub_ids_missing_from_the_cache_are_warning
     datasets_built(tmp_path)
 
     def check(base: str) -> list[Problem]:
-        return preflight(recipe(tmp_path, {"models": {"base": base}, "train_tvd": {"eval": {"baselines": ["base"]}}}), ["train_tvd"])
+        return preflight(
+            recipe(tmp_path, {"models": {"base": base}, "train_tvd": {"eval": {"baselines": ["base"]}}}), ["train_tvd"]
+        )
 
     assert "checkpoint ./checkpoints/llama does not exist" in errors(check("./checkpoints/llama"))["models.base"]
     (tmp_path / "llama").mkdir()
@@ -362,10 +424,13 @@ def test_local_checkpoints_must_exist_hub_ids_missing_from_the_cache_are_warning
 
 def test_adapters_and_component_folders(tmp_path: Path):
     adapter = tmp_path / "adapters" / "tvd"
-    config = recipe(tmp_path, {
-        "simulate": {"tvd": f"hf:default+{adapter}"},
-        "evaluate": {"supporters": [{"name": "Trained", "component": str(adapter)}], "reference": "Trained"},
-    })
+    config = recipe(
+        tmp_path,
+        {
+            "simulate": {"tvd": f"hf:default+{adapter}"},
+            "evaluate": {"supporters": [{"name": "Trained", "component": str(adapter)}], "reference": "Trained"},
+        },
+    )
     errs = errors(preflight(config, ["personas", "simulate", "evaluate"]))
     assert f"adapter {adapter} does not exist" in errs["simulate.tvd"]
     assert f"{adapter} does not exist" in errs["evaluate.supporters[0].component"]
@@ -374,7 +439,9 @@ def test_adapters_and_component_folders(tmp_path: Path):
     (adapter / "component.json").write_text(json.dumps({"base": "default", "component": "tvd"}))
     assert preflight(config, ["personas", "simulate", "evaluate"]) == []
     # this run trains the detector: simulate.tvd is not what the simulation uses
-    assert "simulate.tvd" not in errors(preflight(recipe(tmp_path, {"simulate": {"tvd": "hf:default+/nowhere"}}), ["train_tvd", "personas", "simulate"]))
+    assert "simulate.tvd" not in errors(
+        preflight(recipe(tmp_path, {"simulate": {"tvd": "hf:default+/nowhere"}}), ["train_tvd", "personas", "simulate"])
+    )
 
 
 def test_mlflow_components_warn_only_when_the_tracking_store_is_missing(tmp_path: Path, monkeypatch):
@@ -388,7 +455,9 @@ def test_mlflow_components_warn_only_when_the_tracking_store_is_missing(tmp_path
 
 
 def test_pipeline_rows_need_the_stage_that_trains_them(tmp_path: Path):
-    config = recipe(tmp_path, {"evaluate": {"supporters": [{"name": "Ours", "component": "pipeline:supporter_sft"}], "reference": "Ours"}})
+    config = recipe(
+        tmp_path, {"evaluate": {"supporters": [{"name": "Ours", "component": "pipeline:supporter_sft"}], "reference": "Ours"}}
+    )
     assert preflight(config, ["personas", "train_supporter", "simulate", "evaluate"]) == []
     errs = errors(preflight(config, ["personas", "evaluate"]))
     assert "comes from the train_supporter stage, which this run leaves out" in errs["evaluate.supporters[0].component"]
@@ -398,11 +467,14 @@ def test_keys_a_variant_overrides_are_named_with_the_variant(tmp_path: Path):
     if "variants" not in PipelineConfig.model_fields:
         pytest.skip("this recipe format has no variants")
     datasets_built(tmp_path)
-    config = recipe(tmp_path, {
-        "run": {"stages": ["train_rg"]},
-        "train_rg": {"judge": "default"},
-        "variants": {"emotion": {"train_rg": {"judge": "openai:gpt-4o-mini", "with_values": False}}},
-    })
+    config = recipe(
+        tmp_path,
+        {
+            "run": {"stages": ["train_rg"]},
+            "train_rg": {"judge": "default"},
+            "variants": {"emotion": {"train_rg": {"judge": "openai:gpt-4o-mini", "with_values": False}}},
+        },
+    )
     assert errors(preflight(config)) == {
         "variants.emotion.train_rg.judge": "OPENAI_API_KEY is not set (needed for openai:gpt-4o-mini on the OpenAI API)"
     }
@@ -425,13 +497,20 @@ def test_task_runner_extra_and_scheduler(tmp_path: Path):
     import importlib.util
 
     port = closed_port()
-    config = recipe(tmp_path, {"run": {"stages": ["report"]}, "orchestration": {"task_runner": "dask", "address": f"tcp://127.0.0.1:{port}"}})
+    config = recipe(
+        tmp_path, {"run": {"stages": ["report"]}, "orchestration": {"task_runner": "dask", "address": f"tcp://127.0.0.1:{port}"}}
+    )
     assert "dask scheduler at tcp://127.0.0.1:" in errors(preflight(config))["orchestration.address"]
     with socket.socket() as scheduler:
         scheduler.bind(("127.0.0.1", 0))
         scheduler.listen(1)
         address = f"127.0.0.1:{scheduler.getsockname()[1]}"
-        assert preflight(recipe(tmp_path, {"run": {"stages": ["report"]}, "orchestration": {"task_runner": "dask", "address": address}})) == []
+        assert (
+            preflight(
+                recipe(tmp_path, {"run": {"stages": ["report"]}, "orchestration": {"task_runner": "dask", "address": address}})
+            )
+            == []
+        )
     threads = recipe(tmp_path, {"run": {"stages": ["report"]}, "orchestration": {"task_runner": "threads", "address": address}})
     assert "task_runner is threads" in warnings(preflight(threads))["orchestration.address"]
     if importlib.util.find_spec("prefect_ray") is None:

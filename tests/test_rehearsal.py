@@ -22,19 +22,63 @@ REHEARSAL = ROOT / "configs" / "rehearsal.yaml"
 
 #: the last part of a key that only says how much (examples, steps, tokens, workers, items)
 SIZE_KEYS = {
-    "max_steps", "batch_size", "grad_accum", "max_length", "max_eval_examples", "max_train_examples",
-    "max_examples", "max_new_tokens", "max_new_tokens_reasoning", "max_judge_tokens", "concurrency",
-    "max_workers", "sample_posts", "chunk_size", "max_seq_length", "dev_size", "test_size",
-    "max_chars_per_utterance", "pairs", "max_pairs", "reask", "min_situations", "max_situations", "situations_max_tokens",
-    "alignment_max_tokens", "emotion_votes", "n_samples", "count", "train", "dev", "test",
-    "max_personas", "max_turns", "supporter_max_tokens", "seeker_max_tokens", "stepwise_max_tokens",
-    "tvd_max_tokens", "rg_max_tokens", "dpo_max_personas", "dpo_max_dialogues", "dpo_max_turns", "rollout_concurrency",
-    "judge_max_tokens", "value_judgments", "max_dialogues", "max_tokens",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "max_eval_examples",
+    "max_train_examples",
+    "max_examples",
+    "max_new_tokens",
+    "max_new_tokens_reasoning",
+    "max_judge_tokens",
+    "concurrency",
+    "max_workers",
+    "sample_posts",
+    "chunk_size",
+    "max_seq_length",
+    "dev_size",
+    "test_size",
+    "max_chars_per_utterance",
+    "pairs",
+    "max_pairs",
+    "reask",
+    "min_situations",
+    "max_situations",
+    "situations_max_tokens",
+    "alignment_max_tokens",
+    "emotion_votes",
+    "n_samples",
+    "count",
+    "train",
+    "dev",
+    "test",
+    "max_personas",
+    "max_turns",
+    "supporter_max_tokens",
+    "seeker_max_tokens",
+    "stepwise_max_tokens",
+    "tvd_max_tokens",
+    "rg_max_tokens",
+    "dpo_max_personas",
+    "dpo_max_dialogues",
+    "dpo_max_turns",
+    "rollout_concurrency",
+    "judge_max_tokens",
+    "value_judgments",
+    "max_dialogues",
+    "max_tokens",
 }
 #: keys that say where things are (servers, files, folders) rather than what the method does
 ENDPOINT_KEYS = {
-    "run.name", "run.out_dir", "models.base", "ingest.dumps", "ingest.dumps_dir", "label.values.checkpoints",
-    "analyze_esconv.esconv", "evaluate.fidelity.esconv",
+    "run.name",
+    "run.out_dir",
+    "models.base",
+    "ingest.dumps",
+    "ingest.dumps_dir",
+    "label.values.checkpoints",
+    "analyze_esconv.esconv",
+    "evaluate.fidelity.esconv",
 }
 #: the only other changes, each with its reason
 EXCEPTIONS = {
@@ -95,9 +139,20 @@ def test_request_counts_come_from_the_servers_access_log(tmp_path: Path):
 def _rehearse(out: Path, checkpoint: Path) -> tuple[dict, float]:
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "esvr.flows.cli", "rehearse", "--out", str(out),
-         "--set", f"label.values.checkpoints=[{checkpoint}]"],
-        cwd=ROOT, capture_output=True, text=True, timeout=40 * 60,
+        [
+            sys.executable,
+            "-m",
+            "esvr.flows.cli",
+            "rehearse",
+            "--out",
+            str(out),
+            "--set",
+            f"label.values.checkpoints=[{checkpoint}]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=40 * 60,
     )
     assert proc.returncode == 0, f"esvr rehearse failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return json.loads((out / "rehearsal.json").read_text()), time.monotonic() - start
@@ -111,9 +166,23 @@ def test_rehearsal_runs_the_paper_path_end_to_end_and_reruns_from_caches(tmp_pat
     artifacts = first["artifacts"]
 
     # every stage left its artifacts, both branches included
-    for key in ("threads", "labels", "datasets", "tvd", "rg", "emotion_rg", "personas", "dialogues",
-                "emotion_dialogues", "supporter_sft", "supporter_table19", "emotion_sft", "emotion_table19",
-                "evaluate_summary", "report"):
+    for key in (
+        "threads",
+        "labels",
+        "datasets",
+        "tvd",
+        "rg",
+        "emotion_rg",
+        "personas",
+        "dialogues",
+        "emotion_dialogues",
+        "supporter_sft",
+        "supporter_table19",
+        "emotion_sft",
+        "emotion_table19",
+        "evaluate_summary",
+        "report",
+    ):
         assert artifacts.get(key), f"no {key} artifact: {sorted(artifacts)}"
     assert (checkpoint / "config.json").is_file()  # the hf value detector's local checkpoint
     # each branch trains DPO when its selected setting found training pairs; a 135M model's two

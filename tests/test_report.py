@@ -13,9 +13,9 @@ from scipy.stats import mannwhitneyu
 
 from esvr.flows import tracking
 from esvr.flows.config import PipelineConfig
-from esvr.tasks.evaluate import SupporterUnderTest, summarize
-from esvr.tasks.judges import criterion_names
-from esvr.tasks.report import build_report, find_runs, summary_from_run, summary_table
+from esvr.tasks.evaluation.evaluate import SupporterUnderTest, summarize
+from esvr.tasks.evaluation.judges import criterion_names
+from esvr.tasks.evaluation.report import build_report, find_runs, summary_from_run, summary_table
 
 REF_OVERALL = [5, 5, 5, 4, 5, 5, 4, 5]
 MODEL_OVERALL = [3, 4, 3, 3, 4, 3, 3, 4]
@@ -27,13 +27,25 @@ def judgments(name: str, overall: list[int], words: int) -> list[dict]:
     for i, o in enumerate(overall):
         skills = {c: {"score": 4, "expected": 4.0, "dist": {}, "method": "argmax"} for c in criterion_names()}
         skills["overall"] = {"score": o, "expected": o - 0.25, "dist": {}, "method": "argmax"}
-        recs.append({"supporter": name, "persona_id": f"p{i}", "skills": skills, "intensity": {"level": 2, "expected": 2.0}, "words_per_turn": float(words)})
+        recs.append(
+            {
+                "supporter": name,
+                "persona_id": f"p{i}",
+                "skills": skills,
+                "intensity": {"level": 2, "expected": 2.0},
+                "words_per_turn": float(words),
+            }
+        )
     return recs
 
 
 def value_records(name: str, ratios: list[float]) -> list[dict]:
     return [
-        {"supporter": name, "persona_id": f"p{i}", "seeker": {"win_ratio": r, "expected": r}, "supporter": {"win_ratio": 1 - r, "expected": 1 - r}}
+        {
+            "persona_id": f"p{i}",
+            "seeker": {"win_ratio": r, "expected": r},
+            "supporter": {"win_ratio": 1 - r, "expected": 1 - r},
+        }
         for i, r in enumerate(ratios)
     ]
 
@@ -44,9 +56,23 @@ def make_summary(categories: bool) -> dict:
         SupporterUnderTest(name="Baseline", category="Fine-tuned" if categories else "Prompt-based"),
         SupporterUnderTest(name="Close", category="Fine-tuned" if categories else "Prompt-based"),
     ]
-    js = {"Ours (DPO)": judgments("Ours (DPO)", REF_OVERALL, 20), "Baseline": judgments("Baseline", MODEL_OVERALL, 70), "Close": judgments("Close", CLOSE_OVERALL, 22)}
-    vs = {"Baseline": value_records("Baseline", [0.2] * 8), "Close": value_records("Close", [0.5, 0.4, 0.6, 0.5, 0.5, 0.5, 0.4, 0.6])}
-    return summarize(js, vs, "Ours (DPO)", rows, table_score="parsed", extra={"judge": "openai:judge", "seeker": "openai:seeker", "personas": 8})
+    js = {
+        "Ours (DPO)": judgments("Ours (DPO)", REF_OVERALL, 20),
+        "Baseline": judgments("Baseline", MODEL_OVERALL, 70),
+        "Close": judgments("Close", CLOSE_OVERALL, 22),
+    }
+    vs = {
+        "Baseline": value_records("Baseline", [0.2] * 8),
+        "Close": value_records("Close", [0.5, 0.4, 0.6, 0.5, 0.5, 0.5, 0.4, 0.6]),
+    }
+    return summarize(
+        js,
+        vs,
+        "Ours (DPO)",
+        rows,
+        table_score="parsed",
+        extra={"judge": "openai:judge", "seeker": "openai:seeker", "personas": 8},
+    )
 
 
 def log_run(config: PipelineConfig, summary: dict, tmp: Path, run_name: str) -> str:
@@ -59,7 +85,9 @@ def log_run(config: PipelineConfig, summary: dict, tmp: Path, run_name: str) -> 
 
 
 def test_report_from_two_mlflow_runs(tmp_path):
-    config = PipelineConfig.model_validate({"run": {"name": "report-test", "out_dir": str(tmp_path / "run"), "experiment": "esvr-report-test"}})
+    config = PipelineConfig.model_validate(
+        {"run": {"name": "report-test", "out_dir": str(tmp_path / "run"), "experiment": "esvr-report-test"}}
+    )
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         id2 = log_run(config, make_summary(categories=False), tmp_path, "table-2")
@@ -81,11 +109,20 @@ def test_report_from_two_mlflow_runs(tmp_path):
     assert table2.splitlines()[0].startswith("| Model | Iden. |")
     assert table3.splitlines()[0].startswith("| Category | Model | Iden. |")
     # reference row: means, and no ES-Value against itself
-    assert "| **Ours (DPO)** (ref.) | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.75 | 2.00 | - | - | 20.0 | 8 |" in table2
+    assert (
+        "| **Ours (DPO)** (ref.) | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.75 | 2.00 | - | - | 20.0 | 8 |"
+        in table2
+    )
     # overall 3.38* (p < 0.05), ES-Value 0.20* for the seeker and 0.80* for the supporter side
-    assert "| Baseline | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 3.38* | 2.00 | 0.20* | 0.80* | 70.0* | 8 |" in table2
+    assert (
+        "| Baseline | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 3.38* | 2.00 | 0.20* | 0.80* | 70.0* | 8 |"
+        in table2
+    )
     # 4.25† (0.05 <= p < 0.1); ES-Value 0.50 without a mark
-    assert "| Fine-tuned | Baseline |" in table3 and "|  | Close | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.25† | 2.00 | 0.50 | 0.50 |" in table3
+    assert (
+        "| Fine-tuned | Baseline |" in table3
+        and "|  | Close | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.25† | 2.00 | 0.50 | 0.50 |" in table3
+    )
     assert table2 in text and table3 in text
     # the expected-score variant is in the report too (overall expected = parsed - 0.25)
     assert "| Baseline | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 4.00 | 3.12* |" in text
@@ -96,8 +133,8 @@ def test_report_from_two_mlflow_runs(tmp_path):
 
 
 def test_judge_vs_human_from_a_csv(tmp_path):
-    from esvr.tasks.evaluate import write_jsonl
-    from esvr.tasks.fidelity import judge_vs_human, judge_vs_human_markdown, read_human_ratings
+    from esvr.tasks.common.jsonl import write_jsonl
+    from esvr.tasks.evaluation.fidelity import judge_vs_human, judge_vs_human_markdown, read_human_ratings
 
     good = judgments("Good (Both)", [5, 4], 10)
     plain = judgments("Plain baseline", [2, 1], 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from esvr.tasks.preferences import (
+from esvr.tasks.supporter.preferences import (
     EMOTION_STATES,
     candidates_by_turn,
     emotion_score,
@@ -15,7 +15,7 @@ from esvr.tasks.preferences import (
     select_pairs,
     value_counts,
 )
-from esvr.tasks.train_supporter import RewardSetting, TrainSupporterConfig
+from esvr.tasks.supporter.train_supporter import RewardSetting, TrainSupporterConfig
 
 SCORES = [2, 0, 1, 3, 1]  # N_{t+1..t+5}
 
@@ -53,7 +53,11 @@ def test_select_pairs_exceeds_threshold_strictly_and_picks_the_higher():
         {"id": "c", "initial": 2.0, "alternative": 1.0},  # diff 1
         {"id": "d", "initial": 1.0, "alternative": 1.0},  # tie: never a pair
     ]
-    assert [(p.info["id"], p.chosen) for p in select_pairs(cands, 0)] == [("a", "initial"), ("b", "alternative"), ("c", "initial")]
+    assert [(p.info["id"], p.chosen) for p in select_pairs(cands, 0)] == [
+        ("a", "initial"),
+        ("b", "alternative"),
+        ("c", "initial"),
+    ]
     assert [(p.info["id"], p.chosen) for p in select_pairs(cands, 1)] == [("a", "initial"), ("b", "alternative")]
     assert [(p.info["id"], p.chosen) for p in select_pairs(cands, 2)] == [("a", "initial")]
     assert select_pairs(cands, 3) == []
@@ -72,7 +76,15 @@ def _rollout(kind, targets, seeker_texts, turn=1, split="train"):
     cont = []
     for s in seeker_texts:
         cont += [{"role": "seeker", "text": s}, {"role": "supporter", "text": "..."}]
-    return {"dialogue_id": "d1", "turn": turn, "kind": kind, "split": split, "at": 2, "target_values": targets, "continuation": cont}
+    return {
+        "dialogue_id": "d1",
+        "turn": turn,
+        "kind": kind,
+        "split": split,
+        "at": 2,
+        "target_values": targets,
+        "continuation": cont,
+    }
 
 
 def test_value_counts_intersect_detected_with_target_values():
@@ -109,7 +121,9 @@ def test_settings_derive_from_one_rollout_per_candidate():
 
 
 def test_config_horizon_is_the_longest_needed_and_all_parses():
-    cfg = TrainSupporterConfig(sweep=[{"h": 3, "gamma": 1, "t_diff": 2}, {"h": 5, "gamma": 1, "t_diff": 1}], selected={"h": 3, "gamma": 1, "t_diff": 2})
+    cfg = TrainSupporterConfig(
+        sweep=[{"h": 3, "gamma": 1, "t_diff": 2}, {"h": 5, "gamma": 1, "t_diff": 1}], selected={"h": 3, "gamma": 1, "t_diff": 2}
+    )
     assert cfg.rollout_horizon() == 5 and len(cfg.settings()) == 2
     cfg = TrainSupporterConfig(sweep=[{"h": "all", "gamma": 0.9, "t_diff": 1.5}], selected={"h": 3})
     assert cfg.rollout_horizon() is None
@@ -133,9 +147,13 @@ class FakeJudge:
 
 def test_emotion_score_expectation_and_sample_mean():
     sentences = {k: s for k, s, _ in EMOTION_STATES}
-    judge = FakeJudge({sentences["better"]: 0.5, sentences["solved"]: 0.25, sentences["worse"]: 0.25},
-                      ["No, but the patient feels better.", "Yes, the issue has been solved.", "gibberish", "feels the same"])
-    assert emotion_score(judge, [], method="score", n_samples=10, max_tokens=8, seed=0) == pytest.approx(0.5 * 0.5 + 0.25 * 1 - 0.25)
+    judge = FakeJudge(
+        {sentences["better"]: 0.5, sentences["solved"]: 0.25, sentences["worse"]: 0.25},
+        ["No, but the patient feels better.", "Yes, the issue has been solved.", "gibberish", "feels the same"],
+    )
+    assert emotion_score(judge, [], method="score", n_samples=10, max_tokens=8, seed=0) == pytest.approx(
+        0.5 * 0.5 + 0.25 * 1 - 0.25
+    )
     # samples: better 0.5, solved 1.0, (unparsed), same -0.5 -> mean over parsed = 1/3
     assert emotion_score(judge, [], method="sample", n_samples=4, max_tokens=8, seed=0) == pytest.approx(1.0 / 3)
     assert parse_emotion_state("No, the Patient feels WORSE.") == -1.0

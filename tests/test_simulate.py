@@ -16,10 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from esvr.models.chat import ModelSpec, load_chat_model
-from esvr.tasks.sft_export import export_sft, sft_examples
-from esvr.tasks.sim_bench import FakeOpenAIServer, Script, ScriptedChat, bench_personas
-from esvr.tasks.simulate import (
+from esvr.models.backends import load_chat_model
+from esvr.models.config import ModelConfig
+from esvr.tasks.bench.simulate import FakeOpenAIServer, Script, ScriptedChat, bench_personas
+from esvr.tasks.common.jsonl import read_jsonl_repairing
+from esvr.tasks.simulation.simulate import (
     EndRules,
     SimulateConfig,
     build_agents,
@@ -27,10 +28,10 @@ from esvr.tasks.simulate import (
     end_reason,
     has_gratitude,
     load_dialogues,
-    read_jsonl_repairing,
     simulate_dialogue,
     simulate_dialogues,
 )
+from esvr.tasks.supporter.sft_export import export_sft, sft_examples
 
 PERSONA = bench_personas(1)[0]
 
@@ -51,7 +52,11 @@ class KeywordEmotion:
 def agents_for(script: Script, *, tvd: bool = True, rg: bool = True, emotion=None, max_turns: int = 20, **cfg):
     model = ScriptedChat(script)
     agents = build_agents(
-        SimulateConfig(max_turns=max_turns, **cfg), model, model, tvd_model=model if tvd else None, rg_model=model if rg else None,
+        SimulateConfig(max_turns=max_turns, **cfg),
+        model,
+        model,
+        tvd_model=model if tvd else None,
+        rg_model=model if rg else None,
         emotion_scorer=emotion,
     )
     return agents, model
@@ -132,7 +137,15 @@ def test_each_turn_records_inputs_steps_alternative_and_calls() -> None:
         assert t["target_values"] == ["Achievement", "Benevolence: caring", "Self-direction: action"]
         assert t["reference"].startswith("It sounds like")
         assert set(t["steps"]) == {"step1", "step2", "step3", "step4"}
-        assert t["strategy"] in {"Question", "Restatement", "Reflection", "Self-disclosure", "Affirmation", "Suggestions", "Information"}
+        assert t["strategy"] in {
+            "Question",
+            "Restatement",
+            "Reflection",
+            "Self-disclosure",
+            "Affirmation",
+            "Suggestions",
+            "Information",
+        }
         assert rec["utterances"][t["at"]] == {"role": "supporter", "text": t["response"]}
         alt = t["alternative"]
         assert alt["reference_used"] is (not t["reference_used"])  # the decision is reversed
@@ -171,8 +184,8 @@ WORKER = textwrap.dedent(
     """
     import sys, json
     from esvr.models.chat import CachedChatModel, ResponseCache
-    from esvr.tasks.sim_bench import Script, ScriptedChat, bench_personas
-    from esvr.tasks.simulate import SimulateConfig, build_agents, simulate_dialogues
+    from esvr.tasks.bench.simulate import Script, ScriptedChat, bench_personas
+    from esvr.tasks.simulation.simulate import SimulateConfig, build_agents, simulate_dialogues
 
     out, cache, log = sys.argv[1:4]
 
@@ -219,7 +232,7 @@ def test_torn_last_line_is_cut_and_a_second_writer_is_refused(tmp_path: Path) ->
     path.write_bytes(orjson.dumps({"id": "a"}) + b"\n" + b'{"id": "b", "utter')
     assert [r["id"] for r in read_jsonl_repairing(path)] == ["a"]
     assert path.read_bytes().endswith(b"\n")
-    from esvr.tasks.simulate import exclusive
+    from esvr.tasks.common.jsonl import exclusive
 
     with exclusive(path):
         with pytest.raises(RuntimeError, match="another simulation"):
@@ -234,7 +247,9 @@ def test_concurrency_speedup_on_the_fake_server(tmp_path: Path) -> None:
     os.environ.setdefault("ESVR_TEST_KEY", "unused")
     conc, latency = 8, 0.2
     with FakeOpenAIServer(Script(end_after=2), latency_s=latency) as server:
-        model = load_chat_model(ModelSpec(spec="openai:fake", base_url=server.base_url, api_key_env="ESVR_TEST_KEY", concurrency=32))
+        model = load_chat_model(
+            ModelConfig(spec="openai:fake", base_url=server.base_url, api_key_env="ESVR_TEST_KEY", concurrency=32)
+        )
         agents = build_agents(SimulateConfig(emotion=False), model, model, tvd_model=model, rg_model=model)
         simulate_dialogues([dict(PERSONA, id="warm")], tmp_path / "warm.jsonl", agents)
         one = simulate_dialogues(bench_personas(2), tmp_path / "c1.jsonl", agents, concurrency=1)
@@ -276,7 +291,9 @@ def test_dialogues_of_other_models_are_kept_aside_and_simulated_anew(tmp_path: P
     first = load_dialogues(out)
 
     retrained_tvd = ScriptedChat(Script(end_after=1), cache_id="scripted-retrained-tvd")
-    agents2 = build_agents(SimulateConfig(), agents.supporter.model, agents.seeker.model, tvd_model=retrained_tvd, rg_model=agents.supporter.model)
+    agents2 = build_agents(
+        SimulateConfig(), agents.supporter.model, agents.seeker.model, tvd_model=retrained_tvd, rg_model=agents.supporter.model
+    )
     summary = simulate_dialogues([PERSONA], out, agents2)
     assert summary.written == 1 and summary.skipped == 0
     assert load_dialogues(tmp_path / "d.stale-1.jsonl") == first  # the earlier run's work is kept

@@ -13,7 +13,15 @@ from esvr.flows.config import load_config
 
 @pytest.fixture()
 def config(tiny_llama: Path, tmp_path: Path):
-    return load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"models.supporter=hf:{tiny_llama}", "run.experiment=smoke-test", "run.stages=[smoke]"])
+    return load_config(
+        None,
+        [
+            f"run.out_dir={tmp_path / 'run'}",
+            f"models.supporter=hf:{tiny_llama}",
+            "run.experiment=smoke-test",
+            "run.stages=[smoke]",
+        ],
+    )
 
 
 def test_second_run_is_cached_and_mlflow_has_both_runs(prefect_harness, config):

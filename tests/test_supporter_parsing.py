@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esvr.models.chat import ChatModel, ChatRequest
-from esvr.tasks.supporter import (
+from esvr.tasks.simulation.supporter import (
     Supporter,
     SupporterFailure,
     SupporterReply,
@@ -227,7 +227,9 @@ HISTORY = [{"role": "seeker", "text": "I lost my job and I feel worthless."}]
 def test_reask_then_accept_and_the_correction_goes_back_to_the_model() -> None:
     model = Replies(["whatever", GOOD])
     calls: dict[str, int] = {}
-    r = asyncio.run(Supporter(model, SupporterSettings(reask=2)).respond(HISTORY, ["Achievement"], "Be kind to yourself.", calls=calls))
+    r = asyncio.run(
+        Supporter(model, SupporterSettings(reask=2)).respond(HISTORY, ["Achievement"], "Be kind to yourself.", calls=calls)
+    )
     assert r.attempts == 2 and r.problems and calls == {"supporter": 2}
     second = model.requests[1].message_dicts()
     assert second[-2] == {"role": "assistant", "content": "whatever"}

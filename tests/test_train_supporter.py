@@ -13,10 +13,11 @@ import orjson
 import pytest
 from supporter_script import CAREER_REPLY, END_REPLY, PLAIN_REPLY, personas, script
 
-from esvr.flows.config import ModelConfig, PipelineConfig
-from esvr.models.chat import load_chat_model
-from esvr.tasks.preferences import rollout_candidates
-from esvr.tasks.simulate import SimulateConfig, build_agents, load_dialogues, simulate_dialogues
+from esvr.flows.config import PipelineConfig
+from esvr.models.backends import load_chat_model
+from esvr.models.config import ModelConfig
+from esvr.tasks.simulation.simulate import SimulateConfig, build_agents, load_dialogues, simulate_dialogues
+from esvr.tasks.supporter.preferences import rollout_candidates
 
 
 def stub_cfg(server) -> dict:
@@ -24,7 +25,7 @@ def stub_cfg(server) -> dict:
 
 
 def make_agents(server, sim: SimulateConfig):
-    model = load_chat_model(ModelConfig(**stub_cfg(server)).to_spec())
+    model = load_chat_model(ModelConfig(**stub_cfg(server)))
     return build_agents(sim, model, model, tvd_model=model, rg_model=model)
 
 
@@ -66,8 +67,22 @@ def _config(stub_server, tiny_llama: Path, out_dir: Path, **supporter: object) -
     stub = stub_cfg(stub_server)
     ts = {
         # one step on one or two examples: the prompts are ~1k tokens and the CI has 2 cores
-        "sft": {"max_steps": 1, "batch_size": 2, "learning_rate": 5e-3, "max_length": 2048, "max_train_examples": 2, "max_eval_examples": 1},
-        "dpo": {"max_steps": 1, "batch_size": 1, "learning_rate": 5e-3, "max_length": 2048, "max_train_examples": 1, "max_eval_examples": 1},
+        "sft": {
+            "max_steps": 1,
+            "batch_size": 2,
+            "learning_rate": 5e-3,
+            "max_length": 2048,
+            "max_train_examples": 2,
+            "max_eval_examples": 1,
+        },
+        "dpo": {
+            "max_steps": 1,
+            "batch_size": 1,
+            "learning_rate": 5e-3,
+            "max_length": 2048,
+            "max_train_examples": 1,
+            "max_eval_examples": 1,
+        },
         "dpo_simulations": "prompted",
         "sweep": [{"h": 1, "gamma": 1, "t_diff": 0}, {"h": "all", "gamma": 0.9, "t_diff": 0.5}],
         "selected": {"h": 1, "gamma": 1, "t_diff": 0},
@@ -96,8 +111,8 @@ def test_train_supporter_flow_sft_pairs_dpo(prefect_harness, stub_server, dialog
 
     from mlflow.tracking import MlflowClient
 
+    from esvr.flows.chat import resolve_supporter
     from esvr.flows.train_supporter import train_supporter_flow
-    from esvr.tasks.chat_frontend import resolve_supporter
 
     out_dir = dialogues.parents[2]
     config = _config(stub_server, tiny_llama, out_dir)
@@ -116,7 +131,12 @@ def test_train_supporter_flow_sft_pairs_dpo(prefect_harness, stub_server, dialog
     for name in ("h=1,gamma=1,t_diff=0", "h=all,gamma=0.9,t_diff=0.5"):
         assert table[name]["train"] == {"candidates": 6, "pairs": 4, "chosen_initial": 4, "chosen_alternative": 0}
         assert table[name]["dev"] == {"candidates": 3, "pairs": 2, "chosen_initial": 2, "chosen_alternative": 0}
-    pairs = [orjson.loads(line) for line in (out_dir / "train_supporter" / "dpo" / "preferences_value" / "pairs_h1_gamma1_t_diff0.jsonl").read_bytes().splitlines()]
+    pairs = [
+        orjson.loads(line)
+        for line in (out_dir / "train_supporter" / "dpo" / "preferences_value" / "pairs_h1_gamma1_t_diff0.jsonl")
+        .read_bytes()
+        .splitlines()
+    ]
     assert "career" in pairs[0]["chosen"][0]["content"] and "calm" in pairs[0]["rejected"][0]["content"]
     assert pairs[0]["prompt"][0]["role"] == "system" and "Achievement" in pairs[0]["prompt"][1]["content"]
 
@@ -152,7 +172,7 @@ def test_an_empty_dev_split_is_saved_and_reads_back(tmp_path):
     """The demo simulates no dev personas: the SFT dataset must still load for training."""
     from datasets import load_from_disk
 
-    from esvr.tasks.train_supporter import _save_dataset
+    from esvr.tasks.supporter.train_supporter import _save_dataset
 
     path = _save_dataset({"train": [{"prompt": "p", "completion": "c"}], "dev": []}, tmp_path / "sft")
     splits = load_from_disk(str(path), keep_in_memory=True)
@@ -164,7 +184,7 @@ def test_no_pairs_at_all_still_saves_an_empty_dataset(tmp_path):
     """0 pairs (nothing cleared T_diff) must reach the DPO stage's clear skip, not a crash."""
     from datasets import load_from_disk
 
-    from esvr.tasks.train_supporter import _save_dataset
+    from esvr.tasks.supporter.train_supporter import _save_dataset
 
     path = _save_dataset({"train": [], "dev": []}, tmp_path / "dpo", columns=("prompt", "chosen", "rejected"))
     splits = load_from_disk(str(path), keep_in_memory=True)

@@ -18,15 +18,27 @@ PROMPT = [{"role": "system", "content": "You support people."}, {"role": "user",
 
 def sft_data(n: int = 6) -> Dataset:
     return Dataset.from_list(
-        [{"prompt": PROMPT, "completion": [{"role": "assistant", "content": f"That is hard; one exam does not define you ({i})."}],
-          "example_id": str(i)} for i in range(n)]
+        [
+            {
+                "prompt": PROMPT,
+                "completion": [{"role": "assistant", "content": f"That is hard; one exam does not define you ({i})."}],
+                "example_id": str(i),
+            }
+            for i in range(n)
+        ]
     )
 
 
 def dpo_data(n: int = 6) -> Dataset:
     return Dataset.from_list(
-        [{"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "That is hard. What would help you now?"}],
-          "rejected": [{"role": "assistant", "content": "Exams are pointless anyway, forget it."}]} for _ in range(n)]
+        [
+            {
+                "prompt": PROMPT,
+                "chosen": [{"role": "assistant", "content": "That is hard. What would help you now?"}],
+                "rejected": [{"role": "assistant", "content": "Exams are pointless anyway, forget it."}],
+            }
+            for _ in range(n)
+        ]
     )
 
 
@@ -72,7 +84,7 @@ def test_sft_adapter_reloads_through_the_chat_interface(sft_run, tiny_llama: Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from esvr.models.chat import load_chat_model
+    from esvr.models.backends import load_chat_model
 
     result, _ = sft_run
     ids = torch.tensor([[1, 2, 3, 4, 5]])

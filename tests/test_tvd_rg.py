@@ -11,8 +11,8 @@ import pytest
 
 from esvr.models.chat import ChatModel, ChatRequest
 from esvr.prompts import value_names
-from esvr.tasks.rg import PairwiseResult, pairwise_compare, parse_verdict, random_values, rg_messages
-from esvr.tasks.tvd import adetect_values, evaluate_tvd, parse_value_list, render_history, set_prf, tvd_messages
+from esvr.tasks.components.rg import PairwiseResult, pairwise_compare, parse_verdict, random_values, rg_messages
+from esvr.tasks.components.tvd import adetect_values, evaluate_tvd, parse_value_list, render_history, set_prf, tvd_messages
 
 V = value_names()
 
@@ -25,13 +25,16 @@ V = value_names()
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("Self-direction: action, Benevolence: caring, Security: personal",
-         ["Self-direction: action", "Benevolence: caring", "Security: personal"]),
+        (
+            "Self-direction: action, Benevolence: caring, Security: personal",
+            ["Self-direction: action", "Benevolence: caring", "Security: personal"],
+        ),
         ("1. achievement\n2. HEDONISM\n3. face", ["Achievement", "Hedonism", "Face"]),
-        ("self direction thought; Benevolance: caring and Tradition.",
-         ["Self-direction: thought", "Benevolence: caring", "Tradition"]),
-        ("I think the patient needs Universalism: tolerance and also Humility here.",
-         ["Universalism: tolerance", "Humility"]),
+        (
+            "self direction thought; Benevolance: caring and Tradition.",
+            ["Self-direction: thought", "Benevolence: caring", "Tradition"],
+        ),
+        ("I think the patient needs Universalism: tolerance and also Humility here.", ["Universalism: tolerance", "Humility"]),
         ("The patient is lonely.\nValues: Stimulation, Hedonism", ["Stimulation", "Hedonism"]),
         ("Security, Power", []),  # families without the sub-value name nothing exactly
         ("Face, Face, Tradition, Humility, Achievement", ["Face", "Tradition", "Humility"]),
@@ -133,7 +136,7 @@ def test_score_method_reads_the_ranking_where_generation_gives_nothing():
 
 
 def test_simulation_agents_read_the_detector_by_the_configured_method():
-    from esvr.tasks.simulate import Agents
+    from esvr.tasks.simulation.simulate import Agents
 
     utts = [{"role": "seeker", "text": "I failed my exam and my parents will be furious."}]
     detector = RankingDetector(["Face", "Achievement", "Conformity: rules"])
@@ -145,7 +148,7 @@ def test_simulation_agents_read_the_detector_by_the_configured_method():
 
 
 def test_score_method_on_a_real_model_gives_three_distinct_values(tiny_llama: Path):
-    from esvr.models.chat import load_chat_model
+    from esvr.models.backends import load_chat_model
 
     model = load_chat_model(f"hf:{tiny_llama}")
     found, _ = asyncio.run(adetect_values(model, tvd_messages("Patient: I failed my exam."), "score"))
@@ -153,7 +156,13 @@ def test_score_method_on_a_real_model_gives_three_distinct_values(tiny_llama: Pa
 
 
 def test_evaluate_tvd_by_score_counts_hits():
-    examples = [{"example_id": "a", "history": [{"role": "seeker", "text": "hi"}], "target_values": ["Humility", "Face", "Power: resources"]}]
+    examples = [
+        {
+            "example_id": "a",
+            "history": [{"role": "seeker", "text": "hi"}],
+            "target_values": ["Humility", "Face", "Power: resources"],
+        }
+    ]
     result = evaluate_tvd(RankingDetector(["Humility", "Face", "Hedonism"]), examples, name="ranked", method="score")
     assert result.rows[0]["predicted"] == ["Humility", "Face", "Hedonism"]
     assert result.metrics["precision"] == pytest.approx(2 / 3) and result.metrics["recall"] == pytest.approx(2 / 3)
@@ -197,7 +206,9 @@ class ScriptedJudge(ChatModel):
         return {"Comment A": 0.9 if letter == "A" else 0.1, "Comment B": 0.1 if letter == "A" else 0.9}
 
 
-ITEMS = [{"example_id": str(i), "thread": f"Patient: problem {i}", "ground_truth": f"you are strong and brave {i}"} for i in range(4)]
+ITEMS = [
+    {"example_id": str(i), "thread": f"Patient: problem {i}", "ground_truth": f"you are strong and brave {i}"} for i in range(4)
+]
 GOOD = [f"you are strong and brave {i}" for i in range(4)]
 BAD = [f"whatever man {i}" for i in range(4)]
 
@@ -231,8 +242,12 @@ def test_unparseable_verdicts_count_as_invalid():
 
 @pytest.mark.parametrize(
     ("text", "letter"),
-    [("Reasoning: ... Comment A is vague.\nSimilar comment: Comment B", "B"), ("**Similar comment:** A", "A"),
-     ("comment b", "B"), ("neither", None)],
+    [
+        ("Reasoning: ... Comment A is vague.\nSimilar comment: Comment B", "B"),
+        ("**Similar comment:** A", "A"),
+        ("comment b", "B"),
+        ("neither", None),
+    ],
 )
 def test_parse_verdict(text: str, letter: str | None):
     assert parse_verdict(text) == letter
@@ -244,7 +259,7 @@ def test_parse_verdict(text: str, letter: str | None):
 
 
 def test_resolve_component_specs_and_folders(tmp_path: Path):
-    from esvr.tasks.components import resolve_component, write_component
+    from esvr.tasks.common.roles import resolve_component, write_component
 
     assert resolve_component("hf:/m+/a") == "hf:/m+/a" and resolve_component("openai:gpt-4o-mini") == "openai:gpt-4o-mini"
     adapter = tmp_path / "adapter"
@@ -267,11 +282,21 @@ def demo_threads(tmp: Path, posts: int = 10) -> tuple[Path, Path]:
     chains, labels = [], {}
     for k in range(posts):
         u = [f"p{k}u{i}" for i in range(5)]
-        texts = ["I lost my job and feel useless.", "That sounds hard; you still have skills.", "Thanks, that helps a bit.",
-                 "Maybe try a course?", "Good idea, I will look for one."]
-        chains.append({"thread_id": f"t{k}", "post_id": f"p{k}",
-                       "turns": [turn(u[i], "op" if i % 2 == 0 else "commenter", texts[i]) for i in range(5)],
-                       "siblings": [sibling(1, f"p{k}s1", [f"p{k}s1r"]), sibling(3, f"p{k}s3", [])]})
+        texts = [
+            "I lost my job and feel useless.",
+            "That sounds hard; you still have skills.",
+            "Thanks, that helps a bit.",
+            "Maybe try a course?",
+            "Good idea, I will look for one.",
+        ]
+        chains.append(
+            {
+                "thread_id": f"t{k}",
+                "post_id": f"p{k}",
+                "turns": [turn(u[i], "op" if i % 2 == 0 else "commenter", texts[i]) for i in range(5)],
+                "siblings": [sibling(1, f"p{k}s1", [f"p{k}s1r"]), sibling(3, f"p{k}s3", [])],
+            }
+        )
         labels[u[2]] = (0.7, probs(k % 20, (k + 3) % 20, (k + 7) % 20))
         labels[u[4]] = (0.8, probs((k + 1) % 20, (k + 5) % 20, (k + 9) % 20))
         labels[f"p{k}s1r"] = (0.3, probs(k % 20, 19, 18))
@@ -288,16 +313,29 @@ def flows_run(prefect_harness, tiny_llama: Path, tmp_path_factory: pytest.TempPa
     tmp = tmp_path_factory.mktemp("flows")
     threads, labels = demo_threads(tmp)
     steps = "{max_steps: 2, batch_size: 2, max_length: 384, learning_rate: 0.001}"
-    config = load_config(None, [
-        f"run.out_dir={tmp / 'run'}", "run.experiment=tvd-rg-test", f"models.base=hf:{tiny_llama}",
-        f"models.judge=hf:{tiny_llama}",
-        "datasets.max_chars_per_utterance=80", "datasets.dev_size=2", "datasets.test_size=3",
-        f"train_tvd.train={steps}", "train_tvd.eval.max_examples=2", "train_tvd.eval.max_new_tokens=6",
-        "train_tvd.eval.variants=[zero_shot, value_info]",
-        f"train_rg.single_turn.sft={steps}", f"train_rg.single_turn.dpo={steps}",
-        f"train_rg.multi_turn.sft={steps}", f"train_rg.multi_turn.dpo={steps}",
-        "train_rg.eval.max_examples=2", "train_rg.eval.max_new_tokens=6", "train_rg.eval.judge_method=score",
-    ])
+    config = load_config(
+        None,
+        [
+            f"run.out_dir={tmp / 'run'}",
+            "run.experiment=tvd-rg-test",
+            f"models.base=hf:{tiny_llama}",
+            f"models.judge=hf:{tiny_llama}",
+            "datasets.max_chars_per_utterance=80",
+            "datasets.dev_size=2",
+            "datasets.test_size=3",
+            f"train_tvd.train={steps}",
+            "train_tvd.eval.max_examples=2",
+            "train_tvd.eval.max_new_tokens=6",
+            "train_tvd.eval.variants=[zero_shot, value_info]",
+            f"train_rg.single_turn.sft={steps}",
+            f"train_rg.single_turn.dpo={steps}",
+            f"train_rg.multi_turn.sft={steps}",
+            f"train_rg.multi_turn.dpo={steps}",
+            "train_rg.eval.max_examples=2",
+            "train_rg.eval.max_new_tokens=6",
+            "train_rg.eval.judge_method=score",
+        ],
+    )
     out = {}
     out.update(build_datasets_flow(config, threads, labels))
     out.update(train_tvd_flow(config, out["datasets"]))
@@ -307,9 +345,10 @@ def flows_run(prefect_harness, tiny_llama: Path, tmp_path_factory: pytest.TempPa
 
 def _runs(config, **tags):
     from esvr.flows import tracking
+    from esvr.tasks.common.mlflow_runs import runs_by_tag
 
     tracking.setup(config)
-    return tracking.runs_by_tag(config.run.experiment, **tags)
+    return runs_by_tag(config.run.experiment, **tags)
 
 
 def test_flows_build_train_and_track(flows_run):
@@ -322,7 +361,11 @@ def test_flows_build_train_and_track(flows_run):
     # every training is a tagged MLflow run with per-step metrics and its adapter
     trainings = _runs(config, **{"esvr.component": "rg"})
     assert sorted((r.data.tags["esvr.setting"], r.data.tags["esvr.training_stage"]) for r in trainings) == [
-        ("multi_turn", "dpo"), ("multi_turn", "sft"), ("single_turn", "dpo"), ("single_turn", "sft")]
+        ("multi_turn", "dpo"),
+        ("multi_turn", "sft"),
+        ("single_turn", "dpo"),
+        ("single_turn", "sft"),
+    ]
     for run in trainings + _runs(config, **{"esvr.component": "tvd"}):
         stage = run.data.tags["esvr.training_stage"]
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"{stage}/loss")] == [1, 2]
@@ -344,8 +387,11 @@ def test_flows_evaluate_tvd_and_rg(flows_run):
     (rg_flow_run,) = _runs(config, **{"esvr.stage": "train_rg"})
     m = rg_flow_run.data.metrics
     for setting in ("single_turn", "multi_turn"):
-        for label, x, y in (("vanilla_vs_sft", "vanilla", "sft"), ("sft_vs_dpo", "sft", "dpo"),
-                            ("dpo_original_vs_random", "original", "random")):
+        for label, x, y in (
+            ("vanilla_vs_sft", "vanilla", "sft"),
+            ("sft_vs_dpo", "sft", "dpo"),
+            ("dpo_original_vs_random", "original", "random"),
+        ):
             for order in ("order1", "order2"):
                 assert m[f"rg.{setting}.{label}.{order}.{x}"] + m[f"rg.{setting}.{label}.{order}.{y}"] == 2
     table = Path(out["rg_eval"]).read_text()
@@ -353,9 +399,9 @@ def test_flows_evaluate_tvd_and_rg(flows_run):
 
 
 def test_trained_components_resolve_from_mlflow_and_chat(flows_run, tmp_path: Path):
-    from esvr.models.chat import load_chat_model
-    from esvr.tasks.components import resolve_component
-    from esvr.tasks.tvd import tvd_messages
+    from esvr.models.backends import load_chat_model
+    from esvr.tasks.common.roles import resolve_component
+    from esvr.tasks.components.tvd import tvd_messages
 
     config, out = flows_run
     spec = resolve_component(out["tvd_run"], cache_dir=tmp_path)
@@ -374,7 +420,7 @@ def test_prompt_without_values_names_none():
     assert "Patient: I lost my job." in plain and "Target values" not in plain
     assert "Target values" in rg_messages("Patient: I lost my job.", [])[-1]["content"]  # an empty detection is not 'no values'
 
-    from esvr.tasks.simulate import rg_request
+    from esvr.tasks.simulation.simulate import rg_request
 
     utts = [{"role": "seeker", "text": "I lost my job."}]
     assert "Target values" not in rg_request(utts, None)[-1]["content"]  # no detector in the loop (App. G)
@@ -399,7 +445,10 @@ def test_generator_trained_without_values(flows_run):
     assert all("Target values" not in row["prompt"][-1]["content"] for row in stripped)
     (run,) = _runs(config, **{"esvr.component": "rg", "esvr.rg_values": "false"})
     assert run.data.tags["esvr.training_stage"] == "sft"
-    replies = (config.run.out_dir / "train_rg" / "single_turn" / "eval" / "replies.sft.none.jsonl").read_text()
-    assert '"values_mode": "none"' in replies
+    replies = [
+        json.loads(line)
+        for line in (config.run.out_dir / "train_rg" / "single_turn" / "eval" / "replies.sft.none.jsonl").read_text().splitlines()
+    ]
+    assert replies and all(r["values_mode"] == "none" and r["target_values"] is None for r in replies)
     table = Path(arts["rg_eval"]).read_text()
     assert "vanilla_vs_sft" in table and "random" not in table

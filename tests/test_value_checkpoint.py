@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from esvr.models.value_checkpoint import STAMP, build_value_checkpoint
-from esvr.models.value_detector import DEFAULT_HEAD, ValueHead, load_value_detector
+from esvr.models.value_detector import DEFAULT_HEAD, ValueDetectorConfig, ValueHead, load_value_detector
 from esvr.prompts import value_names
-from esvr.tasks.label import ValueDetectorConfig
 
 TEXTS = [
     "We should protect the forests and the oceans for our children.",

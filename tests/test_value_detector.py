@@ -7,20 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data
 
 from esvr.models.chat import ChatModel
 from esvr.models.value_detector import (
     DEFAULT_HEAD,
     HFValueDetector,
     LLMValueDetector,
+    ValueDetectorConfig,
     ValueHead,
     load_value_detector,
     minilm_path,
 )
 from esvr.prompts import value_names
-from esvr.tasks.label import ValueDetectorConfig
-from esvr.tasks.value_head import f1_per_value, fit_heads, read_touche_split, train_value_head, tune_threshold
-from conftest import shared_data
+from esvr.tasks.labeling.value_head import f1_per_value, fit_heads, read_touche_split, train_value_head, tune_threshold
 
 TEXTS = [
     "We should protect the forests and the oceans for our children.",
@@ -131,9 +131,15 @@ def _tiny_classifier(path: Path, seed: int, permutation: list[int] | None = None
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(minilm_path())
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        num_labels=20, problem_type="multi_label_classification",
-        id2label={i: names[order[i]] for i in range(20)}, label2id={names[order[i]]: i for i in range(20)},
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=20,
+        problem_type="multi_label_classification",
+        id2label={i: names[order[i]] for i in range(20)},
+        label2id={names[order[i]]: i for i in range(20)},
     )
     model = BertForSequenceClassification(cfg)
     model.save_pretrained(path)

@@ -44,14 +44,11 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 fi
 
 # The esvr package from this checkout, laid out as pyproject.toml maps it (esvr.flows = flows/,
-# ...), except that esvr.tasks gets an empty __init__: the real one loads the pipeline config and
-# with it Prefect, which the bench does not use.
+# esvr.tasks = tasks/, ...): links, no install. Nothing the bench imports needs Prefect or MLflow.
 SRC=${TMPDIR:-/tmp}/esvr-check-src
-rm -rf "$SRC" && mkdir -p "$SRC/esvr/tasks"
+rm -rf "$SRC" && mkdir -p "$SRC/esvr"
 cp esvr/__init__.py "$SRC/esvr/"
-for d in flows models prompts; do ln -s "$PWD/$d" "$SRC/esvr/$d"; done
-: >"$SRC/esvr/tasks/__init__.py"
-for f in tasks/*.py; do [ "${f##*/}" = __init__.py ] || ln -s "$PWD/$f" "$SRC/esvr/tasks/"; done
+for d in flows tasks models prompts; do ln -s "$PWD/$d" "$SRC/esvr/$d"; done
 
 export PYTHONPATH="$SRC:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if ! command -v "${CC:-cc}" gcc clang >/dev/null; then
@@ -103,8 +100,8 @@ for name in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "
         print(f"{name}: NOT IMPORTABLE: {type(exc).__name__}: {exc}")
 import torch
 print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-import esvr.tasks.bench_train  # the whole chain of the bench
-print("esvr.tasks.bench_train imports")
+import esvr.tasks.bench.train  # the whole chain of the bench
+print("esvr.tasks.bench.train imports")
 EOF
 
 if "${PYP[@]}" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then

@@ -1,0 +1,1 @@
+"""Stage 8: the supporters under test, the judges, metrics, baselines, fidelity checks and the report."""

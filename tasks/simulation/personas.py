@@ -1,0 +1,739 @@
+"""Seeker personas (paper App. E.1): situations -> value alignment -> emotion -> demographics -> split.
+
+1. Situations: per (problem category, value) pair, the persona writer lists 10-30 first-person,
+   one-sentence situations; the list is parsed (numbered, bulleted, JSON or plain lines), invalid
+   lines dropped, and near-duplicates removed.
+2. Value alignment: each situation is rated 1-5 against its value (Table 26: reasoning + rating per
+   situation, or the log-probabilities of "1".."5"); situations rated 3 or below are dropped.
+3. Emotion: the majority of 5 sampled votes over the 10 negative emotions (or the most probable
+   emotion by scoring). The subcategory (Table 24) is chosen by scoring too.
+4. Demographics: age range, gender and occupation.
+5. Split into train/dev/test with the paper's proportions (1,796/120/120 of 2,036), stratified by
+   problem category.
+
+Every step records how its answer was obtained (``*_method``); answers that do not parse are asked
+again, then fall back to scoring the allowed answers (never silently accepted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import field_validator
+
+from esvr.models.chat import ChatModel, ChatRequest, Message
+from esvr.models.config import ModelConfig, Section
+from esvr.prompts import load_prompt, load_taxonomy, values
+from esvr.tasks.common.jsonl import write_jsonl
+from esvr.tasks.common.roles import chat_model
+
+log = logging.getLogger(__name__)
+
+PERSONA_PROMPTS = tuple(
+    f"personas/{n}.txt"
+    for n in (
+        "situations_system",
+        "situations_user",
+        "alignment_system",
+        "alignment_user",
+        "alignment_single_user",
+        "emotion_system",
+        "emotion_user",
+        "subcategory_user",
+        "demographics_system",
+        "demographics_user",
+        "occupation_user",
+    )
+) + ("problems.yaml", "emotions.yaml", "values.yaml")
+
+SPLITS = ("train", "dev", "test")
+AGE_RANGES = ["10s", "20s", "30s", "40s", "50s", "60s"]
+GENDERS = ["Female", "Male"]
+
+PERSONA_FIELDS = (
+    "id", "split", "problem", "subcategory", "value", "situation", "alignment", "alignment_method",
+    "emotion", "emotion_votes", "emotion_method", "age", "gender", "occupation", "demographics_method", "writer",
+)  # fmt: skip
+
+
+class PersonasConfig(Section):
+    """Persona generation (stage 5). The writer is ``models.persona_writer``."""
+
+    #: how many (problem category, value) pairs to write situations for; None = all 6 x 20 = 120.
+    #: Pairs are taken round-robin over categories, so a few pairs still cover several categories.
+    pairs: int | None = None
+    #: with `pairs` and `count` set: while fewer than `count` situations pass the alignment filter,
+    #: write situations for the next `pairs` pairs of the same round-robin, up to this many pairs in
+    #: all (None: all 120). A weak writer then still yields `count` personas, at a bounded cost.
+    max_pairs: int | None = None
+    #: situations asked per pair (paper: 10-30, 2,940 written in all)
+    min_situations: int = 10
+    max_situations: int = 30
+    situations_max_tokens: int = 2048
+    #: the writer samples situations; seeded, so a rerun reproduces them (and hits the cache)
+    situations_temperature: float = 1.0
+    #: 'rate': Table 26's reasoning + rating per situation; 'score': most probable of "1".."5"
+    alignment_method: Literal["rate", "score"] = "rate"
+    alignment_max_tokens: int = 4096
+    #: kept when the rating is at least this (paper: "scoring 3 or below are excluded")
+    min_alignment: int = 4
+    #: 'vote': majority of `emotion_votes` sampled answers (paper: 5); 'score': most probable emotion
+    emotion_method: Literal["vote", "score"] = "vote"
+    emotion_votes: int = 5
+    #: 'chat': the writer fills "Age / Gender / Occupation"; 'score': age and gender by scoring,
+    #: occupation by a short generation (for models that cannot keep the format)
+    demographics_method: Literal["chat", "score"] = "chat"
+    #: answers that do not parse are asked again this many times before the scoring fallback
+    reask: int = 2
+    #: keep at most this many personas after filtering (None: all), chosen round-robin by category
+    count: int | None = None
+    #: split sizes, used as proportions when the persona count differs (paper: 1,796/120/120)
+    split: dict[str, int] = {"train": 1796, "dev": 120, "test": 120}
+    #: parallel requests to the writer (the backend's own concurrency limit also applies)
+    concurrency: int = 16
+
+    @field_validator("split")
+    @classmethod
+    def _known_splits(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = set(value) - set(SPLITS)
+        if unknown or any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+            raise ValueError(f"split: keys must be among {SPLITS} with non-negative sizes, got {value}")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Taxonomies
+# --------------------------------------------------------------------------------------------
+
+
+def problems() -> list[dict[str, Any]]:
+    return load_taxonomy("problems")
+
+
+def emotion_names() -> list[str]:
+    return [e["name"] for e in load_taxonomy("emotions")]
+
+
+def select_pairs(n: int | None, seed: int = 0) -> list[tuple[dict[str, Any], Any]]:
+    """(category, Value) pairs: all 120, or the first `n` of a seeded round-robin over categories."""
+    rng = random.Random(seed)
+    cats = problems()
+    per_cat = []
+    for c in cats:
+        vs = list(values())
+        rng.shuffle(vs)
+        per_cat.append([(c, v) for v in vs])
+    order = [pair for group in zip(*per_cat) for pair in group]
+    return order if n is None else order[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: situations
+# --------------------------------------------------------------------------------------------
+
+_BULLET = re.compile(r"^\s*(?:[-*•]+|\(?\d{1,3}[.):]|\(?[a-z][.)]|situation\s*\d*\s*:)\s*", re.IGNORECASE)
+_FIRST_PERSON = re.compile(r"\b(i|i'm|i've|i'd|i'll|my|me)\b", re.IGNORECASE)
+
+
+def _valid_situation(text: str) -> bool:
+    """A first-person sentence of 5-40 words (two short sentences pass; a paragraph does not)."""
+    words = text.split()
+    if not 5 <= len(words) <= 40 or not _FIRST_PERSON.search(text):
+        return False
+    if len(re.findall(r"[.!?](?:\s|$)", text)) > 2:
+        return False
+    letters = sum(ch.isalpha() for ch in text)
+    return letters >= 0.6 * len(text.replace(" ", ""))
+
+
+_HEADING = re.compile(r"^[A-Z][\w ,&/'-]{0,30}:\s+(?=\S)")
+_SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+(?=\s|$)|$)")
+
+
+def parse_situations(text: str) -> list[str]:
+    """Situations from a reply: a JSON list, or one per line with any numbering or bullets.
+
+    Each situation is one sentence (Table 25): a line holding several sentences gives each of
+    them, and a short label before a colon ("Family: I ...") is dropped. Sentences that are not
+    first-person with 5-40 words (headers, commentary, garbage) are dropped, so what comes back
+    is only what the prompt asked for.
+    """
+    candidates: list[str] = []
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(stripped[: stripped.rfind("]") + 1])
+            candidates = [str(x) for x in data if isinstance(x, (str, int, float))]
+        except (json.JSONDecodeError, ValueError):
+            candidates = []
+    if not candidates:
+        candidates = stripped.replace("\r", "").split("\n")
+    out = []
+    for line in candidates:
+        line = _BULLET.sub("", line).strip().strip('",').strip().strip("*").strip()
+        line = _HEADING.sub("", line)
+        for sentence in _SENTENCE.findall(line):
+            sentence = sentence.strip().strip('"“”').strip()
+            if _valid_situation(sentence):
+                out.append(sentence)
+    return out
+
+
+def prompt_example() -> str:
+    """The example situation the prompt itself gives: a copy of it is not a new situation."""
+    m = re.search(r"\(for example: (.+?)\)", load_prompt("personas/situations_user.txt"))
+    return m.group(1) if m else ""
+
+
+def _tokens(text: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+class Deduper:
+    """Remembers situations; `add` refuses exact (case/punctuation-insensitive) and near duplicates
+    (word Jaccard above `max_jaccard`)."""
+
+    def __init__(self, max_jaccard: float = 0.8):
+        self.max_jaccard = max_jaccard
+        self.seen: set[str] = set()
+        self.kept_tokens: list[set[str]] = []
+
+    def add(self, s: str) -> bool:
+        key = re.sub(r"[^a-z0-9]", "", s.lower())
+        if key in self.seen:
+            return False
+        toks = _tokens(s)
+        if any(len(toks & t) / max(1, len(toks | t)) > self.max_jaccard for t in self.kept_tokens):
+            return False
+        self.seen.add(key)
+        self.kept_tokens.append(toks)
+        return True
+
+
+def dedup_situations(items: Sequence[str], max_jaccard: float = 0.8) -> list[str]:
+    d = Deduper(max_jaccard)
+    return [s for s in items if d.add(s)]
+
+
+def _value_fields(v: Any) -> dict[str, str]:
+    return {"value": v.name, "definition": v.definition, "contains": ", ".join(v.contains)}
+
+
+def situation_messages(category: Mapping[str, Any], value: Any, cfg: PersonasConfig) -> list[Message]:
+    user = load_prompt("personas/situations_user.txt").format(
+        category=category["name"],
+        subcategories="\n".join(f"- {s}" for s in category["subcategories"]),
+        min_situations=cfg.min_situations,
+        max_situations=cfg.max_situations,
+        **_value_fields(value),
+    )
+    return [
+        {"role": "system", "content": load_prompt("personas/situations_system.txt").strip()},
+        {"role": "user", "content": user},
+    ]
+
+
+@dataclass
+class StepStats:
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+
+def generate_situations(
+    model: ChatModel,
+    cfg: PersonasConfig,
+    seed: int = 0,
+    stats: StepStats | None = None,
+    pairs: Sequence[tuple[dict[str, Any], Any]] | None = None,
+    dedup: Deduper | None = None,
+) -> list[dict[str, Any]]:
+    """Step 1 over `pairs` (default: the configured ones): situations with their category and value,
+    de-duplicated against each other and against what `dedup` has already seen."""
+    stats = stats or StepStats()
+    pairs = select_pairs(cfg.pairs, seed) if pairs is None else pairs
+    found: dict[int, list[str]] = {}
+    pending = list(range(len(pairs)))
+    for attempt in range(cfg.reask + 1):
+        if not pending:
+            break
+        reqs = [
+            ChatRequest.build(
+                situation_messages(*pairs[i], cfg),
+                temperature=cfg.situations_temperature,
+                max_tokens=cfg.situations_max_tokens,
+                seed=seed + attempt,
+            )
+            for i in pending
+        ]
+        replies = model.chat_batch(reqs)
+        stats.add("situations.calls", len(reqs))
+        still = []
+        for i, out in zip(pending, replies):
+            parsed = parse_situations(out[0] if out else "")
+            if parsed:
+                found[i] = parsed
+            else:
+                still.append(i)
+        pending = still
+    stats.add("situations.pairs", len(pairs))
+    stats.add("situations.pairs_failed", len(pending))
+    items = []
+    if dedup is None:
+        dedup = Deduper()  # across pairs too: the paper's situations are all unique
+        dedup.add(prompt_example())  # small models copy the prompt's example
+    for i, (cat, v) in enumerate(pairs):
+        raw = found.get(i, [])
+        kept = [s for s in raw if dedup.add(s)]
+        stats.add("situations.parsed", len(raw))
+        stats.add("situations.duplicates", len(raw) - len(kept))
+        items.extend({"problem": cat["name"], "value": v.name, "situation": s} for s in kept)
+    stats.add("situations.kept", len(items))
+    if pending:
+        log.warning(
+            "%d of %d (category, value) pairs gave no parseable situation after %d tries", len(pending), len(pairs), cfg.reask + 1
+        )
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 2-4
+# --------------------------------------------------------------------------------------------
+
+
+def _run(coro: Any) -> Any:
+    from esvr.tasks.simulation.simulate import run_coroutine
+
+    return run_coroutine(coro)
+
+
+def score_many(
+    model: ChatModel, items: Sequence[tuple[list[Message], list[str]]], concurrency: int = 16
+) -> list[dict[str, float]]:
+    """score_choices over many prompts, `concurrency` at a time."""
+
+    async def all_of() -> list[dict[str, float]]:
+        sem = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(msgs: list[Message], choices: list[str]) -> dict[str, float]:
+            async with sem:
+                return await model.ascore_choices(msgs, choices)
+
+        return list(await asyncio.gather(*(one(m, c) for m, c in items)))
+
+    return _run(all_of())
+
+
+def _argmax(dist: Mapping[str, float], choices: Sequence[str]) -> str:
+    return max(choices, key=lambda c: (dist.get(c, 0.0), -list(choices).index(c)))
+
+
+_RATING = re.compile(r"rating\W{0,5}([1-5])\b", re.IGNORECASE)
+
+
+def parse_ratings(text: str, n: int) -> list[int] | None:
+    """The n ratings of a Table-26 reply in order, or None when their number is not n."""
+    found = [int(x) for x in _RATING.findall(text)]
+    return found if len(found) == n else None
+
+
+def rate_alignment(
+    model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None
+) -> None:
+    """Step 2: sets ``alignment`` (1-5) and ``alignment_method`` on every item."""
+    stats = stats or StepStats()
+    by_value = {v.name: v for v in values()}
+    todo = list(range(len(items)))
+    if cfg.alignment_method == "rate":
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            groups[(it["problem"], it["value"])].append(i)
+        pending = list(groups)
+        for attempt in range(cfg.reask + 1):
+            if not pending:
+                break
+            reqs = []
+            for key in pending:
+                idx = groups[key]
+                user = load_prompt("personas/alignment_user.txt").format(
+                    situations="\n".join(f"{k + 1}. {items[i]['situation']}" for k, i in enumerate(idx)),
+                    **_value_fields(by_value[key[1]]),
+                )
+                msgs = [
+                    {"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()},
+                    {"role": "user", "content": user},
+                ]
+                reqs.append(ChatRequest.build(msgs, max_tokens=cfg.alignment_max_tokens, seed=seed + attempt))
+            stats.add("alignment.calls", len(reqs))
+            still = []
+            for key, out in zip(pending, model.chat_batch(reqs)):
+                ratings = parse_ratings(out[0] if out else "", len(groups[key]))
+                if ratings is None:
+                    still.append(key)
+                    continue
+                for i, r in zip(groups[key], ratings):
+                    items[i]["alignment"], items[i]["alignment_method"] = r, "rate"
+            pending = still
+        todo = [i for key in pending for i in groups[key]]
+        stats.add("alignment.fallback", len(todo))
+    choices = ["1", "2", "3", "4", "5"]
+    prompts = []
+    for i in todo:
+        it = items[i]
+        user = load_prompt("personas/alignment_single_user.txt").format(
+            situation=it["situation"], **_value_fields(by_value[it["value"]])
+        )
+        prompts.append(
+            (
+                [
+                    {"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()},
+                    {"role": "user", "content": user},
+                ],
+                choices,
+            )
+        )
+    for i, dist in zip(todo, score_many(model, prompts, cfg.concurrency)):
+        items[i]["alignment"], items[i]["alignment_method"] = int(_argmax(dist, choices)), "score"
+
+
+def parse_emotion(text: str) -> str | None:
+    """The first of the 10 emotions a reply names (whole word, any case), else None."""
+    low = text.lower()
+    hits = [(m.start(), name) for name in emotion_names() for m in [re.search(r"\b" + name.lower() + r"\b", low)] if m]
+    return min(hits)[1] if hits else None
+
+
+def majority(votes: Sequence[str], order: Sequence[str]) -> str:
+    """Most frequent vote; ties go to the emotion listed first in the taxonomy."""
+    counts = Counter(votes)
+    return max(counts, key=lambda e: (counts[e], -list(order).index(e)))
+
+
+def _emotion_msgs(situation: str) -> list[Message]:
+    user = load_prompt("personas/emotion_user.txt").format(situation=situation, emotions=", ".join(emotion_names()))
+    return [{"role": "system", "content": load_prompt("personas/emotion_system.txt").strip()}, {"role": "user", "content": user}]
+
+
+def label_emotions(
+    model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None
+) -> None:
+    """Step 3: ``emotion`` (+ ``emotion_votes``, ``emotion_method``) and ``subcategory``."""
+    stats = stats or StepStats()
+    names = emotion_names()
+    todo = list(range(len(items)))
+    if cfg.emotion_method == "vote":
+        reqs = [
+            ChatRequest.build(
+                _emotion_msgs(items[i]["situation"]), n=cfg.emotion_votes, temperature=1.0, max_tokens=16, seed=seed
+            )
+            for i in todo
+        ]
+        stats.add("emotion.calls", len(reqs))
+        still = []
+        for i, outs in zip(todo, model.chat_batch(reqs)):
+            votes = [e for e in (parse_emotion(o) for o in outs) if e]
+            stats.add("emotion.invalid_votes", len(outs) - len(votes))
+            if votes:
+                items[i].update(emotion=majority(votes, names), emotion_votes=votes, emotion_method="vote")
+            else:
+                still.append(i)
+        todo = still
+        stats.add("emotion.fallback", len(todo))
+    for i, dist in zip(todo, score_many(model, [(_emotion_msgs(items[i]["situation"]), names) for i in todo], cfg.concurrency)):
+        items[i].update(emotion=_argmax(dist, names), emotion_votes=[], emotion_method="score")
+    cats = {c["name"]: c for c in problems()}
+    sub_prompts = []
+    for it in items:
+        subs = cats[it["problem"]]["subcategories"]
+        user = load_prompt("personas/subcategory_user.txt").format(
+            situation=it["situation"], category=it["problem"], subcategories="; ".join(subs)
+        )
+        sub_prompts.append(([{"role": "user", "content": user}], list(subs)))
+    for it, (_, subs), dist in zip(items, sub_prompts, score_many(model, sub_prompts, cfg.concurrency)):
+        it["subcategory"] = _argmax(dist, subs)
+
+
+_DEMO = re.compile(
+    r"age(?:\s*range)?\s*[:\-]\s*(?P<age>[^/\n|;,]+?)\s*[/\n|;,]\s*"
+    r"gender\s*[:\-]\s*(?P<gender>[^/\n|;,]+?)\s*[/\n|;,]\s*"
+    r"occupation\s*[:\-]\s*(?P<occ>[^\n/|;]+)",
+    re.IGNORECASE,
+)
+
+
+def normalize_age(text: str) -> str | None:
+    """'30s', 'early 30s', '30-39', 'Thirties', '34' -> '30s'; None when no decade between 10s and 60s+."""
+    words = {"teens": "10s", "twenties": "20s", "thirties": "30s", "forties": "40s", "fifties": "50s", "sixties": "60s"}
+    low = text.lower()
+    for w, age in words.items():
+        if w in low:
+            return age
+    m = re.search(r"(\d{2})", low)
+    if not m:
+        return None
+    decade = int(m.group(1)) // 10 * 10
+    return f"{min(decade, 60)}s" if decade >= 10 else None
+
+
+def parse_demographics(text: str) -> dict[str, str] | None:
+    m = _DEMO.search(text.replace("**", ""))
+    if not m:
+        return None
+    age = normalize_age(m.group("age"))
+    gender = {"female": "Female", "male": "Male", "woman": "Female", "man": "Male"}.get(
+        m.group("gender").strip().lower().strip(". ")
+    )
+    occ = _clean_occupation(m.group("occ"))
+    if not (age and gender and occ):
+        return None
+    return {"age": age, "gender": gender, "occupation": occ}
+
+
+def _clean_occupation(text: str) -> str | None:
+    occ = text.strip().split("\n")[0].strip(" .*\"'()")
+    occ = re.sub(r"^(occupation|job)\s*[:\-]\s*", "", occ, flags=re.IGNORECASE)
+    words = occ.split()
+    if not 1 <= len(words) <= 4 or not all(re.fullmatch(r"[A-Za-z][A-Za-z&'\-]*", w) for w in words):
+        return None
+    return " ".join(w if w.isupper() else w[:1].upper() + w[1:] for w in words)
+
+
+def demographics(
+    model: ChatModel, items: list[dict[str, Any]], cfg: PersonasConfig, seed: int = 0, stats: StepStats | None = None
+) -> None:
+    """Step 4: ``age``, ``gender``, ``occupation``, ``demographics_method``."""
+    stats = stats or StepStats()
+    todo = list(range(len(items)))
+    if cfg.demographics_method == "chat":
+        for attempt in range(cfg.reask + 1):
+            if not todo:
+                break
+            reqs = []
+            for i in todo:
+                it = items[i]
+                user = load_prompt("personas/demographics_user.txt").format(
+                    situation=it["situation"], category=it["problem"], emotion=it["emotion"]
+                )
+                msgs = [
+                    {"role": "system", "content": load_prompt("personas/demographics_system.txt").strip()},
+                    {"role": "user", "content": user},
+                ]
+                reqs.append(ChatRequest.build(msgs, temperature=1.0, max_tokens=48, seed=seed + attempt))
+            stats.add("demographics.calls", len(reqs))
+            still = []
+            for i, out in zip(todo, model.chat_batch(reqs)):
+                parsed = parse_demographics(out[0] if out else "")
+                if parsed:
+                    items[i].update(parsed, demographics_method="chat")
+                else:
+                    still.append(i)
+            todo = still
+        stats.add("demographics.fallback", len(todo))
+    if not todo:
+        return
+    sys = {"role": "system", "content": load_prompt("personas/demographics_system.txt").strip()}
+    age_q = [
+        (
+            [sys, {"role": "user", "content": f"Situation: {items[i]['situation']}\n\nThe person's age range is their:"}],
+            AGE_RANGES,
+        )
+        for i in todo
+    ]
+    gen_q = [
+        ([sys, {"role": "user", "content": f"Situation: {items[i]['situation']}\n\nThe person's gender is:"}], GENDERS)
+        for i in todo
+    ]
+    ages = score_many(model, age_q, cfg.concurrency)
+    genders = score_many(model, gen_q, cfg.concurrency)
+    occ_reqs = [
+        ChatRequest.build(
+            [
+                sys,
+                {"role": "user", "content": load_prompt("personas/occupation_user.txt").format(situation=items[i]["situation"])},
+            ],
+            max_tokens=12,
+            seed=seed,
+        )
+        for i in todo
+    ]
+    occs = model.chat_batch(occ_reqs)
+    for i, a, g, o in zip(todo, ages, genders, occs):
+        occ = _clean_occupation(o[0] if o else "")
+        if occ is None:
+            stats.add("demographics.occupation_unspecified")
+        items[i].update(
+            age=_argmax(a, AGE_RANGES), gender=_argmax(g, GENDERS), occupation=occ or "unspecified", demographics_method="score"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Step 5: selection and split
+# --------------------------------------------------------------------------------------------
+
+
+def persona_id(problem: str, value: str, situation: str) -> str:
+    return "p" + hashlib.sha256(f"{problem}|{value}|{situation}".encode()).hexdigest()[:11]
+
+
+def _round_robin(items: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """Items reordered so that categories alternate (a random order within each category)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for it in items:
+        groups[it["problem"]].append(it)
+    cats = sorted(groups)
+    rng.shuffle(cats)
+    for c in cats:
+        rng.shuffle(groups[c])
+    out = []
+    while any(groups[c] for c in cats):
+        for c in cats:
+            if groups[c]:
+                out.append(groups[c].pop())
+    return out
+
+
+def split_sizes(n: int, weights: Mapping[str, int]) -> dict[str, int]:
+    """Exact when the weights sum to n; otherwise proportional, by largest remainder."""
+    total = sum(weights.values())
+    exact = {s: n * weights.get(s, 0) / total for s in SPLITS}
+    sizes = {s: int(exact[s]) for s in SPLITS}
+    for s in sorted(SPLITS, key=lambda s: -(exact[s] - sizes[s]))[: n - sum(sizes.values())]:
+        sizes[s] += 1
+    return sizes
+
+
+def assign_splits(items: list[dict[str, Any]], weights: Mapping[str, int], seed: int = 0) -> None:
+    """Sets ``split``: test and dev are drawn round-robin over categories (stratified), the rest is train."""
+    rng = random.Random(seed)
+    sizes = split_sizes(len(items), weights)
+    order = _round_robin(items, rng)
+    pos = 0
+    for s in ("test", "dev"):
+        for it in order[pos : pos + sizes[s]]:
+            it["split"] = s
+        pos += sizes[s]
+    for it in order[pos:]:
+        it["split"] = "train"
+
+
+def select_count(items: list[dict[str, Any]], count: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    if count is None or len(items) <= count:
+        return items
+    return _round_robin(items, random.Random(seed))[:count]
+
+
+# --------------------------------------------------------------------------------------------
+# The whole generation, and personas.jsonl
+# --------------------------------------------------------------------------------------------
+
+
+def generate_personas(
+    model: ChatModel, cfg: PersonasConfig, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """(personas, rejected situations, step counts). Personas carry every field of `PERSONA_FIELDS`."""
+    stats = StepStats()
+    order = select_pairs(None, seed)
+    step = len(order) if cfg.pairs is None else min(cfg.pairs, len(order))
+    top_up = cfg.pairs is not None and cfg.count is not None
+    limit = min(len(order), cfg.max_pairs or len(order)) if top_up else step
+    dedup = Deduper()
+    dedup.add(prompt_example())  # small models copy the prompt's example
+    kept: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    used = 0
+    while used < limit and (used == 0 or len(kept) < (cfg.count or 0)):
+        items = generate_situations(model, cfg, seed, stats, order[used : min(used + step, limit)], dedup)
+        used = min(used + step, limit)
+        stats.add("situations.rounds")
+        rate_alignment(model, items, cfg, seed, stats) if items else None
+        kept += [it for it in items if it["alignment"] >= cfg.min_alignment]
+        rejected += [
+            dict(it, reason=f"alignment {it['alignment']} < {cfg.min_alignment}")
+            for it in items
+            if it["alignment"] < cfg.min_alignment
+        ]
+    if top_up and len(kept) < (cfg.count or 0):
+        log.warning(
+            "only %d of personas.count=%d situations passed the alignment filter after %d pairs (personas.max_pairs)",
+            len(kept),
+            cfg.count,
+            used,
+        )
+    stats.add("alignment.kept", len(kept))
+    stats.add("alignment.rejected", len(rejected))
+    kept = select_count(kept, cfg.count, seed)
+    if kept:
+        label_emotions(model, kept, cfg, seed, stats)
+        demographics(model, kept, cfg, seed, stats)
+    for it in kept:
+        it["id"] = persona_id(it["problem"], it["value"], it["situation"])
+        it["writer"] = model.cache_id
+    assign_splits(kept, cfg.split, seed)
+    personas = [{k: it.get(k) for k in PERSONA_FIELDS} for it in kept]
+    personas.sort(key=lambda p: (SPLITS.index(p["split"]), p["problem"], p["id"]))
+    for s in SPLITS:
+        stats.add(f"split.{s}", sum(p["split"] == s for p in personas))
+    return personas, rejected, stats.counts
+
+
+def validate_persona(p: Mapping[str, Any], where: str) -> None:
+    missing = [k for k in ("id", "split", "problem", "value", "situation", "emotion") if not p.get(k)]
+    if missing:
+        raise ValueError(f"{where}: persona lacks field(s) {missing}")
+    if p["split"] not in SPLITS:
+        raise ValueError(f"{where}: field 'split' is {p['split']!r}, expected one of {SPLITS}")
+
+
+def read_personas(path: str | Path, splits: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """personas.jsonl, validated; `splits` keeps only those splits."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no personas file {path}")
+    out = []
+    for i, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            p = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {i} is not valid JSON ({exc})") from None
+        validate_persona(p, f"{path}: line {i}")
+        if splits is None or p["split"] in splits:
+            out.append(p)
+    return out
+
+
+def write_personas(
+    personas: Sequence[Mapping[str, Any]], rejected: Sequence[Mapping[str, Any]], stats: Mapping[str, int], out_dir: Path
+) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "personas": write_jsonl(personas, out_dir / "personas.jsonl"),
+        "personas_rejected": write_jsonl(rejected, out_dir / "rejected.jsonl"),
+    }
+    stats_path = out_dir / "stats.json"
+    stats_path.write_text(json.dumps(dict(stats), indent=2, sort_keys=True))
+    paths["personas_stats"] = stats_path
+    return paths
+
+
+def make_personas(
+    writer: ModelConfig, cfg: PersonasConfig, seed: int, out_dir: Path, run_dir: str, use_cache: bool = True
+) -> dict[str, str]:
+    """The stage: personas of the persona writer (`writer`) -> personas.jsonl, rejected.jsonl,
+    stats.json; returns their paths."""
+    model = chat_model(writer, run_dir, cache=use_cache)
+    generated, rejected, stats = generate_personas(model, cfg, seed)
+    return {k: str(v) for k, v in write_personas(generated, rejected, stats, out_dir).items()}

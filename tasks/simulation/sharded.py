@@ -1,0 +1,105 @@
+"""The simulation on a task runner: personas in shards, one task per shard, merged into one file.
+
+A shard task simulates its personas with the engine's own async concurrency and appends to its own
+shard file; the shards are then merged into ``dialogues.jsonl``. Shards are chosen by a hash of
+the persona id (`esvr.tasks.common.shards`), so a rerun with the same number of shards resumes
+each shard where it stopped, and personas already merged are never simulated again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from esvr.models.config import ModelConfig
+from esvr.models.emotion import EmotionConfig
+from esvr.tasks.common.jsonl import read_jsonl_repairing
+from esvr.tasks.common.shards import MapRunner, merge_shards, shard_dir, shard_paths, split_shards, write_shard_runs
+from esvr.tasks.simulation.simulate import SimulateConfig, SimulationSummary, opened_agents, simulate_dialogues
+
+
+def simulate_shard(
+    simulate_cfg: SimulateConfig,
+    personas: list[dict[str, Any]],
+    shard_path: str,
+    roles: dict[str, ModelConfig | None],
+    emotion: EmotionConfig | None,
+    run_dir: str,
+    use_cache: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """One shard's dialogues in this (worker) process; returns its summary and ``worker_pid``."""
+    with opened_agents(
+        simulate_cfg,
+        roles["supporter"],
+        roles["seeker"],
+        tvd=roles.get("tvd"),
+        rg=roles.get("rg"),
+        emotion=emotion,
+        run_dir=run_dir,
+        use_cache=use_cache,
+    ) as agents:
+        summary = simulate_dialogues(
+            personas, shard_path, agents, concurrency=simulate_cfg.concurrency, alternatives=simulate_cfg.alternatives, seed=seed
+        )
+    return {"shard": Path(shard_path).name, "personas": len(personas), "worker_pid": os.getpid(), "summary": summary}
+
+
+def simulate_on_runner(
+    run: MapRunner,
+    n_shards: int,
+    simulate_cfg: SimulateConfig,
+    personas: list[dict[str, Any]],
+    out: str | Path,
+    roles: dict[str, ModelConfig | None],
+    emotion: EmotionConfig | None,
+    run_dir: str,
+    use_cache: bool,
+    seed: int,
+) -> SimulationSummary:
+    """Simulate `personas` into `out` as one task per shard of `n_shards`, mapped with `run`.
+
+    `roles` maps supporter/seeker/tvd/rg to model configs (None leaves one out); each shard keeps
+    ``simulate.concurrency`` dialogues in flight. What each shard did, with its worker's process
+    id, goes to ``<out>.shards/shards.json``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {rec["id"] for rec in read_jsonl_repairing(out)} if out.exists() else set()
+    todo = [p for p in personas if str(p["id"]) not in done]
+    summary = SimulationSummary(path=str(out), total=len(personas), skipped=len(personas) - len(todo))
+    shards = split_shards(todo, n_shards)
+    calls = [
+        {
+            "simulate_cfg": simulate_cfg,
+            "personas": shard,
+            "shard_path": str(path),
+            "roles": roles,
+            "emotion": emotion,
+            "run_dir": run_dir,
+            "use_cache": use_cache,
+            "seed": seed,
+        }
+        for shard, path in zip(shards, shard_paths(shards, out, n_shards))
+    ]
+    runs = run(simulate_shard, calls, name="simulate-shard") if calls else []
+    # written = appended to `out` now: this run's dialogues and any an interrupted run left in shards
+    summary.written = merge_shards(out, sorted(shard_dir(out).glob("shard-*.jsonl")))
+    for shard_run in runs:
+        summary.add(shard_run["summary"])
+    write_shard_runs(
+        out,
+        [
+            {
+                "shard": r["shard"],
+                "personas": r["personas"],
+                "written": r["summary"].written,
+                "errors": len(r["summary"].errors),
+                "elapsed_s": r["summary"].elapsed_s,
+                "worker_pid": r["worker_pid"],
+            }
+            for r in runs
+        ],
+    )
+    return summary
