@@ -280,7 +280,7 @@ def generate_situations(
         pending = still
     stats.add("situations.pairs", len(pairs))
     stats.add("situations.pairs_failed", len(pending))
-    items = []
+    items: list[dict[str, Any]] = []
     dedup = Deduper()  # across pairs too: the paper's situations are all unique
     dedup.add(prompt_example())  # small models copy the prompt's example
     for i, (cat, v) in enumerate(pairs):
