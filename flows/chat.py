@@ -81,7 +81,7 @@ class ChatSession:
         # the simulation's agents; the seeker is the person at the terminal
         self._agents = Agents(
             supporter=Supporter(self.supporter, self.settings),
-            seeker=None,
+            seeker=None,  # type: ignore[arg-type]  # the person at the terminal answers, not a model
             tvd=self.tvd,
             rg=self.rg,  # type: ignore[arg-type]
             tvd_method=self.tvd_method,

@@ -155,9 +155,10 @@ class PipelineConfig(Section):
         if self.selected("evaluate"):
             produced = self.pipeline_artifacts()
             for row in self.evaluate.supporters:
-                if not (row.component or "").startswith("pipeline:"):
+                component = row.component or ""
+                if not component.startswith("pipeline:"):
                     continue
-                name = row.component.removeprefix("pipeline:")
+                name = component.removeprefix("pipeline:")
                 if name not in produced:
                     raise ValueError(
                         f"evaluate.supporters row {row.name!r}: component {row.component!r} names nothing the "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +51,15 @@ STAGE = "esvr.tasks.evaluation"
 
 
 # Not cached by Prefect: dialogues.jsonl is itself the resumable record (stage 6's engine).
-evaluation_dialogues_task = task(
-    evaluation_dialogues, name="evaluation_dialogues_task", cache_policy=NO_CACHE, persist_result=False
+evaluation_dialogues_task = task(name="evaluation_dialogues_task", cache_policy=NO_CACHE, persist_result=False)(
+    evaluation_dialogues
 )
 # Keyed by the dialogues' content, the judge, the settings and the judge prompts' content.
 judge_dialogues_task = task(
-    judge_dialogues, name="judge_dialogues_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
-)
-judge_values_task = task(
-    judge_values, name="judge_values_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
+    name="judge_dialogues_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True
+)(judge_dialogues)
+judge_values_task = task(name="judge_values_task", cache_policy=cache_policy(STAGE, prompts=JUDGE_PROMPTS), persist_result=True)(
+    judge_values
 )
 
 
@@ -83,7 +84,7 @@ def supporter_model(config: PipelineConfig, s: SupporterUnderTest, override: Sup
     if s.finetune is not None:
         spec = finetune_baseline_task(
             s.finetune,
-            Path(s.finetune_data),
+            Path(s.finetune_data),  # type: ignore[arg-type]  # set whenever finetune is (the row's validator)
             roles.base_model(config.models.base),
             config.evaluate.finetune_train,
             stage_dir / "baselines" / s.slug,
@@ -96,7 +97,7 @@ def supporter_model(config: PipelineConfig, s: SupporterUnderTest, override: Sup
 def evaluate_flow(
     config: PipelineConfig,
     personas_path: str | Path | None = None,
-    supporters: dict[str, SupporterRef | dict[str, SupporterRef]] | None = None,
+    supporters: Mapping[str, SupporterRef | Mapping[str, SupporterRef | None]] | None = None,
     tvd: SupporterRef | None = None,
     rg: SupporterRef | None = None,
 ) -> dict[str, str]:
@@ -118,11 +119,12 @@ def evaluate_flow(
     for name, value in (supporters or {}).items():
         if name not in rows:
             raise ValueError(f"evaluate_flow: supporter {name!r} is not a row of evaluate.supporters {list(rows)}")
-        if isinstance(value, dict):  # {'model': ..., 'tvd': ..., 'rg': ...}
+        if isinstance(value, Mapping):  # {'model': ..., 'tvd': ..., 'rg': ...}; None: the row's default
             extra = {k: roles.model_config(value[k]) for k in ("tvd", "rg") if value.get(k)}
             rows[name] = rows[name].model_copy(update=extra)
-            if value.get("model"):
-                overrides[name] = value["model"]
+            model = value.get("model")
+            if model:
+                overrides[name] = model
         else:
             overrides[name] = value
     personas_file = Path(personas_path) if personas_path else (cfg.personas or run.out_dir / "personas" / "personas.jsonl")
@@ -153,7 +155,7 @@ def evaluate_flow(
         dialogue_paths: dict[str, Path] = {}
         used_models: dict[str, Any] = {"judge": judge}
         components: dict[str, dict[str, str | None]] = {}
-        row_models = {
+        row_models: dict[str, dict[str, Any]] = {
             s.name: {
                 "supporter": supporter_model(config, s, overrides.get(s.name), stage_dir),
                 "seeker": config.models.seeker,

@@ -20,7 +20,7 @@ from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.simulation.personas import PERSONA_PROMPTS, make_personas
 
 # Keyed by the persona config, the writer model and the seed (and the stage's code).
-personas_task = task(make_personas, name="personas_task", cache_policy=cache_policy("esvr.tasks.simulation"), persist_result=True)
+personas_task = task(name="personas_task", cache_policy=cache_policy("esvr.tasks.simulation"), persist_result=True)(make_personas)
 
 
 def personas_path(config: PipelineConfig) -> Path:

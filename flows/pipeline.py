@@ -16,6 +16,8 @@ from the run folder, where an earlier run left them). `analyze_esconv` (paper §
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from esvr.flows import tracking
@@ -176,5 +178,5 @@ def pipeline_from_file(config_path: str, overrides: list[str] | None = None, out
     """The deployment entry point: parameters are a recipe file and overrides, as on the CLI."""
     config = load_config(config_path, list(overrides or []))
     if out_dir:
-        config.run.out_dir = out_dir
+        config.run.out_dir = Path(out_dir)
     return pipeline_flow(config)

@@ -219,7 +219,7 @@ class _Plan:
         self.timeout_s = timeout_s
         self.run_dir = config.run.out_dir.resolve()
         # a variant branch shares its parent's checks; keys its overrides change carry its label
-        self.root = parent.root if parent else self
+        self.root: _Plan = parent.root if parent else self
         self.label = label
         self.touched = list(touched)
         if parent is None:
@@ -548,7 +548,8 @@ class _Plan:
             return
         if orch.address in ("auto", "local"):  # Ray finds its own cluster
             return
-        self.later(lambda: _check_scheduler(orch.address, orch.task_runner, self.timeout_s))
+        address = orch.address
+        self.later(lambda: _check_scheduler(address, orch.task_runner, self.timeout_s))
 
     # -- servers --------------------------------------------------------------------------------
     def _probe(self, server: _Server) -> list[Problem]:

@@ -13,6 +13,7 @@ personas were simulated, the supporter's SFT data is exported next to it (Tables
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -141,7 +142,7 @@ def simulate_flow(
         sft_splits = [s for s in ("train", "dev") if s in splits]
         if export and sft_splits:
             dialogues = load_dialogues(out)
-            by_split = {s: [d for d in dialogues if d.get("split") == s] for s in sft_splits}
+            by_split: dict[str, list[dict[str, Any]]] = {s: [d for d in dialogues if d.get("split") == s] for s in sft_splits}
             result = export_sft(by_split, out_dir / "sft")
             tracking.log_metrics(sft_metrics(result["stats"]))
             tracking.log_artifact(out_dir / "sft", f"simulate/{name}/sft")

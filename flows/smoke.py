@@ -19,11 +19,10 @@ from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.smoke import smoke
 
 smoke_task = task(
-    smoke,
     name="smoke_task",
     cache_policy=cache_policy("esvr.tasks.smoke", "esvr.models.chat", "esvr.models.hf_backend"),
     persist_result=True,
-)
+)(smoke)
 
 
 @flow(name="smoke", log_prints=True)

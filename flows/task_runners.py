@@ -86,7 +86,7 @@ def run_on_runner(orch: OrchestrationConfig, fn: Callable[..., T], calls: Sequen
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    unit = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
+    unit = task(name=name, cache_policy=NO_CACHE, persist_result=False)(fn)
     with shared_prefect_api(), task_runner_for(orch) as runner:
         try:
             futures = [runner.submit(unit, parameters=dict(kw)) for kw in calls]

@@ -56,7 +56,7 @@ def setup(config: PipelineConfig) -> str:
         try:
             experiment_id = mlflow.create_experiment(name, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created concurrently
-            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+            experiment_id = mlflow.get_experiment_by_name(name).experiment_id  # type: ignore[union-attr]  # it exists now
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)

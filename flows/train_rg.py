@@ -29,13 +29,10 @@ from esvr.tasks.components.datasets import load_manifest
 
 _keys = cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=rg.PROMPT_FILES)
 without_target_values_task = task(
-    rg.without_target_values,
-    name="rg_sft_without_values",
-    cache_policy=cache_policy(STAGE, prompts=rg.PROMPT_FILES),
-    persist_result=True,
-)
-rg_generate_task = task(rg.rg_generate, name="rg_generate", cache_policy=_keys, persist_result=True)
-rg_judge_task = task(rg.rg_judge, name="rg_judge", cache_policy=_keys, persist_result=True)
+    name="rg_sft_without_values", cache_policy=cache_policy(STAGE, prompts=rg.PROMPT_FILES), persist_result=True
+)(rg.without_target_values)
+rg_generate_task = task(name="rg_generate", cache_policy=_keys, persist_result=True)(rg.rg_generate)
+rg_judge_task = task(name="rg_judge", cache_policy=_keys, persist_result=True)(rg.rg_judge)
 
 
 def evaluate_setting(

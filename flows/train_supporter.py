@@ -46,16 +46,16 @@ from esvr.tasks.supporter.train_supporter import (
 STAGE = "esvr.tasks.supporter"
 
 
-sft_data_task = task(build_sft_data, name="supporter_sft_data", cache_policy=cache_policy(STAGE), persist_result=True)
+sft_data_task = task(name="supporter_sft_data", cache_policy=cache_policy(STAGE), persist_result=True)(build_sft_data)
 # Not cached by Prefect: the dialogues file is itself the resumable record.
-dpo_simulations_task = task(dpo_simulations, name="supporter_dpo_simulations", cache_policy=NO_CACHE, persist_result=False)
+dpo_simulations_task = task(name="supporter_dpo_simulations", cache_policy=NO_CACHE, persist_result=False)(dpo_simulations)
 preferences_task = task(
-    preferences, name="supporter_preferences", cache_policy=cache_policy(STAGE, "esvr.models.value_detector"), persist_result=True
-)
+    name="supporter_preferences", cache_policy=cache_policy(STAGE, "esvr.models.value_detector"), persist_result=True
+)(preferences)
 
 
 # Not cached by Prefect: the rollouts file is resumable (candidates already in it are skipped).
-rollouts_task = task(rollouts, name="supporter_rollouts", cache_policy=NO_CACHE, persist_result=False)
+rollouts_task = task(name="supporter_rollouts", cache_policy=NO_CACHE, persist_result=False)(rollouts)
 
 
 def _emotion_cfg(config: PipelineConfig) -> Any | None:

@@ -36,18 +36,16 @@ STAGE = "esvr.tasks.components"
 # `log_training` replays its step metrics into the new run. Libraries print bytecode listings while
 # hashing functions, hence no log_prints; step metrics go to MLflow instead.
 train_lora_task = task(
-    train_lora,
     name="train_lora",
     cache_policy=cache_policy(STAGE, "esvr.models.training", exclude=["run_id"]),
     persist_result=True,
     log_prints=False,
-)
+)(train_lora)
 tvd_eval_task = task(
-    tvd.tvd_eval,
     name="tvd_eval",
     cache_policy=cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=tvd.PROMPT_FILES),
     persist_result=True,
-)
+)(tvd.tvd_eval)
 
 
 def model_for(name: str, config: PipelineConfig) -> ModelConfig:
@@ -136,7 +134,7 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
         )
         spec = component_spec(result["adapter_dir"])
 
-        systems = [("tvd", ModelConfig(spec=spec), "zero_shot")]
+        systems: list[tuple[str, ModelConfig, tvd.Variant]] = [("tvd", ModelConfig(spec=spec), "zero_shot")]
         for name in cfg.eval.baselines:
             systems += [(name, model_for(name, config), variant) for variant in cfg.eval.variants]
         evaluations = []

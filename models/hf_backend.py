@@ -70,7 +70,7 @@ def load_causal_lm(base: str, adapter: str | None = None, device: torch.device |
 
         # Merged for inference: the same outputs, without the adapter's extra matmuls per token.
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' decorator hides Module.to's signature
     return model, tokenizer
 
 
@@ -95,7 +95,7 @@ class HFChat(ChatModel):
         if adapter:
             self.cache_id += f"+{adapter}@{_folder_fingerprint(adapter)}"
         self._lock = threading.Lock()  # one generate at a time on this model
-        self._queue: queue.Queue[tuple[ChatRequest, Future]] | None = None
+        self._queue: queue.Queue[tuple[ChatRequest, Future] | None] | None = None  # None: stop the batcher
 
     @classmethod
     def from_spec(cls, spec: ModelConfig) -> HFChat:
@@ -227,7 +227,7 @@ class HFChat(ChatModel):
             total = first[c[0]]
             if len(c) > 1:
                 targets = torch.tensor(c[1:], device=self.device)
-                total = total + rest[row, torch.arange(len(c) - 1, device=self.device), targets].sum()
+                total = total + rest[row, torch.arange(len(c) - 1, device=self.device), targets].sum()  # type: ignore[index]  # width > 1 here
             scores.append(total)
         probs = torch.softmax(torch.stack(scores), dim=0).tolist()
         self._count(calls=1, prompt_tokens=len(prompt_ids))

@@ -25,9 +25,12 @@ import random
 import re
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import openai
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
 from esvr.models.config import ModelConfig
@@ -174,7 +177,7 @@ class OpenAIChat(ChatModel):
     def _choices(self, response: Any, what: str) -> list[str]:
         """The texts of a reply's choices; a reply without any is a ChatError, never retried."""
         choices = getattr(response, "choices", None)
-        texts = []
+        texts: list[str] = []
         for c in choices if isinstance(choices, list) else []:
             message = getattr(c, "message", None)
             if message is None:
@@ -304,7 +307,7 @@ class OpenAIChat(ChatModel):
                 async with semaphore:
                     stream = await client.chat.completions.create(
                         model=self.model,
-                        messages=req.message_dicts(),
+                        messages=cast("list[ChatCompletionMessageParam]", req.message_dicts()),
                         temperature=req.temperature,
                         max_tokens=req.max_tokens,
                         stream=True,

@@ -490,7 +490,7 @@ def stack_adapters(
     s1, s2 = _scaling(c1), _scaling(c2)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(set(w1) | set(w2)):
-        ref_a, ref_b = w1.get(module) or w2.get(module)
+        ref_a, ref_b = w1.get(module) or w2.get(module)  # type: ignore[misc]  # the module is in one of them
         in_f, out_f = ref_a.shape[1], ref_b.shape[0]
         a1, b1 = w1.get(module, (torch.zeros(r1, in_f), torch.zeros(out_f, r1)))
         a2, b2 = w2.get(module, (torch.zeros(r2, in_f), torch.zeros(out_f, r2)))

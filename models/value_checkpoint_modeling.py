@@ -33,7 +33,7 @@ class MeanPoolValueClassifier(BertPreTrainedModel):
     def __init__(self, config: MeanPoolValueConfig):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)  # type: ignore[arg-type]  # the config sets it
         self.post_init()
 
     def forward(

@@ -202,7 +202,7 @@ class SentenceEncoder:
         # Long Reddit comments would cost quadratic attention for little gain: values show early.
         self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
-        self.dim = int(self.model.get_embedding_dimension())
+        self.dim = int(self.model.get_embedding_dimension())  # type: ignore[arg-type]  # a pooling encoder has one
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         if not texts:

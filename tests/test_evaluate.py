@@ -196,3 +196,15 @@ def test_demo_evaluation_on_the_tiny_model(tmp_path, tiny_llama, prefect_harness
         assert 1.0 <= m["intensity"]["expected"]["mean"] <= 5.0
     plain = summary["models"][1]
     assert 0.0 <= plain["value"]["seeker"]["expected"]["mean"] <= 1.0
+
+
+def test_evaluate_flow_takes_a_row_whose_own_generator_is_absent(tmp_path: Path):
+    # The pipeline hands each trained row {"model", "rg"}; a branch that trained no generator
+    # gives rg None, which must mean "the row's default", not a parameter error before the run.
+    from esvr.flows.evaluate import evaluate_flow
+
+    config = PipelineConfig.model_validate({"run": {"out_dir": str(tmp_path)}})
+    params = evaluate_flow.validate_parameters(
+        {"config": config, "supporters": {"Ours (DPO)": {"model": "hf:base+adapter", "rg": None}, "Other": "default"}}
+    )
+    assert params["supporters"] == {"Ours (DPO)": {"model": "hf:base+adapter", "rg": None}, "Other": "default"}

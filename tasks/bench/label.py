@@ -92,7 +92,7 @@ def bench_label(
 ) -> float:
     """Print utterances/s per backend and for both offline defaults; return the latter."""
     from esvr.models.emotion import ProcessEmotionScorer, VaderEmotionScorer
-    from esvr.models.value_detector import ValueDetectorConfig
+    from esvr.models.value_detector import EmbeddingValueDetector, ValueDetectorConfig
     from esvr.tasks.common.roles import value_detector
     from esvr.tasks.labeling.label import collect_utterances, label_texts
 
@@ -106,11 +106,12 @@ def bench_label(
     print_fn(machine_line())
     print_fn(f"texts: {source}; words median {int(np.median(words))}, mean {words.mean():.0f}, max {words.max()}")
 
-    detectors = {}
+    # the embedding backend's: the line reports its encoder's token limit
+    detectors: dict[str, EmbeddingValueDetector] = {}
     if "embedding" in backends:
-        detectors["embedding"] = value_detector(ValueDetectorConfig(max_seq_length=max_seq_length), None)
+        detectors["embedding"] = value_detector(ValueDetectorConfig(max_seq_length=max_seq_length), None)  # type: ignore[assignment]
     if "embedding-fp32" in backends:
-        detectors["embedding-fp32"] = value_detector(ValueDetectorConfig(quantize=False, max_seq_length=max_seq_length), None)
+        detectors["embedding-fp32"] = value_detector(ValueDetectorConfig(quantize=False, max_seq_length=max_seq_length), None)  # type: ignore[assignment]
     scorer = VaderEmotionScorer()
     for name, det in detectors.items():
         print_fn(

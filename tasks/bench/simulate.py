@@ -281,7 +281,7 @@ def bench_simulate(
     cfg = SimulateConfig(max_turns=20, emotion=False)
     results: dict[str, Any] = {"latency_s": latency_s, "end_after": end_after, "concurrency": concurrency}
     tmp = tempfile.TemporaryDirectory() if out_dir is None else None
-    root = Path(tmp.name if tmp else out_dir)
+    root = Path(tmp.name if tmp else out_dir)  # type: ignore[arg-type]  # out_dir is given when tmp is not
     try:
         with FakeOpenAIServer(Script(end_after=end_after), latency_s=latency_s) as server:
             # one set of clients for both runs, warmed up first: client start-up is not throughput

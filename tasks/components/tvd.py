@@ -136,7 +136,7 @@ def parse_value_list(text: str, max_values: int = 3) -> list[str]:
             continue
         # Names inside a longer sentence, in order of appearance; longest first so that
         # 'Self-direction: thought' is not also read as something shorter.
-        hits = []
+        hits: list[tuple[int, int, str]] = []
         for k, name in sorted(by_norm.items(), key=lambda kv: -len(kv[0])):
             pos = key.find(k)
             if pos >= 0 and not any(s <= pos < e for s, e, _ in hits):

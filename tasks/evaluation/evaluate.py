@@ -438,11 +438,11 @@ def make_agents(
         sim_cfg, supporter_model, seeker_model, tvd_model=tvd, rg_model=rg, emotion_scorer=emotion_scorer, names=names
     )
     if plain:
-        agents.supporter = PlainSupporter(
+        agents.supporter = PlainSupporter(  # type: ignore[assignment]  # answers as a Supporter does
             supporter_model, max_tokens=min(sim_cfg.supporter_max_tokens, 256), temperature=sim_cfg.supporter_temperature
         )
     elif s.self_disclosure != "keep":
-        agents.supporter = SelfDisclosureAblation(
+        agents.supporter = SelfDisclosureAblation(  # type: ignore[assignment]  # answers as a Supporter does
             agents.supporter, s.self_disclosure, rephraser, max_tokens=max(sim_cfg.stepwise_max_tokens, 60)
         )
     return agents

@@ -361,7 +361,8 @@ async def ajudge_value_pair(
     per: dict[str, dict[str, list]] = {p["name"]: {"outcomes": [], "expected": []} for p in perspectives()}
     for i in range(n):
         side = shown_side(i)
-        parsed = parse_value_verdicts(replies[i]) if replies[i] is not None else {}
+        reply = replies[i]
+        parsed = parse_value_verdicts(reply) if reply is not None else {}
         record: dict[str, Any] = {"index": i, "test_side": side, "reply": replies[i]}
         for name in per:
             dist = dist_by[(side, name)]

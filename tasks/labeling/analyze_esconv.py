@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from esvr.models.config import Section
@@ -145,11 +146,11 @@ def label_last_turns(
 # --------------------------------------------------------------------------------------------
 
 
-def mann_whitney(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+def mann_whitney(sample_a: npt.ArrayLike, sample_b: npt.ArrayLike) -> tuple[float, float]:
     """Two-sided Mann-Whitney U of `a` against `b`: (U of a, p). Identical samples give p = 1."""
     from scipy.stats import mannwhitneyu
 
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    a, b = np.asarray(sample_a, dtype=float), np.asarray(sample_b, dtype=float)
     if len(a) == 0 or len(b) == 0:
         return float("nan"), float("nan")
     if np.unique(np.concatenate([a, b])).size == 1:
@@ -252,7 +253,7 @@ def plot_figure(stats: dict[str, Any], path: str | Path, top_when_none: int = 3)
         shown = list(np.argsort([r["p"] if np.isfinite(r["p"]) else 2 for r in stats["values"]])[:top_when_none])
         note = "\n(none significant: smallest p shown)"
     positions = stats["turn_positions"]
-    colors = plt.cm.tab10.colors
+    colors = plt.cm.tab10.colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     for k, j in enumerate(shown):
         c = colors[k % len(colors)]
         ax2.plot(positions, [row[j] for row in stats["per_turn_mean_prob"][HIGH]], "-o", color=c, label=f"{names[j]} (high)")

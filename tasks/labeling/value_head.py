@@ -171,7 +171,8 @@ def train_value_head(
                 best = (f1, c, cw, thr, w, b)
     assert best is not None
     val_f1, c, cw, thr, w, b = best
-    head = ValueHead(w, b, thr, names, max_seq_length=encoder.model.max_seq_length, text_format=text_format)
+    max_len = encoder.model.max_seq_length  # set when the encoder loads
+    head = ValueHead(w, b, thr, names, max_seq_length=max_len, text_format=text_format)  # type: ignore[arg-type]
     out_path = head.save(out_path)
     # evaluate what was saved (float16 weights), not what was fitted
     head = ValueHead.load(out_path)

@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -315,8 +315,12 @@ def dump_kind(path: str | Path) -> str | None:
 
 
 def file_sha256(path: str | Path) -> str:
+    # hashlib.file_digest would do this, from Python 3.11 on; the project supports 3.10
+    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +475,7 @@ class RecordFilter:
             return "missing_field", None
         if score < self.cfg.min_comment_score:
             return "low_score", None
-        n = len(text.strip())
+        n = len(text.strip())  # type: ignore[union-attr]  # _common rejected a missing body
         if n < self.cfg.min_comment_chars:
             return "too_short", None
         if n > self.cfg.max_comment_chars:
@@ -560,7 +564,7 @@ def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig) -> St
     kind = dump_kind(path)
     posts = _PartWriter(tmp, "posts", POST_COLUMNS)
     comments = _PartWriter(tmp, "comments", COMMENT_COLUMNS)
-    counts = {"submissions": Counter(), "comments": Counter()}
+    counts: dict[str, Counter[str]] = {"submissions": Counter(), "comments": Counter()}
     lines = decompressed = malformed = 0
     needles = [bytes(b | 0x20 for b in f'"{s}"'.encode()) for s in cfg.subreddits]
     error = None
@@ -605,7 +609,7 @@ def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig) -> St
                         bucket[reason] += 1
                     else:
                         bucket["kept"] += 1
-                        writer.add(row)
+                        writer.add(row)  # type: ignore[arg-type]  # a kept record has its row
         except DumpCorruptError as exc:
             error = str(exc)
             log.error("%s", exc)
@@ -702,7 +706,7 @@ def chain_siblings(chain: list[Utt], op: str, max_siblings: int) -> list[tuple[i
     Siblings are the other non-OP replies to c_t's parent; those the OP answered come first (the
     DPO stage needs the OP's reaction to a rejected sibling), then by score.
     """
-    out = []
+    out: list[tuple[int, Utt, list[Utt]]] = []
     for turn in range(1, len(chain), 2):
         parent, chosen = chain[turn - 1], chain[turn]
         sibs = []
@@ -1003,7 +1007,7 @@ class IngestResult:
         return {"threads": self.threads, "rejects": self.rejects, "stats": self.stats, "manifest": self.manifest}
 
 
-def ingest_dumps(dumps: list[str | Path], out_dir: str | Path, cfg: IngestConfig, stage_fn: Any = None) -> IngestResult:
+def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestConfig, stage_fn: Any = None) -> IngestResult:
     """The whole stage: stage the dumps not staged yet, merge every staged dump, write the outputs.
 
     Outputs in `out_dir`: threads.parquet, rejects.ndjson, stats.json, manifest.json, staged/.

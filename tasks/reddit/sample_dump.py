@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,9 +126,9 @@ def _ts(y: int, m: int, d: int, h: int = 12) -> int:
 
 
 def post_record(
-    pid: str, author: str, title: str, selftext: str, created: int, subreddit: str = "offmychest", **extra: Any
+    pid: str, author: str, title: str, selftext: str, created: int | str, subreddit: str = "offmychest", **extra: Any
 ) -> dict[str, Any]:
-    rec = {
+    rec: dict[str, Any] = {
         "all_awardings": [],
         "author": author,
         "author_flair_text": None,
@@ -162,7 +163,7 @@ def post_record(
 def comment_record(
     cid: str, post_id: str, parent: str, author: str, body: str, created: int, subreddit: str = "offmychest", **extra: Any
 ) -> dict[str, Any]:
-    rec = {
+    rec: dict[str, Any] = {
         "all_awardings": [],
         "author": author,
         "author_flair_text": None,
@@ -337,7 +338,7 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
 
     # posts each filter drops, every one with a chain that would otherwise be kept
     t9 = t + 7 * 86400
-    drops = [
+    drops: list[tuple[str, dict[str, Any]]] = [
         ("smxd01", dict(author="[deleted]", selftext="[deleted]", removed_by_category="deleted")),
         ("smxd02", dict(selftext="[removed]", removed_by_category="moderator")),
         ("smxd03", dict(score=1)),  # low score
@@ -366,20 +367,19 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
             "smoth1", "smxd06", "t3_smxd06", "offmychest", "Wrong sub, try r/offmychest", t9 + 900, subreddit="AskReddit"
         )
     )
-    for i, (author, body, extra) in enumerate(
-        [
-            ("downvoted_guy", "Just get over it.", dict(score=-3)),
-            ("RemindMeBot", "I will be messaging you in 2 days to remind you of this link", {}),
-            ("essay_writer", "I understand. " * 400, {}),  # too long
-            ("time_traveler", COMMENTS[2], dict(created_utc=_ts(2018, 12, 1))),
-            ("mod_team", "Removed: rule 3.", dict(distinguished="moderator")),
-            ("[deleted]", "this author deleted their account", {}),
-        ]
-    ):
+    dropped_comments: list[tuple[str, str, dict[str, Any]]] = [
+        ("downvoted_guy", "Just get over it.", dict(score=-3)),
+        ("RemindMeBot", "I will be messaging you in 2 days to remind you of this link", {}),
+        ("essay_writer", "I understand. " * 400, {}),  # too long
+        ("time_traveler", COMMENTS[2], dict(created_utc=_ts(2018, 12, 1))),
+        ("mod_team", "Removed: rule 3.", dict(distinguished="moderator")),
+        ("[deleted]", "this author deleted their account", {}),
+    ]
+    for i, (author, body, extra) in enumerate(dropped_comments):
         C(comment_record(f"smcx{i:02d}", "smx1aa", "t3_smx1aa", author, body, t + 1000 + i, **extra))
 
 
-def _filler(dumps: dict[str, _Dump], months: list[tuple[int, int]], n_posts: int, rng: random.Random) -> None:
+def _filler(dumps: dict[str, _Dump], months: Sequence[tuple[int, ...]], n_posts: int, rng: random.Random) -> None:
     """Random posts and comment trees; comments land in the dump of their own month."""
 
     def month_of(ts: int) -> str:
@@ -539,8 +539,8 @@ def make_bench_dump(
     weights = [1.0 / (i + 1) for i in range(len(vocab))]
     cum = []
     acc = 0.0
-    for w in weights:
-        acc += w
+    for weight in weights:
+        acc += weight
         cum.append(acc)
     subs = [
         b"AskReddit",
@@ -563,11 +563,11 @@ def make_bench_dump(
     )
     rs_path, rc_path = out / "RS_2022-01.zst", out / "RC_2022-01.zst"
     with open(rs_path, "wb") as fh, zstandard.ZstdCompressor(compression_params=params).stream_writer(fh) as w:
-        for i, pid in enumerate(post_ids):
+        for i, post_id in enumerate(post_ids):
             body = " ".join(rng.choice(SITUATIONS + FEELINGS) for _ in range(4))
-            w.write(orjson.dumps(post_record(pid, ops[i], rng.choice(FEELINGS), body, t0 + i * 60)) + b"\n")
+            w.write(orjson.dumps(post_record(post_id, ops[i], rng.choice(FEELINGS), body, t0 + i * 60)) + b"\n")
     # the field set of a 2019+ RC record: most of a real line is small fields, which is what
-    # makes stdlib json slow on the real dumps (DESIGN §6: 20-37 MB/s)
+    # makes stdlib json slow on the real dumps (docs/benchmarks.md: the naive reader's figures)
     template = (
         b'{"all_awardings":[],"associated_award":null,"author":"%s","author_flair_background_color":null,'
         b'"author_flair_css_class":null,"author_flair_richtext":[],"author_flair_template_id":null,'

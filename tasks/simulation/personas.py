@@ -290,7 +290,7 @@ def generate_situations(
         pending = still
     stats.add("situations.pairs", len(pairs))
     stats.add("situations.pairs_failed", len(pending))
-    items = []
+    items: list[dict[str, Any]] = []
     if dedup is None:
         dedup = Deduper()  # across pairs too: the paper's situations are all unique
         dedup.add(prompt_example())  # small models copy the prompt's example

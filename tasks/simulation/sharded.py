@@ -32,8 +32,8 @@ def simulate_shard(
     """One shard's dialogues in this (worker) process; returns its summary and ``worker_pid``."""
     with opened_agents(
         simulate_cfg,
-        roles["supporter"],
-        roles["seeker"],
+        roles["supporter"],  # type: ignore[arg-type]  # supporter and seeker are always given
+        roles["seeker"],  # type: ignore[arg-type]
         tvd=roles.get("tvd"),
         rg=roles.get("rg"),
         emotion=emotion,

@@ -144,7 +144,7 @@ class RolloutSummary:
     calls: dict[str, int] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "rollouts") -> dict[str, float]:
-        m = {
+        m: dict[str, float] = {
             f"{prefix}.turns_with_candidates": self.turns,
             f"{prefix}.turns_without_alternative": self.skipped_turns_no_alternative,
             f"{prefix}.written": self.rollouts_written,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import field_validator
@@ -141,7 +141,7 @@ class TrainSupporterConfig(Section):
     def rollout_horizon(self) -> int | None:
         """The longest horizon any setting needs: rollouts are computed once for it."""
         hs = [s.h for s in [*self.sweep, self.selected]]
-        return None if any(h is None for h in hs) else max(hs)
+        return None if any(h is None for h in hs) else max(h for h in hs if h is not None)
 
     def settings(self) -> list[RewardSetting]:
         """The sweep plus the selected setting (once)."""
@@ -156,10 +156,12 @@ class TrainSupporterConfig(Section):
 # --------------------------------------------------------------------------------------------
 
 
-def dialogues_by_split(
-    dialogues: Sequence[Mapping[str, Any]], max_per_split: int | None = None
-) -> dict[str, list[Mapping[str, Any]]]:
-    out: dict[str, list[Mapping[str, Any]]] = {s: [] for s in SPLITS}
+#: a dialogue or persona record, as read from its JSONL file
+RecordT = TypeVar("RecordT", bound=Mapping[str, Any])
+
+
+def dialogues_by_split(dialogues: Sequence[RecordT], max_per_split: int | None = None) -> dict[str, list[RecordT]]:
+    out: dict[str, list[RecordT]] = {s: [] for s in SPLITS}
     for d in dialogues:
         split = d.get("split")
         if split in out and (max_per_split is None or len(out[split]) < max_per_split):
@@ -183,12 +185,12 @@ def _save_dataset(
 
         features = Features({c: Value("string") for c in columns})
 
-    def split(rows: list[dict[str, Any]]) -> Dataset:
+    def as_dataset(rows: list[dict[str, Any]]) -> Dataset:
         if rows or features is None:
             return Dataset.from_list(rows, features=features)
         return Dataset.from_dict({k: [] for k in features}, features=features)
 
-    dd = DatasetDict({s: split(list(rows_by_split.get(s, []))) for s in SPLITS})
+    dd = DatasetDict({s: as_dataset(list(rows_by_split.get(s, []))) for s in SPLITS})
     tmp = out.with_name(out.name + ".partial")
     import shutil
 
@@ -339,7 +341,7 @@ def table19_metrics(counts: Mapping[str, Mapping[str, int]]) -> dict[str, float]
 
 
 def dpo_simulations(
-    personas: list[dict],
+    personas: Sequence[Mapping[str, Any]],
     out: Path,
     simulate_cfg: SimulateConfig,
     supporter: ModelConfig,
@@ -383,8 +385,8 @@ def rollout_shard(
     Trained components are loaded for this use and closed on exit."""
     with opened_agents(
         simulate_cfg,
-        roles["supporter"],
-        roles["seeker"],
+        roles["supporter"],  # type: ignore[arg-type]  # supporter and seeker are always given
+        roles["seeker"],  # type: ignore[arg-type]
         tvd=roles["tvd"],
         rg=roles["rg"],  # type: ignore[arg-type]
         emotion=emotion_cfg,
