@@ -65,7 +65,7 @@ TINY = dict(
     max_position_embeddings=4096,
     tie_word_embeddings=True,
 )
-SHAPES = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
+SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
 
 #: dense bf16 tensor-core peaks (no sparsity), TFLOP/s; the first name found in the device name wins
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
