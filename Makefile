@@ -54,11 +54,11 @@ typecheck: setup
 	for d in flows tasks models prompts; do ln -sfn ../../$$d .typecheck/esvr/$$d; done
 	$(BIN)/python -m mypy
 
-# Everything that runs without a GPU, the rehearsal's end-to-end test included (~30 min on 2 cores)
+# Everything that runs without a GPU and the rehearsal's server (docs/paper-run.md says why)
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider
+	$(BIN)/python -m pytest -m "not gpu and not rehearsal" -p no:cacheprovider
 
-# The rehearsal's end-to-end test alone: esvr rehearse twice (fresh, then from the caches)
+# The rehearsal's end-to-end test: esvr rehearse twice (fresh, then from the caches), ~30 min
 test-rehearsal: setup
 	$(BIN)/python -m pytest -m rehearsal -p no:cacheprovider
 
