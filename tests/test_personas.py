@@ -141,6 +141,12 @@ def test_count_keeps_a_stratified_subset(fake_writer) -> None:
     assert len(personas) == 6 and len({p["problem"] for p in personas}) == 6
 
 
+@pytest.mark.parametrize("key", ["pairs", "max_pairs"])
+def test_zero_pairs_is_refused_at_load_rather_than_looping(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        PersonasConfig(**{key: 0, "count": 4})
+
+
 def test_a_weak_writer_gets_more_pairs_until_count_pass_bounded_by_max_pairs(fake_writer, caplog) -> None:
     model, _ = fake_writer
     # 4 situations per pair, a third of them rated 2: one pair cannot give 6 personas

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from esvr.models.chat import ChatModel, ChatRequest, Message
 from esvr.models.config import ModelConfig, Section
@@ -72,11 +72,11 @@ class PersonasConfig(Section):
 
     #: how many (problem category, value) pairs to write situations for; None = all 6 x 20 = 120.
     #: Pairs are taken round-robin over categories, so a few pairs still cover several categories.
-    pairs: int | None = None
+    pairs: int | None = Field(default=None, ge=1)
     #: with `pairs` and `count` set: while fewer than `count` situations pass the alignment filter,
     #: write situations for the next `pairs` pairs of the same round-robin, up to this many pairs in
     #: all (None: all 120). A weak writer then still yields `count` personas, at a bounded cost.
-    max_pairs: int | None = None
+    max_pairs: int | None = Field(default=None, ge=1)
     #: situations asked per pair (paper: 10-30, 2,940 written in all)
     min_situations: int = 10
     max_situations: int = 30
