@@ -76,32 +76,27 @@ def ids(chains):
     return sorted([u.id for u in c] for c in chains)
 
 
+def alternation(pairs: int) -> list[tuple[str, str, str]]:
+    """Commenter A and the OP taking turns under the post: c0, o0 (answering c0), c1, o1, ..."""
+    edges, parent = [], "post"
+    for i in range(pairs):
+        edges += [(f"c{i}", parent, "A"), (f"o{i}", f"c{i}", "OP")]
+        parent = f"o{i}"
+    return edges
+
+
 def test_single_turn():
     post = tree([("c1", "post", "A"), ("o2", "c1", "OP")])
     assert ids(extract_chains(post)) == [["p", "c1", "o2"]]
 
 
 def test_multi_turn_alternation_to_depth():
-    post = tree(
-        [
-            ("c1", "post", "A"),
-            ("o2", "c1", "OP"),
-            ("c2", "o2", "A"),
-            ("o3", "c2", "OP"),
-            ("c3", "o3", "A"),
-            ("o4", "c3", "OP"),
-            ("c4", "o4", "A"),
-        ]
-    )  # c4 unanswered: dropped
-    assert ids(extract_chains(post)) == [["p", "c1", "o2", "c2", "o3", "c3", "o4"]]
+    post = tree(alternation(3) + [("c3", "o2", "A")])  # c3 unanswered: dropped
+    assert ids(extract_chains(post)) == [["p", "c0", "o0", "c1", "o1", "c2", "o2"]]
 
 
 def test_deep_chain_has_no_recursion_limit():
-    edges, parent = [], "post"
-    for i in range(1500):
-        edges += [(f"c{i}", parent, "A"), (f"o{i}", f"c{i}", "OP")]
-        parent = f"o{i}"
-    (chain,) = extract_chains(tree(edges))
+    (chain,) = extract_chains(tree(alternation(1500)))
     assert len(chain) == 3001 and chain[-1].id == "o1499"
 
 
@@ -387,18 +382,7 @@ def test_sample_end_to_end(sample, tmp_path):
     t = stats["totals"]
     assert t["malformed"] == 3
     assert t["prefiltered_out"] > 20  # other subreddits' lines never reach the parser
-    for reason in (
-        "other_subreddit",
-        "out_of_date_range",
-        "deleted",
-        "removed",
-        "private",
-        "bot",
-        "low_score",
-        "low_upvote_ratio",
-        "too_short",
-        "missing_field",
-    ):
+    for reason in RecordFilter.REASONS:
         assert t["submissions"].get(reason, 0) + t["comments"].get(reason, 0) > 0, reason
     assert stats["threads"]["single_turn"] + stats["threads"]["multi_turn"] == df.height
 

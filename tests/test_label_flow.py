@@ -21,30 +21,7 @@ from esvr.tasks.labeling.label import (
     read_labels,
     validate_labels,
 )
-
-TURN = pl.Struct(
-    {"utt_id": pl.String, "role": pl.String, "author": pl.String, "text": pl.String, "score": pl.Int64, "created_utc": pl.Int64}
-)
-REPLY = pl.Struct({"utt_id": pl.String, "text": pl.String})
-SIBLING = pl.Struct(
-    {
-        "turn": pl.Int32,
-        "utt_id": pl.String,
-        "author": pl.String,
-        "text": pl.String,
-        "score": pl.Int64,
-        "op_replies": pl.List(REPLY),
-    }
-)
-THREADS_SCHEMA = {
-    "thread_id": pl.String,
-    "post_id": pl.String,
-    "subreddit": pl.String,
-    "created_utc": pl.Int64,
-    "dump": pl.String,
-    "turns": pl.List(TURN),
-    "siblings": pl.List(SIBLING),
-}
+from esvr.tasks.reddit.ingest import THREADS_SCHEMA
 
 
 def _turn(uid: str, role: str, text: str) -> dict:

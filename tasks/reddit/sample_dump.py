@@ -195,6 +195,30 @@ class _Dump:
     comments: list[Any] = field(default_factory=list)
 
 
+def _chain(
+    d: _Dump,
+    pid: str,
+    op: str,
+    title: str,
+    selftext: str,
+    t: int,
+    turns: list[tuple[str, str, str, int]],
+    flag_op: bool = False,
+    **post_extra: Any,
+) -> None:
+    """A post and a chain of comments under it, each answering the one before.
+
+    `turns` are (comment id, author, body, seconds after the post); `flag_op` marks the OP's comments
+    is_submitter, as only some dumps do.
+    """
+    d.posts.append(post_record(pid, op, title, selftext, t, **post_extra))
+    parent = f"t3_{pid}"
+    for cid, author, body, dt in turns:
+        extra = {"is_submitter": True} if flag_op and author == op else {}
+        d.comments.append(comment_record(cid, pid, parent, author, body, t + dt, **extra))
+        parent = f"t1_{cid}"
+
+
 def _scenarios(d: _Dump, y: int, m: int) -> None:
     """Hand-built posts with known outcomes (EXPECTED_SCENARIO_THREADS); all in the first month."""
     t = _ts(y, m, 10)
@@ -202,17 +226,23 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
     story = "My dad was diagnosed with cancer last spring and I moved back home. " * 2
 
     # 1: a 7-turn chain, siblings with and without OP replies, a bot, a deleted commenter
-    P(post_record("smx1aa", "op_maya", "I feel like I'm losing myself caring for my dad", story, t))
-    C(comment_record("smc1a1", "smx1aa", "t3_smx1aa", "kind_stranger", COMMENTS[6], t + 600))
-    C(comment_record("smo1a1", "smx1aa", "t1_smc1a1", "op_maya", OP_REPLIES[3], t + 1200, is_submitter=True))
-    C(comment_record("smc1a2", "smx1aa", "t1_smo1a1", "kind_stranger", COMMENTS[9], t + 1800))
-    C(comment_record("smo1a2", "smx1aa", "t1_smc1a2", "op_maya", OP_REPLIES[8], t + 2400, is_submitter=True))
-    C(
-        comment_record(
-            "smc1a3", "smx1aa", "t1_smo1a2", "kind_stranger", "That sounds perfect. Be gentle with yourself 💛", t + 3000
-        )
+    _chain(
+        d,
+        "smx1aa",
+        "op_maya",
+        "I feel like I'm losing myself caring for my dad",
+        story,
+        t,
+        [
+            ("smc1a1", "kind_stranger", COMMENTS[6], 600),
+            ("smo1a1", "op_maya", OP_REPLIES[3], 1200),
+            ("smc1a2", "kind_stranger", COMMENTS[9], 1800),
+            ("smo1a2", "op_maya", OP_REPLIES[8], 2400),
+            ("smc1a3", "kind_stranger", "That sounds perfect. Be gentle with yourself 💛", 3000),
+            ("smo1a3", "op_maya", OP_REPLIES[0], 3600),
+        ],
+        flag_op=True,
     )
-    C(comment_record("smo1a3", "smx1aa", "t1_smc1a3", "op_maya", OP_REPLIES[0], t + 3600, is_submitter=True))
     C(comment_record("smd1a2", "smx1aa", "t1_smo1a1", "another_helper", COMMENTS[4], t + 2000))  # sibling of c2
     C(comment_record("smo1d1", "smx1aa", "t1_smd1a2", "op_maya", OP_REPLIES[10], t + 2600, is_submitter=True))
     C(comment_record("smc1b1", "smx1aa", "t3_smx1aa", "listener42", COMMENTS[0], t + 700))  # sibling of c1
@@ -235,59 +265,64 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
 
     # 2: the OP answered c1 twice; a third party's reply to o2 does not extend the chain
     t2 = t + 86400
-    P(
-        post_record(
-            "smx2bb",
-            "op_jon",
-            "I got laid off and haven't told my partner",
-            "Two weeks now. I leave the house every morning like I'm going to work.",
-            t2,
-            edited=t2 + 500,
-        )
+    _chain(
+        d,
+        "smx2bb",
+        "op_jon",
+        "I got laid off and haven't told my partner",
+        "Two weeks now. I leave the house every morning like I'm going to work.",
+        t2,
+        [
+            ("smc2a1", "been_there_too", COMMENTS[12], 300),
+            ("smo2a1", "op_jon", OP_REPLIES[4], 900),
+            ("smc2e1", "drive_by", "Good luck man", 1200),
+        ],
+        edited=t2 + 500,
     )
-    C(comment_record("smc2a1", "smx2bb", "t3_smx2bb", "been_there_too", COMMENTS[12], t2 + 300))
-    C(comment_record("smo2a1", "smx2bb", "t1_smc2a1", "op_jon", OP_REPLIES[4], t2 + 900))
     C(comment_record("smo2a2", "smx2bb", "t1_smc2a1", "op_jon", "Also, thank you for not judging me.", t2 + 950))
-    C(comment_record("smc2e1", "smx2bb", "t1_smo2a1", "drive_by", "Good luck man", t2 + 1200))
 
     # 3: c2 removed by moderators; the OP's reply to it is unreachable
     t3 = t + 2 * 86400
-    P(
-        post_record(
-            "smx3cc",
-            "op_lee",
-            "My best friend ghosted me",
-            "Ten years of friendship and she just stopped answering my texts.",
-            t3,
-        )
+    _chain(
+        d,
+        "smx3cc",
+        "op_lee",
+        "My best friend ghosted me",
+        "Ten years of friendship and she just stopped answering my texts.",
+        t3,
+        [
+            ("smc3a1", "pal_pat", COMMENTS[5], 300),
+            ("smo3a1", "op_lee", OP_REPLIES[6], 600),
+            ("smc3a2", "pal_pat", "[removed]", 900),
+            ("smo3a2", "op_lee", "Wow, okay.", 1200),
+        ],
     )
-    C(comment_record("smc3a1", "smx3cc", "t3_smx3cc", "pal_pat", COMMENTS[5], t3 + 300))
-    C(comment_record("smo3a1", "smx3cc", "t1_smc3a1", "op_lee", OP_REPLIES[6], t3 + 600))
-    C(comment_record("smc3a2", "smx3cc", "t1_smo3a1", "pal_pat", "[removed]", t3 + 900))
-    C(comment_record("smo3a2", "smx3cc", "t1_smc3a2", "op_lee", "Wow, okay.", t3 + 1200))
 
     # 4: c2 from a different commenter: not the same alternation
     t4 = t + 3 * 86400
-    P(
-        post_record(
-            "smx4dd",
-            "op_ana",
-            "Nobody noticed my 200 days sober",
-            "I've been sober for 200 days and nobody in my family acknowledged it.",
-            t4,
-        )
+    _chain(
+        d,
+        "smx4dd",
+        "op_ana",
+        "Nobody noticed my 200 days sober",
+        "I've been sober for 200 days and nobody in my family acknowledged it.",
+        t4,
+        [
+            ("smc4a1", "cheer_bear", COMMENTS[7], 300),
+            ("smo4a1", "op_ana", OP_REPLIES[5], 600),
+            ("smc4b2", "someone_else", "Proud of you too!", 900),
+            ("smo4b2", "op_ana", "Thank you both!", 1200),
+        ],
     )
-    C(comment_record("smc4a1", "smx4dd", "t3_smx4dd", "cheer_bear", COMMENTS[7], t4 + 300))
-    C(comment_record("smo4a1", "smx4dd", "t1_smc4a1", "op_ana", OP_REPLIES[5], t4 + 600))
-    C(comment_record("smc4b2", "smx4dd", "t1_smo4a1", "someone_else", "Proud of you too!", t4 + 900))
-    C(comment_record("smo4b2", "smx4dd", "t1_smc4b2", "op_ana", "Thank you both!", t4 + 1200))
 
     # 5: no OP reply at all; 6: the OP only comments on their own post
     t5 = t + 4 * 86400
-    P(post_record("smx5ee", "op_kim", "Work is crushing me", "I cry in the car before every shift and I'm so tired.", t5))
-    C(comment_record("smc5a1", "smx5ee", "t3_smx5ee", "helper_five", COMMENTS[1], t5 + 300))
-    P(post_record("smx6ff", "op_sam", "Update on my situation", "I promised an update, so here it is: still hard.", t5 + 60))
-    C(comment_record("smo6a1", "smx6ff", "t3_smx6ff", "op_sam", "Edit: thanks for reading.", t5 + 400))
+    kim = "I cry in the car before every shift and I'm so tired."
+    _chain(d, "smx5ee", "op_kim", "Work is crushing me", kim, t5, [("smc5a1", "helper_five", COMMENTS[1], 300)])
+    sam = "I promised an update, so here it is: still hard."
+    _chain(
+        d, "smx6ff", "op_sam", "Update on my situation", sam, t5 + 60, [("smo6a1", "op_sam", "Edit: thanks for reading.", 340)]
+    )
 
     # 7: unicode, emoji, HTML entities, created_utc as a string, edited as a number, a missing field
     t7 = t + 5 * 86400
