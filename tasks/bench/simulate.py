@@ -9,7 +9,8 @@ at concurrency 32 (no response cache, so every call reaches the server) and repo
 minute, the speedup, and LLM calls per supporter turn.
 
 The scripted replies are also what the tests use (`ScriptedChat` is the same script as a
-`ChatModel`, for tests that need no server at all).
+`ChatModel`, for tests that need no server at all), and `FakeOpenAIServer`, with its switches for
+faults and lesser servers, is the tests' stand-in for every OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -151,17 +154,131 @@ class ScriptedChat(ChatModel):
 # --------------------------------------------------------------------------------------------
 
 
-class FakeOpenAIServer:
-    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 answering from a `Script`.
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
 
-    One thread per connection, so concurrent calls wait their latency in parallel: the server is
-    never the bottleneck at the concurrencies the bench uses.
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out and hung up is an expected case here, not an error worth a traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class FakeOpenAIServer:
+    """An OpenAI-compatible /v1 on 127.0.0.1 answering from a `Script`.
+
+    It speaks the part of the Chat Completions API the pipeline uses (``n``, ``stop``, ``logprobs``
+    / ``top_logprobs``, ``stream``, ``usage``, ``GET /models``) over real HTTP, so the real
+    ``openai`` client runs unchanged against it. One thread per connection, so concurrent calls
+    wait their latency in parallel: the server is never the bottleneck at the concurrencies the
+    bench uses. `texts` decides the replies; a subclass may answer from something else.
+
+    Switches make it behave like lesser servers: ``ignore_n`` (one choice whatever ``n`` asks, as
+    ``transformers serve``, Ollama, llama.cpp do), ``logprobs=False`` (no log-probabilities),
+    ``empty_choices`` (HTTP 200 with ``choices: []``), ``drop_message`` (choices without a
+    ``message``). `faults` queues failures, one per request: an HTTP status (sent with a
+    Retry-After of `retry_after_s`, as a busy server does) or ``("slow", seconds)``.
     """
 
-    def __init__(self, script: Script | None = None, latency_s: float = 0.0):
+    listed_models: tuple[str, ...] = ("fake",)
+
+    def __init__(
+        self,
+        script: Script | None = None,
+        latency_s: float = 0.0,
+        *,
+        port: int = 0,
+        ignore_n: bool = False,
+        logprobs: bool = True,
+        empty_choices: bool = False,
+        drop_message: bool = False,
+        retry_after_s: float = 0.01,
+    ):
         self.script = script or Script()
         self.latency_s = latency_s
-        outer = self
+        self.ignore_n = ignore_n
+        self.logprobs = logprobs
+        self.empty_choices = empty_choices
+        self.drop_message = drop_message
+        self.retry_after_s = retry_after_s
+        self.faults: deque[int | tuple[str, float]] = deque()
+        #: every request body, in the order they came
+        self.requests: list[dict[str, Any]] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self.httpd = _Server(("127.0.0.1", port), self._handler())
+        # a short poll makes close() quick: shutdown waits for the serving loop to look up
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def start(self) -> FakeOpenAIServer:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- what it answers ----------------------------------------------------------------------
+    def texts(self, request: dict[str, Any], n: int) -> list[str]:
+        """The `n` reply texts for a request."""
+        return self.script.reply(request.get("messages", []), n)
+
+    def token_logprobs(self, text: str, top: int) -> list[dict[str, Any]]:
+        """The reply's words as tokens, each certain (log-probability 0), as ``logprobs.content`` shows them."""
+        tokens = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+        return [
+            {"token": t, "logprob": 0.0, "bytes": None, "top_logprobs": [{"token": t, "logprob": 0.0, "bytes": None}]}
+            for t in tokens
+        ]
+
+    def completion(self, request: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+        """The reply texts (after the stop sequences) and the completion body for a request."""
+        texts = self.texts(request, 1 if self.ignore_n else int(request.get("n") or 1))
+        stops = request.get("stop") or []
+        for s in [stops] if isinstance(stops, str) else stops:
+            texts = [t[: t.index(s)] if s in t else t for t in texts]
+        choices: list[dict[str, Any]] = []
+        for i, text in enumerate(texts):
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            if request.get("logprobs") and self.logprobs:
+                choice["logprobs"] = {"content": self.token_logprobs(text, int(request.get("top_logprobs") or 0))}
+            if self.drop_message:
+                del choice["message"]
+            choices.append(choice)
+        prompt_tokens = sum(len(m.get("content", "").split()) for m in request.get("messages", []))
+        completion_tokens = sum(len(t.split()) for t in texts)
+        body = {
+            "id": f"chatcmpl-{time.time_ns()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", "fake"),
+            "choices": [] if self.empty_choices else choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        return texts, body
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -171,60 +288,68 @@ class FakeOpenAIServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if not self.path.rstrip("/").endswith("chat/completions"):
-                    self._send(404, {"error": {"message": f"no route {self.path}"}})
-                    return
-                if outer.latency_s:
-                    time.sleep(outer.latency_s)
-                texts = outer.script.reply(body.get("messages", []), int(body.get("n") or 1))
-                self._send(
-                    200,
-                    {
-                        "id": "chatcmpl-fake",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": body.get("model", "fake"),
-                        "choices": [
-                            {
-                                "index": i,
-                                "message": {"role": "assistant", "content": t},
-                                "finish_reason": "stop",
-                                "logprobs": None,
-                            }
-                            for i, t in enumerate(texts)
-                        ],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
-                    },
-                )
-
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
+            def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.rstrip("/").endswith("/models"):
+                    self._send_json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.listed_models]})
+                else:
+                    self._send_json(404, {"error": {"message": f"no route {self.path}"}})
 
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with server._lock:
+                    server.requests.append(request)
+                    fault = server.faults.popleft() if server.faults else None
+                    server._in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server._in_flight)
+                try:
+                    if not self.path.rstrip("/").endswith("/chat/completions"):
+                        return self._send_json(404, {"error": {"message": f"no route {self.path}"}})
+                    if isinstance(fault, int):
+                        retry_after = {"Retry-After-Ms": str(int(server.retry_after_s * 1000))}
+                        return self._send_json(fault, {"error": {"message": f"injected {fault}", "type": "fake"}}, retry_after)
+                    if isinstance(fault, tuple) and fault[0] == "slow":
+                        time.sleep(fault[1])
+                    if server.latency_s:
+                        time.sleep(server.latency_s)
+                    texts, body = server.completion(request)
+                    if request.get("stream"):
+                        return self._stream(texts[0] if texts else "")
+                    self._send_json(200, body)
+                finally:
+                    with server._lock:
+                        server._in_flight -= 1
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+            def _stream(self, text: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for piece in [w + " " for w in text.split(" ")] if text else []:
+                    event = {
+                        "id": "chatcmpl-stream",
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": "fake",
+                        "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                    }
+                    self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+                self._chunk(b"data: [DONE]\n\n")
+                self._chunk(b"")
 
-    def __enter__(self) -> FakeOpenAIServer:
-        self.thread.start()
-        return self
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
 
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return Handler
 
 
 # --------------------------------------------------------------------------------------------
