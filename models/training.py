@@ -37,10 +37,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from esvr.models.config import Section
 from esvr.models.default_model import base_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+    from typing_extensions import Unpack  # typing's own from Python 3.11
+
+#: a path given as a string or a path object
+StrPath = str | os.PathLike[str]
 
 # A completion needs room after its prompt: a prompt that leaves fewer tokens than this before
 # `max_length` is dropped rather than trained on with its completion truncated to nothing.
@@ -146,7 +153,7 @@ def fit_logprob_tiles_to_cpu() -> None:
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_LOGPROB_VOCAB_CHUNK)
 
 
-def load_base(base_model_path: str | os.PathLike[str], bf16: bool, sft_adapter_dir: str | os.PathLike[str] | None = None):
+def load_base(base_model_path: StrPath, bf16: bool, sft_adapter_dir: StrPath | None = None):
     """(model, tokenizer): the base checkpoint, with an SFT adapter merged in when given."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,33 +253,36 @@ def _active_run_id(explicit: str | None) -> str | None:
     return run.info.run_id if run else None
 
 
+#: TrainConfig fields that TRL's configs take as they are, under the same name or another one
+_SAME_NAME = ("learning_rate", "max_steps", "weight_decay", "logging_steps", "eval_steps", "max_length", "seed")
+_RENAMED = {
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    # transformers reads a value below 1 as a fraction of the steps
+    "warmup_ratio": "warmup_steps",
+    "lr_scheduler": "lr_scheduler_type",
+}
+
+
 def _common_args(cfg: TrainConfig, out_dir: Path, has_eval: bool, bf16: bool, gc: bool) -> dict[str, Any]:
     eval_strategy = cfg.eval_strategy if has_eval else "no"
-    args: dict[str, Any] = dict(
+    select_best = cfg.select_best and eval_strategy != "no"
+    args: dict[str, Any] = {name: getattr(cfg, name) for name in _SAME_NAME}
+    args.update({trl_name: getattr(cfg, name) for name, trl_name in _RENAMED.items()})
+    args.update(
         output_dir=str(out_dir / "checkpoints"),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler,
-        weight_decay=cfg.weight_decay,
-        logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
-        eval_steps=cfg.eval_steps,
-        save_strategy=eval_strategy if cfg.select_best and eval_strategy != "no" else "no",
+        save_strategy=eval_strategy if select_best else "no",
         save_steps=cfg.eval_steps,
         save_total_limit=2,
-        load_best_model_at_end=cfg.select_best and eval_strategy != "no",
+        load_best_model_at_end=select_best,
         metric_for_best_model="eval_loss",
         bf16=bf16,
         gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -310,7 +320,7 @@ def _finish(trainer, out_dir: Path, adapter_dir: Path, extra: dict[str, float], 
 
 
 # --------------------------------------------------------------------------------------------
-# SFT
+# SFT and DPO
 # --------------------------------------------------------------------------------------------
 
 
@@ -337,64 +347,35 @@ def _fitted(train_ds, eval_ds, tokenizer, cfg: TrainConfig, cols: list[str], wha
     return train_ds, eval_ds, counts
 
 
+class TrainOptions(TypedDict, total=False):
+    """The keyword options of `train_sft` and `train_dpo`."""
+
+    #: per-step metrics go to this MLflow run, else to the active one, else nowhere
+    mlflow_run_id: str | None
+    #: prepended to every metric name
+    metric_prefix: str
+    #: extra transformers ``TrainerCallback``s (in-process runs only)
+    callbacks: list | None
+
+
 def train_sft(
-    base_model_path: str | os.PathLike[str],
-    train_ds,
-    eval_ds,
-    cfg: TrainConfig,
-    out_dir: str | os.PathLike[str],
-    *,
-    mlflow_run_id: str | None = None,
-    metric_prefix: str = "",
-    callbacks: list | None = None,
+    base_model_path: StrPath, train_ds, eval_ds, cfg: TrainConfig, out_dir: StrPath, **options: Unpack[TrainOptions]
 ) -> TrainResult:
     """LoRA SFT on prompt/completion data; the adapter lands in ``out_dir/adapter``.
 
     `base_model_path`: a local checkpoint folder, a hub id, or 'default'. `eval_ds` may be None.
-    Metrics per logging step go to `mlflow_run_id`, else the active MLflow run, else nowhere.
-    `callbacks`: extra transformers ``TrainerCallback``s (in-process runs only).
     """
-    if cfg.launcher == "accelerate":
-        return launch("sft", base_model_path, None, train_ds, eval_ds, cfg, out_dir, mlflow_run_id, metric_prefix)
-    from trl import SFTConfig, SFTTrainer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    bf16, gc = precision_flags(cfg)
-    fit_logprob_tiles_to_cpu()
-    model, tokenizer = load_base(base_model_path, bf16)
-    train_ds, eval_ds, counts = _fitted(train_ds, eval_ds, tokenizer, cfg, ["completion"], "SFT training example")
-    args = SFTConfig(**_common_args(cfg, out, eval_ds is not None, bf16, gc), completion_only_loss=True)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
-        callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix), *(callbacks or [])],
-    )
-    extra = {**counts, "bf16": float(bf16), "gradient_checkpointing": float(gc)}
-    return _finish(trainer, out, out / "adapter", extra, started)
-
-
-# --------------------------------------------------------------------------------------------
-# DPO
-# --------------------------------------------------------------------------------------------
+    return train("sft", base_model_path, train_ds, eval_ds, cfg, out_dir, **options)
 
 
 def train_dpo(
-    base_model_path: str | os.PathLike[str],
-    sft_adapter_dir: str | os.PathLike[str] | None,
+    base_model_path: StrPath,
+    sft_adapter_dir: StrPath | None,
     train_ds,
     eval_ds,
     cfg: TrainConfig,
-    out_dir: str | os.PathLike[str],
-    *,
-    mlflow_run_id: str | None = None,
-    metric_prefix: str = "",
-    callbacks: list | None = None,
+    out_dir: StrPath,
+    **options: Unpack[TrainOptions],
 ) -> TrainResult:
     """LoRA DPO on prompt/chosen/rejected data, starting from (base + SFT adapter) when given.
 
@@ -403,28 +384,57 @@ def train_dpo(
     stacked adapter equivalent to base + SFT + DPO (loadable as ``hf:<base>+<adapter>``);
     ``out_dir/dpo_only`` the DPO LoRA alone (an adapter of the merged model).
     """
-    if cfg.launcher == "accelerate":
-        return launch("dpo", base_model_path, sft_adapter_dir, train_ds, eval_ds, cfg, out_dir, mlflow_run_id, metric_prefix)
-    from trl import DPOConfig, DPOTrainer
+    return train("dpo", base_model_path, train_ds, eval_ds, cfg, out_dir, sft_adapter_dir=sft_adapter_dir, **options)
 
+
+#: per kind: the columns a row trains on beside its prompt, and what a row is called in errors
+_COLUMNS = {"sft": (["completion"], "SFT training example"), "dpo": (["chosen", "rejected"], "DPO training pair")}
+
+
+def train(
+    kind: Literal["sft", "dpo"],
+    base_model_path: StrPath,
+    train_ds,
+    eval_ds,
+    cfg: TrainConfig,
+    out_dir: StrPath,
+    *,
+    sft_adapter_dir: StrPath | None = None,
+    **options: Unpack[TrainOptions],
+) -> TrainResult:
+    """`train_sft` or `train_dpo`: the one body both run (an SFT adapter is for DPO only)."""
+    if cfg.launcher == "accelerate":
+        argv = [kind, "--base", str(base_model_path), "--metric-prefix", options.get("metric_prefix", "")]
+        argv += ["--sft-adapter", str(sft_adapter_dir)] if sft_adapter_dir is not None else []
+        return launch(argv, train_ds, eval_ds, cfg, out_dir, options.get("mlflow_run_id"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     bf16, gc = precision_flags(cfg)
     fit_logprob_tiles_to_cpu()
     model, tokenizer = load_base(base_model_path, bf16, sft_adapter_dir)
-    train_ds, eval_ds, counts = _fitted(train_ds, eval_ds, tokenizer, cfg, ["chosen", "rejected"], "DPO training pair")
-    args = DPOConfig(**_common_args(cfg, out, eval_ds is not None, bf16, gc), beta=cfg.beta)
-    trainer = DPOTrainer(
+    columns, what = _COLUMNS[kind]
+    train_ds, eval_ds, counts = _fitted(train_ds, eval_ds, tokenizer, cfg, columns, what)
+    args = _common_args(cfg, out, eval_ds is not None, bf16, gc)
+    run_id = _active_run_id(options.get("mlflow_run_id"))
+    common = dict(
         model=model,
-        ref_model=None,
-        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[_mlflow_callback(_active_run_id(mlflow_run_id), metric_prefix), *(callbacks or [])],
+        callbacks=[_mlflow_callback(run_id, options.get("metric_prefix", "")), *(options.get("callbacks") or [])],
     )
+    trainer: Trainer
+    if kind == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(args=SFTConfig(**args, completion_only_loss=True), **common)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        # no reference model: TRL then uses the model with the new adapter disabled, base + SFT
+        trainer = DPOTrainer(ref_model=None, args=DPOConfig(**args, beta=cfg.beta), **common)
     extra = {**counts, "bf16": float(bf16), "gradient_checkpointing": float(gc)}
     if sft_adapter_dir is None:
         return _finish(trainer, out, out / "adapter", extra, started)
@@ -468,9 +478,9 @@ def _scaling(config: dict[str, Any]) -> float:
 
 
 def stack_adapters(
-    first_dir: str | os.PathLike[str],
-    second_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    first_dir: StrPath,
+    second_dir: StrPath,
+    out_dir: StrPath,
     *,
     base_model_path: str | None = None,
 ) -> Path:
@@ -529,17 +539,10 @@ def stack_adapters(
 
 
 def launch(
-    kind: Literal["sft", "dpo"],
-    base_model_path: str | os.PathLike[str],
-    sft_adapter_dir: str | os.PathLike[str] | None,
-    train_ds,
-    eval_ds,
-    cfg: TrainConfig,
-    out_dir: str | os.PathLike[str],
-    mlflow_run_id: str | None = None,
-    metric_prefix: str = "",
+    argv: list[str], train_ds, eval_ds, cfg: TrainConfig, out_dir: StrPath, mlflow_run_id: str | None = None
 ) -> TrainResult:
-    """Run `train_sft`/`train_dpo` in ``accelerate launch`` subprocesses (one per GPU).
+    """Run `main` with `argv` (the kind, base and options) in ``accelerate launch`` subprocesses
+    (one per GPU).
 
     The datasets are written next to the output; the subprocesses log to the same MLflow run
     (by id) and the main process writes ``training.json``, which this function reads back.
@@ -555,10 +558,8 @@ def launch(
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.num_processes:
         cmd += ["--num_processes", str(cfg.num_processes)]
-    cmd += ["-m", "esvr.models.training", kind, "--base", str(base_model_path), "--data", str(data), "--out", str(out)]
-    cmd += ["--config", str(out / "train_config.json"), "--metric-prefix", metric_prefix]
-    if sft_adapter_dir is not None:
-        cmd += ["--sft-adapter", str(sft_adapter_dir)]
+    cmd += ["-m", "esvr.models.training", *argv, "--data", str(data), "--out", str(out)]
+    cmd += ["--config", str(out / "train_config.json")]
     env = dict(os.environ)
     run_id = _active_run_id(mlflow_run_id)
     if run_id:
@@ -585,10 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(a.data)
     train_ds = load_from_disk(str(data / "train"))
     eval_ds = load_from_disk(str(data / "eval")) if (data / "eval").exists() else None
-    if a.kind == "sft":
-        train_sft(a.base, train_ds, eval_ds, cfg, a.out, metric_prefix=a.metric_prefix)
-    else:
-        train_dpo(a.base, a.sft_adapter, train_ds, eval_ds, cfg, a.out, metric_prefix=a.metric_prefix)
+    train(a.kind, a.base, train_ds, eval_ds, cfg, a.out, sft_adapter_dir=a.sft_adapter, metric_prefix=a.metric_prefix)
 
 
 if __name__ == "__main__":
