@@ -108,19 +108,10 @@ class ChatModel(ABC):
         """A normalized distribution over `choices` as the next assistant reply."""
 
     # -- public API ----------------------------------------------------------------------------
-    def chat(
-        self,
-        messages: Sequence[Message],
-        *,
-        n: int = 1,
-        temperature: float = 0.0,
-        max_tokens: int = 256,
-        stop: Sequence[str] | None = None,
-        seed: int = 0,
-    ) -> list[str]:
-        """`n` completions of the conversation (greedy when temperature is 0)."""
-        req = ChatRequest.build(messages, n=n, temperature=temperature, max_tokens=max_tokens, stop=stop, seed=seed)
-        return self.chat_batch([req])[0]
+    def chat(self, messages: Sequence[Message], **options: Any) -> list[str]:
+        """`n` completions of the conversation (greedy when temperature is 0); the options are
+        `ChatRequest.build`'s: n, temperature, max_tokens, stop, seed."""
+        return self.chat_batch([ChatRequest.build(messages, **options)])[0]
 
     def chat_batch(self, requests: Sequence[ChatRequest]) -> list[list[str]]:
         return self._generate(list(requests))

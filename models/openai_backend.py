@@ -1,16 +1,20 @@
 """OpenAI-compatible backend: ``openai:<model>``, OpenAI itself or any compatible server.
 
-Async underneath, with a concurrency limit and retries (exponential backoff with full jitter) on
-429, 5xx, timeouts and dropped connections; other errors (400, 401, 404) fail at once because
-retrying cannot fix them. The sync API runs the async one on a private event-loop thread, so it
-works the same from plain code, Prefect tasks and running event loops.
+Async underneath, with a concurrency limit. The ``openai`` client does the retrying: up to
+`max_retries` times with exponential backoff (honouring Retry-After) on 408, 409, 429, 5xx,
+timeouts and dropped connections; other errors (400, 401, 404) fail at once because retrying cannot
+fix them. Either way the caller gets one `ChatError` naming the model, the server, the attempts and
+the cause. The sync API runs the async one on a private event-loop thread (the client's connection
+pool and the semaphore belong to one loop), so it works the same from plain code, Prefect tasks and
+running event loops.
 
 Servers that lack a feature (older vLLM, Ollama, llama.cpp, ``transformers serve``) often ignore
 ``n``, ``logprobs`` and ``top_logprobs`` silently and answer 200. The backend notices it from the
 reply, warns once per server and model, and from then on goes straight to a fallback: `n` samples
 become `n` one-completion requests with distinct seeds, and `score_choices` parses the choice out of
 a short greedy reply. Every request the backend makes is bounded: a reply with fewer choices than
-asked costs at most `n` more requests, and a reply with no choice at all is a `ChatError`.
+asked costs at most `n` more requests, and a reply with no choice at all is a `ChatError`, never
+asked again.
 
 The API key is read from the environment variable the spec names; it is never stored or logged.
 """
@@ -21,10 +25,9 @@ import asyncio
 import logging
 import math
 import os
-import random
 import re
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import openai
@@ -36,9 +39,10 @@ from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
 from esvr.models.config import ModelConfig
 
 T = TypeVar("T")
-_RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 #: reply length when scoring: the answer comes first; a chatty model that names it later still fits
 _SCORE_MAX_TOKENS = 16
+#: the header in which the openai client numbers its attempts (0 for the first)
+_RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
 log = logging.getLogger(__name__)
 # One warning per server and model in the process, however many objects talk to it.
@@ -70,8 +74,6 @@ class OpenAIChat(ChatModel):
         concurrency: int = 8,
         timeout_s: float = 60.0,
         max_retries: int = 5,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 20.0,
     ):
         super().__init__()
         self.model = model
@@ -80,17 +82,13 @@ class OpenAIChat(ChatModel):
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
         self.cache_id = f"openai:{model}@{base_url or 'api.openai.com'}"
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"openai-{model}", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._loop.run_forever, name=f"openai-{model}", daemon=True).start()
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
         #: features this server showed it lacks ("n", "logprobs"); read and set on the private loop
         self.lacks: set[str] = set()
-        #: scoring replies that named none of the choices (scored as uniform)
 
     @classmethod
     def from_spec(cls, spec: ModelConfig) -> OpenAIChat:
@@ -120,54 +118,40 @@ class OpenAIChat(ChatModel):
                     f"{self.cache_id}: no API key: set the environment variable {self.api_key_env} "
                     "or point base_url at an OpenAI-compatible server"
                 )
-            # Our own retry loop replaces the client's, so retries are counted and bounded here.
             self._client = openai.AsyncOpenAI(
-                api_key=key or "not-needed", base_url=self.base_url, max_retries=0, timeout=self.timeout_s
+                api_key=key or "not-needed", base_url=self.base_url, max_retries=self.max_retries, timeout=self.timeout_s
             )
             self._semaphore = asyncio.Semaphore(self.concurrency)
         assert self._semaphore is not None
         return self._client, self._semaphore
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.backoff_max_s)
-        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
+    def _failed(self, what: str, exc: openai.APIError) -> ChatError:
+        """The one error a failed call ends in, counted; the client's last request numbers its attempts."""
+        retries = int(exc.request.headers.get(_RETRY_COUNT_HEADER, 0))
+        self._count(retries=retries, failures=1)
+        cause = (
+            f"HTTP {exc.status_code}: {exc.message}" if isinstance(exc, openai.APIStatusError) else f"{type(exc).__name__}: {exc}"
+        )
+        attempts = f"{retries + 1} attempt{'s' if retries else ''}"
+        return ChatError(f"{self.cache_id}: {what} to {self.server} for model {self.model} failed after {attempts}: {cause}")
 
     async def _call(self, what: str, **kwargs: Any) -> Any:
-        """One API call with bounded retries; raises ChatError naming model, server and cause."""
+        """One API call, retried by the client; raises ChatError naming model, server and cause."""
         client, semaphore = self._ensure_client()
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                async with semaphore:
-                    response = await client.chat.completions.create(model=self.model, **kwargs)
-                usage = getattr(response, "usage", None)
-                self._count(
-                    calls=1,
-                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                    completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                )
-                return response
-            except openai.APIStatusError as exc:
-                if exc.status_code not in _RETRYABLE_STATUS:
-                    self._count(failures=1)
-                    raise ChatError(f"{self.cache_id}: {what} failed with HTTP {exc.status_code}: {exc.message}") from exc
-                header = exc.response.headers.get("retry-after") if exc.response is not None else None
-                try:
-                    retry_after = float(header) if header else None
-                except ValueError:
-                    retry_after = None
-                last = exc
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                last = exc
-            if attempt < self.max_retries:
-                self._count(retries=1)
-                await asyncio.sleep(self._backoff(attempt, retry_after))
-        self._count(failures=1)
-        raise ChatError(
-            f"{self.cache_id}: {what} failed after {self.max_retries + 1} attempts: {type(last).__name__}: {last}"
-        ) from last
+        try:
+            async with semaphore:
+                raw = await client.chat.completions.with_raw_response.create(model=self.model, **kwargs)
+        except openai.APIError as exc:
+            raise self._failed(what, exc) from exc
+        response = raw.parse()
+        usage = getattr(response, "usage", None)
+        self._count(
+            calls=1,
+            retries=raw.retries_taken,
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+        return response
 
     # -- replies and missing features ------------------------------------------------------------
     @property
@@ -296,49 +280,32 @@ class OpenAIChat(ChatModel):
 
     # -- streaming --------------------------------------------------------------------------------
     def stream(self, messages: Sequence[Message], **kwargs: Any) -> Iterator[str]:
-        req = ChatRequest.build(messages, **kwargs)
-        done = object()
-        sync_queue: list = []
-        cond = threading.Condition()
+        pieces = self._astream(ChatRequest.build(messages, **kwargs))
+        try:
+            while (piece := self._run(_next(pieces))) is not None:
+                yield piece
+        finally:  # a reader that stops early still frees the connection and the concurrency slot
+            self._run(pieces.aclose())
 
-        async def pump() -> None:
-            client, semaphore = self._ensure_client()
-            try:
-                async with semaphore:
-                    stream = await client.chat.completions.create(
-                        model=self.model,
-                        messages=cast("list[ChatCompletionMessageParam]", req.message_dicts()),
-                        temperature=req.temperature,
-                        max_tokens=req.max_tokens,
-                        stream=True,
-                    )
+    async def _astream(self, req: ChatRequest) -> AsyncGenerator[str, None]:
+        client, semaphore = self._ensure_client()
+        try:
+            async with semaphore:
+                stream = await client.chat.completions.create(
+                    model=self.model,
+                    messages=cast("list[ChatCompletionMessageParam]", req.message_dicts()),
+                    temperature=req.temperature,
+                    max_tokens=req.max_tokens,
+                    stream=True,
+                )
+                async with stream:
                     async for event in stream:
                         delta = event.choices[0].delta.content if event.choices else None
                         if delta:
-                            with cond:
-                                sync_queue.append(delta)
-                                cond.notify()
-                self._count(calls=1)
-            except Exception as exc:  # noqa: BLE001 - surfaced to the reader below
-                with cond:
-                    sync_queue.append(ChatError(f"{self.cache_id}: streaming failed: {exc}"))
-                    cond.notify()
-            finally:
-                with cond:
-                    sync_queue.append(done)
-                    cond.notify()
-
-        asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        while True:
-            with cond:
-                while not sync_queue:
-                    cond.wait()
-                item = sync_queue.pop(0)
-            if item is done:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
+                            yield delta
+        except openai.APIError as exc:
+            raise self._failed("streaming", exc) from exc
+        self._count(calls=1)
 
     def close(self) -> None:
         if self._client is not None:
@@ -347,3 +314,8 @@ class OpenAIChat(ChatModel):
             except Exception:  # noqa: BLE001 - closing is best effort; the loop stops regardless
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+async def _next(pieces: AsyncIterator[str]) -> str | None:
+    """The next piece of a stream, None at its end (a coroutine, as the loop thread takes)."""
+    return await anext(pieces, None)

@@ -16,7 +16,6 @@ USER = [{"role": "user", "content": "hello there"}]
 
 
 def make(server, **kwargs) -> OpenAIChat:
-    kwargs.setdefault("backoff_base_s", 0.01)
     return OpenAIChat("stub", base_url=server.base_url, **kwargs)
 
 
@@ -71,9 +70,11 @@ def test_slow_reply_times_out_and_is_retried(stub_server):
 
 
 def test_dead_server_gives_a_clear_error():
-    model = OpenAIChat("stub", base_url="http://127.0.0.1:9/v1", max_retries=1, backoff_base_s=0.01, timeout_s=2)
-    with pytest.raises(ChatError, match="failed after 2 attempts.*Connection"):
+    model = OpenAIChat("stub", base_url="http://127.0.0.1:9/v1", max_retries=1, timeout_s=2)
+    with pytest.raises(ChatError, match="failed after 2 attempts.*Connection") as err:
         model.chat(USER)
+    assert "http://127.0.0.1:9/v1 for model stub" in str(err.value)
+    assert model.usage.retries == 1 and model.usage.failures == 1
 
 
 def test_missing_api_key_names_the_variable(monkeypatch):
@@ -130,6 +131,23 @@ def test_stream_yields_pieces(stub_server):
     stub_server.reply = lambda req: "one two three"
     pieces = list(make(stub_server).stream(USER))
     assert len(pieces) == 3 and "".join(pieces).strip() == "one two three"
+
+
+def test_stream_failure_is_a_bounded_chat_error(stub_server):
+    stub_server.faults.extend([503] * 10)
+    with pytest.raises(ChatError, match="streaming .* failed after 2 attempts: HTTP 503"):
+        list(make(stub_server, max_retries=1).stream(USER))
+    assert stub_server.calls == 2
+
+
+def test_a_stream_left_early_frees_its_concurrency_slot(stub_server):
+    stub_server.reply = lambda req: "one two three"
+    model = make(stub_server, concurrency=1)
+    pieces = model.stream(USER)
+    assert next(pieces).strip() == "one"
+    pieces.close()
+    # with the only slot still held this would wait forever
+    assert asyncio.run(asyncio.wait_for(model.achat(USER), 5)) == ["one two three"]
 
 
 def test_load_chat_model_from_spec(stub_server):

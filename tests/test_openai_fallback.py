@@ -24,7 +24,6 @@ LOGGER = "esvr.models.openai_backend"
 
 def make(server: StubServer, name: str | None = None, **kwargs) -> OpenAIChat:
     """A backend on the stub; a fresh model name unless given, since warnings are once per process."""
-    kwargs.setdefault("backoff_base_s", 0.01)
     return OpenAIChat(name or f"stub-{uuid.uuid4().hex[:8]}", base_url=server.base_url, **kwargs)
 
 
