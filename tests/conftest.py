@@ -25,14 +25,18 @@ os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the folder of the public data sets that a few tests read (ESConv, Touché23-ValueEval)
+TEST_DATA_VARIABLE = "ESVR_TEST_DATA"
 
 
 def shared_data(*parts: str) -> Path:
-    """A path in ../shared/data, or skip the test with the reason when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
+    """A path in the data folder named by $ESVR_TEST_DATA, or skip the test with the reason."""
+    root = os.environ.get(TEST_DATA_VARIABLE)
+    if not root:
+        pytest.skip(f"needs the data sets folder: set {TEST_DATA_VARIABLE} (it should hold {Path(*parts)})")
+    path = Path(root).joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs the shared data folder {path} (absent on this machine)")
+        pytest.skip(f"needs {path} (not in {TEST_DATA_VARIABLE}={root})")
     return path
 
 
@@ -73,29 +77,17 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's tokenizer, saved as a folder.
+    """A tiny random Llama (the bench's 'tiny' shape) with SmolLM2's tokenizer, saved as a folder.
 
     Usable wherever a model path is: ``hf:<path>``, trainers, the value of `models.base`.
     """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
+    from esvr.tasks.bench.train import TINY, build_model
+
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    model = build_model({**TINY, "vocab_size": len(tokenizer)}, tokenizer, torch.float32, "cpu", "sdpa")
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -52,25 +52,28 @@ def lora_params(shape: dict, r: int) -> int:
     return shape["num_hidden_layers"] * r * ((h + h) * 2 + (h + kv) * 2)
 
 
+def short_bench(out: Path, **options) -> dict:
+    """The paper recipe's bench for 1 warm-up and 2 timed steps, with generation; `bench.json` and
+    the trainers' work folder under `out`."""
+    return bench_train(
+        recipe=read_recipe(PAPER),
+        config=PAPER,
+        steps=2,
+        warmup=1,
+        generate=True,
+        json_path=out / "bench.json",
+        out_dir=out / "work",
+        **options,
+    )
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory: pytest.TempPathFactory):
     if torch.cuda.is_available():
         pytest.skip("the CPU path of the bench")
     out = tmp_path_factory.mktemp("bench-train")
     lines: list[str] = []
-    report = bench_train(
-        recipe=read_recipe(PAPER),
-        config=PAPER,
-        steps=2,
-        warmup=1,
-        max_length=64,
-        generate=True,
-        gen_batch_sizes=(1, 4),
-        gen_new_tokens=4,
-        json_path=out / "bench.json",
-        out_dir=out / "work",
-        print_fn=lines.append,
-    )
+    report = short_bench(out, max_length=64, gen_batch_sizes=(1, 4), gen_new_tokens=4, print_fn=lines.append)
     return report, lines, out / "bench.json"
 
 
@@ -181,19 +184,7 @@ def test_cli_names_an_attention_that_is_not_installed(capsys: pytest.CaptureFixt
 
 @pytest.mark.gpu
 def test_gpu_bench_small_shape_uses_bf16_the_recipes_checkpointing_and_reports_mfu(tmp_path: Path):
-    report = bench_train(
-        recipe=read_recipe(PAPER),
-        config=PAPER,
-        model="tiny",
-        steps=2,
-        warmup=1,
-        max_length=256,
-        generate=True,
-        gen_batch_sizes=(1, 8),
-        gen_new_tokens=8,
-        json_path=tmp_path / "bench.json",
-        out_dir=tmp_path / "work",
-    )
+    report = short_bench(tmp_path, model="tiny", max_length=256, gen_batch_sizes=(1, 8), gen_new_tokens=8)
     # paper.yaml turns checkpointing off for its 2,048-token SFT; DPO leaves it to the CUDA default (on)
     checkpointing = {"sft": False, "dpo": True}
     for m in report["measurements"]:

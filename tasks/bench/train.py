@@ -41,30 +41,23 @@ import numpy as np
 
 from esvr.models.config import ConfigError
 
+#: the LlamaConfig fields that make a shape, in the order of each shape's row below
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
 #: Llama-3-8B(-Instruct)'s shape, the paper's base model
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
+LLAMA3_8B: dict[str, Any] = dict(
+    zip(_SHAPE_FIELDS, (4096, 14336, 32, 32, 8, 128256, 8192, False)), rope_theta=500000.0, rms_norm_eps=1e-5
 )
-#: the tests' tiny random Llama (tests/conftest.py), with SmolLM2's vocabulary size
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=49152,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
+#: the tests' tiny random Llama (`tiny_llama` in tests/conftest.py), with SmolLM2's vocabulary size
+TINY: dict[str, Any] = dict(zip(_SHAPE_FIELDS, (64, 128, 2, 4, 2, 49152, 4096, True)))
 SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
 
 #: dense bf16 tensor-core peaks (no sparsity), TFLOP/s; the first name found in the device name wins
@@ -104,13 +97,14 @@ def random_words(rng: np.random.Generator, n: int, vocab_size: int) -> str:
 
 
 def build_model(shape: dict[str, Any], tokenizer, dtype, device: str, attn: str, seed: int = 0):
-    """A randomly initialised Llama of `shape`, built directly on `device` (no CPU copy of 8B)."""
+    """A randomly initialised Llama of `shape` with `tokenizer`'s special tokens, built directly on
+    `device` (no CPU copy of 8B)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         **shape,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -534,6 +528,8 @@ def bench_train(
             Path(json_path).write_text(json.dumps(report, indent=2))
 
     tokenizer = word_tokenizer(shape["vocab_size"])
+    # the model every measurement builds
+    measured: dict[str, Any] = dict(shape=shape, tokenizer=tokenizer, device=device, attn=attn)
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="esvr-bench-train-"))
     try:
         common = dict(
@@ -547,47 +543,25 @@ def bench_train(
         )
         if gradient_checkpointing is not None:
             common["gradient_checkpointing"] = gradient_checkpointing
-        runs = []
-        if sft:
-            runs.append(
-                (
-                    "sft",
-                    sft_cfg.model_copy(
-                        update={
-                            **common,
-                            "batch_size": batch_size or sft_cfg.batch_size,
-                            "max_length": max_length or (sft_cfg.max_length if cuda else 128),
-                        }
-                    ),
-                )
+        # each kind: the recipe's section with the bench's overrides, when it is measured at all
+        plan = [("sft", sft, sft_cfg, batch_size), ("dpo", dpo, dpo_cfg, dpo_batch_size)]
+        runs = [
+            (
+                kind,
+                recipe_cfg.model_copy(
+                    update={
+                        **common,
+                        "batch_size": batch or recipe_cfg.batch_size,
+                        "max_length": max_length or (recipe_cfg.max_length if cuda else 128),
+                    }
+                ),
             )
-        if dpo:
-            runs.append(
-                (
-                    "dpo",
-                    dpo_cfg.model_copy(
-                        update={
-                            **common,
-                            "batch_size": dpo_batch_size or dpo_cfg.batch_size,
-                            "max_length": max_length or (dpo_cfg.max_length if cuda else 128),
-                        }
-                    ),
-                )
-            )
+            for kind, wanted, recipe_cfg, batch in plan
+            if wanted
+        ]
         for kind, cfg in runs:
             try:
-                m = measure_training(
-                    kind,
-                    cfg,
-                    shape=shape,
-                    tokenizer=tokenizer,
-                    device=device,
-                    attn=attn,
-                    steps=steps,
-                    warmup=warmup,
-                    peak=peak,
-                    out_dir=work,
-                )
+                m = measure_training(kind, cfg, **measured, steps=steps, warmup=warmup, peak=peak, out_dir=work)
             except torch.OutOfMemoryError as exc:
                 _free()
                 m = {
@@ -606,13 +580,7 @@ def bench_train(
             prompt = gen_prompt_tokens or (256 if cuda else 32)
             try:
                 report["generation"] = measure_generation(
-                    shape=shape,
-                    tokenizer=tokenizer,
-                    device=device,
-                    attn=attn,
-                    batch_sizes=list(gen_batch_sizes),
-                    new_tokens=new,
-                    prompt_tokens=prompt,
+                    **measured, batch_sizes=list(gen_batch_sizes), new_tokens=new, prompt_tokens=prompt
                 )
             except torch.OutOfMemoryError as exc:
                 _free()
