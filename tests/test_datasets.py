@@ -259,3 +259,14 @@ def test_bad_inputs_name_file_and_column(tmp_path: Path):
     pl.DataFrame({"utt_id": ["a"], "valence": [0.7], "values": [[0.1, 0.2]]}).write_parquet(lab)
     with pytest.raises(ValueError, match="column 'values' of utt_id 'a' has 2 entries, expected 20"):
         read_labels(lab)
+
+
+def test_missing_inputs_name_the_file(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="threads file not found: .*threads.parquet"):
+        read_threads(tmp_path / "threads.parquet")
+    with pytest.raises(FileNotFoundError, match="labels file not found: .*labels.parquet"):
+        read_labels(tmp_path / "labels.parquet")
+    lab = tmp_path / "labels.parquet"
+    pl.DataFrame({"utt_id": ["a"]}).write_parquet(lab)
+    with pytest.raises(ValueError, match=r"labels.parquet: missing column\(s\) \['valence', 'values'\]"):
+        read_labels(lab)
