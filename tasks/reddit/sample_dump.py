@@ -214,7 +214,7 @@ def _chain(
     d.posts.append(post_record(pid, op, title, selftext, t, **post_extra))
     parent = f"t3_{pid}"
     for cid, author, body, dt in turns:
-        extra = {"is_submitter": True} if flag_op and author == op else {}
+        extra: dict[str, Any] = {"is_submitter": True} if flag_op and author == op else {}
         d.comments.append(comment_record(cid, pid, parent, author, body, t + dt, **extra))
         parent = f"t1_{cid}"
 
