@@ -119,6 +119,12 @@ def test_classification_metrics_of_table_11():
     assert m2["accuracy"] == 1.0 and m2["mse"] == pytest.approx(0.16)
 
 
+def test_weighted_f1_by_hand():
+    # per level F1 (support): 1 -> 1 (1), 2 -> 2/3 (2), 3 -> 2/3 (1), 5 -> 0 (1); 4 is never true
+    m = classification_metrics([1, 2, 2, 3, 5], [1, 2, 3, 3, 4])
+    assert m["f1_weighted"] == pytest.approx((1 + 2 * 2 / 3 + 2 / 3 + 0) / 5)
+
+
 def test_parse_skill_ratings_from_the_reasoning_template():
     text = (
         "Reasoning: The therapist asks 2 questions and gives 1 suggestion.\n"

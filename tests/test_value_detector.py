@@ -96,6 +96,9 @@ def test_threshold_tuning_and_f1_by_hand():
     pred = np.array([[1, 1], [0, 1], [0, 1], [0, 0]], dtype=np.int8)
     # value 0: tp 1, fn 1 -> 2/3; value 1: tp 2, fp 1 -> 4/5
     assert np.allclose(f1_per_value(y, pred), [2 / 3, 4 / 5])
+    # a value nobody labelled or predicted, and one labelled but never predicted: both score 0
+    unseen = np.array([[0, 1], [0, 0], [0, 1], [0, 0]], dtype=np.int8)
+    assert np.allclose(f1_per_value(unseen, np.zeros_like(unseen)), [0, 0])
     probs = np.array([[0.9, 0.2], [0.7, 0.8], [0.1, 0.6], [0.2, 0.1]])
     thr, f1 = tune_threshold(y, probs)
     assert f1 == pytest.approx(1.0) and 0.2 <= thr <= 0.6

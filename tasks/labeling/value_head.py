@@ -88,11 +88,10 @@ def read_touche_split(data_dir: str | Path, split: str, text_format: str = "{pre
 
 
 def f1_per_value(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    tp = (y_true & y_pred).sum(0).astype(float)
-    fp = ((1 - y_true) & y_pred).sum(0).astype(float)
-    fn = (y_true & (1 - y_pred)).sum(0).astype(float)
-    denom = 2 * tp + fp + fn
-    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    """F1 of each value (column); 0 for a value neither labelled nor predicted."""
+    from sklearn.metrics import f1_score
+
+    return np.asarray(f1_score(y_true, y_pred, average=None, zero_division=0), dtype=float)
 
 
 def tune_threshold(y_true: np.ndarray, probs: np.ndarray, grid: np.ndarray | None = None) -> tuple[float, float]:
