@@ -99,10 +99,7 @@ def flow_run(
             params = flatten(getattr(config, section), prefix=f"{section}.")
         else:
             params = {}
-        params_safe = safe_params(params)
-        items = list(params_safe.items())
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.log_params(safe_params(params))  # MLflow splits it into batches of its size
         log_prompts(prompts)
         yield run
 
@@ -135,5 +132,7 @@ def log_usage(models: Mapping[str, Any] | None = None) -> None:
         from esvr.tasks.common.roles import loaded_models
 
         models = loaded_models()
+    counters: dict[str, float] = {}
     for name, model in models.items():
-        log_metrics(model.usage.as_metrics(f"usage.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[-60:]}"))
+        counters.update(model.usage.as_metrics(f"usage.{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[-60:]}"))
+    log_metrics(counters)
