@@ -36,7 +36,7 @@ def shared_data(*parts: str) -> Path:
         pytest.skip(f"needs the data sets folder: set {TEST_DATA_VARIABLE} (it should hold {Path(*parts)})")
     path = Path(root).joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs {path} (not in {TEST_DATA_VARIABLE}={root})")
+        pytest.skip(f"needs {path}, which is missing ({TEST_DATA_VARIABLE}={root})")
     return path
 
 
