@@ -34,6 +34,7 @@ from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, load_dialogues
 from esvr.tasks.supporter.preferences import EMOTION_PROMPTS
 from esvr.tasks.supporter.train_supporter import (
     SPLITS,
+    AgentSetup,
     build_sft_data,
     dialogues_by_split,
     dpo_simulations,
@@ -133,6 +134,17 @@ def train_supporter_flow(
         artifacts.update(sft=sft_spec, sft_run=f"mlflow:{sft_run}", supporter=sft_spec, supporter_run=f"mlflow:{sft_run}")
 
         # 2. the dialogues behind the preference data ------------------------------------------
+        # the rollouts' agents: the prompted supporter's, or the SFT model's with 'DPO (SFT)'
+        agents = AgentSetup(
+            config.simulate,
+            config.models.supporter,
+            config.models.seeker,
+            tvd_cfg,
+            rg_cfg,
+            _emotion_cfg(config),
+            paths.out_dir,
+            config.models.cache,
+        )
         if cfg.dpo_simulations == "sft":
             if personas_path:
                 from esvr.tasks.simulation.personas import read_personas
@@ -142,25 +154,12 @@ def train_supporter_flow(
                 chosen = [d["persona"] for d in load_dialogues(dialogues)]
             personas = [p for ps in dialogues_by_split(chosen, cfg.dpo_max_personas).values() for p in ps]
             dpo_dialogues = stage_dir / "dpo" / "dialogues_sft.jsonl"
-            sim = dpo_simulations_task(
-                personas,
-                dpo_dialogues,
-                config.simulate,
-                ModelConfig(spec=sft_spec),
-                config.models.seeker,
-                tvd_cfg,
-                rg_cfg,
-                _emotion_cfg(config),
-                paths.out_dir,
-                config.models.cache,
-                config.run.seed,
-            )
+            agents = agents.with_supporter(ModelConfig(spec=sft_spec))
+            sim = dpo_simulations_task(personas, dpo_dialogues, agents, config.run.seed)
             tracking.log_metrics(sim["metrics"])
             print(f"DPO (SFT): simulated {len(personas)} personas with the SFT model -> {dpo_dialogues}")
-            rollout_supporter = ModelConfig(spec=sft_spec)
         else:
             dpo_dialogues = dialogues
-            rollout_supporter = config.models.supporter
         artifacts["dpo_dialogues"] = str(dpo_dialogues)
 
         # 3. look-ahead rollouts ---------------------------------------------------------------
@@ -173,14 +172,7 @@ def train_supporter_flow(
             dpo_dialogues,
             rollouts_path,
             cfg,
-            config.simulate,
-            rollout_supporter,
-            config.models.seeker,
-            tvd_cfg,
-            rg_cfg,
-            _emotion_cfg(config),
-            paths.out_dir,
-            config.models.cache,
+            agents,
             config.run.seed,
             run=map_runner(config.orchestration) if on_cluster else None,
             n_shards=config.orchestration.max_workers,

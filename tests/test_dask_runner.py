@@ -202,7 +202,7 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
     from esvr.flows.train_supporter import rollouts_task
     from esvr.models.backends import load_chat_model
     from esvr.tasks.simulation.simulate import SimulateConfig, build_agents, simulate_dialogues
-    from esvr.tasks.supporter.train_supporter import TrainSupporterConfig, read_rollouts
+    from esvr.tasks.supporter.train_supporter import AgentSetup, TrainSupporterConfig, read_rollouts
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     stub = ModelConfig(spec="openai:stub", base_url=stub_server.base_url)
@@ -229,21 +229,8 @@ def test_rollouts_and_evaluation_on_a_dask_cluster_by_address(prefect_harness, s
 
         def rollouts(name: str, orchestration: OrchestrationConfig | None) -> dict:
             runner = {"run": map_runner(orchestration), "n_shards": orchestration.max_workers} if orchestration else {}
-            return rollouts_task(
-                dialogues,
-                tmp_path / name / "rollouts.jsonl",
-                cfg,
-                sim,
-                stub,
-                stub,
-                stub,
-                stub,
-                None,
-                tmp_path / name,
-                True,
-                0,
-                **runner,
-            )
+            setup = AgentSetup(sim, stub, stub, stub, stub, None, tmp_path / name, True)
+            return rollouts_task(dialogues, tmp_path / name / "rollouts.jsonl", cfg, setup, 0, **runner)
 
         base = rollouts("threads", None)
         # one dialogue's rollouts are already in the file (an interrupted run): no shard redoes them

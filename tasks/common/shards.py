@@ -70,6 +70,18 @@ def merge_shards(out: Path, shard_files: Sequence[Path], key: str = "id") -> int
     return added
 
 
+def merge_shard_runs(
+    out: Path, runs: Sequence[Mapping[str, Any]], figures: Callable[[Mapping[str, Any]], Mapping[str, Any]], key: str = "id"
+) -> int:
+    """After a runner's shard tasks: every shard file merged into `out`, and what each task did
+    written to ``shards.json``: its shard, `figures(run)` and its worker's process id (``shard``
+    and ``worker_pid`` of each run). Returns how many records merging appended: this run's, and
+    any that an interrupted run left in the shards."""
+    added = merge_shards(out, sorted(shard_dir(out).glob("shard-*.jsonl")), key=key)
+    write_shard_runs(out, [{"shard": r["shard"], **figures(r), "worker_pid": r["worker_pid"]} for r in runs])
+    return added
+
+
 def write_shard_runs(out: Path, runs: Sequence[Mapping[str, Any]]) -> Path:
     """``shards.json`` next to the shard files: what each shard task of the last run did, and where."""
     path = shard_dir(out) / "shards.json"

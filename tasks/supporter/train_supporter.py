@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -33,8 +35,8 @@ from esvr.models.training import TrainConfig
 from esvr.models.value_detector import ValueDetectorConfig
 from esvr.tasks.common.jsonl import append_jsonl, exclusive, read_jsonl_repairing, write_jsonl
 from esvr.tasks.common.roles import chat_model, value_detector
-from esvr.tasks.common.shards import MapRunner, merge_shards, shard_dir, shard_paths, shard_runs, split_shards, write_shard_runs
-from esvr.tasks.simulation.simulate import SimulateConfig, load_dialogues, opened_agents, simulate_dialogues
+from esvr.tasks.common.shards import MapRunner, merge_shard_runs, shard_paths, shard_runs, split_shards
+from esvr.tasks.simulation.simulate import Agents, SimulateConfig, load_dialogues, opened_agents, simulate_dialogues
 from esvr.tasks.supporter.preferences import (
     CANDIDATES,
     Pair,
@@ -340,60 +342,53 @@ def table19_metrics(counts: Mapping[str, Mapping[str, int]]) -> dict[str, float]
 # --------------------------------------------------------------------------------------------
 
 
-def dpo_simulations(
-    personas: Sequence[Mapping[str, Any]],
-    out: Path,
-    simulate_cfg: SimulateConfig,
-    supporter: ModelConfig,
-    seeker: ModelConfig,
-    tvd: ModelConfig | None,
-    rg: ModelConfig | None,
-    emotion_cfg: EmotionConfig | None,
-    out_dir: Path,
-    use_cache: bool,
-    seed: int,
-) -> dict[str, Any]:
-    """'DPO (SFT)': dialogues of the SFT model with alternatives; the dialogues file is itself the
-    resumable record (`simulate_dialogues`)."""
-    with opened_agents(
-        simulate_cfg,
-        supporter,
-        seeker,
-        tvd=tvd,
-        rg=rg,
-        emotion=emotion_cfg,
-        run_dir=out_dir,
-        use_cache=use_cache,
-        own_adapters=True,
-    ) as agents:
-        summary = simulate_dialogues(personas, out, agents, concurrency=simulate_cfg.concurrency, alternatives=True, seed=seed)
+@dataclass(frozen=True)
+class AgentSetup:
+    """What the stage's simulations and rollouts open their agents from: the ``simulate`` section,
+    the role models, the emotion scorer's settings (None: no valence end rule), the run folder and
+    the cache switch. Picklable, so that a cluster worker opens its own."""
+
+    simulate: SimulateConfig
+    supporter: ModelConfig
+    seeker: ModelConfig
+    tvd: ModelConfig | None
+    rg: ModelConfig | None
+    emotion: EmotionConfig | None
+    run_dir: Path
+    use_cache: bool
+
+    def with_supporter(self, supporter: ModelConfig) -> AgentSetup:
+        return replace(self, supporter=supporter)
+
+    def opened(self) -> AbstractContextManager[Agents]:
+        """The agents; trained components are loaded for this use and closed on exit (training
+        follows, and wants their memory)."""
+        return opened_agents(
+            self.simulate,
+            self.supporter,
+            self.seeker,
+            tvd=self.tvd,
+            rg=self.rg,
+            emotion=self.emotion,
+            run_dir=self.run_dir,
+            use_cache=self.use_cache,
+            own_adapters=True,
+        )
+
+
+def dpo_simulations(personas: Sequence[Mapping[str, Any]], out: Path, setup: AgentSetup, seed: int) -> dict[str, Any]:
+    """'DPO (SFT)': dialogues of the SFT model (`setup`'s supporter) with alternatives; the dialogues
+    file is itself the resumable record (`simulate_dialogues`)."""
+    with setup.opened() as agents:
+        summary = simulate_dialogues(personas, out, agents, concurrency=setup.simulate.concurrency, alternatives=True, seed=seed)
     return {"path": str(out), "metrics": summary.metrics("dpo_simulate"), "errors": summary.errors}
 
 
 def rollout_shard(
-    dialogues: list[dict[str, Any]],
-    out: str,
-    cfg: TrainSupporterConfig,
-    simulate_cfg: SimulateConfig,
-    roles: dict[str, ModelConfig | None],
-    emotion_cfg: EmotionConfig | None,
-    out_dir: Path,
-    use_cache: bool,
-    seed: int,
+    dialogues: list[dict[str, Any]], out: str, cfg: TrainSupporterConfig, setup: AgentSetup, seed: int
 ) -> dict[str, Any]:
-    """Rollouts of some dialogues in this (worker) process; returns the summary and ``worker_pid``.
-    Trained components are loaded for this use and closed on exit."""
-    with opened_agents(
-        simulate_cfg,
-        roles["supporter"],  # type: ignore[arg-type]  # supporter and seeker are always given
-        roles["seeker"],  # type: ignore[arg-type]
-        tvd=roles["tvd"],
-        rg=roles["rg"],  # type: ignore[arg-type]
-        emotion=emotion_cfg,
-        run_dir=out_dir,
-        use_cache=use_cache,
-        own_adapters=True,
-    ) as agents:
+    """Rollouts of some dialogues in this (worker) process; returns the summary and ``worker_pid``."""
+    with setup.opened() as agents:
         summary = rollout_candidates(
             dialogues,
             agents,
@@ -412,11 +407,7 @@ def rollouts_on_runner(
     dialogues: list[dict[str, Any]],
     out: Path,
     cfg: TrainSupporterConfig,
-    simulate_cfg: SimulateConfig,
-    roles: dict[str, ModelConfig | None],
-    emotion_cfg: EmotionConfig | None,
-    out_dir: Path,
-    use_cache: bool,
+    setup: AgentSetup,
     seed: int,
 ) -> RolloutSummary:
     """`rollout_candidates` as one task per shard of dialogues (of `n_shards`), mapped with `run`.
@@ -438,37 +429,18 @@ def rollouts_on_runner(
                 if rec["dialogue_id"] in ids and rec["key"] not in have:
                     append_jsonl(path, rec)
     calls = [
-        {
-            "dialogues": shard,
-            "out": str(path),
-            "cfg": cfg,
-            "simulate_cfg": simulate_cfg,
-            "roles": roles,
-            "emotion_cfg": emotion_cfg,
-            "out_dir": out_dir,
-            "use_cache": use_cache,
-            "seed": seed,
-        }
-        for shard, path in zip(shards, paths)
+        {"dialogues": shard, "out": str(path), "cfg": cfg, "setup": setup, "seed": seed} for shard, path in zip(shards, paths)
     ]
     runs = run(rollout_shard, calls, name="rollout-shard") if calls else []
     summary = RolloutSummary(path=str(out), horizon=cfg.rollout_horizon())
-    summary.rollouts_written = merge_shards(out, sorted(shard_dir(out).glob("shard-*.jsonl")), key="key")
+    summary.rollouts_written = merge_shard_runs(
+        out,
+        runs,
+        lambda r: {"dialogues": r["dialogues"], "written": r["summary"].rollouts_written, "errors": len(r["summary"].errors)},
+        key="key",
+    )
     for shard_run in runs:
         summary.add(shard_run["summary"])
-    write_shard_runs(
-        out,
-        [
-            {
-                "shard": r["shard"],
-                "dialogues": r["dialogues"],
-                "written": r["summary"].rollouts_written,
-                "errors": len(r["summary"].errors),
-                "worker_pid": r["worker_pid"],
-            }
-            for r in runs
-        ],
-    )
     return summary
 
 
@@ -476,14 +448,7 @@ def rollouts(
     dialogues_path: Path,
     out: Path,
     cfg: TrainSupporterConfig,
-    simulate_cfg: SimulateConfig,
-    supporter: ModelConfig,
-    seeker: ModelConfig,
-    tvd: ModelConfig | None,
-    rg: ModelConfig | None,
-    emotion_cfg: EmotionConfig | None,
-    out_dir: Path,
-    use_cache: bool,
+    setup: AgentSetup,
     seed: int,
     run: MapRunner | None = None,
     n_shards: int = 1,
@@ -493,29 +458,17 @@ def rollouts(
     (`rollouts_on_runner`), in this process otherwise."""
     by_split = dialogues_by_split(load_dialogues(dialogues_path), cfg.dpo_max_dialogues)
     chosen = [d for s in SPLITS for d in by_split[s]]
-    if run is not None:
-        roles = {"supporter": supporter, "seeker": seeker, "tvd": tvd, "rg": rg}
-        summary = rollouts_on_runner(run, n_shards, chosen, out, cfg, simulate_cfg, roles, emotion_cfg, out_dir, use_cache, seed)
-        return {
-            "path": str(out),
-            "dialogues": len(chosen),
-            "metrics": summary.metrics(),
-            "errors": summary.errors,
-            "workers": len({r["worker_pid"] for r in shard_runs(out)}),
-        }
-    result = rollout_shard(
-        chosen,
-        str(out),
-        cfg,
-        simulate_cfg,
-        {"supporter": supporter, "seeker": seeker, "tvd": tvd, "rg": rg},
-        emotion_cfg,
-        out_dir,
-        use_cache,
-        seed,
-    )
-    summary = result["summary"]
-    return {"path": str(out), "dialogues": len(chosen), "metrics": summary.metrics(), "errors": summary.errors}
+    if run is None:
+        summary = rollout_shard(chosen, str(out), cfg, setup, seed)["summary"]
+        return {"path": str(out), "dialogues": len(chosen), "metrics": summary.metrics(), "errors": summary.errors}
+    summary = rollouts_on_runner(run, n_shards, chosen, out, cfg, setup, seed)
+    return {
+        "path": str(out),
+        "dialogues": len(chosen),
+        "metrics": summary.metrics(),
+        "errors": summary.errors,
+        "workers": len({r["worker_pid"] for r in shard_runs(out)}),
+    }
 
 
 def read_rollouts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
