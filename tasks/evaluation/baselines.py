@@ -39,6 +39,7 @@ from esvr.prompts import load_prompt
 from esvr.tasks.simulation.supporter import (
     Supporter,
     SupporterReply,
+    decision_note,
     format_history,
     format_target_values,
     strategies,
@@ -287,20 +288,13 @@ class SelfDisclosureAblation:
     async def alternative(self, *args: Any, **kwargs: Any) -> SupporterReply:
         return await self.inner.alternative(*args, **kwargs)
 
-    def _note(self, reference: str | None, used: bool) -> str:
-        if not reference:
-            return ""
-        if used:
-            return f"Build on this reply another therapist gave in a similar situation: {reference}\n"
-        return f"Do not build on this reply another therapist gave in a similar situation; say something different: {reference}\n"
-
     async def _next_strategy(
         self, reply: SupporterReply, utterances, target_values, reference, seed: int, calls: dict[str, int]
     ) -> SupporterReply:
         model = self.inner.model
         history = format_history(utterances)
         tv = format_target_values(target_values)
-        note = self._note(reference, reply.reference_used)
+        note = decision_note(reference, reply.reference_used)
         system = {"role": "system", "content": load_prompt("supporter/system.txt").strip()}
         others = [s for s in strategy_names() if s != SELF_DISCLOSURE]
         calls["self_disclosure"] = calls.get("self_disclosure", 0) + 2
@@ -320,19 +314,8 @@ class SelfDisclosureAblation:
             max_tokens=self.max_tokens,
             seed=seed + 77,
         )
-        text = " ".join((out[0] if out else "").split()).strip('"“” ')
-        if not text:
-            return reply
-        return replace(
-            reply,
-            strategy=strategy,
-            strategy_raw=strategy,
-            response=text,
-            problems=[
-                *reply.problems,
-                f"self-disclosure removed; next most probable strategy: {strategy}; original: {reply.response}",
-            ],
-        )
+        problem = f"self-disclosure removed; next most probable strategy: {strategy}; original: {reply.response}"
+        return _revised(reply, out, problem, strategy=strategy, strategy_raw=strategy)
 
     async def _rephrase(self, reply: SupporterReply, seed: int, calls: dict[str, int]) -> SupporterReply:
         assert self.rephraser is not None
@@ -341,11 +324,13 @@ class SelfDisclosureAblation:
         out = await self.rephraser.achat(
             [{"role": "user", "content": prompt}], n=1, temperature=0.0, max_tokens=self.max_tokens, seed=seed + 78
         )
-        text = " ".join((out[0] if out else "").split()).strip('"“” ')
-        if not text:
-            return reply
-        return replace(
-            reply,
-            response=text,
-            problems=[*reply.problems, f"self-disclosure rephrased as others' experience; original: {reply.response}"],
-        )
+        return _revised(reply, out, f"self-disclosure rephrased as others' experience; original: {reply.response}")
+
+
+def _revised(reply: SupporterReply, out: list[str], problem: str, **fields: Any) -> SupporterReply:
+    """The reply with the model's new response (and `fields`), the change recorded among its
+    problems; the reply as it was when the model said nothing."""
+    text = " ".join((out[0] if out else "").split()).strip('"“” ')
+    if not text:
+        return reply
+    return replace(reply, response=text, problems=[*reply.problems, problem], **fields)

@@ -14,7 +14,7 @@ The alternative response (§5.3, App. D.3) reverses the Step-3 decision and rege
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Any, Literal
@@ -363,6 +363,15 @@ def _one_sentence(text: str) -> str:
     return m.group(1) if m else text
 
 
+def decision_note(reference: str | None, used: bool) -> str:
+    """The stepwise prompts' line on the reference response: build on it, or say something else."""
+    if not reference:
+        return ""
+    if used:
+        return f"Build on this reply another therapist gave in a similar situation: {reference}\n"
+    return f"Do not build on this reply another therapist gave in a similar situation; say something different: {reference}\n"
+
+
 class Supporter:
     """The supporter agent over any `ChatModel`. ``calls`` counters name each LLM call it makes."""
 
@@ -394,30 +403,13 @@ class Supporter:
         if self.settings.fallback == "stepwise_only":
             return await self._stepwise(utterances, target_values, reference, None, seed, calls)
         messages = supporter_messages(utterances, target_values, reference)
-        problems: list[str] = []
-        replies: list[str] = []
-        for attempt in range(self.settings.reask + 1):
-            text = await self._chat(messages, seed + attempt, calls, "supporter", self.settings.max_tokens)
-            replies.append(text)
-            try:
-                reply = parse_supporter_reply(text)
-            except TemplateError as err:
-                problems.append(str(err))
-                messages = messages + [
-                    {"role": "assistant", "content": text},
-                    {"role": "user", "content": load_prompt("supporter/reask.txt").strip().format(problem=err)},
-                ]
-                continue
-            return replace(reply, attempts=attempt + 1, problems=problems)
-        if self.settings.fallback == "stepwise":
+        try:
+            return await self._template(messages, parse_supporter_reply, seed, calls, "supporter")
+        except SupporterFailure as err:
+            if self.settings.fallback != "stepwise":
+                raise
             reply = await self._stepwise(utterances, target_values, reference, None, seed, calls)
-            return replace(reply, attempts=len(replies) + 1, problems=problems)
-        raise SupporterFailure(
-            f"supporter reply ignored the template {len(replies)} times (last: {problems[-1]})",
-            len(replies),
-            problems,
-            replies,
-        )
+            return replace(reply, attempts=err.attempts + 1, problems=err.problems)
 
     async def alternative(
         self,
@@ -442,13 +434,20 @@ class Supporter:
                 "content": load_prompt("supporter/alternative.txt").strip().format(previous=previous, reverse=reverse),
             },
         ]
+        return await self._template(messages, lambda text: parse_alternative_reply(text, initial), seed, calls, "alternative")
+
+    async def _template(
+        self, messages: list[Message], parse: Callable[[str], SupporterReply], seed: int, calls: dict[str, int], kind: str
+    ) -> SupporterReply:
+        """A reply in the template: one that does not parse is asked again, naming its problem, up
+        to `reask` times; then `SupporterFailure` with every try."""
         problems: list[str] = []
         replies: list[str] = []
         for attempt in range(self.settings.reask + 1):
-            text = await self._chat(messages, seed + attempt, calls, "alternative", self.settings.max_tokens)
+            text = await self._chat(messages, seed + attempt, calls, kind, self.settings.max_tokens)
             replies.append(text)
             try:
-                reply = parse_alternative_reply(text, initial)
+                reply = parse(text)
             except TemplateError as err:
                 problems.append(str(err))
                 messages = messages + [
@@ -457,9 +456,8 @@ class Supporter:
                 ]
                 continue
             return replace(reply, attempts=attempt + 1, problems=problems)
-        raise SupporterFailure(
-            f"alternative reply failed {len(replies)} times (last: {problems[-1]})", len(replies), problems, replies
-        )
+        what = "supporter reply ignored the template" if kind == "supporter" else "alternative reply failed"
+        raise SupporterFailure(f"{what} {len(replies)} times (last: {problems[-1]})", len(replies), problems, replies)
 
     async def _stepwise(
         self,
@@ -492,12 +490,7 @@ class Supporter:
                 used = forced_decision
         else:
             step2, used = NO_REFERENCE_STEP2, False
-        if not reference:
-            note = ""
-        elif used:
-            note = f"Build on this reply another therapist gave in a similar situation: {reference}\n"
-        else:
-            note = f"Do not build on this reply another therapist gave in a similar situation; say something different: {reference}\n"
+        note = decision_note(reference, used)
         strategy = await self._score(
             msgs(
                 "stepwise_strategy", strategies=strategies_block(), dialogue_history=history, target_values=tv, decision_note=note
