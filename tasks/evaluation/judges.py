@@ -39,6 +39,7 @@ from esvr.tasks.evaluation.metrics import (
     shown_side,
     win_ratio,
 )
+from esvr.tasks.simulation.supporter import format_history
 
 JUDGE_PROMPTS = (
     "es_skills.yaml",
@@ -83,20 +84,16 @@ def intensity_levels() -> tuple[tuple[int, str], ...]:
     return tuple((int(x["level"]), str(x["sentence"])) for x in load_taxonomy("evaluate/es_intensity_levels"))
 
 
-def format_dialogue(utterances: Sequence[Mapping[str, Any]]) -> str:
-    """'Patient: ...' / 'Therapist: ...' lines, the view every judge gets."""
-    names = {"seeker": "Patient", "supporter": "Therapist"}
-    lines = []
-    for i, u in enumerate(utterances):
-        role = u.get("role")
-        if role not in names:
-            raise ValueError(f"utterance {i}: role must be 'seeker' or 'supporter', got {role!r}")
-        lines.append(f"{names[role]}: {u['text']}")
-    return "\n".join(lines)
-
-
 def values_block() -> str:
     return "\n".join(f"- {v.describe()}" for v in values())
+
+
+def _messages(system: str, user: str, **fields: str) -> list[Message]:
+    """A judge's request: the system prompt file, then the user prompt file filled with `fields`."""
+    return [
+        {"role": "system", "content": load_prompt(system).strip()},
+        {"role": "user", "content": load_prompt(user).strip().format(**fields)},
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,38 +121,30 @@ class JudgeSettings:
 # --------------------------------------------------------------------------------------------
 
 
-def skills_criterion_messages(utterances: Sequence[Mapping[str, Any]], criterion: Mapping[str, str]) -> list[Message]:
-    return [
-        {"role": "system", "content": load_prompt("evaluate/es_skills_system.txt").strip()},
-        {
-            "role": "user",
-            "content": load_prompt("evaluate/es_skills_criterion.txt")
-            .strip()
-            .format(
-                dialogue=format_dialogue(utterances),
-                name=criterion["name"].replace("_", "-").capitalize(),
-                question=criterion["question"],
-            ),
-        },
-    ]
-
-
 def _display(name: str) -> str:
     return name.replace("_", "-").capitalize()
+
+
+def skills_criterion_messages(utterances: Sequence[Mapping[str, Any]], criterion: Mapping[str, str]) -> list[Message]:
+    return _messages(
+        "evaluate/es_skills_system.txt",
+        "evaluate/es_skills_criterion.txt",
+        dialogue=format_history(utterances),
+        name=_display(criterion["name"]),
+        question=criterion["question"],
+    )
 
 
 def skills_reasoning_messages(utterances: Sequence[Mapping[str, Any]]) -> list[Message]:
     crits = "\n".join(f"- {_display(c['name'])}: {c['question']}" for c in criteria())
     template = "\n".join(f"{_display(c['name'])}: (1-5)" for c in criteria())
-    return [
-        {"role": "system", "content": load_prompt("evaluate/es_skills_system.txt").strip()},
-        {
-            "role": "user",
-            "content": load_prompt("evaluate/es_skills_reasoning.txt")
-            .strip()
-            .format(dialogue=format_dialogue(utterances), criteria=crits, template=template),
-        },
-    ]
+    return _messages(
+        "evaluate/es_skills_system.txt",
+        "evaluate/es_skills_reasoning.txt",
+        dialogue=format_history(utterances),
+        criteria=crits,
+        template=template,
+    )
 
 
 def parse_skill_ratings(text: str) -> dict[str, int | None]:
@@ -210,15 +199,9 @@ async def ajudge_skills(
 
 def intensity_messages(utterances: Sequence[Mapping[str, Any]]) -> list[Message]:
     options = "\n".join(f"- {s}" for _, s in intensity_levels())
-    return [
-        {"role": "system", "content": load_prompt("evaluate/es_intensity_system.txt").strip()},
-        {
-            "role": "user",
-            "content": load_prompt("evaluate/es_intensity_user.txt")
-            .strip()
-            .format(dialogue=format_dialogue(utterances), options=options),
-        },
-    ]
+    return _messages(
+        "evaluate/es_intensity_system.txt", "evaluate/es_intensity_user.txt", dialogue=format_history(utterances), options=options
+    )
 
 
 def parse_intensity(text: str) -> int | None:
@@ -256,47 +239,29 @@ async def ajudge_intensity(
 # --------------------------------------------------------------------------------------------
 
 
-def value_messages(dialogue_a: Sequence[Mapping[str, Any]], dialogue_b: Sequence[Mapping[str, Any]]) -> list[Message]:
-    return [
-        {"role": "system", "content": load_prompt("evaluate/es_value_system.txt").strip()},
-        {
-            "role": "user",
-            "content": load_prompt("evaluate/es_value_user.txt")
-            .strip()
-            .format(values=values_block(), dialogue_a=format_dialogue(dialogue_a), dialogue_b=format_dialogue(dialogue_b)),
-        },
-    ]
-
-
-def value_direct_messages(
-    dialogue_a: Sequence[Mapping[str, Any]], dialogue_b: Sequence[Mapping[str, Any]], perspective: Mapping[str, str]
+def value_messages(
+    dialogue_a: Sequence[Mapping[str, Any]], dialogue_b: Sequence[Mapping[str, Any]], perspective: Mapping[str, str] | None = None
 ) -> list[Message]:
-    return [
-        {"role": "system", "content": load_prompt("evaluate/es_value_system.txt").strip()},
-        {
-            "role": "user",
-            "content": load_prompt("evaluate/es_value_direct.txt")
-            .strip()
-            .format(
-                values=values_block(),
-                dialogue_a=format_dialogue(dialogue_a),
-                dialogue_b=format_dialogue(dialogue_b),
-                criterion=f"{perspective['label']}: {perspective['question']}",
-            ),
-        },
-    ]
+    """Dialogue A against B: both perspectives' verdicts after reasoning (the paper's prompt), or
+    with a `perspective` its verdict alone (scored over 'Dialogue A' / 'Dialogue B' / 'Tie')."""
+    return _messages(
+        "evaluate/es_value_system.txt",
+        "evaluate/es_value_user.txt" if perspective is None else "evaluate/es_value_direct.txt",
+        values=values_block(),
+        dialogue_a=format_history(dialogue_a),
+        dialogue_b=format_history(dialogue_b),
+        criterion=f"{perspective['label']}: {perspective['question']}" if perspective else "",
+    )
 
 
 def value_single_messages(dialogue: Sequence[Mapping[str, Any]], perspective: Mapping[str, str]) -> list[Message]:
-    return [
-        {"role": "system", "content": load_prompt("evaluate/es_skills_system.txt").strip()},
-        {
-            "role": "user",
-            "content": load_prompt("evaluate/es_value_single.txt")
-            .strip()
-            .format(values=values_block(), dialogue=format_dialogue(dialogue), criterion=perspective["single"]),
-        },
-    ]
+    return _messages(
+        "evaluate/es_skills_system.txt",
+        "evaluate/es_value_single.txt",
+        values=values_block(),
+        dialogue=format_history(dialogue),
+        criterion=perspective["single"],
+    )
 
 
 _VERDICT = re.compile(r"(dialogue\s*a|dialogue\s*b|\btie\b)", re.IGNORECASE)
@@ -339,7 +304,7 @@ async def ajudge_value_pair(
     dist_keys = [(side, p["name"]) for side in ("A", "B") for p in perspectives()]
     persp = {p["name"]: p for p in perspectives()}
     dists = await asyncio.gather(
-        *(judge.ascore_choices(value_direct_messages(*sides[side], persp[name]), list(VALUE_CHOICES)) for side, name in dist_keys)
+        *(judge.ascore_choices(value_messages(*sides[side], persp[name]), list(VALUE_CHOICES)) for side, name in dist_keys)
     )
     dist_by = dict(zip(dist_keys, dists))
     replies: list[str | None] = [None] * n
