@@ -32,7 +32,7 @@ from esvr.prompts import load_prompt
 from esvr.tasks.common import roles
 from esvr.tasks.components.tvd import TVDMethod
 from esvr.tasks.simulation.crisis import CrisisGuard
-from esvr.tasks.simulation.simulate import Agents, run_coroutine
+from esvr.tasks.simulation.simulate import Agents, run_coroutine, supporter_settings
 from esvr.tasks.simulation.supporter import (
     Supporter,
     SupporterFailure,
@@ -351,20 +351,13 @@ def open_session(
         tvd_model = load(tvd_spec) if tvd_spec else None
         rg_model = load(rg_spec) if rg_spec else None
         models += [m for m in (tvd_model, rg_model) if m is not None]
-        settings = SupporterSettings(
-            max_tokens=max_tokens or sim.supporter_max_tokens,
-            temperature=sim.supporter_temperature,
-            reask=sim.reask,
-            fallback=sim.fallback,
-            stepwise_max_tokens=sim.stepwise_max_tokens,
-        )
         guard = CrisisGuard(config.run.out_dir.resolve() / "chat" / "crisis_events.jsonl")
         session = ChatSession(
             supporter,
             tvd=tvd_model,
             rg=rg_model,
             guard=guard,
-            settings=settings,
+            settings=supporter_settings(sim, max_tokens),
             tvd_method=sim.tvd_method,
             tvd_max_tokens=sim.tvd_max_tokens,
             rg_max_tokens=sim.rg_max_tokens,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -426,14 +426,7 @@ def make_agents(
     plain = s.style == "plain"
     tvd = tvd_model if (s.use_target_values and not plain) else None
     rg = rg_model if (s.use_reference and not plain) else None
-    names = {
-        "supporter": supporter_model.cache_id,
-        "seeker": seeker_model.cache_id,
-        "tvd": tvd.cache_id if tvd is not None else None,
-        "rg": rg.cache_id if rg is not None else None,
-        "style": s.style,
-        "self_disclosure": s.self_disclosure,
-    }
+    names = {"style": s.style, "self_disclosure": s.self_disclosure}
     agents = build_agents(
         sim_cfg, supporter_model, seeker_model, tvd_model=tvd, rg_model=rg, emotion_scorer=emotion_scorer, names=names
     )
@@ -506,6 +499,22 @@ def row_dialogues(
     return {**result, "names": {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}, "worker_pid": os.getpid()}
 
 
+def _judged(
+    judge: ModelConfig, run_dir: Path, use_cache: bool, out: Path, judging: Callable[[ChatModel], Awaitable[list[dict[str, Any]]]]
+) -> str:
+    """The records `judging` makes with the judge model -> `out` (JSONL); returns its path."""
+    from esvr.tasks.simulation.simulate import run_coroutine
+
+    model = roles.chat_model(judge, run_dir, cache=use_cache)
+    return str(write_jsonl(run_coroutine(judging(model)), out))
+
+
+def _evaluable_file(path: Path, complete_only: bool) -> list[dict[str, Any]]:
+    from esvr.tasks.simulation.simulate import load_dialogues
+
+    return evaluable(load_dialogues(path), complete_only)
+
+
 def judge_dialogues(
     judge: ModelConfig,
     dialogues: Path,
@@ -517,12 +526,10 @@ def judge_dialogues(
     use_cache: bool = True,
 ) -> str:
     """ES-Skills, ES-Intensity and words per turn of one supporter's dialogues -> judgments.jsonl."""
-    from esvr.tasks.simulation.simulate import load_dialogues, run_coroutine
-
-    model = roles.chat_model(judge, run_dir, cache=use_cache)
-    chosen = evaluable(load_dialogues(dialogues), complete_only)
-    records = run_coroutine(ajudge_dialogues(model, chosen, JudgeSettings(**settings), supporter))
-    return str(write_jsonl(records, out))
+    chosen = _evaluable_file(dialogues, complete_only)
+    return _judged(
+        judge, run_dir, use_cache, out, lambda model: ajudge_dialogues(model, chosen, JudgeSettings(**settings), supporter)
+    )
 
 
 def judge_values(
@@ -538,10 +545,11 @@ def judge_values(
     use_cache: bool = True,
 ) -> str:
     """ES-Value of one supporter against the reference, per shared persona -> es_value.jsonl."""
-    from esvr.tasks.simulation.simulate import load_dialogues, run_coroutine
-
-    model = roles.chat_model(judge, run_dir, cache=use_cache)
-    test = evaluable(load_dialogues(dialogues), complete_only)
-    ref = evaluable(load_dialogues(reference_dialogues), complete_only)
-    records = run_coroutine(ajudge_values(model, test, ref, JudgeSettings(**settings), supporter, reference))
-    return str(write_jsonl(records, out))
+    test, ref = _evaluable_file(dialogues, complete_only), _evaluable_file(reference_dialogues, complete_only)
+    return _judged(
+        judge,
+        run_dir,
+        use_cache,
+        out,
+        lambda model: ajudge_values(model, test, ref, JudgeSettings(**settings), supporter, reference),
+    )

@@ -616,6 +616,18 @@ def simulate_dialogues(
 # --------------------------------------------------------------------------------------------
 
 
+def supporter_settings(cfg: SimulateConfig, max_tokens: int | None = None) -> SupporterSettings:
+    """The supporter's settings in a ``simulate`` section (`esvr chat`'s too, which may give its
+    own `max_tokens`)."""
+    return SupporterSettings(
+        max_tokens=max_tokens or cfg.supporter_max_tokens,
+        temperature=cfg.supporter_temperature,
+        reask=cfg.reask,
+        fallback=cfg.fallback,
+        stepwise_max_tokens=cfg.stepwise_max_tokens,
+    )
+
+
 def build_agents(
     cfg: SimulateConfig,
     supporter_model: ChatModel,
@@ -626,21 +638,14 @@ def build_agents(
     emotion_scorer: Any | None = None,
     names: Mapping[str, str | None] | None = None,
 ) -> Agents:
-    supporter = Supporter(
-        supporter_model,
-        SupporterSettings(
-            max_tokens=cfg.supporter_max_tokens,
-            temperature=cfg.supporter_temperature,
-            reask=cfg.reask,
-            fallback=cfg.fallback,
-            stepwise_max_tokens=cfg.stepwise_max_tokens,
-        ),
-    )
+    """The engine's agents; their `names` (what a resumed file must match) are the models' cache
+    ids and whatever else `names` adds (the evaluation's supporter variants)."""
+    supporter = Supporter(supporter_model, supporter_settings(cfg))
     seeker = Seeker(
         seeker_model, SeekerSettings(max_tokens=cfg.seeker_max_tokens, temperature=cfg.seeker_temperature, reask=cfg.reask)
     )
     rules = EndRules(cfg.max_turns, cfg.valence_threshold, tuple(cfg.gratitude_phrases))
-    default_names = {
+    model_names = {
         "supporter": supporter_model.cache_id,
         "seeker": seeker_model.cache_id,
         "tvd": tvd_model.cache_id if tvd_model is not None else None,
@@ -656,7 +661,7 @@ def build_agents(
         tvd_max_tokens=cfg.tvd_max_tokens,
         rg_max_tokens=cfg.rg_max_tokens,
         rules=rules,
-        names=dict(names) if names is not None else default_names,
+        names={**model_names, **(names or {})},
     )
 
 
