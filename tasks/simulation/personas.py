@@ -24,10 +24,10 @@ import logging
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import Field, field_validator
@@ -252,6 +252,40 @@ class StepStats:
         self.counts[key] = self.counts.get(key, 0) + n
 
 
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+def ask_until_parsed(
+    model: ChatModel,
+    keys: Sequence[K],
+    request: Callable[[K, int], ChatRequest],
+    parse: Callable[[K, str], T | None],
+    tries: int,
+    stats: StepStats,
+    step: str,
+) -> tuple[dict[K, T], list[K]]:
+    """Ask for every key in one batch (``request(key, attempt)``), then again for the keys whose reply
+    did not parse (None), up to `tries` batches: the parsed results and the keys left without one.
+    The requests count as ``<step>.calls``."""
+    found: dict[K, T] = {}
+    pending = list(keys)
+    for attempt in range(tries):
+        if not pending:
+            break
+        reqs = [request(k, attempt) for k in pending]
+        stats.add(f"{step}.calls", len(reqs))
+        still = []
+        for k, out in zip(pending, model.chat_batch(reqs)):
+            parsed = parse(k, out[0] if out else "")
+            if parsed is None:
+                still.append(k)
+            else:
+                found[k] = parsed
+        pending = still
+    return found, pending
+
+
 def generate_situations(
     model: ChatModel,
     cfg: PersonasConfig,
@@ -264,30 +298,20 @@ def generate_situations(
     de-duplicated against each other and against what `dedup` has already seen."""
     stats = stats or StepStats()
     pairs = select_pairs(cfg.pairs, seed) if pairs is None else pairs
-    found: dict[int, list[str]] = {}
-    pending = list(range(len(pairs)))
-    for attempt in range(cfg.reask + 1):
-        if not pending:
-            break
-        reqs = [
-            ChatRequest.build(
-                situation_messages(*pairs[i], cfg),
-                temperature=cfg.situations_temperature,
-                max_tokens=cfg.situations_max_tokens,
-                seed=seed + attempt,
-            )
-            for i in pending
-        ]
-        replies = model.chat_batch(reqs)
-        stats.add("situations.calls", len(reqs))
-        still = []
-        for i, out in zip(pending, replies):
-            parsed = parse_situations(out[0] if out else "")
-            if parsed:
-                found[i] = parsed
-            else:
-                still.append(i)
-        pending = still
+    found, pending = ask_until_parsed(
+        model,
+        range(len(pairs)),
+        lambda i, attempt: ChatRequest.build(
+            situation_messages(*pairs[i], cfg),
+            temperature=cfg.situations_temperature,
+            max_tokens=cfg.situations_max_tokens,
+            seed=seed + attempt,
+        ),
+        lambda i, text: parse_situations(text) or None,
+        cfg.reask + 1,
+        stats,
+        "situations",
+    )
     stats.add("situations.pairs", len(pairs))
     stats.add("situations.pairs_failed", len(pending))
     items: list[dict[str, Any]] = []
@@ -360,32 +384,30 @@ def rate_alignment(
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, it in enumerate(items):
             groups[(it["problem"], it["value"])].append(i)
-        pending = list(groups)
-        for attempt in range(cfg.reask + 1):
-            if not pending:
-                break
-            reqs = []
-            for key in pending:
-                idx = groups[key]
-                user = load_prompt("personas/alignment_user.txt").format(
-                    situations="\n".join(f"{k + 1}. {items[i]['situation']}" for k, i in enumerate(idx)),
-                    **_value_fields(by_value[key[1]]),
-                )
-                msgs = [
-                    {"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()},
-                    {"role": "user", "content": user},
-                ]
-                reqs.append(ChatRequest.build(msgs, max_tokens=cfg.alignment_max_tokens, seed=seed + attempt))
-            stats.add("alignment.calls", len(reqs))
-            still = []
-            for key, out in zip(pending, model.chat_batch(reqs)):
-                ratings = parse_ratings(out[0] if out else "", len(groups[key]))
-                if ratings is None:
-                    still.append(key)
-                    continue
-                for i, r in zip(groups[key], ratings):
-                    items[i]["alignment"], items[i]["alignment_method"] = r, "rate"
-            pending = still
+
+        def request(key: tuple[str, str], attempt: int) -> ChatRequest:
+            user = load_prompt("personas/alignment_user.txt").format(
+                situations="\n".join(f"{k + 1}. {items[i]['situation']}" for k, i in enumerate(groups[key])),
+                **_value_fields(by_value[key[1]]),
+            )
+            msgs: list[Message] = [
+                {"role": "system", "content": load_prompt("personas/alignment_system.txt").strip()},
+                {"role": "user", "content": user},
+            ]
+            return ChatRequest.build(msgs, max_tokens=cfg.alignment_max_tokens, seed=seed + attempt)
+
+        rated, pending = ask_until_parsed(
+            model,
+            list(groups),
+            request,
+            lambda key, text: parse_ratings(text, len(groups[key])),
+            cfg.reask + 1,
+            stats,
+            "alignment",
+        )
+        for key, ratings in rated.items():
+            for i, r in zip(groups[key], ratings):
+                items[i]["alignment"], items[i]["alignment_method"] = r, "rate"
         todo = [i for key in pending for i in groups[key]]
         stats.add("alignment.fallback", len(todo))
     choices = ["1", "2", "3", "4", "5"]
@@ -517,29 +539,29 @@ def demographics(
     stats = stats or StepStats()
     todo = list(range(len(items)))
     if cfg.demographics_method == "chat":
-        for attempt in range(cfg.reask + 1):
-            if not todo:
-                break
-            reqs = []
-            for i in todo:
-                it = items[i]
-                user = load_prompt("personas/demographics_user.txt").format(
-                    situation=it["situation"], category=it["problem"], emotion=it["emotion"]
-                )
-                msgs = [
-                    {"role": "system", "content": load_prompt("personas/demographics_system.txt").strip()},
-                    {"role": "user", "content": user},
-                ]
-                reqs.append(ChatRequest.build(msgs, temperature=1.0, max_tokens=48, seed=seed + attempt))
-            stats.add("demographics.calls", len(reqs))
-            still = []
-            for i, out in zip(todo, model.chat_batch(reqs)):
-                parsed = parse_demographics(out[0] if out else "")
-                if parsed:
-                    items[i].update(parsed, demographics_method="chat")
-                else:
-                    still.append(i)
-            todo = still
+
+        def request(i: int, attempt: int) -> ChatRequest:
+            it = items[i]
+            user = load_prompt("personas/demographics_user.txt").format(
+                situation=it["situation"], category=it["problem"], emotion=it["emotion"]
+            )
+            msgs: list[Message] = [
+                {"role": "system", "content": load_prompt("personas/demographics_system.txt").strip()},
+                {"role": "user", "content": user},
+            ]
+            return ChatRequest.build(msgs, temperature=1.0, max_tokens=48, seed=seed + attempt)
+
+        found, todo = ask_until_parsed(
+            model,
+            todo,
+            request,
+            lambda i, text: parse_demographics(text),
+            cfg.reask + 1,
+            stats,
+            "demographics",
+        )
+        for i, parsed in found.items():
+            items[i].update(parsed, demographics_method="chat")
         stats.add("demographics.fallback", len(todo))
     if not todo:
         return
