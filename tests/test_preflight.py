@@ -108,6 +108,11 @@ def datasets_built(tmp_path: Path) -> None:
     (tmp_path / "run" / "datasets" / "manifest.json").write_text("{}")
 
 
+def finetuned(name: str, corpus: str, data: Path) -> dict:
+    """An evaluate row fine-tuned on a corpus file first (a plain-style baseline)."""
+    return {"name": name, "style": "plain", "finetune": corpus, "finetune_data": str(data)}
+
+
 def write_json(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data))
     return path
@@ -184,19 +189,9 @@ def test_recipe_whose_servers_answer_and_list_the_models_passes(tmp_path: Path, 
                 "evaluate": {
                     "supporters": [
                         {"name": "Prompted", "model": stub_model(server)},
-                        {"name": "ESConv-FT", "style": "plain", "finetune": "esconv", "finetune_data": str(esconv)},
-                        {
-                            "name": "ExTES-FT",
-                            "style": "plain",
-                            "finetune": "extes",
-                            "finetune_data": str(FIXTURES / "extes_sample.json"),
-                        },
-                        {
-                            "name": "Psych8k-FT",
-                            "style": "plain",
-                            "finetune": "psych8k",
-                            "finetune_data": str(FIXTURES / "psych8k_sample.json"),
-                        },
+                        finetuned("ESConv-FT", "esconv", esconv),
+                        finetuned("ExTES-FT", "extes", FIXTURES / "extes_sample.json"),
+                        finetuned("Psych8k-FT", "psych8k", FIXTURES / "psych8k_sample.json"),
                         {"name": "Ours", "component": "pipeline:supporter_dpo"},
                     ],
                     "reference": "Ours",
@@ -356,13 +351,8 @@ def test_fine_tuning_corpora_parse_with_the_fields_the_loaders_read(tmp_path: Pa
         {
             "evaluate": {
                 "supporters": [
-                    {"name": "Psych8k-FT", "style": "plain", "finetune": "psych8k", "finetune_data": str(bad)},
-                    {
-                        "name": "ExTES-FT",
-                        "style": "plain",
-                        "finetune": "extes",
-                        "finetune_data": str(FIXTURES / "psych8k_sample.json"),
-                    },
+                    finetuned("Psych8k-FT", "psych8k", bad),
+                    finetuned("ExTES-FT", "extes", FIXTURES / "psych8k_sample.json"),
                 ],
                 "reference": "Psych8k-FT",
             },
