@@ -139,6 +139,21 @@ def test_dpo_without_sft_saves_a_plain_adapter(tiny_llama: Path, tmp_path: Path)
     assert (result.adapter_dir / "adapter_model.safetensors").exists() and not (tmp_path / "dpo_only").exists()
 
 
+@pytest.mark.slow
+def test_the_accelerate_launcher_runs_the_same_trainer_in_a_subprocess(sft_run, tiny_llama: Path, tmp_path: Path):
+    """`launcher: accelerate` (one process here): the datasets and the config cross to
+    ``python -m esvr.models.training``, whose training.json comes back as the result."""
+    sft_result, _ = sft_run
+    cfg = CFG.model_copy(update={"max_steps": 1, "launcher": "accelerate", "num_processes": 1})
+    result = train_dpo(tiny_llama, sft_result.adapter_dir, dpo_data(4), None, cfg, tmp_path, metric_prefix="dpo.")
+    assert result.adapter_dir == tmp_path / "adapter" and result.metrics["global_step"] == 1.0
+    assert json.loads((tmp_path / "train_config.json").read_text())["launcher"] == "inprocess"
+    assert (tmp_path / "data" / "train").is_dir() and not (tmp_path / "data" / "eval").exists()
+    # base + SFT + DPO stacked, as in process
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["r"] == 2 * CFG.lora_r
+    assert (tmp_path / "dpo_only" / "training.json").is_file()
+
+
 def test_stack_adapters_refuses_what_it_cannot_represent(tmp_path: Path):
     bad = tmp_path / "bad"
     bad.mkdir()
