@@ -28,6 +28,7 @@ import os
 import re
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import openai
@@ -64,27 +65,21 @@ def choice_named(reply: str, choices: Sequence[str]) -> str | None:
     return min(found)[2] if found else None
 
 
+@dataclass(eq=False, repr=False)
 class OpenAIChat(ChatModel):
-    def __init__(
-        self,
-        model: str,
-        *,
-        base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        concurrency: int = 8,
-        timeout_s: float = 60.0,
-        max_retries: int = 5,
-    ):
+    model: str
+    _: KW_ONLY
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 5
+
+    def __post_init__(self) -> None:
         super().__init__()
-        self.model = model
-        self.base_url = base_url
-        self.api_key_env = api_key_env
-        self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.cache_id = f"openai:{model}@{base_url or 'api.openai.com'}"
+        self.cache_id = f"openai:{self.model}@{self.base_url or 'api.openai.com'}"
         self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name=f"openai-{model}", daemon=True).start()
+        threading.Thread(target=self._loop.run_forever, name=f"openai-{self.model}", daemon=True).start()
         self._client: openai.AsyncOpenAI | None = None
         self._semaphore: asyncio.Semaphore | None = None
         #: features this server showed it lacks ("n", "logprobs"); read and set on the private loop

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from esvr.tasks.bench.simulate import FakeOpenAIServer
@@ -26,12 +27,11 @@ def echo_last_user(request: dict[str, Any]) -> str:
     return f"echo: {users[-1] if users else ''}"
 
 
+@dataclass(eq=False, repr=False)
 class StubServer(FakeOpenAIServer):
     listed_models = ("stub",)
 
-    def __init__(self, reply: Reply = echo_last_user, **switches: Any):
-        super().__init__(**switches)
-        self.reply = reply
+    reply: Reply = field(default=echo_last_user, kw_only=True)
 
     def texts(self, request: dict[str, Any], n: int) -> list[str]:
         return [self.reply(request) for _ in range(n)]

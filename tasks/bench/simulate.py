@@ -23,10 +23,10 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from esvr.models.chat import ChatModel, ChatRequest, Message
 from esvr.prompts import load_prompt
@@ -164,6 +164,7 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+@dataclass(eq=False, repr=False)
 class FakeOpenAIServer:
     """An OpenAI-compatible /v1 on 127.0.0.1 answering from a `Script`.
 
@@ -180,34 +181,26 @@ class FakeOpenAIServer:
     Retry-After of `retry_after_s`, as a busy server does) or ``("slow", seconds)``.
     """
 
-    listed_models: tuple[str, ...] = ("fake",)
+    listed_models: ClassVar[tuple[str, ...]] = ("fake",)
 
-    def __init__(
-        self,
-        script: Script | None = None,
-        latency_s: float = 0.0,
-        *,
-        port: int = 0,
-        ignore_n: bool = False,
-        logprobs: bool = True,
-        empty_choices: bool = False,
-        drop_message: bool = False,
-        retry_after_s: float = 0.01,
-    ):
-        self.script = script or Script()
-        self.latency_s = latency_s
-        self.ignore_n = ignore_n
-        self.logprobs = logprobs
-        self.empty_choices = empty_choices
-        self.drop_message = drop_message
-        self.retry_after_s = retry_after_s
-        self.faults: deque[int | tuple[str, float]] = deque()
-        #: every request body, in the order they came
-        self.requests: list[dict[str, Any]] = []
-        self.max_in_flight = 0
+    script: Script = field(default_factory=Script)
+    latency_s: float = 0.0
+    _: KW_ONLY
+    port: int = 0
+    ignore_n: bool = False
+    logprobs: bool = True
+    empty_choices: bool = False
+    drop_message: bool = False
+    retry_after_s: float = 0.01
+    faults: deque[int | tuple[str, float]] = field(default_factory=deque)
+    #: every request body, in the order they came
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    max_in_flight: int = 0
+
+    def __post_init__(self) -> None:
         self._in_flight = 0
         self._lock = threading.Lock()
-        self.httpd = _Server(("127.0.0.1", port), self._handler())
+        self.httpd = _Server(("127.0.0.1", self.port), self._handler())
         # a short poll makes close() quick: shutdown waits for the serving loop to look up
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
