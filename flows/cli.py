@@ -2,8 +2,9 @@
 
 Every command that runs a flow takes ``--config FILE``, ``--set KEY=VALUE`` (repeatable) and
 ``--out DIR``; it prepares the embedded Prefect + MLflow runtime under the run folder *before*
-importing Prefect, then calls the flow. Errors in user input end with a one-line message and exit
-status 2, not a traceback.
+importing Prefect, then calls the flow. The pipeline's stages each get a command from the stage
+table (flows/stages.py), with the options of `STAGE_OPTIONS`. Errors in user input end with a
+one-line message and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from esvr.models.config import ConfigError
 
 if TYPE_CHECKING:
     from esvr.flows.config import PipelineConfig
+
+#: an option of a command: add_argument's flags and keywords
+Option = tuple[tuple[str, ...], dict[str, Any]]
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
 
@@ -156,42 +160,100 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_smoke(args: argparse.Namespace) -> int:
+# ---- one command per pipeline stage (flows/stages.py), in pipeline order ----------------------
+
+
+def _option(*flags: str, **kwargs: Any) -> Option:
+    return flags, kwargs
+
+
+def _path_option(flag: str, keyword: str, help: str) -> Option:
+    """A path whose flow keyword is not the flag's name (``--personas`` -> personas_path)."""
+    return _option(flag, dest=keyword, metavar=flag.removeprefix("--").upper(), type=Path, default=None, help=help)
+
+
+_THREADS = _option("--threads", type=Path, default=None, help="threads.parquet (default: <run>/ingest/threads.parquet)")
+_DATASETS = _option("--datasets", type=Path, default=None, help="datasets folder (default: <run>/datasets)")
+
+#: each stage command's options beside --config/--set/--out. The flow gets them as keywords of
+#: the same name (dest), but for the stages of `STAGE_COMMANDS`, whose command reads them itself.
+STAGE_OPTIONS: dict[str, tuple[Option, ...]] = {
+    "ingest": (
+        _option(
+            "--dumps",
+            type=Path,
+            nargs="+",
+            default=None,
+            metavar="PATH",
+            help="RS_/RC_YYYY-MM.zst or <sub>_submissions/_comments.zst files (default: ingest.dumps)",
+        ),
+    ),
+    "label": (_THREADS,),
+    "analyze_esconv": (_option("--esconv", default=None, help="ESConv.json path, a folder holding it, or a hub dataset id"),),
+    "build_datasets": (
+        _THREADS,
+        _option("--labels", type=Path, default=None, help="labels.parquet (default: <run>/label/labels.parquet)"),
+    ),
+    "train_tvd": (_DATASETS,),
+    "train_rg": (_DATASETS,),
+    "simulate": (
+        _path_option("--personas", "personas_path", "personas.jsonl (default: <run>/personas/personas.jsonl)"),
+        _option(
+            "--split",
+            dest="splits",
+            action="append",
+            choices=["train", "dev", "test"],
+            default=[],
+            help="persona split(s) to simulate (repeatable; default simulate.splits)",
+        ),
+        _option("--supporter", default=None, help="supporter model spec (default models.supporter)"),
+        _option("--tvd", default=None, help="target value detector spec, e.g. hf:<base>+<adapter>; '' for none"),
+        _option("--rg", default=None, help="reference generator spec; '' for none"),
+        _option("--name", default="main", help="output folder under <run>/simulate/"),
+    ),
+    "train_supporter": (
+        _path_option("--dialogues", "dialogues_path", "dialogues.jsonl (default: <run>/simulate/main/dialogues.jsonl)"),
+        _path_option("--personas", "personas_path", "personas for the DPO (SFT) simulations (default: the dialogues' own)"),
+        _option("--tvd", default=None, help="target value detector spec (default simulate.tvd; '' for none)"),
+        _option("--rg", default=None, help="reference generator spec (default simulate.rg; '' for none)"),
+    ),
+    "evaluate": (
+        _option(
+            "--personas",
+            type=Path,
+            default=None,
+            help="personas.jsonl (default: evaluate.personas or <run>/personas/personas.jsonl)",
+        ),
+        _option(
+            "--supporter",
+            action="append",
+            default=[],
+            metavar="NAME=SPEC",
+            help="model of a row of evaluate.supporters: a spec, mlflow:<run_id> or an adapter folder (repeatable)",
+        ),
+        _option("--tvd", default=None, help="target value detector for rows that use it (default simulate.tvd)"),
+        _option("--rg", default=None, help="reference generator for rows that use it (default simulate.rg)"),
+        _option("--no-report", action="store_true", help="do not build the report afterwards"),
+    ),
+    "report": (
+        _option("--runs", nargs="+", default=[], metavar="RUN_ID", help="MLflow run ids of evaluate runs"),
+        _option("--tag", action="append", default=[], metavar="KEY=VALUE", help="choose evaluate runs by tag (repeatable)"),
+        _option(
+            "--summary", nargs="+", type=Path, default=[], metavar="FILE", help="evaluate/summary.json files instead of runs"
+        ),
+        _option("--title", default="ES-VR evaluation report"),
+    ),
+}
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """The stage's flow on the recipe, with the command's options as its keywords."""
     config = prepared(args)
-    from esvr.flows.smoke import smoke_flow
+    from esvr.flows.stages import STAGES_BY_NAME
 
-    _print_artifacts(smoke_flow(config))
+    flow = STAGES_BY_NAME[args.stage].load()
+    _print_artifacts(flow(config, **{dest: getattr(args, dest) for dest in args.flow_options}))
     return 0
-
-
-# ---- stage 1: ingest (tasks/reddit/ingest.py, flows/ingest.py) ------------------------------------
-
-
-def add_ingest_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="Pushshift .zst dumps -> threads.parquet (demo: the generated sample dump)")
-    _common(p)
-    p.add_argument(
-        "--dumps",
-        type=Path,
-        nargs="+",
-        default=None,
-        metavar="PATH",
-        help="RS_/RC_YYYY-MM.zst or <sub>_submissions/_comments.zst files (default: ingest.dumps)",
-    )
-    p.set_defaults(func=cmd_ingest)
-
-    p = sub.add_parser("make-sample-dump", help="write realistic Pushshift-format sample dumps (zstd, long window)")
-    p.add_argument("--out", type=Path, required=True, help="folder for RS_<month>.zst and RC_<month>.zst")
-    p.add_argument(
-        "--months",
-        nargs="+",
-        default=["2021-06"],
-        metavar="YYYY-MM",
-        help="one pair of dumps per month; the first holds the hand-built cases",
-    )
-    p.add_argument("--posts", type=int, default=150, help="random posts spread over the months")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_sample_dump)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -207,206 +269,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"esvr ingest: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def cmd_make_sample_dump(args: argparse.Namespace) -> int:
-    from esvr.tasks.reddit.sample_dump import make_sample_dump
-
-    paths = make_sample_dump(args.out, months=args.months, posts=args.posts, seed=args.seed)
-    for kind, files in paths.items():
-        for f in files:
-            print(f"{kind}: {f}")
-    return 0
-
-
-def cmd_bench_ingest(args: argparse.Namespace) -> int:
-    from esvr.tasks.bench.ingest import run_bench
-
-    run_bench(size_mb=args.size_mb, tmp_dir=args.tmp)
-    return 0
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from esvr.flows.recipe import read_recipe
-    from esvr.tasks.bench.train import bench_train
-
-    opts = {
-        k: getattr(args, k)
-        for k in (
-            "config",
-            "model",
-            "sft",
-            "dpo",
-            "generate",
-            "steps",
-            "warmup",
-            "max_length",
-            "batch_size",
-            "dpo_batch_size",
-            "grad_accum",
-            "gradient_checkpointing",
-            "attn",
-            "gen_batch_sizes",
-            "gen_new_tokens",
-            "peak_tflops",
-        )
-    }
-    bench_train(recipe=read_recipe(args.config), **opts, json_path=args.json)
-    return 0
-
-
-def cmd_personas(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.personas import personas_flow
-
-    _print_artifacts(personas_flow(config))
-    return 0
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.simulate import simulate_flow
-
-    _print_artifacts(
-        simulate_flow(
-            config,
-            personas_path=args.personas,
-            splits=args.split or None,
-            supporter=args.supporter,
-            tvd=args.tvd,
-            rg=args.rg,
-            name=args.name,
-        )
-    )
-    return 0
-
-
-def cmd_bench_simulate(args: argparse.Namespace) -> int:
-    from esvr.tasks.bench.simulate import bench_simulate, format_bench
-
-    results = bench_simulate(
-        latency_s=args.latency,
-        dialogues_c1=args.dialogues_c1,
-        dialogues_cN=args.dialogues,
-        concurrency=args.concurrency,
-        end_after=args.end_after,
-    )
-    print(format_bench(results))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="esvr",
-        description="Emotional support dialogue systems via value reinforcement (Kim et al., ACL 2025): "
-        "a Prefect + MLflow pipeline.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", help="run the whole pipeline (or run.stages) on a recipe")
-    _common(p)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser(
-        "check", help="preflight: list everything the recipe's stages still lack (keys, servers, files), in seconds"
-    )
-    _common(p)
-    p.add_argument(
-        "--stage",
-        dest="stages",
-        action="append",
-        default=[],
-        metavar="STAGE",
-        help="check only this stage's needs (repeatable; default: the stages `esvr run` selects)",
-    )
-    p.set_defaults(func=cmd_check)
-
-    p = sub.add_parser(
-        "rehearse",
-        help="the paper recipe end to end on this machine, against local servers it starts (default configs/rehearsal.yaml)",
-    )
-    _common(p)
-    p.set_defaults(func=cmd_rehearse)
-
-    p = sub.add_parser(
-        "build-value-detector",
-        help="write a 20-value sequence-classification checkpoint from the "
-        "bundled encoder and value head (for label.values.backend: hf)",
-    )
-    p.add_argument("--out", type=Path, required=True, help="folder to write (a no-op when it holds the same build)")
-    p.add_argument("--head", type=Path, default=None, help="value head .npz (default: the bundled one)")
-    p.set_defaults(func=cmd_build_value_detector)
-
-    p = sub.add_parser("config", help="inspect run recipes")
-    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = config_sub.add_parser("show", help="print the resolved config (recipe + extends chain + overrides + defaults)")
-    _common(show)
-    show.add_argument("--diff", action="store_true", help="print only the keys that differ from the recipe's parent")
-    show.set_defaults(func=cmd_config_show)
-
-    p = sub.add_parser("smoke", help="one reply and one scored choice from the supporter model")
-    _common(p)
-    p.set_defaults(func=cmd_smoke)
-
-    # Benchmarks print numbers; each stage adds its own under `esvr bench <stage>`.
-    bench = sub.add_parser("bench", help="benchmarks that print numbers")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="STAGE")
-    add_bench_commands(bench_sub)
-
-    add_stage_commands(sub)
-    return parser
-
-
-# ---- stage 8: evaluate, report (tasks/evaluation/evaluate.py, tasks/evaluation/report.py, flows/evaluate.py, flows/report.py)
-
-
-def add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="supporters under test x test personas -> ES-Skills, ES-Intensity, ES-Value (stage 8)")
-    _common(p)
-    p.add_argument(
-        "--personas", type=Path, default=None, help="personas.jsonl (default: evaluate.personas or <run>/personas/personas.jsonl)"
-    )
-    p.add_argument(
-        "--supporter",
-        action="append",
-        default=[],
-        metavar="NAME=SPEC",
-        help="model of a row of evaluate.supporters: a spec, mlflow:<run_id> or an adapter folder (repeatable)",
-    )
-    p.add_argument("--tvd", default=None, help="target value detector for rows that use it (default simulate.tvd)")
-    p.add_argument("--rg", default=None, help="reference generator for rows that use it (default simulate.rg)")
-    p.add_argument("--no-report", action="store_true", help="do not build the report afterwards")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("report", help="Markdown report (paper Tables 2/3 + plots) from evaluate runs, logged to MLflow")
-    _common(p)
-    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_ID", help="MLflow run ids of evaluate runs")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="choose evaluate runs by tag (repeatable)")
-    p.add_argument(
-        "--summary", nargs="+", type=Path, default=[], metavar="FILE", help="evaluate/summary.json files instead of runs"
-    )
-    p.add_argument("--title", default="ES-VR evaluation report")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser(
-        "judge-vs-human", help="Spearman correlation per criterion between human ratings (CSV) and the judge (paper App. H)"
-    )
-    _common(p)
-    p.add_argument("--ratings", type=Path, required=True, help="CSV: supporter,persona_id,<criterion>... (docs/evaluation.md)")
-    p.add_argument(
-        "--evaluate-dir", type=Path, default=None, help="evaluation folder with */judgments.jsonl (default <run>/evaluate)"
-    )
-    p.set_defaults(func=cmd_judge_vs_human)
-
-    p = sub.add_parser(
-        "simulator-fidelity", help="seeker simulators and the ES-Intensity judge against ESConv (paper Tables 29 and 11)"
-    )
-    _common(p)
-    p.add_argument(
-        "--esconv", type=Path, default=None, help="ESConv.json or FailedESConv.json (default evaluate.fidelity.esconv)"
-    )
-    p.add_argument("--no-intensity", action="store_true", help="skip the ES-Intensity predictor validation")
-    p.set_defaults(func=cmd_simulator_fidelity)
 
 
 def _name_specs(items: list[str]) -> dict[str, str]:
@@ -449,6 +311,189 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: stages whose options are more than the flow's keywords
+STAGE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "ingest": cmd_ingest,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+}
+
+
+def add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """One subcommand per pipeline stage, listed in pipeline order."""
+    from esvr.flows.stages import PIPELINE
+
+    for stage in PIPELINE:
+        func = STAGE_COMMANDS.get(stage.name, cmd_stage)
+        add_command(sub, stage.command, stage.help, func, STAGE_OPTIONS.get(stage.name, ())).set_defaults(stage=stage.name)
+
+
+# ---- the tools beside the stages ------------------------------------------------------------
+
+
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    func: Callable[[argparse.Namespace], int],
+    options: tuple[Option, ...] = (),
+    common: bool = True,
+) -> argparse.ArgumentParser:
+    """A subcommand (with --config/--set/--out when `common`); `flow_options` names its options' dests."""
+    p = sub.add_parser(name, help=help)
+    if common:
+        _common(p)
+    dests = [p.add_argument(*flags, **kwargs).dest for flags, kwargs in options]
+    p.set_defaults(func=func, flow_options=dests)
+    return p
+
+
+def add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    from esvr.models.value_detector import DEFAULT_HEAD
+
+    add_command(
+        sub,
+        "make-sample-dump",
+        "write realistic Pushshift-format sample dumps (zstd, long window)",
+        cmd_make_sample_dump,
+        (
+            _option("--out", type=Path, required=True, help="folder for RS_<month>.zst and RC_<month>.zst"),
+            _option(
+                "--months",
+                nargs="+",
+                default=["2021-06"],
+                metavar="YYYY-MM",
+                help="one pair of dumps per month; the first holds the hand-built cases",
+            ),
+            _option("--posts", type=int, default=150, help="random posts spread over the months"),
+            _option("--seed", type=int, default=0),
+        ),
+        common=False,
+    )
+    add_command(
+        sub,
+        "train-value-head",
+        "train the offline value detector's heads on Touché23-ValueEval",
+        cmd_train_value_head,
+        (
+            _option("--data", type=Path, required=True, help="folder with arguments-*.tsv and labels-*.tsv"),
+            _option("--out", type=Path, default=DEFAULT_HEAD, help=f"head file to write (default {DEFAULT_HEAD})"),
+            _option("--max-seq-length", type=int, default=128),
+            _option("--limit", type=int, default=None, help="use only the first N arguments of each split"),
+        ),
+        common=False,
+    )
+    add_command(
+        sub,
+        "chat",
+        "talk to a trained supporter in the terminal (TVD and RG in the loop, crisis guard on)",
+        cmd_chat,
+        (
+            _option(
+                "--supporter",
+                default="latest",
+                metavar="REF",
+                help="an MLflow run id, mlflow:<run_id>, an adapter folder, a model spec, or 'latest' (default: the "
+                "newest train_supporter run of run.experiment)",
+            ),
+            _option(
+                "--tvd",
+                default=None,
+                help="target value detector spec (default: the one the supporter was trained with, else simulate.tvd; "
+                "'' for none)",
+            ),
+            _option("--rg", default=None, help="reference generator spec (default as for --tvd; '' for none)"),
+            _option("--show-reasoning", action="store_true", help="print the supporter's four reasoning steps"),
+            _option(
+                "--max-tokens", type=int, default=None, help="tokens per supporter reply (default simulate.supporter_max_tokens)"
+            ),
+        ),
+    )
+    add_command(
+        sub,
+        "judge-vs-human",
+        "Spearman correlation per criterion between human ratings (CSV) and the judge (paper App. H)",
+        cmd_judge_vs_human,
+        (
+            _option("--ratings", type=Path, required=True, help="CSV: supporter,persona_id,<criterion>... (docs/evaluation.md)"),
+            _option(
+                "--evaluate-dir",
+                type=Path,
+                default=None,
+                help="evaluation folder with */judgments.jsonl (default <run>/evaluate)",
+            ),
+        ),
+    )
+    add_command(
+        sub,
+        "simulator-fidelity",
+        "seeker simulators and the ES-Intensity judge against ESConv (paper Tables 29 and 11)",
+        cmd_simulator_fidelity,
+        (
+            _option(
+                "--esconv", type=Path, default=None, help="ESConv.json or FailedESConv.json (default evaluate.fidelity.esconv)"
+            ),
+            _option("--no-intensity", action="store_true", help="skip the ES-Intensity predictor validation"),
+        ),
+    )
+    # deployment (prefect.yaml, docker-compose.yml; docs/deployment.md)
+    add_command(
+        sub,
+        "deploy",
+        "register prefect.yaml's deployments on the Prefect server of PREFECT_API_URL",
+        cmd_deploy,
+        (
+            _option(
+                "--config",
+                default="configs/paper.yaml",
+                help="run recipe the deployments use, relative to the worker's project folder (default configs/paper.yaml); "
+                "its ingest.schedule_cron schedules ingest-new-dumps",
+            ),
+            _option(
+                "--name",
+                dest="names",
+                action="append",
+                default=[],
+                metavar="DEPLOYMENT",
+                help="register only this deployment (repeatable; default: all)",
+            ),
+        ),
+        common=False,
+    )
+
+
+def cmd_make_sample_dump(args: argparse.Namespace) -> int:
+    from esvr.tasks.reddit.sample_dump import make_sample_dump
+
+    paths = make_sample_dump(args.out, months=args.months, posts=args.posts, seed=args.seed)
+    for kind, files in paths.items():
+        for f in files:
+            print(f"{kind}: {f}")
+    return 0
+
+
+def cmd_train_value_head(args: argparse.Namespace) -> int:
+    import json
+
+    from esvr.tasks.labeling.value_head import metrics_table, train_value_head
+
+    if not Path(args.data).is_dir():
+        raise FileNotFoundError(f"Touché23-ValueEval folder not found: {args.data}")
+    metrics = train_value_head(args.data, args.out, max_seq_length=args.max_seq_length, limit=args.limit)
+    print(metrics_table(metrics))
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    from esvr.flows.chat import open_session, run_terminal
+
+    with open_session(config, args.supporter, tvd=args.tvd, rg=args.rg, max_tokens=args.max_tokens) as (session, banner):
+        print(banner, file=sys.stderr)
+        return run_terminal(session, show_reasoning=args.show_reasoning)
+
+
 def cmd_judge_vs_human(args: argparse.Namespace) -> int:
     config = prepared(args)
     from esvr.flows.evaluate import judge_vs_human_flow
@@ -465,84 +510,6 @@ def cmd_simulator_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- stages 3-4: datasets, target value detector, reference generator ----------------------
-
-
-def add_component_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build-datasets", help="threads + labels -> TVD, RG-SFT, RG-DPO datasets (stage 3)")
-    _common(p)
-    p.add_argument("--threads", type=Path, default=None, help="threads.parquet (default: <run>/ingest/threads.parquet)")
-    p.add_argument("--labels", type=Path, default=None, help="labels.parquet (default: <run>/label/labels.parquet)")
-    p.set_defaults(func=cmd_build_datasets)
-
-    p = sub.add_parser("train-tvd", help="LoRA SFT of the target value detector + Table 5 evaluation (stage 4)")
-    _common(p)
-    p.add_argument("--datasets", type=Path, default=None, help="datasets folder (default: <run>/datasets)")
-    p.set_defaults(func=cmd_train_tvd)
-
-    p = sub.add_parser("train-rg", help="reference generator SFT then DPO per setting + Tables 7-8 (stage 4)")
-    _common(p)
-    p.add_argument("--datasets", type=Path, default=None, help="datasets folder (default: <run>/datasets)")
-    p.set_defaults(func=cmd_train_rg)
-
-
-def cmd_build_datasets(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.build_datasets import build_datasets_flow
-
-    _print_artifacts(build_datasets_flow(config, args.threads, args.labels))
-    return 0
-
-
-def cmd_train_tvd(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.train_tvd import train_tvd_flow
-
-    _print_artifacts(train_tvd_flow(config, args.datasets))
-    return 0
-
-
-def cmd_train_rg(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.train_rg import train_rg_flow
-
-    _print_artifacts(train_rg_flow(config, args.datasets))
-    return 0
-
-
-def add_stage_commands(sub: argparse._SubParsersAction) -> None:
-    """One subcommand per pipeline stage, listed in pipeline order."""
-    add_ingest_commands(sub)
-    add_label_commands(sub)
-    add_component_commands(sub)
-    add_simulation_commands(sub)
-    add_supporter_commands(sub)
-    add_evaluation_commands(sub)
-    add_deploy_commands(sub)
-
-
-# ---- deployment (prefect.yaml, docker-compose.yml; docs/deployment.md) ----------------------
-
-
-def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("deploy", help="register prefect.yaml's deployments on the Prefect server of PREFECT_API_URL")
-    p.add_argument(
-        "--config",
-        default="configs/paper.yaml",
-        help="run recipe the deployments use, relative to the worker's project folder (default configs/paper.yaml); "
-        "its ingest.schedule_cron schedules ingest-new-dumps",
-    )
-    p.add_argument(
-        "--name",
-        dest="names",
-        action="append",
-        default=[],
-        metavar="DEPLOYMENT",
-        help="register only this deployment (repeatable; default: all)",
-    )
-    p.set_defaults(func=cmd_deploy)
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
     from esvr.flows.deploy import DeployError, deploy
 
@@ -556,26 +523,68 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_simulation_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("personas", help="generate seeker personas (stage 5): situations, alignment, emotion, demographics, split")
-    _common(p)
-    p.set_defaults(func=cmd_personas)
+# ---- benchmarks: numbers per stage that has a speed target ----------------------------------
 
-    p = sub.add_parser("simulate", help="simulate supporter-seeker dialogues over personas (stage 6); resumable")
-    _common(p)
-    p.add_argument("--personas", type=Path, default=None, help="personas.jsonl (default: <run>/personas/personas.jsonl)")
-    p.add_argument(
-        "--split",
-        action="append",
-        choices=["train", "dev", "test"],
-        default=[],
-        help="persona split(s) to simulate (repeatable; default simulate.splits)",
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    from esvr.tasks.bench.ingest import run_bench
+
+    run_bench(size_mb=args.size_mb, tmp_dir=args.tmp)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from esvr.flows.recipe import read_recipe
+    from esvr.tasks.bench.train import bench_train
+
+    opts = {
+        k: getattr(args, k)
+        for k in (
+            "config",
+            "model",
+            "sft",
+            "dpo",
+            "generate",
+            "steps",
+            "warmup",
+            "max_length",
+            "batch_size",
+            "dpo_batch_size",
+            "grad_accum",
+            "gradient_checkpointing",
+            "attn",
+            "gen_batch_sizes",
+            "gen_new_tokens",
+            "peak_tflops",
+        )
+    }
+    bench_train(recipe=read_recipe(args.config), **opts, json_path=args.json)
+    return 0
+
+
+def cmd_bench_simulate(args: argparse.Namespace) -> int:
+    from esvr.tasks.bench.simulate import bench_simulate, format_bench
+
+    results = bench_simulate(
+        latency_s=args.latency,
+        dialogues_c1=args.dialogues_c1,
+        dialogues_cN=args.dialogues,
+        concurrency=args.concurrency,
+        end_after=args.end_after,
     )
-    p.add_argument("--supporter", default=None, help="supporter model spec (default models.supporter)")
-    p.add_argument("--tvd", default=None, help="target value detector spec, e.g. hf:<base>+<adapter>; '' for none")
-    p.add_argument("--rg", default=None, help="reference generator spec; '' for none")
-    p.add_argument("--name", default="main", help="output folder under <run>/simulate/")
-    p.set_defaults(func=cmd_simulate)
+    print(format_bench(results))
+    return 0
+
+
+def cmd_bench_label(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from esvr.tasks.bench.label import bench_label
+
+    bench_label(n=args.n, threads_path=args.threads, repeats=args.repeats, max_seq_length=args.max_seq_length)
+    return 0
 
 
 def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
@@ -639,70 +648,6 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_train)
 
 
-# -- stage 2: label, value head, ESConv analysis --------------------------------------------
-
-
-def cmd_label(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.label import label_flow
-
-    _print_artifacts(label_flow(config, args.threads))
-    return 0
-
-
-def cmd_analyze_esconv(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.analyze_esconv import analyze_esconv_flow
-
-    _print_artifacts(analyze_esconv_flow(config, args.esconv))
-    return 0
-
-
-def cmd_train_value_head(args: argparse.Namespace) -> int:
-    import json
-
-    from esvr.tasks.labeling.value_head import metrics_table, train_value_head
-
-    if not Path(args.data).is_dir():
-        raise FileNotFoundError(f"Touché23-ValueEval folder not found: {args.data}")
-    metrics = train_value_head(args.data, args.out, max_seq_length=args.max_seq_length, limit=args.limit)
-    print(metrics_table(metrics))
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
-    return 0
-
-
-def cmd_bench_label(args: argparse.Namespace) -> int:
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from esvr.tasks.bench.label import bench_label
-
-    bench_label(n=args.n, threads_path=args.threads, repeats=args.repeats, max_seq_length=args.max_seq_length)
-    return 0
-
-
-def add_label_commands(sub: argparse._SubParsersAction) -> None:
-    from esvr.models.value_detector import DEFAULT_HEAD
-
-    p = sub.add_parser("label", help="label every utterance of threads.parquet: valence, sentiment, 20 values (stage 2)")
-    _common(p)
-    p.add_argument("--threads", type=Path, default=None, help="threads.parquet (default: <run>/ingest/threads.parquet)")
-    p.set_defaults(func=cmd_label)
-
-    p = sub.add_parser("train-value-head", help="train the offline value detector's heads on Touché23-ValueEval")
-    p.add_argument("--data", type=Path, required=True, help="folder with arguments-*.tsv and labels-*.tsv")
-    p.add_argument("--out", type=Path, default=DEFAULT_HEAD, help=f"head file to write (default {DEFAULT_HEAD})")
-    p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N arguments of each split")
-    p.set_defaults(func=cmd_train_value_head)
-
-    p = sub.add_parser("analyze-esconv", help="the paper's §3 ESConv value analysis: groups, Mann-Whitney U, Figure 2")
-    _common(p)
-    p.add_argument("--esconv", default=None, help="ESConv.json path, a folder holding it, or a hub dataset id")
-    p.set_defaults(func=cmd_analyze_esconv)
-
-
 def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("label", help="utterances/s of the value detector and emotion scorer on this machine")
     p.add_argument("--n", type=int, default=1000, help="texts to label")
@@ -717,59 +662,63 @@ def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_label)
 
 
-# -- stage 7: supporter training and the chat front end (flows/train_supporter.py, flows/chat.py)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esvr",
+        description="Emotional support dialogue systems via value reinforcement (Kim et al., ACL 2025): "
+        "a Prefect + MLflow pipeline.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("run", help="run the whole pipeline (or run.stages) on a recipe")
+    _common(p)
+    p.set_defaults(func=cmd_run)
 
-def add_supporter_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train-supporter", help="SFT the supporter on simulated dialogues, build look-ahead DPO pairs (Table 19), DPO (stage 7)"
+        "check", help="preflight: list everything the recipe's stages still lack (keys, servers, files), in seconds"
     )
     _common(p)
-    p.add_argument("--dialogues", type=Path, default=None, help="dialogues.jsonl (default: <run>/simulate/main/dialogues.jsonl)")
     p.add_argument(
-        "--personas", type=Path, default=None, help="personas for the DPO (SFT) simulations (default: the dialogues' own)"
+        "--stage",
+        dest="stages",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="check only this stage's needs (repeatable; default: the stages `esvr run` selects)",
     )
-    p.add_argument("--tvd", default=None, help="target value detector spec (default simulate.tvd; '' for none)")
-    p.add_argument("--rg", default=None, help="reference generator spec (default simulate.rg; '' for none)")
-    p.set_defaults(func=cmd_train_supporter)
+    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("chat", help="talk to a trained supporter in the terminal (TVD and RG in the loop, crisis guard on)")
+    p = sub.add_parser(
+        "rehearse",
+        help="the paper recipe end to end on this machine, against local servers it starts (default configs/rehearsal.yaml)",
+    )
     _common(p)
-    p.add_argument(
-        "--supporter",
-        default="latest",
-        metavar="REF",
-        help="an MLflow run id, mlflow:<run_id>, an adapter folder, a model spec, or 'latest' (default: the "
-        "newest train_supporter run of run.experiment)",
+    p.set_defaults(func=cmd_rehearse)
+
+    p = sub.add_parser(
+        "build-value-detector",
+        help="write a 20-value sequence-classification checkpoint from the "
+        "bundled encoder and value head (for label.values.backend: hf)",
     )
-    p.add_argument(
-        "--tvd",
-        default=None,
-        help="target value detector spec (default: the one the supporter was trained with, else simulate.tvd; '' for none)",
-    )
-    p.add_argument("--rg", default=None, help="reference generator spec (default as for --tvd; '' for none)")
-    p.add_argument("--show-reasoning", action="store_true", help="print the supporter's four reasoning steps")
-    p.add_argument(
-        "--max-tokens", type=int, default=None, help="tokens per supporter reply (default simulate.supporter_max_tokens)"
-    )
-    p.set_defaults(func=cmd_chat)
+    p.add_argument("--out", type=Path, required=True, help="folder to write (a no-op when it holds the same build)")
+    p.add_argument("--head", type=Path, default=None, help="value head .npz (default: the bundled one)")
+    p.set_defaults(func=cmd_build_value_detector)
 
+    p = sub.add_parser("config", help="inspect run recipes")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print the resolved config (recipe + extends chain + overrides + defaults)")
+    _common(show)
+    show.add_argument("--diff", action="store_true", help="print only the keys that differ from the recipe's parent")
+    show.set_defaults(func=cmd_config_show)
 
-def cmd_train_supporter(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.train_supporter import train_supporter_flow
+    # Benchmarks print numbers; each stage adds its own under `esvr bench <stage>`.
+    bench = sub.add_parser("bench", help="benchmarks that print numbers")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="STAGE")
+    add_bench_commands(bench_sub)
 
-    _print_artifacts(train_supporter_flow(config, args.dialogues, args.personas, args.tvd, args.rg))
-    return 0
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    config = prepared(args)
-    from esvr.flows.chat import open_session, run_terminal
-
-    with open_session(config, args.supporter, tvd=args.tvd, rg=args.rg, max_tokens=args.max_tokens) as (session, banner):
-        print(banner, file=sys.stderr)
-        return run_terminal(session, show_reasoning=args.show_reasoning)
+    add_stage_commands(sub)
+    add_tool_commands(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ class OrchestrationConfig(Section):
     address: str | None = None
 
 
-#: `esvr run`'s stages in pipeline order (flows/pipeline.py)
+#: `esvr run`'s stages in pipeline order: the names of flows/stages.py's table (a test keeps them equal)
 STAGES = [
     "ingest",
     "label",
@@ -83,6 +83,8 @@ STAGES = [
 ]
 #: stages that run only when named in run.stages
 OPTIONAL_STAGES = ["smoke"]
+#: the stages a variant's recipe runs inside `esvr run` (its rows are the parent's evaluation)
+VARIANT_STAGES = ["train_rg", "simulate", "train_supporter"]
 
 
 class PipelineConfig(Section):
@@ -136,8 +138,7 @@ class PipelineConfig(Section):
         data["run"]["out_dir"] = str(self.run.out_dir / "variants" / name)
         data["run"]["tracking_dir"] = str(self.run.tracking_dir or self.run.out_dir)
         data["run"]["name"] = f"{self.run.name}-{name}"
-        # the stages a variant branch runs inside `esvr run` (its rows are the parent's evaluation)
-        data["run"]["stages"] = ["train_rg", "simulate", "train_supporter"]
+        data["run"]["stages"] = list(VARIANT_STAGES)
         return PipelineConfig.model_validate(data)
 
     @model_validator(mode="after")
