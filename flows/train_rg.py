@@ -23,7 +23,7 @@ from esvr.flows.config import PipelineConfig
 from esvr.flows.train_tvd import STAGE, dataset_dir, model_for, train_component
 from esvr.models.config import ModelConfig
 from esvr.tasks.common.paths import RunPaths
-from esvr.tasks.common.roles import base_model, component_spec
+from esvr.tasks.common.roles import base_model
 from esvr.tasks.components import rg
 from esvr.tasks.components.datasets import load_manifest
 
@@ -114,45 +114,26 @@ def train_rg_flow(config: PipelineConfig, datasets: str | Path | None = None) ->
             sft_data, dpo_data = dataset_dir(manifest, setting, "rg_sft"), dataset_dir(manifest, setting, "rg_dpo")
             if not cfg.with_values:
                 sft_data = Path(without_target_values_task(sft_data, stage_dir / setting / "sft_data_no_values", max_chars))
-            sft, sft_run = train_component(
-                config,
-                component="rg",
-                stage="sft",
-                setting=setting,
-                kind="sft",
-                data=sft_data,
-                train_cfg=scfg.sft,
-                out=stage_dir / setting / "sft",
-                tags={"esvr.rg_values": str(cfg.with_values).lower()},
-            )
-            systems = {"vanilla": base_model(config.models.base).spec, "sft": component_spec(sft["adapter_dir"])}
-            artifacts[f"rg_{setting}_sft"] = systems["sft"]
-            artifacts[f"rg_{setting}_sft_run"] = f"mlflow:{sft_run}"
+            out = stage_dir / setting
+            values_tag = {"esvr.rg_values": str(cfg.with_values).lower()}
+            sft = train_component(config, "rg", "sft", setting, sft_data, scfg.sft, out / "sft", tags=values_tag)
+            trained = {"sft": sft}
             if not cfg.with_values:
                 print(f"rg ({setting}): trained without values (App. G.1): SFT only")
             elif len(load_from_disk(str(dpo_data))["train"]) == 0:
                 print(f"rg ({setting}): no DPO pairs to train on; the SFT model stands in for DPO")
             else:
-                dpo, dpo_run = train_component(
-                    config,
-                    component="rg",
-                    stage="dpo",
-                    setting=setting,
-                    kind="dpo",
-                    data=dpo_data,
-                    train_cfg=scfg.dpo,
-                    out=stage_dir / setting / "dpo",
-                    sft_adapter=Path(sft["adapter_dir"]),
-                )
-                systems["dpo"] = component_spec(dpo["adapter_dir"])
-                artifacts[f"rg_{setting}_dpo"] = systems["dpo"]
-                artifacts[f"rg_{setting}_dpo_run"] = f"mlflow:{dpo_run}"
+                trained["dpo"] = train_component(config, "rg", "dpo", setting, dpo_data, scfg.dpo, out / "dpo", sft=sft)
+            for kind, adapter in trained.items():
+                artifacts[f"rg_{setting}_{kind}"] = adapter.spec
+                artifacts[f"rg_{setting}_{kind}_run"] = adapter.run
+            systems = {"vanilla": base_model(config.models.base).spec} | {k: a.spec for k, a in trained.items()}
             if setting == cfg.final_setting:
                 best = "dpo" if "dpo" in systems else "sft"
                 artifacts["rg"] = systems[best]
                 artifacts["rg_run"] = artifacts[f"rg_{setting}_{best}_run"]
             if cfg.eval.compare_systems or cfg.eval.compare_random_values:
-                results = evaluate_setting(config, setting, sft_data, systems, stage_dir / setting / "eval", max_chars)
+                results = evaluate_setting(config, setting, sft_data, systems, out / "eval", max_chars)
                 report += [rg.pairwise_markdown(setting.replace("_", "-"), results), ""]
         table = stage_dir / "tables7_8.md"
         table.write_text("\n".join(report))

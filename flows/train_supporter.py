@@ -29,7 +29,7 @@ from esvr.flows.config import PipelineConfig
 from esvr.flows.task_runners import map_runner, uses_cluster
 from esvr.models.config import ModelConfig
 from esvr.tasks.common.paths import RunPaths
-from esvr.tasks.common.roles import component_spec, model_config, release_models
+from esvr.tasks.common.roles import model_config, release_models
 from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, load_dialogues
 from esvr.tasks.supporter.preferences import EMOTION_PROMPTS
 from esvr.tasks.supporter.train_supporter import (
@@ -120,18 +120,9 @@ def train_supporter_flow(
         if stats["train"]["examples"] == 0:
             raise ValueError(f"train_supporter: {dialogues} gives no SFT training example (no successful train-split turn)")
         release_models()  # training wants the memory the simulation's models hold
-        sft, sft_run = train_component(
-            config,
-            component="supporter",
-            stage="sft",
-            setting=variant,
-            kind="sft",
-            data=Path(sft_data["data"]),
-            train_cfg=cfg.sft,
-            out=stage_dir / "sft" / "train",
-        )
-        sft_spec = component_spec(sft["adapter_dir"])
-        artifacts.update(sft=sft_spec, sft_run=f"mlflow:{sft_run}", supporter=sft_spec, supporter_run=f"mlflow:{sft_run}")
+        sft = train_component(config, "supporter", "sft", variant, Path(sft_data["data"]), cfg.sft, stage_dir / "sft" / "train")
+        sft_spec = sft.spec
+        artifacts.update(sft=sft_spec, sft_run=sft.run, supporter=sft_spec, supporter_run=sft.run)
 
         # 2. the dialogues behind the preference data ------------------------------------------
         # the rollouts' agents: the prompted supporter's, or the SFT model's with 'DPO (SFT)'
@@ -236,18 +227,10 @@ def train_supporter_flow(
                 f"({selected['train']['candidates']} turns with both candidates); the supporter is the SFT model"
             )
         else:
-            dpo, dpo_run = train_component(
-                config,
-                component="supporter",
-                stage="dpo",
-                setting=f"{variant}.{prefs['selected']}",
-                kind="dpo",
-                data=Path(prefs["data"]),
-                train_cfg=cfg.dpo,
-                out=stage_dir / "dpo" / "train",
-                sft_adapter=Path(sft["adapter_dir"]),
+            pairs = f"{variant}.{prefs['selected']}"  # the MLflow setting: the reward and the chosen pairs
+            dpo = train_component(
+                config, "supporter", "dpo", pairs, Path(prefs["data"]), cfg.dpo, stage_dir / "dpo" / "train", sft
             )
-            dpo_spec = component_spec(dpo["adapter_dir"])
-            artifacts.update(dpo=dpo_spec, dpo_run=f"mlflow:{dpo_run}", supporter=dpo_spec, supporter_run=f"mlflow:{dpo_run}")
+            artifacts.update(dpo=dpo.spec, dpo_run=dpo.run, supporter=dpo.spec, supporter_run=dpo.run)
         tracking.log_metrics({"dpo_trained": float("dpo" in artifacts)})
         return artifacts

@@ -10,8 +10,9 @@ addresses the trained detector. The evaluation compares the detector with prompt
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 from prefect import flow, task
@@ -72,20 +73,32 @@ def dataset_dir(manifest: dict[str, Any], setting: str, kind: str) -> Path:
         ) from None
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A trained LoRA adapter: its folder, its chat spec and its MLflow run."""
+
+    dir: Path
+    spec: str
+    run_id: str
+
+    @property
+    def run(self) -> str:
+        """The run as a component reference, ``mlflow:<run_id>``."""
+        return f"mlflow:{self.run_id}"
+
+
 def train_component(
     config: PipelineConfig,
-    *,
     component: str,
-    stage: str,
+    stage: Literal["sft", "dpo"],
     setting: str,
-    kind: str,
     data: Path,
     train_cfg: Any,
     out: Path,
-    sft_adapter: Path | None = None,
+    sft: Adapter | None = None,
     tags: dict[str, str] | None = None,
-) -> tuple[dict[str, Any], str]:
-    """One training as a nested MLflow run; returns (TrainResult JSON, MLflow run id)."""
+) -> Adapter:
+    """One training as a nested MLflow run: an SFT adapter, or a DPO one starting from `sft`."""
     base = base_model(config.models.base)
     tags = {
         "esvr.component": component,
@@ -101,7 +114,7 @@ def train_component(
             mlflow.log_params(dict(items[i : i + 100]))
         meta = {"component": component, "stage": stage, "setting": setting}
         release_models()  # the shared chat models' memory goes to training (they reload on demand)
-        result = train_lora_task(kind, base, data, sft_adapter, train_cfg, out, meta, run_id)
+        result = train_lora_task(stage, base, data, sft.dir if sft else None, train_cfg, out, meta, run_id)
         return_freed_memory()  # the Trainer holds reference cycles; free the training copy before evaluating
         log_training(result, run_id)
         m = result["metrics"]
@@ -109,7 +122,7 @@ def train_component(
             f"{component} {stage} ({setting}): {int(m['global_step'])} steps, {m['step_time_s']:.2f} s/step, "
             f"train loss {m['train_loss']:.3f}" + (f", dev loss {m['eval_loss']:.3f}" if "eval_loss" in m else "")
         )
-    return result, run_id
+    return Adapter(Path(result["adapter_dir"]), component_spec(result["adapter_dir"]), run_id)
 
 
 @flow(name="train_tvd", log_prints=True)
@@ -122,17 +135,8 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
     max_chars = manifest["config"].get("max_chars_per_utterance")
     stage_dir = paths.stage("train_tvd")
     with tracking.flow_run("train_tvd", config, section="train_tvd", prompts=tvd.PROMPT_FILES):
-        result, run_id = train_component(
-            config,
-            component="tvd",
-            stage="sft",
-            setting=cfg.setting,
-            kind="sft",
-            data=data,
-            train_cfg=cfg.train,
-            out=stage_dir / "sft",
-        )
-        spec = component_spec(result["adapter_dir"])
+        adapter = train_component(config, "tvd", "sft", cfg.setting, data, cfg.train, stage_dir / "sft")
+        spec, run_id = adapter.spec, adapter.run_id
 
         systems: list[tuple[str, ModelConfig, tvd.Variant]] = [("tvd", ModelConfig(spec=spec), "zero_shot")]
         for name in cfg.eval.baselines:
