@@ -215,18 +215,18 @@ def evaluate_flow(
             where = f" (worker process {res['worker_pid']})" if "worker_pid" in res else ""
             print(f"{s.name}: {res['written']} new dialogues, {res['skipped']} already done -> {dialogue_paths[s.name]}{where}")
 
-        settings = dataclasses.asdict(cfg.judge_settings(config.run.seed))
+        # the judge, its settings and the run's caches: the same for every judgment
+        judging: dict[str, Any] = {
+            "judge": config.models.judge,
+            "complete_only": cfg.complete_only,
+            "settings": dataclasses.asdict(cfg.judge_settings(config.run.seed)),
+            "run_dir": run.out_dir,
+            "use_cache": use_cache,
+        }
         judgment_paths = {
             s.name: Path(
                 judge_dialogues_task(
-                    config.models.judge,
-                    dialogue_paths[s.name],
-                    s.name,
-                    cfg.complete_only,
-                    settings,
-                    stage_dir / s.slug / "judgments.jsonl",
-                    run.out_dir,
-                    use_cache,
+                    dialogues=dialogue_paths[s.name], supporter=s.name, out=stage_dir / s.slug / "judgments.jsonl", **judging
                 )
             )
             for s in cfg.supporters
@@ -234,16 +234,12 @@ def evaluate_flow(
         value_paths = {
             s.name: Path(
                 judge_values_task(
-                    config.models.judge,
-                    dialogue_paths[s.name],
-                    dialogue_paths[cfg.reference],
-                    s.name,
-                    cfg.reference,
-                    cfg.complete_only,
-                    settings,
-                    stage_dir / s.slug / "es_value.jsonl",
-                    run.out_dir,
-                    use_cache,
+                    dialogues=dialogue_paths[s.name],
+                    reference_dialogues=dialogue_paths[cfg.reference],
+                    supporter=s.name,
+                    reference=cfg.reference,
+                    out=stage_dir / s.slug / "es_value.jsonl",
+                    **judging,
                 )
             )
             for s in cfg.supporters

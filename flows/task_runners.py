@@ -18,6 +18,7 @@ own in the run folder, which the workers must share (a local cluster does; a rem
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,10 @@ class TaskRunnerError(RuntimeError):
     """A task runner that cannot be built here (usually: its extra is not installed)."""
 
 
+#: the cluster runners, each from the optional extra of the same name: (module, class)
+_CLUSTER_RUNNERS = {"dask": ("prefect_dask", "DaskTaskRunner"), "ray": ("prefect_ray", "RayTaskRunner")}
+
+
 def task_runner_for(orch: OrchestrationConfig) -> TaskRunner:
     """The Prefect task runner that ``orchestration.task_runner`` names.
 
@@ -46,29 +51,27 @@ def task_runner_for(orch: OrchestrationConfig) -> TaskRunner:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+    if orch.task_runner not in _CLUSTER_RUNNERS:
+        raise TaskRunnerError(f"orchestration.task_runner: unknown runner {orch.task_runner!r}")
+    module, name = _CLUSTER_RUNNERS[orch.task_runner]
+    try:
+        runner = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        extra = orch.task_runner
+        raise TaskRunnerError(
+            f"orchestration.task_runner={extra} needs {module.replace('_', '-')}: pip install -e '.[{extra}]'"
+        ) from exc
+    if orch.address:
+        return runner(address=orch.address)
     if orch.task_runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as exc:
-            raise TaskRunnerError("orchestration.task_runner=dask needs prefect-dask: pip install -e '.[dask]'") from exc
-        if orch.address:
-            return DaskTaskRunner(address=orch.address)
         # Processes, one thread each: the simulation's own asyncio loop supplies the concurrency
         # inside a worker, and separate processes keep a model loaded per worker from fighting
         # over one GIL.
-        return DaskTaskRunner(
+        return runner(
             cluster_class="distributed.LocalCluster",
             cluster_kwargs={"n_workers": orch.max_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
         )
-    if orch.task_runner == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError as exc:
-            raise TaskRunnerError("orchestration.task_runner=ray needs prefect-ray: pip install -e '.[ray]'") from exc
-        if orch.address:
-            return RayTaskRunner(address=orch.address)
-        return RayTaskRunner(init_kwargs={"num_cpus": orch.max_workers})
-    raise TaskRunnerError(f"orchestration.task_runner: unknown runner {orch.task_runner!r}")
+    return runner(init_kwargs={"num_cpus": orch.max_workers})
 
 
 T = TypeVar("T")
