@@ -208,3 +208,38 @@ def test_evaluate_flow_takes_a_row_whose_own_generator_is_absent(tmp_path: Path)
         {"config": config, "supporters": {"Ours (DPO)": {"model": "hf:base+adapter", "rg": None}, "Other": "default"}}
     )
     assert params["supporters"] == {"Ours (DPO)": {"model": "hf:base+adapter", "rg": None}, "Other": "default"}
+
+
+def test_es_value_significance_is_the_win_ratio_against_one_half():
+    """summary.json's ES-Value p asks "is the win ratio different from 0.5" (Wilcoxon signed-rank),
+    not a two-sample test of the ratios against their own mirror."""
+    from scipy.stats import wilcoxon
+
+    from esvr.tasks.evaluation.evaluate import SupporterUnderTest, summarize
+    from esvr.tasks.evaluation.judges import criterion_names
+
+    def judged(name: str) -> list[dict]:
+        skills = {c: {"score": 4, "expected": 4.0} for c in criterion_names()}
+        return [
+            {
+                "supporter": name,
+                "persona_id": f"p{i}",
+                "skills": skills,
+                "intensity": {"level": 2, "expected": 2.0},
+                "words_per_turn": 20.0,
+            }
+            for i in range(5)
+        ]
+
+    ratios = [0.6, 0.7, 0.6, 0.8, 0.6]
+    values = [
+        {"persona_id": f"p{i}", "seeker": {"win_ratio": r, "expected": r}, "supporter": {"win_ratio": 0.5, "expected": 0.5}}
+        for i, r in enumerate(ratios)
+    ]
+    rows = [SupporterUnderTest(name="Ref"), SupporterUnderTest(name="Model")]
+    summary = summarize({"Ref": judged("Ref"), "Model": judged("Model")}, {"Model": values}, "Ref", rows)
+    seeker = summary["models"][1]["value"]["seeker"]["win_ratio"]
+    assert seeker["p"] == pytest.approx(wilcoxon([r - 0.5 for r in ratios]).pvalue) == pytest.approx(0.0625)
+    assert seeker["mark"] == "†" and seeker["n"] == 5 and seeker["mean"] == pytest.approx(0.66)
+    # a side that is a tie on every persona differs from 0.5 in nothing
+    assert summary["models"][1]["value"]["supporter"]["win_ratio"]["p"] == 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, wilcoxon
 
 from esvr.tasks.evaluation.judges import parse_intensity, parse_skill_ratings, parse_value_verdicts
 from esvr.tasks.evaluation.metrics import (
@@ -20,6 +20,7 @@ from esvr.tasks.evaluation.metrics import (
     shown_side,
     significance_mark,
     win_ratio,
+    win_ratio_test,
     words_per_turn,
 )
 
@@ -100,6 +101,19 @@ def test_marks_at_the_thresholds():
     assert significance_mark(None) == ""
     assert mann_whitney([], [1, 2]) is None
     assert mann_whitney([5, 5], [5, 5, 5]) == 1.0
+
+
+def test_win_ratio_test_asks_whether_the_ratio_differs_from_one_half():
+    # five personas all slightly won: a one-sample question, so p is the signed-rank test's
+    # exact 2 / 2^5 (a two-sample test against the mirror 1 - r would claim 0.007)
+    ratios = [0.6] * 5
+    assert win_ratio_test(ratios) == pytest.approx(wilcoxon([0.1] * 5).pvalue) == pytest.approx(0.0625)
+    assert significance_mark(win_ratio_test(ratios)) == "†"
+    assert mannwhitneyu(ratios, [0.4] * 5).pvalue < 0.05
+    mixed = [0.9, 0.8, 0.5, 0.7, 0.2, 1.0, 0.6, 0.9]
+    assert win_ratio_test(mixed) == pytest.approx(wilcoxon([r - 0.5 for r in mixed if r != 0.5]).pvalue)
+    assert win_ratio_test([0.5, 0.5, 0.5]) == 1.0
+    assert win_ratio_test([]) is None
 
 
 def test_words_per_turn_and_distances():

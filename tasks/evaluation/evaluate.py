@@ -50,7 +50,7 @@ from esvr.tasks.evaluation.judges import (
     criterion_names,
     perspectives,
 )
-from esvr.tasks.evaluation.metrics import mann_whitney, mean_or_none, significance_mark, words_per_turn
+from esvr.tasks.evaluation.metrics import mann_whitney, mean_or_none, significance_mark, win_ratio_test, words_per_turn
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,8 @@ def summarize(
 
     `judgments`: per supporter name, its judgments.jsonl records; `values`: per supporter name
     (not the reference), its es_value.jsonl records. Each metric carries the mean over dialogues
-    (or pairs), n, the Mann-Whitney p-value against the reference and the mark; ``skills`` and
+    (or pairs), n, the p-value against the reference (Mann-Whitney; ES-Value: Wilcoxon signed-rank
+    of the win ratios against 0.5) and the mark; ``skills`` and
     ``intensity`` carry them for the parsed score (``score``) and the expected score (``expected``).
     """
     if reference not in judgments:
@@ -354,7 +355,8 @@ def summarize(
                 name = p["name"]
                 for kind in ("win_ratio", "expected"):
                     ratios = [v[name][kind] for v in pairs]
-                    stat = _stat(ratios, [1.0 - x for x in ratios]) if ratios else _stat([], None)
+                    p_value = win_ratio_test(ratios)
+                    stat = {"mean": mean_or_none(ratios), "n": len(ratios), "p": p_value, "mark": significance_mark(p_value)}
                     row["value"].setdefault(name, {})[kind] = stat
         models.append(row)
     return {

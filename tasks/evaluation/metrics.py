@@ -8,7 +8,8 @@ check and the simulator-fidelity check:
 - ES-Value: `pair_outcome` (one judgment mapped back to the model under test, whichever side it was
   shown on), `win_ratio` (wins + ties / 2 over the judgments of one pair, 0..1);
 - significance: `mann_whitney` (two-sided Mann-Whitney U of a model's per-dialogue scores against the
-  reference's) and `significance_mark` ('*' p < 0.05, '†' p < 0.1: the paper's marks);
+  reference's), `win_ratio_test` (two-sided Wilcoxon signed-rank of per-persona win ratios against
+  0.5) and `significance_mark` ('*' p < 0.05, '†' p < 0.1: the paper's marks);
 - `words_per_turn` (the paper's length confound, §6.4.2);
 - `classification_metrics` (Table 11: accuracy, weighted F1, MSE, Spearman), `spearman`;
 - `cosine`, `euclidean` (value distributions, Table 29).
@@ -130,6 +131,25 @@ def mann_whitney(sample: Sequence[float], reference: Sequence[float]) -> float |
     if len(set(x) | set(y)) == 1:
         return 1.0
     return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+
+
+def win_ratio_test(ratios: Sequence[float]) -> float | None:
+    """Two-sided p-value of "the win ratio differs from 0.5": Wilcoxon signed-rank (scipy) of
+    r_i - 0.5 over the per-persona win ratios, or None when there are none.
+
+    Each r_i already compares the model with the reference on one persona, so the question is
+    one-sample; a two-sample test of r_i against 1 - r_i would compare a sample with a function
+    of itself. Ratios of exactly 0.5 carry no direction and are dropped (the classical Wilcoxon
+    zero handling); when all are 0.5 nothing differs and p = 1.
+    """
+    from scipy.stats import wilcoxon
+
+    d = [float(r) - 0.5 for r in ratios if r is not None and not math.isnan(float(r))]
+    if not d:
+        return None
+    if all(x == 0 for x in d):
+        return 1.0
+    return float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
 def significance_mark(p: float | None) -> str:
