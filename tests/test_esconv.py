@@ -91,6 +91,54 @@ def test_load_errors_name_the_file(tmp_path: Path):
         load_esconv(bad)
 
 
+def test_load_json_lines_with_usr_sys_and_turn_strategies(tmp_path: Path):
+    # the shape PPDPP and thu-coai/esconv distribute: one dialogue per line, strategy on the turn
+    lines = [
+        {
+            "emotion_type": "anxiety",
+            "problem_type": "job crisis",
+            "situation": "I am on short term disability and afraid I will lose my job.",
+            "survey_score": {"seeker": {"initial_emotion_intensity": "5", "final_emotion_intensity": "2"}},
+            "dialog": [
+                {"text": "Hello good afternoon.", "speaker": "usr"},
+                {"text": "Hi, good afternoon.", "speaker": "sys", "strategy": "Question"},
+                {"text": "I'm anxious that I will lose my job.", "speaker": "usr"},
+                {"text": "Losing a job is frightening.", "speaker": "sys", "strategy": ["Reflection of feelings"]},
+            ],
+        },
+        {
+            "emotion_type": "sadness",
+            "problem_type": "breakup with partner",
+            "situation": "My girlfriend left me.",
+            "dialog": [
+                {"text": "She left me last week.", "speaker": "usr"},
+                {"text": "I am so sorry.", "speaker": "sys", "strategy": "Affirmation and Reassurance"},
+            ],
+        },
+    ]
+    path = tmp_path / "train.txt"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    report = LoadReport()
+    dialogues = load_esconv(path, report)
+    assert [d.problem_type for d in dialogues] == ["job crisis", "breakup with partner"]
+    d0 = dialogues[0]
+    assert [u.role for u in d0.utterances] == ["seeker", "supporter", "seeker", "supporter"]
+    assert [u.strategy for u in d0.utterances] == [None, "Question", None, "Reflection of feelings"]
+    assert (d0.initial_intensity, d0.final_intensity) == (5, 2)
+    assert dialogues[1].utterances[1].strategy == "Affirmation and Reassurance"
+    assert report.dialogues == 2 and not report.unknown_speakers
+    assert report.missing_survey["final_emotion_intensity"] == 1
+    # a folder holding only a .jsonl file; one dialogue alone on its line is a file too
+    folder = tmp_path / "esconv"
+    folder.mkdir()
+    (folder / "esconv.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    assert [d.situation for d in load_esconv(folder)] == ["My girlfriend left me."]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n{broken\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        load_esconv(bad)
+
+
 def test_split_groups(esconv_file: Path):
     groups, skipped = split_groups(load_esconv(esconv_file), AnalyzeESConvConfig())
     assert [d.dialog_id for d in groups[HIGH]] == ["0", "1"]

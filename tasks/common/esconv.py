@@ -5,7 +5,9 @@ ESConv ships in several shapes that name the same things differently:
 - ``ESConv.json`` (the publishers' release): speakers ``seeker`` / ``supporter``;
 - ``FailedESConv.json`` (its failed conversations): speakers ``speaker`` / ``listener``;
 - conversions on the hub (e.g. ``thu-coai/esconv``): one JSON document per row in a ``text``
-  column, sometimes with ``usr`` / ``sys`` speakers.
+  column, with ``usr`` / ``sys`` speakers and the strategy as a top-level key of each turn;
+- JSON Lines (one dialogue per line, as PPDPP and other projects distribute ESConv), in the same
+  ``usr`` / ``sys`` / per-turn ``strategy`` shape, often with no survey at all.
 
 `load_esconv` turns any of them into `Dialogue` objects whose speakers are always ``seeker`` or
 ``supporter`` and whose survey scores are ints or None. A missing or malformed survey field never
@@ -107,6 +109,13 @@ def _to_int(value: Any) -> int | None:
         return int(f) if f == int(f) else None
 
 
+def _strategy(value: Any) -> str | None:
+    # some conversions store a list of strategies per turn; ESConv annotates one
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value if v)
+    return str(value) if value else None
+
+
 def normalize_dialogue(raw: dict[str, Any], dialog_id: str, report: LoadReport) -> Dialogue:
     """One raw ESConv record -> `Dialogue`; survey gaps and unknown speakers go to `report`."""
     turns = raw.get("dialog")
@@ -122,7 +131,9 @@ def normalize_dialogue(raw: dict[str, Any], dialog_id: str, report: LoadReport) 
             continue
         ann = t.get("annotation") or {}
         text = t.get("content", t.get("text", "")) or ""
-        utterances.append(Utterance(role, str(text), ann.get("strategy"), _to_int(ann.get("feedback"))))
+        strategy = _strategy(ann.get("strategy", t.get("strategy")))
+        feedback = _to_int(ann.get("feedback", t.get("feedback")))
+        utterances.append(Utterance(role, str(text), strategy, feedback))
     survey = raw.get("survey_score") or {}
     seeker = survey.get("seeker") or {}
     supporter = survey.get("supporter") or {}
@@ -164,28 +175,50 @@ def _records_from_hub(hub_id: str) -> list[dict[str, Any]]:
     return records
 
 
+def _records_from_file(p: Path) -> list[Any]:
+    """A JSON document (a list of dialogues, or an object wrapping one) or JSON Lines."""
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":  # "Extra data" = a second document follows: JSON Lines
+            raise ValueError(f"{p}: not valid JSON: {exc}") from exc
+        return _json_lines(p, text)
+    if isinstance(data, dict) and isinstance(data.get("dialog"), list):
+        return [data]  # JSON Lines holding one dialogue
+    if isinstance(data, dict):  # some conversions wrap the list
+        data = next((v for v in data.values() if isinstance(v, list)), None)
+    if not isinstance(data, list):
+        raise ValueError(f"{p}: expected a list of dialogues or one dialogue per line")
+    return data
+
+
+def _json_lines(p: Path, text: str) -> list[Any]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}:{lineno}: not valid JSON: {exc}") from exc
+    return records
+
+
 def load_esconv(path: str | Path, report: LoadReport | None = None) -> list[Dialogue]:
-    """ESConv dialogues from a JSON file, a folder holding ESConv.json, or a hub dataset id.
+    """ESConv dialogues from a JSON or JSON Lines file, a folder holding one, or a hub dataset id.
 
     Pass a `LoadReport` to learn how many survey fields were missing.
     """
     report = report if report is not None else LoadReport()
     p = Path(path)
     if p.is_dir():
-        candidates = [p / "ESConv.json", *sorted(p.glob("*.json"))]
+        candidates = [p / "ESConv.json", *sorted(p.glob("*.json")), *sorted(p.glob("*.jsonl"))]
         p = next((c for c in candidates if c.is_file()), p / "ESConv.json")
         if not p.is_file():
-            raise FileNotFoundError(f"no ESConv .json file in folder {path}")
+            raise FileNotFoundError(f"no ESConv .json or .jsonl file in folder {path}")
     if p.is_file():
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}: not valid JSON: {exc}") from exc
-        if isinstance(data, dict):  # some conversions wrap the list
-            data = next((v for v in data.values() if isinstance(v, list)), None)
-        if not isinstance(data, list):
-            raise ValueError(f"{p}: expected a list of dialogues")
-        records, source = data, str(p)
+        records, source = _records_from_file(p), str(p)
     elif str(path).count("/") == 1 and not str(path).startswith((".", "/")):
         records, source = _records_from_hub(str(path)), str(path)
     else:
