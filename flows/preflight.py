@@ -684,22 +684,24 @@ def _check_corpus(kind: str, path: Path) -> Found:
 
 def _check_esconv(source: str, cfg: Any | None) -> Found:
     """ESConv through the loader the stage uses; for the analysis (cfg given) both intensity groups."""
-    from esvr.tasks.common.esconv import LoadReport, load_esconv
+    from esvr.tasks.common.esconv import LoadReport, is_hub_id, load_esconv
+    from esvr.tasks.labeling.analyze_esconv import ESCONV_WITH_SURVEY, HIGH, LOW, split_groups
 
     path = Path(source)
     if not path.exists():
-        if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        if is_hub_id(source):
             if _hub_cached(source, "dataset"):
                 return []
             return [
                 (
                     f"{source} is not a local file; as a hub dataset it is not in the local HF cache: it will be "
                     "downloaded on first use",
-                    "or download ESConv.json and give its path",
+                    "or download ESConv.json and give its path"
+                    + (f" (the analysis needs the survey intensities {ESCONV_WITH_SURVEY} has)" if cfg is not None else ""),
                     _hub_severity(),
                 )
             ]
-        return [(f"ESConv file {source} does not exist", "download ESConv.json from its publishers and give its path", "error")]
+        return [(f"ESConv file {source} does not exist", f"download {ESCONV_WITH_SURVEY} and give its path", "error")]
     report = LoadReport()
     dialogues = load_esconv(path, report)
     if not dialogues:
@@ -714,8 +716,6 @@ def _check_esconv(source: str, cfg: Any | None) -> Found:
                 )
             ]
         return []
-    from esvr.tasks.labeling.analyze_esconv import HIGH, LOW, split_groups
-
     groups, skipped = split_groups(dialogues, cfg)
     counts = {g: len(groups[g]) for g in (HIGH, LOW)}
     need = (
@@ -727,7 +727,7 @@ def _check_esconv(source: str, cfg: Any | None) -> Found:
         return [
             (
                 f"{source}: no dialogue falls in either group ({need}; missing survey fields: {missing})",
-                "the analysis needs the seekers' survey intensities (survey_score.seeker)",
+                f"the analysis needs the seekers' survey intensities (survey_score.seeker): {ESCONV_WITH_SURVEY} has them",
                 "error",
             )
         ]

@@ -85,6 +85,8 @@ def test_load_normalizes_speakers_and_survey(esconv_file: Path):
 def test_load_errors_name_the_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_esconv(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="not found: external/ESConv.json"):
+        load_esconv("external/ESConv.json")  # a relative path, not a hub dataset id
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
@@ -149,6 +151,19 @@ def test_split_groups(esconv_file: Path):
         "missing_final_intensity": 2,
         "missing_initial_intensity": 1,
     }
+
+
+def test_analysis_without_survey_intensities_fails_naming_the_file_that_has_them(tmp_path: Path):
+    turns = [(0, "I lost my job."), (1, "I am sorry."), (0, "Thanks.")]
+    path = tmp_path / "esconv.jsonl"
+    path.write_text("\n".join(json.dumps(_dialog(("usr", "sys"), None, None, turns)) for _ in range(3)))
+    # the labelers are never reached: the load already shows there is nothing to compare
+    with pytest.raises(ValueError) as exc:
+        analyze_esconv(path, tmp_path / "out", AnalyzeESConvConfig(), None, None)  # type: ignore[arg-type]
+    message = str(exc.value)
+    assert "esconv.jsonl" in message and "'initial_emotion_intensity': 3" in message
+    assert "ESConv.json of github.com/thu-coai/Emotional-Support-Conversation" in message
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 # --------------------------------------------------------------------------------------------

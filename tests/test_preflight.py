@@ -146,10 +146,11 @@ def test_paper_recipe_without_key_dumps_or_servers_lists_every_missing_thing(tmp
     assert f"server at http://127.0.0.1:{port}/v1 does not answer" in errs["label.emotion.model"]
     for i, corpus in ((2, "ESConv"), (3, "ExTES"), (4, "Psych8k")):
         assert f"external/{corpus}.json does not exist" in errs[f"evaluate.supporters[{i}].finetune_data"]
-    # hub checkpoints and the hub's ESConv are downloaded on first use: warnings, not errors
+    # hub checkpoints are downloaded on first use: warnings, not errors
     assert "will be downloaded from the hub on first use" in warns["models.base"]
     assert "will be downloaded" in warns["label.values.checkpoints[0]"]
-    assert "will be downloaded" in warns["analyze_esconv.esconv"]
+    # the analysis reads the publishers' file, which has the survey intensities
+    assert "external/ESConv.json does not exist" in errs["analyze_esconv.esconv"]
     assert "will be downloaded" in warns["evaluate.supporters[1].model"]  # the Llama row
     # the run folder was writable, the dask extra is installed, pipeline:* rows come from this run
     assert not any(k.startswith(("run.", "orchestration.")) or k.endswith(".component") for k in errs)
@@ -334,6 +335,8 @@ def test_esconv_for_the_analysis_needs_its_survey_intensities(tmp_path: Path):
     no_survey = errors(check([esconv_dialogue(None, None)] * 3))
     assert "no dialogue falls in either group" in no_survey["analyze_esconv.esconv"]
     assert "initial_emotion_intensity" in no_survey["analyze_esconv.esconv"]
+    fix = next(p.fix for p in check([esconv_dialogue(None, None)]) if p.key == "analyze_esconv.esconv")
+    assert "github.com/thu-coai/Emotional-Support-Conversation" in fix
     assert (
         "the low group is empty" in warnings(check(FIXTURES.joinpath("esconv_sample.json").read_text()))["analyze_esconv.esconv"]
     )

@@ -205,6 +205,15 @@ def _json_lines(p: Path, text: str) -> list[Any]:
     return records
 
 
+def is_hub_id(source: str) -> bool:
+    """`owner/name` that is no path: `external/ESConv.json` is a missing file, not a dataset."""
+    return (
+        source.count("/") == 1
+        and not source.startswith((".", "/", "~"))
+        and Path(source).suffix.lower() not in (".json", ".jsonl", ".txt")
+    )
+
+
 def load_esconv(path: str | Path, report: LoadReport | None = None) -> list[Dialogue]:
     """ESConv dialogues from a JSON or JSON Lines file, a folder holding one, or a hub dataset id.
 
@@ -219,7 +228,7 @@ def load_esconv(path: str | Path, report: LoadReport | None = None) -> list[Dial
             raise FileNotFoundError(f"no ESConv .json or .jsonl file in folder {path}")
     if p.is_file():
         records, source = _records_from_file(p), str(p)
-    elif str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+    elif is_hub_id(str(path)):
         records, source = _records_from_hub(str(path)), str(path)
     else:
         raise FileNotFoundError(f"ESConv file not found: {path}")

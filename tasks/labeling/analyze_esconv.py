@@ -12,7 +12,7 @@ The procedure, as the paper states it and where it is silent, as decided here (d
    value counts once per positive turn whose probability reaches the detector's threshold.
 4. Per dialogue: the number of positive values (summed over the 4 turns; the paper reports 7.9 vs
    6.5) and, per value, the number of positive turns expressing it (0..4).
-5. Per value, a two-sided Mann-Whitney U test between the groups; per turn position (-4..-1), the
+5. Per value, a two-sided Mann-Whitney U test between the groups (our choice: §3.2 names no test); per turn position (-4..-1), the
    mean predicted probability of each value, where non-positive turns count 0 (Figure 2, right).
 """
 
@@ -300,6 +300,21 @@ def turns_frame(records: Sequence[SeekerTurns]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
+#: where the survey intensities the analysis needs are published (copies that convert ESConv,
+#: such as some hub datasets and JSON Lines distributions, may drop survey_score)
+ESCONV_WITH_SURVEY = "ESConv.json of github.com/thu-coai/Emotional-Support-Conversation"
+
+
+def no_intensities_message(source: str | Path, report: LoadReport, skipped: Counter | dict) -> str:
+    """Why no dialogue fell in either group, naming the file that has the intensities."""
+    missing = {k: v for k, v in report.missing_survey.items() if k.endswith("emotion_intensity")}
+    return (
+        f"ESConv {source}: no dialogue falls in either effectiveness group "
+        f"({report.dialogues} dialogues; missing survey intensities: {missing}; skipped: {dict(skipped)}); "
+        f"the analysis needs survey_score.seeker's initial/final_emotion_intensity, which {ESCONV_WITH_SURVEY} has"
+    )
+
+
 def analyze_esconv(
     esconv: str | Path,
     out_dir: str | Path,
@@ -313,6 +328,8 @@ def analyze_esconv(
     report = LoadReport()
     dialogues = load_esconv(esconv, report)
     groups, skipped = split_groups(dialogues, cfg)
+    if not groups[HIGH] and not groups[LOW]:
+        raise ValueError(no_intensities_message(esconv, report, skipped))
     if not groups[HIGH] or not groups[LOW]:
         log.warning(
             "ESConv %s: a group is empty (high %d, low %d); statistics will be NaN", esconv, len(groups[HIGH]), len(groups[LOW])
