@@ -53,21 +53,18 @@ log = logging.getLogger(__name__)
 
 SIMULATE_PROMPTS = SUPPORTER_PROMPTS + SEEKER_PROMPTS
 
-#: phrases that count as an expression of gratitude for the valence end rule (§6.1: "e.g. thank you")
+#: phrases that count as thanks to the supporter for the valence end rule (§6.1: "e.g. thank you");
+#: bare "appreciate" / "grateful" / "gratitude" are not among them: "willing to appreciate the value
+#: of ..." or "grateful for my family" thank nobody
 DEFAULT_GRATITUDE = [
-    "thank",
-    "thanks",
-    "thx",
-    "grateful",
-    "gratitude",
-    "appreciate",
-    "appreciated",
-    "means a lot",
-    "that helps",
-    "this helps",
-    "really helped",
-    "you helped",
+    *("thank you", "thank u", "thanks", "thx", "ty for"),
+    *("thankful for you", "thankful to you", "grateful for you", "grateful to you", "grateful for this"),
+    *("grateful for talking", "appreciate it", "appreciate that", "appreciate this", "appreciate you"),
+    *("means a lot", "that helps", "this helps", "that helped", "this helped", "really helped", "you helped"),
+    *("you've helped", "you have helped"),
 ]
+#: "thanks" that thank nobody here
+NOT_GRATITUDE = re.compile(r"\b(?:no,? thanks|thanks to (?!you\b))", re.IGNORECASE)
 
 END_REASONS = ("seeker_end", "valence_gratitude", "max_turns", "horizon", "supporter_failure", "seeker_failure")
 COMPLETE_REASONS = ("seeker_end", "valence_gratitude")
@@ -128,7 +125,7 @@ class EndRules:
 
 def has_gratitude(text: str, phrases: Iterable[str]) -> bool:
     """Whether the text thanks the supporter (word-boundary match of any phrase, any case)."""
-    low = text.lower()
+    low = NOT_GRATITUDE.sub(" ", text.lower())
     return any(re.search(r"\b" + re.escape(p.lower()), low) for p in phrases)
 
 
