@@ -108,12 +108,17 @@ class FidelityConfig(Section):
     simulators: list[ModelConfig] = []
     #: also try each without the prompt's example dialogue (the paper's zero-/one-shot rows)
     zero_shot: bool = True
+    #: fine-tuned seeker simulators (Table 29's Llama-ESConv / Llama-ExTES rows): one row each,
+    #: prompted without the example dialogue
+    finetuned: list[ModelConfig] = []
+    #: models.judge rates each simulated turn's content against the real one, 1-5 (Table 29's GPT column)
+    content_judge: bool = True
     #: ESConv dialogues used (None: all); seeker turns per dialogue (None: all)
     max_dialogues: int | None = 50
     max_turns_per_dialogue: int | None = None
     seeker_max_tokens: int = 64
-    #: sentence encoder folder for semantic similarity (None: all-MiniLM-L6-v2, bundled; the paper
-    #: used all-mpnet-base-v2 via BERTScore)
+    #: sentence-transformers folder for BERTScore and the sentence cosine (None: all-MiniLM-L6-v2,
+    #: bundled; the paper used all-mpnet-base-v2 via BERTScore)
     encoder: str | None = None
 
 
