@@ -134,7 +134,7 @@ class PipelineConfig(Section):
         """This recipe with the variant's keys applied, writing under <run>/variants/<name>/."""
         from esvr.flows.recipe import merge
 
-        data = merge(self.model_dump(mode="json", exclude={"variants"}), self.variants[name])
+        data = merge(self.model_dump(mode="json", exclude={"variants"}, context={"secrets": True}), self.variants[name])
         data["run"]["out_dir"] = str(self.run.out_dir / "variants" / name)
         data["run"]["tracking_dir"] = str(self.run.tracking_dir or self.run.out_dir)
         data["run"]["name"] = f"{self.run.name}-{name}"

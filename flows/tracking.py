@@ -2,7 +2,8 @@
 
 Each flow opens `flow_run(...)`; inside it, params (the flattened config), prompt files,
 metrics and artifacts go to that run. Secrets never reach MLflow: config keys that look like
-credentials are dropped, and model configs only ever hold the *name* of the variable with the key.
+credentials are dropped, credentials inside URLs (``https://user:key@host``, ``?api-key=``) are
+masked, and model configs only ever hold the *name* of the variable with the key.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import mlflow
 
 from esvr.flows.config import PipelineConfig, flatten
 from esvr.flows.runtime import default_tracking_uri
+from esvr.models.redact import redact_urls
 from esvr.prompts import PROMPTS_DIR
 from esvr.tasks.common.paths import RunPaths
 
@@ -69,7 +71,7 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     for key, value in params.items():
         if _SECRET.search(key):
             continue
-        text = "" if value is None else str(value)
+        text = "" if value is None else redact_urls(str(value))
         out[key] = text if len(text) <= _MAX_PARAM_LEN else text[: _MAX_PARAM_LEN - 3] + "..."
     return out
 

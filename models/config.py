@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, FieldSerializationInfo, field_serializer, field_validator, model_validator
+
+from esvr.models.redact import redact_url
 
 BACKENDS = ("default", "openai", "hf")
 
@@ -60,6 +62,14 @@ class ModelConfig(Section):
     def _known_backend(cls, value: str) -> str:
         backend_of(value)  # raises on an unknown backend
         return value
+
+    @field_serializer("base_url", when_used="json")
+    def _without_credentials(self, value: str | None, info: FieldSerializationInfo) -> str | None:
+        # JSON is what leaves the process (MLflow params, Prefect's parameters, `esvr config show`):
+        # a key in the URL stays behind unless the caller rebuilds a config from it (context secrets)
+        if value is None or (info.context or {}).get("secrets"):
+            return value
+        return redact_url(value)
 
     @property
     def backend(self) -> str:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
 from esvr.models.config import ModelConfig
+from esvr.models.redact import redact_url, redact_urls
 
 T = TypeVar("T")
 #: reply length when scoring: the answer comes first; a chatty model that names it later still fits
@@ -77,7 +78,7 @@ class OpenAIChat(ChatModel):
 
     def __post_init__(self) -> None:
         super().__init__()
-        self.cache_id = f"openai:{self.model}@{self.base_url or 'api.openai.com'}"
+        self.cache_id = f"openai:{self.model}@{self.server}"  # logged and stored: never the URL's credentials
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name=f"openai-{self.model}", daemon=True).start()
         self._client: openai.AsyncOpenAI | None = None
@@ -128,7 +129,9 @@ class OpenAIChat(ChatModel):
             f"HTTP {exc.status_code}: {exc.message}" if isinstance(exc, openai.APIStatusError) else f"{type(exc).__name__}: {exc}"
         )
         attempts = f"{retries + 1} attempt{'s' if retries else ''}"
-        return ChatError(f"{self.cache_id}: {what} to {self.server} for model {self.model} failed after {attempts}: {cause}")
+        return ChatError(
+            f"{self.cache_id}: {what} to {self.server} for model {self.model} failed after {attempts}: {redact_urls(cause)}"
+        )
 
     async def _call(self, what: str, **kwargs: Any) -> Any:
         """One API call, retried by the client; raises ChatError naming model, server and cause."""
@@ -151,7 +154,7 @@ class OpenAIChat(ChatModel):
     # -- replies and missing features ------------------------------------------------------------
     @property
     def server(self) -> str:
-        return self.base_url or "api.openai.com"
+        return redact_url(self.base_url) if self.base_url else "api.openai.com"
 
     def _choices(self, response: Any, what: str) -> list[str]:
         """The texts of a reply's choices; a reply without any is a ChatError, never retried."""
