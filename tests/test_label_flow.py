@@ -103,8 +103,67 @@ def test_label_threads_writes_the_contract_and_reuses_chunks(tmp_path: Path, def
     assert stats["utterances"] == 11 and stats["cached_utterances"] == 0
     assert len(list((tmp_path / "label" / "chunks").glob("*.parquet"))) == 3
     again = json.loads(label_threads(threads, tmp_path / "label", cfg, detector=detector, scorer=scorer)["stats"].read_text())
-    assert again["cached_utterances"] == 11
+    assert again["cached_utterances"] == 11 and again["new_utterances"] == 0
     assert pl.read_parquet(out["labels"]).equals(labels)
+
+
+def test_label_threads_labels_only_new_utterances_whatever_their_order(tmp_path: Path, default_labelers):
+    """A new dump's threads come first here: every utterance moves, yet only the new ones are labelled."""
+    detector, scorer = default_labelers
+    cfg = LabelConfig(chunk_size=4, progress=False)
+    first = label_threads(write_threads(tmp_path / "threads.parquet"), tmp_path / "label", cfg, detector=detector, scorer=scorer)
+    before = read_labels(first["labels"])
+    grown = pl.read_parquet(write_threads(tmp_path / "grown.parquet", n_threads=5)).reverse()  # p_4, p_3 first
+    grown.write_parquet(tmp_path / "grown.parquet")
+
+    out = label_threads(tmp_path / "grown.parquet", tmp_path / "label", cfg, detector=detector, scorer=scorer)
+    stats = json.loads(out["stats"].read_text())
+    assert (stats["utterances"], stats["new_utterances"], stats["cached_utterances"]) == (15, 4, 11)
+    labels = read_labels(out["labels"])
+    assert labels["utt_id"].to_list() == collect_utterances(tmp_path / "grown.parquet")["utt_id"].to_list()
+    reused = labels.join(before, on="utt_id", suffix="_before")
+    assert reused.height == 11 and (reused["valence"] == reused["valence_before"]).all()
+
+    # an utterance whose text changed (an edited comment) is labelled again, the rest reused
+    edited = grown.with_columns(
+        pl.col("turns").list.eval(
+            pl.when(pl.element().struct.field("utt_id") == "o1")
+            .then(pl.element().struct.with_fields(pl.lit("I am furious, nothing helps.").alias("text")))
+            .otherwise(pl.element())
+        )
+    )
+    edited.write_parquet(tmp_path / "edited.parquet")
+    stats = json.loads(
+        label_threads(tmp_path / "edited.parquet", tmp_path / "label", cfg, detector=detector, scorer=scorer)["stats"].read_text()
+    )
+    assert (stats["new_utterances"], stats["cached_utterances"]) == (1, 14)
+
+
+class _Retrained:
+    """The same detector under another identity: what a retrained value head looks like to the store."""
+
+    def __init__(self, detector):
+        self._detector = detector
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._detector.fingerprint + ":retrained"
+
+
+def test_a_changed_labeler_labels_everything_again(tmp_path: Path, default_labelers):
+    detector, scorer = default_labelers
+    threads = write_threads(tmp_path / "threads.parquet")
+    cfg = LabelConfig(chunk_size=4, progress=False)
+    label_threads(threads, tmp_path / "label", cfg, detector=detector, scorer=scorer)
+    out = label_threads(threads, tmp_path / "label", cfg, detector=_Retrained(detector), scorer=scorer)
+    stats = json.loads(out["stats"].read_text())
+    assert (stats["new_utterances"], stats["cached_utterances"]) == (11, 0)
+    # both labelers' stores live side by side: going back to the first relabels nothing
+    back = json.loads(label_threads(threads, tmp_path / "label", cfg, detector=detector, scorer=scorer)["stats"].read_text())
+    assert back["cached_utterances"] == 11
 
 
 def test_validate_labels_names_the_column():

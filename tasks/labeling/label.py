@@ -6,12 +6,16 @@ holds the stage's config sections and its plain functions:
 
 - `collect_utterances`: the unique utterances of threads.parquet (turns, siblings and the OP's
   replies to siblings), each utt_id once, in order of first appearance.
-- `label_utterances`: labels them chunk by chunk; each finished chunk is stored under a key made
-  of its content and the labelers' fingerprints, so a crashed or repeated run redoes nothing.
+- `label_utterances`: labels the utterances the store has no label for. Labels are stored per
+  utterance, keyed by utt_id, text digest and the labelers' fingerprint, in chunk files written
+  as each chunk finishes: a crashed or repeated run redoes nothing, a new dump's utterances are
+  labelled alone wherever they fall in the order, and a changed labeler (a new fingerprint)
+  labels everything again.
 - `label_threads`: the stage: threads.parquet in, labels.parquet (schema in docs/schemas.md) out.
-- `label_on_runner`: the same stage with one task per chunk, mapped by the runner the flow hands
-  in (a Dask or Ray cluster: ``orchestration``); each worker process builds the labelers once
-  (`process_labelers`) and writes the same chunk files, so either form resumes the other's work.
+- `label_on_runner`: the same stage with one task per chunk of new utterances, mapped by the
+  runner the flow hands in (a Dask or Ray cluster: ``orchestration``); each worker process builds
+  the labelers once (`process_labelers`) and writes to the same store, so either form reuses the
+  other's work.
 
 The labelers themselves are built by `esvr.tasks.common.roles.labelers`.
 """
@@ -32,6 +36,7 @@ import polars as pl
 
 from esvr.models.config import Section
 from esvr.models.emotion import EmotionConfig
+from esvr.models.text import normalize_texts
 from esvr.models.value_detector import ValueDetectorConfig
 from esvr.prompts import value_names
 from esvr.tasks.common.roles import labelers
@@ -124,7 +129,8 @@ def _need(df: pl.DataFrame, column: str, source: str, fields: tuple[str, ...] = 
 
 
 def collect_utterances(threads_path: str | Path) -> pl.DataFrame:
-    """Unique (utt_id, text) of a threads.parquet: turns, siblings and their op_replies."""
+    """Unique (utt_id, text) of a threads.parquet: turns, siblings and their op_replies, the texts
+    normalised (`esvr.models.text.normalize_text`): every labeler, and the label cache, sees them so."""
     threads_path = Path(threads_path)
     if not threads_path.is_file():
         raise FileNotFoundError(f"threads file not found: {threads_path}")
@@ -145,7 +151,8 @@ def collect_utterances(threads_path: str | Path) -> pl.DataFrame:
     utts = pl.concat([p.with_columns(pl.col("utt_id").cast(pl.String), pl.col("text").cast(pl.String)) for p in parts])
     if utts["utt_id"].null_count():
         raise ValueError(f"{src}: an utterance has a null utt_id")
-    return utts.with_columns(pl.col("text").fill_null("")).unique("utt_id", keep="first", maintain_order=True)
+    utts = utts.unique("utt_id", keep="first", maintain_order=True)
+    return utts.with_columns(pl.Series("text", normalize_texts(utts["text"].to_list()), dtype=pl.String))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +168,50 @@ def chunk_key(utt_ids: list[str], texts: list[str], fingerprint: str) -> str:
         h.update(t.encode())
         h.update(b"\x01")
     return h.hexdigest()[:32]
+
+
+def text_digests(texts: list[str]) -> list[str]:
+    """Per text a short SHA-256: a stored label is reused only for the same utt_id *and* text."""
+    return [hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts]
+
+
+def identity_prefix(fingerprint: str) -> str:
+    """The labelers' identity as a file-name prefix: a changed labeler reads none of the old files."""
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+
+
+def chunk_path(chunk_dir: str | Path, utt_ids: list[str], texts: list[str], fingerprint: str) -> Path:
+    return Path(chunk_dir) / f"{identity_prefix(fingerprint)}-{chunk_key(utt_ids, texts, fingerprint)}.parquet"
+
+
+def stored_labels(chunk_dir: str | Path | None, fingerprint: str) -> pl.DataFrame:
+    """Every label the store holds for these labelers: (utt_id, text_sha, valence, sentiment, values)."""
+    files = sorted(Path(chunk_dir).glob(f"{identity_prefix(fingerprint)}-*.parquet")) if chunk_dir else []
+    if not files:
+        return store_frame([], [], labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES))))
+    return pl.concat([pl.read_parquet(f) for f in files]).unique(["utt_id", "text_sha"], keep="first")
+
+
+def split_new(utts: pl.DataFrame, stored: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(utts with a ``text_sha`` column, those of them the store has no label for), in utts' order."""
+    keyed = utts.with_columns(pl.Series("text_sha", text_digests(utts["text"].to_list()), dtype=pl.String))
+    new = keyed.join(stored.select("utt_id", "text_sha"), on=["utt_id", "text_sha"], how="anti", maintain_order="left")
+    return keyed, new
+
+
+def assemble(keyed: pl.DataFrame, stored: pl.DataFrame, fresh: list[pl.DataFrame]) -> pl.DataFrame:
+    """labels.parquet's rows in utts' order, from the stored and the freshly labelled chunks."""
+    pool = pl.concat([stored, *fresh], how="vertical_relaxed").unique(["utt_id", "text_sha"], keep="first")
+    return (
+        keyed.select("utt_id", "text_sha")
+        .join(pool, on=["utt_id", "text_sha"], how="left", maintain_order="left")
+        .select(list(LABELS_SCHEMA))
+    )
+
+
+def store_frame(utt_ids: list[str], texts: list[str], labels: pl.DataFrame) -> pl.DataFrame:
+    """A chunk file's rows: the labels with the digest of the text they were computed on."""
+    return labels.with_columns(pl.Series("text_sha", text_digests(texts), dtype=pl.String))
 
 
 def label_texts(texts: list[str], detector: ValueDetector, scorer: EmotionScorer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,36 +244,39 @@ def label_utterances(
     chunk_size: int = 2048,
     progress: bool = True,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
-    """Label (utt_id, text) rows; with `chunk_dir`, finished chunks are reused. Returns (labels, stats)."""
+    """Label (utt_id, text) rows; returns (labels, stats).
+
+    With `chunk_dir`, labels are stored per utterance (keyed by utt_id, text digest and the
+    labelers' fingerprint) in chunk files: only utterances the store lacks are labelled, in chunks
+    of `chunk_size`, whatever their order, and each finished chunk is written at once.
+    """
     from tqdm.auto import tqdm
 
     fingerprint = labelers_fingerprint(detector, scorer)
     chunk_dir = Path(chunk_dir) if chunk_dir else None
     if chunk_dir:
         chunk_dir.mkdir(parents=True, exist_ok=True)
-    ids, texts = utts["utt_id"].to_list(), utts["text"].to_list()
-    frames, cached, t0 = [], 0, time.perf_counter()
+    stored = stored_labels(chunk_dir, fingerprint)
+    keyed, new = split_new(utts, stored)
+    ids, texts = new["utt_id"].to_list(), new["text"].to_list()
+    frames, t0 = [], time.perf_counter()
     with tqdm(total=len(ids), desc="label", unit="utt", disable=not progress) as bar:
         for start in range(0, len(ids), chunk_size):
             cid, ctext = ids[start : start + chunk_size], texts[start : start + chunk_size]
-            path = chunk_dir / f"{chunk_key(cid, ctext, fingerprint)}.parquet" if chunk_dir else None
-            if path is not None and path.is_file():
-                frames.append(pl.read_parquet(path))
-                cached += len(cid)
-            else:
-                frame = labels_frame(cid, *label_texts(ctext, detector, scorer))
-                if path is not None:
-                    write_chunk(frame, path)
-                frames.append(frame)
+            frame = store_frame(cid, ctext, labels_frame(cid, *label_texts(ctext, detector, scorer)))
+            if chunk_dir is not None:
+                write_chunk(frame, chunk_path(chunk_dir, cid, ctext, fingerprint))
+            frames.append(frame)
             bar.update(len(cid))
-    labels = pl.concat(frames) if frames else labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES)))
-    return labels, _throughput(len(ids), cached, time.perf_counter() - t0)
+    labels = assemble(keyed, stored, frames)
+    return labels, _throughput(keyed.height, keyed.height - len(ids), time.perf_counter() - t0)
 
 
 def _throughput(utterances: int, cached: int, seconds: float) -> dict[str, float]:
     fresh = utterances - cached
     return {
         "utterances": float(utterances),
+        "new_utterances": float(fresh),
         "cached_utterances": float(cached),
         "seconds": round(seconds, 3),
         "utterances_per_s": round(fresh / seconds, 2) if fresh and seconds > 0 else 0.0,
@@ -250,17 +304,22 @@ def for_batches(scorer: EmotionScorer, cfg: EmotionConfig) -> EmotionScorer:
     from esvr.models.emotion import ProcessEmotionScorer, VaderEmotionScorer
 
     if cfg.worker_process and isinstance(scorer, VaderEmotionScorer):
-        return ProcessEmotionScorer()
+        return ProcessEmotionScorer(scorer.sentence_words)
     return scorer
 
 
 def _label_stats(
-    labels: pl.DataFrame, stats: dict[str, float], threshold: float, failures: dict[str, int] | None
+    labels: pl.DataFrame,
+    stats: dict[str, float],
+    threshold: float,
+    failures: dict[str, int] | None,
+    positive_valence: float,
 ) -> dict[str, float]:
     probs = np.stack(labels["values"].to_numpy()) if labels.height else np.zeros((0, N_VALUES))
     stats.update(
         {
-            "positive_share": round(float((labels["sentiment"] > 0).mean() or 0.0), 4) if labels.height else 0.0,
+            # positive: label.emotion.positive_valence, as in the datasets' success rule
+            "positive_share": round(float((labels["valence"] > positive_valence).mean() or 0.0), 4) if labels.height else 0.0,
             "mean_valence": round(float(labels["valence"].mean() or 0.0), 4) if labels.height else 0.0,
             "mean_values_detected": round(float((probs >= threshold).sum(1).mean()), 4) if labels.height else 0.0,
         }
@@ -302,7 +361,7 @@ def label_threads(
     finally:
         if batch_scorer is not scorer:
             batch_scorer.close()  # the worker process this stage started
-    stats = _label_stats(labels, stats, detector.threshold, getattr(scorer, "parse_failures", None))
+    stats = _label_stats(labels, stats, detector.threshold, getattr(scorer, "parse_failures", None), cfg.emotion.positive_valence)
     return _write_outputs(labels, stats, out_dir)
 
 
@@ -311,35 +370,34 @@ def label_threads(
 # --------------------------------------------------------------------------------------------
 
 
+def runner_labelers(cfg: LabelConfig, run_dir: str, use_cache: bool = True) -> dict:
+    """The labelers' fingerprint and threshold, asked of a worker: the flow's process loads no model."""
+    detector, scorer = process_labelers(cfg, run_dir, use_cache)
+    return {"fingerprint": labelers_fingerprint(detector, scorer), "threshold": float(detector.threshold)}
+
+
 def label_chunk(
     utt_ids: list[str], texts: list[str], cfg: LabelConfig, chunk_dir: str, run_dir: str, use_cache: bool = True
 ) -> dict:
-    """Label one chunk in this (worker) process, or read it back when its file exists.
+    """Label one chunk of new utterances in this (worker) process and store it.
 
-    Returns the chunk's labels and what happened where: chunk file name, ``cached``,
-    ``worker_pid``, seconds, the detector's threshold and the scorer's new parse failures. VADER
-    scores inline here: a worker process is already one of several, and Dask's are daemons,
-    which may not start processes of their own.
+    Returns the chunk's labels and what happened where: chunk file name, ``worker_pid``, seconds
+    and the scorer's new parse failures. VADER scores inline here: a worker process is already one
+    of several, and Dask's are daemons, which may not start processes of their own.
     """
     t0 = time.perf_counter()
     detector, scorer = process_labelers(cfg, run_dir, use_cache)
-    path = Path(chunk_dir) / f"{chunk_key(utt_ids, texts, labelers_fingerprint(detector, scorer))}.parquet"
+    path = chunk_path(chunk_dir, utt_ids, texts, labelers_fingerprint(detector, scorer))
     before = dict(getattr(scorer, "parse_failures", None) or {})
-    cached = path.is_file()
-    if cached:
-        frame = pl.read_parquet(path)
-    else:
-        frame = labels_frame(utt_ids, *label_texts(texts, detector, scorer))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_chunk(frame, path)
+    frame = store_frame(utt_ids, texts, labels_frame(utt_ids, *label_texts(texts, detector, scorer)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_chunk(frame, path)
     after = getattr(scorer, "parse_failures", None) or {}
     return {
         "chunk": path.name,
         "utterances": len(utt_ids),
-        "cached": cached,
         "worker_pid": os.getpid(),
         "seconds": round(time.perf_counter() - t0, 3),
-        "threshold": float(detector.threshold),
         "parse_failures": {k: v - before.get(k, 0) for k, v in after.items()},
         "labels": frame,
     }
@@ -353,42 +411,46 @@ def label_on_runner(
     run_dir: str | os.PathLike[str],
     use_cache: bool = True,
 ) -> dict[str, Path]:
-    """`label_threads` with one task per chunk, mapped with `run`.
+    """`label_threads` with one task per chunk of new utterances, mapped with `run`.
 
-    Chunks, chunk files and labels.parquet are those of `label_threads`. Besides its outputs it
-    writes ``label_chunks.json``: per chunk its file, size, whether it was reused, the worker's
-    process id and seconds; ``label_stats.json`` gains ``workers``, the distinct worker processes.
+    The store, its chunk files and labels.parquet are those of `label_threads`. Besides its outputs
+    it writes ``label_chunks.json``: per chunk labelled now its file, size, the worker's process id
+    and seconds; ``label_stats.json`` gains ``workers``, the distinct worker processes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    chunk_dir = out_dir / "chunks"
     utts = collect_utterances(threads_path)
-    ids, texts = utts["utt_id"].to_list(), utts["text"].to_list()
+    t0 = time.perf_counter()
+    ident = run(runner_labelers, [{"cfg": cfg, "run_dir": str(run_dir), "use_cache": use_cache}], name="label-labelers")[0]
+    stored = stored_labels(chunk_dir, ident["fingerprint"])
+    keyed, new = split_new(utts, stored)
+    ids, texts = new["utt_id"].to_list(), new["text"].to_list()
     size = cfg.chunk_size
     calls = [
         {
             "utt_ids": ids[i : i + size],
             "texts": texts[i : i + size],
             "cfg": cfg,
-            "chunk_dir": str(out_dir / "chunks"),
+            "chunk_dir": str(chunk_dir),
             "run_dir": str(run_dir),
             "use_cache": use_cache,
         }
         for i in range(0, len(ids), size)
     ]
-    t0 = time.perf_counter()
     runs = run(label_chunk, calls, name="label-chunk") if calls else []
     seconds = time.perf_counter() - t0
-    frames = [r.pop("labels") for r in runs]
-    labels = pl.concat(frames) if frames else labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES)))
-    cached = sum(r["utterances"] for r in runs if r["cached"])
-    stats = {**_throughput(len(ids), cached, seconds), "workers": float(len({r["worker_pid"] for r in runs}))}
+    labels = assemble(keyed, stored, [r.pop("labels") for r in runs])
+    stats = {
+        **_throughput(keyed.height, keyed.height - len(ids), seconds),
+        "workers": float(len({r["worker_pid"] for r in runs})),
+    }
     failures: dict[str, int] = {}
     for r in runs:
         for k, v in r["parse_failures"].items():
             failures[k] = failures.get(k, 0) + v
-    threshold = runs[0]["threshold"] if runs else 0.5
-    stats = _label_stats(labels, stats, threshold, failures or None)
+    stats = _label_stats(labels, stats, ident["threshold"], failures or None, cfg.emotion.positive_valence)
     paths = _write_outputs(labels, stats, out_dir)
     chunks_path = out_dir / "label_chunks.json"
-    chunks_path.write_text(json.dumps([{k: v for k, v in r.items() if k != "threshold"} for r in runs], indent=2) + "\n")
+    chunks_path.write_text(json.dumps(runs, indent=2) + "\n")
     return {**paths, "chunks": chunks_path}
