@@ -16,6 +16,7 @@ from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig
 from esvr.tasks.common.paths import RunPaths
+from esvr.tasks.common.roles import value_threshold
 from esvr.tasks.components.datasets import DatasetsConfig, build_datasets, stats_metrics
 
 PROMPTS = ["tvd/system.txt", "tvd/user.txt", "rg/system.txt", "rg/user.txt"]
@@ -29,10 +30,10 @@ STAGE = "esvr.tasks.components"
     persist_result=True,
     log_prints=False,  # `datasets` prints bytecode listings while fingerprinting
 )
-def build_datasets_task(threads: Path, labels: Path, cfg: DatasetsConfig, out: Path) -> str:
+def build_datasets_task(threads: Path, labels: Path, cfg: DatasetsConfig, out: Path, positive_valence: float) -> str:
     """`build_datasets` as a cached task (keyed by the inputs' content, the config, the prompt
     files and the builders' source); returns the manifest's path."""
-    build_datasets(threads, labels, cfg, out)
+    build_datasets(threads, labels, cfg, out, positive_valence)
     return str(Path(out) / "manifest.json")
 
 
@@ -48,7 +49,12 @@ def build_datasets_flow(
         if not path.is_file():
             raise FileNotFoundError(f"build_datasets: {what} file not found: {path} (run the {stage} stage first)")
     with tracking.flow_run("build_datasets", config, section="datasets", prompts=PROMPTS):
-        manifest_path = build_datasets_task(threads_path, labels_path, config.datasets, paths.stage("datasets"))
+        cfg = config.datasets
+        if cfg.value_threshold is None:  # a value is observed where the labelling detector says so
+            cfg = cfg.model_copy(update={"value_threshold": value_threshold(config.label.values)})
+        # "positive" is the label section's one definition (label.emotion.positive_valence)
+        positive = config.label.emotion.positive_valence
+        manifest_path = build_datasets_task(threads_path, labels_path, cfg, paths.stage("datasets"), positive)
         manifest = json.loads(Path(manifest_path).read_text())
         tracking.log_metrics({f"datasets.{k}": v for k, v in stats_metrics(manifest).items()})
         tracking.log_artifact(manifest_path, "datasets")

@@ -14,6 +14,7 @@ from esvr.tasks.components.datasets import (
     build_datasets,
     extract_examples,
     load_split,
+    observed_values,
     read_labels,
     read_threads,
     stats_metrics,
@@ -21,6 +22,13 @@ from esvr.tasks.components.datasets import (
 )
 
 V = value_names()
+#: the value detector's decision threshold in these tests: probs() puts its ranked values at 0.9,
+#: 0.8, 0.7 and everything else below 0.05
+THRESHOLD = 0.5
+
+
+def config(**kw) -> DatasetsConfig:
+    return DatasetsConfig(value_threshold=THRESHOLD, **kw)
 
 
 def probs(*top: int) -> list[float]:
@@ -162,18 +170,31 @@ def test_top_values_orders_by_probability():
     assert top_values(probs(7, 2, 19), 3) == [V[7], V[2], V[19]]
 
 
+def test_target_values_are_the_observed_ones():
+    # observed = at or above the detector's threshold, most probable first, up to k
+    p = probs(7, 2, 19)
+    assert observed_values(p, 0.75) == [V[7], V[2]]
+    assert observed_values(p, 0.8) == [V[7], V[2]]  # "reaches" the threshold
+    assert observed_values(p, 0.5, 2) == [V[7], V[2]]
+    assert observed_values(p, 0.95) == []
+    assert observed_values(probs(1, 2, 3, 4, 5), 0.5, 3) == [V[1], V[2], V[3]]
+
+
 def test_success_rule_top3_and_dedupe(tmp_path: Path):
     threads, labels = hand_built(tmp_path)
     df, lab = read_threads(threads), read_labels(labels)
-    cfg = DatasetsConfig()
+    cfg = config()
 
     single, stats = extract_examples(df, lab, cfg, "single_turn")
-    # u3 (0.8) and x3 (0.6) succeed; w3 (0.1) and y3 (exactly 0.5) do not; (u1,u2)->u3 once only
+    # u3 (0.8) and x3 (0.6) succeed; w3 (0.1) and y3 (exactly 0.5) do not
     assert sorted(e["next_utt_id"] for e in single) == ["u3", "x3"]
-    assert stats["not_positive"] == 2 and stats["duplicates"] == 1
+    assert stats["not_positive"] == 2
     ex = next(e for e in single if e["next_utt_id"] == "u3")
     assert ex["target_values"] == [V[0], V[1], V[2]]
     assert ex["reply"] == "text u2" and [h["utt_id"] for h in ex["history"]] == ["u1"]
+    # single-turn = three-part threads (App. B): (u1, u2, u3) comes from t1, not from the
+    # first exchange of the longer t2
+    assert [e["thread_id"] for e in single if e["next_utt_id"] == "u3"] == ["t1"] and stats["chains"] == 4
 
     multi, _ = extract_examples(df, lab, cfg, "multi_turn")
     # only the 5-utterance chain t2 is multi-turn; both of its successes count
@@ -181,16 +202,41 @@ def test_success_rule_top3_and_dedupe(tmp_path: Path):
     assert [h["utt_id"] for h in multi[1]["history"]] == ["u1", "u2", "u3"]
     assert multi[1]["target_values"] == [V[3], V[4], V[5]]
 
-    only_short, _ = extract_examples(df, lab, cfg.model_copy(update={"single_turn_max_turns": 3}), "single_turn")
-    assert [e["thread_id"] for e in only_short if e["next_utt_id"] == "u3"] == ["t1"]
+    # the one multi-turn example that is also a first exchange is not a single-turn one
+    assert {e["example_id"] for e in single}.isdisjoint(e["example_id"] for e in multi if e["turn"] > 1)
+    every_first, every_stats = extract_examples(df, lab, cfg.model_copy(update={"single_turn_max_turns": None}), "single_turn")
+    assert every_stats["chains"] == 5 and every_stats["duplicates"] == 1  # (u1,u2)->u3 once only
+    assert sorted(e["next_utt_id"] for e in every_first) == ["u3", "x3"]
 
-    stricter, _ = extract_examples(df, lab, cfg.model_copy(update={"valence_threshold": 0.7}), "single_turn")
+    stricter, _ = extract_examples(df, lab, cfg, "single_turn", positive_valence=0.7)
     assert [e["next_utt_id"] for e in stricter] == ["u3"]
+
+
+def test_an_op_reply_that_expresses_fewer_values_has_fewer_targets(tmp_path: Path):
+    """v_{t+1} holds only the values observed in o_{t+1}; none observed -> no example."""
+    low = [0.01] * 20
+    one = list(low)
+    one[6] = 0.6
+    chains = [
+        {
+            "thread_id": f"t{k}",
+            "post_id": f"p{k}",
+            "turns": [turn(f"o{k}", "op"), turn(f"c{k}", "commenter"), turn(f"r{k}", "op")],
+        }
+        for k in range(3)
+    ]
+    labels = {"r0": (0.9, probs(4, 8, 12, 16)), "r1": (0.9, one), "r2": (0.9, low)}
+    threads, labels_path = write_inputs(tmp_path, chains, labels)
+    examples, stats = extract_examples(read_threads(threads), read_labels(labels_path), config(), "single_turn")
+    assert {e["next_utt_id"]: e["target_values"] for e in examples} == {"r0": [V[4], V[8], V[12]], "r1": [V[6]]}
+    assert stats["no_observed_value"] == 1 and stats["success"] == 2
+    with pytest.raises(ValueError, match="datasets.value_threshold is unset"):
+        extract_examples(read_threads(threads), read_labels(labels_path), DatasetsConfig(), "single_turn")
 
 
 def test_dpo_sibling_rejection_and_value_removal(tmp_path: Path):
     threads, labels = hand_built(tmp_path)
-    cfg = DatasetsConfig(dev_size=0, test_size=0)
+    cfg = config(dev_size=0, test_size=0)
     manifest = build_datasets(threads, labels, cfg, tmp_path / "out")
 
     dpo = load_split(manifest, "multi_turn", "rg_dpo", "train")
@@ -220,7 +266,7 @@ def test_dpo_sibling_rejection_and_value_removal(tmp_path: Path):
 
 def test_splits_keep_posts_apart_and_follow_sizes(tmp_path: Path):
     threads, labels = hand_built(tmp_path, extra_posts=40)
-    cfg = DatasetsConfig(dev_size=0.2, test_size=5)
+    cfg = config(dev_size=0.2, test_size=5)
     manifest = build_datasets(threads, labels, cfg, tmp_path / "out")
     posts: dict[str, set[str]] = {}
     chains: dict[str, set[str]] = {}
@@ -270,3 +316,49 @@ def test_missing_inputs_name_the_file(tmp_path: Path):
     pl.DataFrame({"utt_id": ["a"]}).write_parquet(lab)
     with pytest.raises(ValueError, match=r"labels.parquet: missing column\(s\) \['valence', 'values'\]"):
         read_labels(lab)
+
+
+def test_dpo_removes_only_values_observed_after_the_sibling(tmp_path: Path):
+    """v'_{t+1} follows v_{t+1}'s rule: a value below the threshold in the OP's reply to the
+    sibling was not expressed and stays a target; a sibling without an OP reply is kept whole or
+    dropped as configured, and the share of drawn siblings with a reply is reported."""
+    below = probs(0, 1, 2)
+    below[0] = 0.3  # V0 ranks in the sibling reply's top 3 but is not observed
+    chains = [
+        {
+            "thread_id": "t1",
+            "post_id": "p1",
+            "turns": [turn("a1", "op"), turn("a2", "commenter"), turn("a3", "op")],
+            "siblings": [sibling(1, "as", ["asr"])],
+        },
+        {
+            "thread_id": "t2",
+            "post_id": "p2",
+            "turns": [turn("b1", "op"), turn("b2", "commenter"), turn("b3", "op")],
+            "siblings": [sibling(1, "bs", [])],
+        },
+    ]
+    labels = {"a3": (0.9, probs(0, 1, 2)), "asr": (0.2, below), "b3": (0.9, probs(3, 4, 5))}
+    threads, labels_path = write_inputs(tmp_path, chains, labels)
+    manifest = build_datasets(threads, labels_path, config(dev_size=0, test_size=0, settings=["single_turn"]), tmp_path / "keep")
+    rows = {r["next_utt_id"]: r for r in load_split(manifest, "single_turn", "rg_dpo", "train")}
+    assert rows["a3"]["target_values"] == [V[0]] and rows["a3"]["rejected_expressed_values"] == [V[1], V[2]]
+    assert rows["b3"]["target_values"] == [V[3], V[4], V[5]] and rows["b3"]["rejected_expressed_values"] == []
+    stats = manifest["stats"]["single_turn"]
+    assert stats["dpo_siblings_drawn"] == 2 and stats["dpo_sibling_with_op_reply"] == 1
+    assert stats["dpo_sibling_op_reply_share"] == 0.5
+
+    drop = config(dev_size=0, test_size=0, settings=["single_turn"], dpo_sibling_without_reply="drop")
+    manifest = build_datasets(threads, labels_path, drop, tmp_path / "drop")
+    assert [r["next_utt_id"] for r in load_split(manifest, "single_turn", "rg_dpo", "train")] == ["a3"]
+    assert manifest["stats"]["single_turn"]["dpo_sibling_without_reply_dropped"] == 1
+
+
+def test_the_flow_takes_the_labelling_detectors_threshold():
+    """Without datasets.value_threshold, 'observed' means what the label stage's detector marks."""
+    from esvr.models.value_detector import DEFAULT_HEAD, SCHROTER_THRESHOLD, ValueDetectorConfig, ValueHead
+    from esvr.tasks.common.roles import value_threshold
+
+    assert value_threshold(ValueDetectorConfig()) == pytest.approx(ValueHead.load(DEFAULT_HEAD).threshold)
+    assert value_threshold(ValueDetectorConfig(backend="hf")) == SCHROTER_THRESHOLD
+    assert value_threshold(ValueDetectorConfig(backend="hf", threshold=0.4)) == 0.4

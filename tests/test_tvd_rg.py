@@ -321,6 +321,7 @@ def flows_run(prefect_harness, tiny_llama: Path, tmp_path_factory: pytest.TempPa
             f"models.base=hf:{tiny_llama}",
             f"models.judge=hf:{tiny_llama}",
             "datasets.max_chars_per_utterance=80",
+            "datasets.single_turn_max_turns=null",  # these chains all go on: single-turn from their first exchange
             "datasets.dev_size=2",
             "datasets.test_size=3",
             f"train_tvd.train={steps}",

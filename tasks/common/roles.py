@@ -229,6 +229,19 @@ def emotion_scorer(cfg: EmotionConfig | None, run_dir: PathLike | None, use_cach
     return load_emotion_scorer(cfg, echat)
 
 
+def value_threshold(cfg: ValueDetectorConfig) -> float:
+    """The decision threshold of the detector `cfg` names, without loading its model: the
+    configured one, else the backend's (the embedding head's validation-tuned threshold, Schroter
+    et al.'s 0.26 for hf, 0.5 for llm), as `load_value_detector` applies them."""
+    from esvr.models.value_detector import DEFAULT_HEAD, SCHROTER_THRESHOLD, ValueHead
+
+    if cfg.threshold is not None:
+        return float(cfg.threshold)
+    if cfg.backend == "embedding":
+        return float(ValueHead.load(Path(cfg.head) if cfg.head else DEFAULT_HEAD).threshold)
+    return SCHROTER_THRESHOLD if cfg.backend == "hf" else 0.5
+
+
 def value_detector(cfg: ValueDetectorConfig, run_dir: PathLike | None, use_cache: bool = True) -> ValueDetector:
     """The value detector a ``label.values`` section names; llm's chat model comes from the pool."""
     from esvr.models.value_detector import load_value_detector

@@ -3,18 +3,23 @@
 From OP/commenter chains (threads.parquet) and per-utterance labels (labels.parquet):
 
 - A commenter reply c_t is a *success* when the OP's next utterance o_{t+1} has positive valence
-  (above `valence_threshold`); the top-3 values of o_{t+1} by probability are the target values
-  v_{t+1} that c_t promoted.
+  (above `label.emotion.positive_valence`). The target values v_{t+1} that c_t promoted are the values
+  *observed* in o_{t+1} (§5.1, App. D.1, Table 15's "up to 3"): those whose probability reaches
+  the value detector's threshold, the `top_k` (3) most probable of them. An o_{t+1} in which no
+  value is observed ("thanks!") promoted nothing and yields no example (counted
+  ``no_observed_value``).
 - TVD: history o_1..o_t -> 'v1, v2, v3' (Table 15's prompt).
 - RG-SFT: history + v_{t+1} with definitions -> c_t (Table 16's prompt).
-- RG-DPO: chosen c_t, rejected a random sibling c'_t (another reply to o_t); the values the OP
-  expressed after c'_t are removed from v_{t+1} so the rejected reply cannot have promoted what
-  remains; up to three are kept, pairs with none left are dropped and counted.
+- RG-DPO (§5.2): chosen c_t, rejected a sibling c'_t drawn at random among the stored replies to
+  o_t; the values v'_{t+1} observed in the OP's reply to c'_t (the same rule as v_{t+1}) are
+  removed from v_{t+1}, so the rejected reply cannot have promoted what remains; pairs with none
+  left are dropped and counted. A sibling the OP never answered shows no value it promoted:
+  `dpo_sibling_without_reply` keeps its pair with v_{t+1} whole (default) or drops it.
 
-Two settings (App. B): single-turn uses the first exchange (o_1, c_1, o_2) of every chain (or
-only of 3-utterance chains, `single_turn_max_turns: 3`); multi-turn uses every success in chains
-that go beyond one exchange. Examples repeated across
-overlapping chains are kept once (same history utt_ids and same c_t). Splits are by Reddit post,
+Two settings (App. B): single-turn = three-part threads (OP, commenter, OP's final reply:
+`single_turn_max_turns: 3`); multi-turn = every success in threads with further exchanges
+(`multi_turn_min_turns: 5`). The two are disjoint. Examples repeated across overlapping chains are
+kept once (same history utt_ids and same c_t). Splits are by Reddit post,
 so no post (and hence no chain) is in two splits; the three datasets of a setting share them.
 
 Everything is saved with `datasets` (``save_to_disk``) in TRL's conversational formats; see
@@ -34,6 +39,7 @@ from typing import Any, Literal
 import polars as pl
 
 from esvr.models.config import Section
+from esvr.models.emotion import POSITIVE_VALENCE
 from esvr.prompts import value_names
 from esvr.tasks.components.rg import rg_messages
 from esvr.tasks.components.tvd import format_value_list, render_history, tvd_messages
@@ -47,18 +53,19 @@ SPLITS = ("train", "dev", "test")
 class DatasetsConfig(Section):
     """How threads and labels become TVD / RG-SFT / RG-DPO datasets."""
 
-    #: o_{t+1} counts as positive when its valence is strictly above this. Valence is EmoLLMs'
-    #: intensity scale, 0 = most negative, 1 = most positive, so 0.5 is its neutral midpoint
-    valence_threshold: float = 0.5
-    #: v_{t+1} = the top-k values of o_{t+1} by probability (paper §5.1: top-3)
+    #: a value is observed in an utterance when its probability reaches this; None = the label
+    #: stage's detector threshold (label.values), which the build_datasets flow fills in
+    value_threshold: float | None = None
+    #: v_{t+1} = at most this many of the values observed in o_{t+1}, most probable first
+    #: (paper §5.1 / Table 15: up to 3)
     top_k: int = 3
     settings: list[Setting] = ["single_turn", "multi_turn"]
     #: chains shorter than this (in utterances) are single exchanges and feed only single-turn
     multi_turn_min_turns: int = 5
-    #: single-turn takes (o_1, c_1, o_2) from chains of at most this many utterances; None = from
-    #: every chain (the first exchange of a long thread is a single-turn example too); 3 = only
-    #: chains that end after o_2, which makes the two settings disjoint
-    single_turn_max_turns: int | None = None
+    #: single-turn takes (o_1, c_1, o_2) from chains of at most this many utterances. 3 = the
+    #: paper's three-part threads (App. B), disjoint from multi-turn; None = the first exchange of
+    #: every chain, long threads included
+    single_turn_max_turns: int | None = 3
     #: dev and test sizes: a fraction of the setting's examples (< 1) or a count (>= 1).
     #: Defaults are Table 4's single-turn proportions (2,000 and 1,000 of 21,459)
     dev_size: float = 0.093
@@ -66,11 +73,13 @@ class DatasetsConfig(Section):
     #: each utterance in a prompt is cut to this many characters (None: whole). Reddit posts can
     #: run to thousands of words; the cap keeps prompts within the trainers' max_length
     max_chars_per_utterance: int | None = None
-    #: DPO: how many of o_{t+1}'s ranked values are candidates before the rejected reply's values
-    #: are removed. 3 = v_{t+1} exactly as the paper defines it; more lets removal back-fill
+    #: DPO: how many of o_{t+1}'s observed values (most probable first) are candidates before the
+    #: rejected reply's values are removed. 3 = v_{t+1} exactly as the paper defines it; more lets
+    #: removal back-fill from further observed values
     dpo_candidate_values: int = 3
-    #: DPO: the values 'the OP expressed' after the rejected sibling = that reply's top-k
-    dpo_sibling_top_k: int = 3
+    #: DPO: a drawn sibling the OP never replied to. 'keep': its pair keeps v_{t+1} whole (the
+    #: sibling elicited no value from the OP, so it cannot have promoted one); 'drop': no pair
+    dpo_sibling_without_reply: Literal["keep", "drop"] = "keep"
     seed: int = 0
 
 
@@ -128,6 +137,24 @@ def top_values(probs: Sequence[float], k: int) -> list[str]:
     return [names[i] for i in order[:k]]
 
 
+def observed_values(probs: Sequence[float], threshold: float, k: int | None = None) -> list[str]:
+    """The values observed in an utterance: probability >= `threshold`, most probable first, at
+    most `k` of them (None: all)."""
+    ranked = top_values(probs, len(probs))
+    names = value_names()
+    kept = [v for v in ranked if probs[names.index(v)] >= threshold]
+    return kept if k is None else kept[:k]
+
+
+def _threshold(cfg: DatasetsConfig) -> float:
+    if cfg.value_threshold is None:
+        raise ValueError(
+            "datasets.value_threshold is unset: give the value detector's threshold "
+            "(the build_datasets flow takes it from label.values)"
+        )
+    return cfg.value_threshold
+
+
 # --------------------------------------------------------------------------------------------
 # Success examples
 # --------------------------------------------------------------------------------------------
@@ -138,10 +165,16 @@ def _example_id(history_ids: Sequence[str], reply_id: str) -> str:
 
 
 def extract_examples(
-    threads: pl.DataFrame, labels: dict[str, tuple[float, list[float]]], cfg: DatasetsConfig, setting: Setting
+    threads: pl.DataFrame,
+    labels: dict[str, tuple[float, list[float]]],
+    cfg: DatasetsConfig,
+    setting: Setting,
+    positive_valence: float = POSITIVE_VALENCE,
 ) -> tuple[list[dict[str, Any]], Counter]:
-    """Success examples of one setting, deduplicated, with counters of what was skipped."""
+    """Success examples of one setting, deduplicated, with counters of what was skipped.
+    `positive_valence`: the label section's `emotion.positive_valence` (o_{t+1} is positive above it)."""
     stats: Counter = Counter()
+    threshold = _threshold(cfg)
     seen: set[tuple[tuple[str, ...], str]] = set()
     examples: list[dict[str, Any]] = []
     for row in threads.iter_rows(named=True):
@@ -164,8 +197,12 @@ def extract_examples(
                 stats["unlabeled"] += 1
                 continue
             valence, probs = label
-            if not valence > cfg.valence_threshold:
+            if not valence > positive_valence:
                 stats["not_positive"] += 1
+                continue
+            observed = observed_values(probs, threshold)
+            if not observed:
+                stats["no_observed_value"] += 1
                 continue
             history = turns[: i - 1]
             key = (tuple(t["utt_id"] for t in history), reply["utt_id"])
@@ -174,7 +211,6 @@ def extract_examples(
                 continue
             seen.add(key)
             stats["success"] += 1
-            ranked = top_values(probs, len(probs))
             examples.append(
                 {
                     "example_id": _example_id(*key),
@@ -187,8 +223,8 @@ def extract_examples(
                     "reply": reply["text"],
                     "next_utt_id": nxt["utt_id"],
                     "next_valence": valence,
-                    "target_values": ranked[: cfg.top_k],
-                    "_ranked": ranked,
+                    "target_values": observed[: cfg.top_k],
+                    "_observed": observed,
                     "_siblings": [s for s in (row.get("siblings") or []) if s["turn"] == i - 1],
                 }
             )
@@ -257,19 +293,26 @@ def dpo_pair(
         return None
     rng = random.Random(f"{cfg.seed}:{example['example_id']}")
     sibling = rng.choice(sorted(siblings, key=lambda s: s["utt_id"]))
-    expressed: set[str] = set()
-    for reply in sibling.get("op_replies") or []:
+    stats["dpo_siblings_drawn"] += 1
+    replies = sibling.get("op_replies") or []
+    if replies:
+        stats["dpo_sibling_with_op_reply"] += 1
+    elif cfg.dpo_sibling_without_reply == "drop":
+        stats["dpo_sibling_without_reply_dropped"] += 1
+        return None
+    expressed: set[str] = set()  # v'_{t+1}: observed in the OP's reply (or replies) to c'_t
+    for reply in replies:
         label = labels.get(reply["utt_id"])
         if label is None:
             stats["dpo_sibling_reply_unlabeled"] += 1
             continue
-        expressed.update(top_values(label[1], cfg.dpo_sibling_top_k))
-    candidates = example["_ranked"][: cfg.dpo_candidate_values]
+        expressed.update(observed_values(label[1], _threshold(cfg), cfg.top_k))
+    candidates = example["_observed"][: cfg.dpo_candidate_values]
     remaining = [v for v in candidates if v not in expressed][: cfg.top_k]
     if not remaining:
         stats["dpo_no_values_left"] += 1
         return None
-    if len(remaining) < len(candidates[: cfg.top_k]):
+    if len(remaining) < len(example["target_values"]):
         stats["dpo_values_reduced"] += 1
     stats["dpo_pairs"] += 1
     return {
@@ -336,7 +379,13 @@ def format_rows(example: dict[str, Any], kind: str, cfg: DatasetsConfig, pair: d
     return row
 
 
-def build_datasets(threads_path: str | Path, labels_path: str | Path, cfg: DatasetsConfig, out_dir: str | Path) -> dict[str, Any]:
+def build_datasets(
+    threads_path: str | Path,
+    labels_path: str | Path,
+    cfg: DatasetsConfig,
+    out_dir: str | Path,
+    positive_valence: float = POSITIVE_VALENCE,
+) -> dict[str, Any]:
     """Build and save every dataset; returns the manifest (also written to ``manifest.json``).
 
     Manifest: ``{"root", "config", "paths": {setting: {kind: dir}}, "stats": {setting: {...}}}``.
@@ -347,9 +396,15 @@ def build_datasets(threads_path: str | Path, labels_path: str | Path, cfg: Datas
     out.mkdir(parents=True, exist_ok=True)
     threads = read_threads(threads_path)
     labels = read_labels(labels_path)
-    manifest: dict[str, Any] = {"root": str(out), "config": cfg.model_dump(mode="json"), "paths": {}, "stats": {}}
+    manifest: dict[str, Any] = {
+        "root": str(out),
+        "config": cfg.model_dump(mode="json"),
+        "positive_valence": positive_valence,
+        "paths": {},
+        "stats": {},
+    }
     for setting in cfg.settings:
-        examples, stats = extract_examples(threads, labels, cfg, setting)
+        examples, stats = extract_examples(threads, labels, cfg, setting, positive_valence)
         split_of = assign_splits(examples, cfg.dev_size, cfg.test_size, cfg.seed)
         rows: dict[str, dict[str, list]] = {k: {s: [] for s in SPLITS} for k in KINDS}
         value_counts: Counter = Counter()
@@ -385,6 +440,11 @@ def build_datasets(threads_path: str | Path, labels_path: str | Path, cfg: Datas
         manifest["stats"][setting] = {
             **{k: int(v) for k, v in sorted(stats.items())},
             "mean_next_valence": sum(ex["next_valence"] for ex in examples) / len(examples) if examples else 0.0,
+            "mean_target_values": sum(len(ex["target_values"]) for ex in examples) / len(examples) if examples else 0.0,
+            # §5.2's removal needs the OP's reply to the drawn sibling: how often there is one
+            "dpo_sibling_op_reply_share": stats["dpo_sibling_with_op_reply"] / stats["dpo_siblings_drawn"]
+            if stats["dpo_siblings_drawn"]
+            else 0.0,
             "target_value_counts": {n: value_counts.get(n, 0) for n in value_names()},
         }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
