@@ -39,7 +39,8 @@ def analyze_task(
     """Keyed like the label stage; the labelers are built only when the task runs (a cache hit
     loads no encoder)."""
     detector, scorer = make_labelers()
-    return {k: str(v) for k, v in analyze_esconv(esconv, out, cfg, detector, scorer).items()}
+    paths = analyze_esconv(esconv, out, cfg, detector, scorer, label_cfg.emotion.positive_valence)
+    return {k: str(v) for k, v in paths.items()}
 
 
 @flow(name="analyze_esconv", log_prints=True)

@@ -11,8 +11,12 @@ classification (V-oc, seven ordinal classes -3..3). Backends (``EmotionConfig.ba
   lexicon ships inside the ``vaderSentiment`` wheel. It was built for social-media text, runs
   thousands of texts per second on one core and needs no hub. Its compound score c in [-1, 1]
   maps to valence (c + 1) / 2 and to the seven classes by fixed cut points (see `vader_class`).
-  Its limits are in docs/labeling.md: lexical, blind to most context and sarcasm, and its scale
-  is not calibrated to EmoLLMs'.
+  Its compound sums the words' valences, so on a long text it runs to +-1 whatever the balance
+  (a long vent with a few kind words scored +0.99): a text of more than ``sentence_words`` words
+  is scored sentence by sentence and c is the mean of the sentences' compounds, as VADER's own
+  demo scores a paragraph. Texts are normalised first (`esvr.models.text`): VADER's negation
+  rules only know ASCII apostrophes. Its limits are in docs/labeling.md: lexical, blind to most
+  context and sarcasm, and its scale is not calibrated to EmoLLMs'.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from esvr.models.config import ModelConfig, Section
+from esvr.models.text import normalize_text, split_sentences, word_count
 from esvr.prompts import load_prompt
 
 if TYPE_CHECKING:
@@ -36,14 +41,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: the default of `EmotionConfig.positive_valence`: what "positive" means everywhere (the scale's
+#: neutral midpoint; the paper gives no number)
+POSITIVE_VALENCE = 0.5
+
+
 @dataclass(frozen=True)
 class EmotionScore:
     valence: float  # 0 (most negative) .. 1 (most positive)
     sentiment: int  # -3 (very negative) .. 3 (very positive)
 
-    @property
-    def positive(self) -> bool:
-        return self.sentiment > 0
+    def is_positive(self, positive_valence: float = POSITIVE_VALENCE) -> bool:
+        return self.valence > positive_valence
 
 
 class EmotionScorer(ABC):
@@ -83,34 +92,55 @@ def vader_class(compound: float, cuts: tuple[float, float, float] = VADER_CUTS) 
     return int(level if compound >= 0 else -level)
 
 
+#: texts longer than this (in words) are scored by sentence (`EmotionConfig.sentence_words`)
+SENTENCE_WORDS = 60
+
+
 class VaderEmotionScorer(EmotionScorer):
-    def __init__(self) -> None:
+    def __init__(self, sentence_words: int | None = SENTENCE_WORDS) -> None:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError as exc:  # pragma: no cover - a declared dependency
             raise RuntimeError("the offline emotion scorer needs vaderSentiment (pip install vaderSentiment)") from exc
         self.analyzer = SentimentIntensityAnalyzer()
+        self.sentence_words = sentence_words
+
+    def compound(self, text: str) -> float:
+        """VADER's compound of a text: whole, or over `sentence_words` words the mean of its
+        sentences' compounds (neutral sentences count, as 0)."""
+        # the label stage hands in normalised text already (a no-op then); the simulation's end
+        # rule and the fidelity metrics hand in generated text as it came
+        text = normalize_text(text)
+        if self.sentence_words is not None and word_count(text) > self.sentence_words:
+            sentences = split_sentences(text)
+            if len(sentences) > 1:
+                return sum(self.analyzer.polarity_scores(s)["compound"] for s in sentences) / len(sentences)
+        return float(self.analyzer.polarity_scores(text)["compound"])
 
     def score(self, texts: Sequence[str]) -> list[EmotionScore]:
         out = []
         for text in texts:
-            c = float(self.analyzer.polarity_scores(text or "")["compound"])
+            c = self.compound(text)
             out.append(EmotionScore(valence=(c + 1.0) / 2.0, sentiment=vader_class(c)))
         return out
 
     @property
     def fingerprint(self) -> str:
-        return f"vader:{VADER_CUTS}"
+        return vader_fingerprint(self.sentence_words)
 
 
-_worker_scorer: VaderEmotionScorer | None = None
+def vader_fingerprint(sentence_words: int | None) -> str:
+    # "norm1": the text normalisation of esvr.models.text; a change to it must renew label caches
+    return f"vader:{VADER_CUTS}:norm1:sentences>{sentence_words}"
 
 
-def _vader_in_worker(texts: Sequence[str]) -> list[EmotionScore]:
-    global _worker_scorer
-    if _worker_scorer is None:
-        _worker_scorer = VaderEmotionScorer()
-    return _worker_scorer.score(texts)
+_worker_scorers: dict[int | None, VaderEmotionScorer] = {}
+
+
+def _vader_in_worker(texts: Sequence[str], sentence_words: int | None) -> list[EmotionScore]:
+    if sentence_words not in _worker_scorers:
+        _worker_scorers[sentence_words] = VaderEmotionScorer(sentence_words)
+    return _worker_scorers[sentence_words].score(texts)
 
 
 class ProcessEmotionScorer(EmotionScorer):
@@ -125,8 +155,9 @@ class ProcessEmotionScorer(EmotionScorer):
     time (the simulation's end rule) keep VADER inline.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sentence_words: int | None = SENTENCE_WORDS) -> None:
         self._pool: ProcessPoolExecutor | None = None
+        self.sentence_words = sentence_words
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -135,7 +166,7 @@ class ProcessEmotionScorer(EmotionScorer):
         return self._pool
 
     def submit(self, texts: Sequence[str]) -> Future[list[EmotionScore]]:
-        return self._executor().submit(_vader_in_worker, list(texts))
+        return self._executor().submit(_vader_in_worker, list(texts), self.sentence_words)
 
     def score(self, texts: Sequence[str]) -> list[EmotionScore]:
         return self.submit(texts).result()
@@ -147,7 +178,7 @@ class ProcessEmotionScorer(EmotionScorer):
 
     @property
     def fingerprint(self) -> str:
-        return f"vader:{VADER_CUTS}"  # the same scores as VaderEmotionScorer: label caches stay valid
+        return vader_fingerprint(self.sentence_words)  # the same scores as VaderEmotionScorer: label caches stay valid
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,12 +314,21 @@ class EmotionConfig(Section):
     #: vader: score in a worker process while the value detector encodes (same scores, ~10% faster
     #: on 2 cores; off: inline, no extra process)
     worker_process: bool = True
+    #: vader: a text of more than this many words is scored sentence by sentence (mean of the
+    #: sentences' compounds); None = every text whole. Whole-text VADER saturates at +-1 on long
+    #: posts (docs/labeling.md)
+    sentence_words: int | None = SENTENCE_WORDS
+    #: an utterance is *positive* when its valence (0 most negative .. 1 most positive) is strictly
+    #: above this: the one definition that the datasets' success rule, the ESConv analysis and the
+    #: label statistics share. 0.5 is the scale's neutral midpoint (the paper says "positive" and
+    #: gives no number: the project's choice)
+    positive_valence: float = POSITIVE_VALENCE
 
 
 def load_emotion_scorer(cfg: EmotionConfig, chat_model: ChatModel | None = None) -> EmotionScorer:
     """Build the scorer a config section names. ``emollama`` needs the caller's `chat_model`."""
     if cfg.backend == "vader":
-        return VaderEmotionScorer()
+        return VaderEmotionScorer(cfg.sentence_words)
     if cfg.backend == "emollama":
         if chat_model is None:
             raise ValueError("the emollama emotion scorer needs a chat model: build it from emotion.model with load_chat_model")

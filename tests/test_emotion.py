@@ -123,8 +123,8 @@ def test_vader_default():
     scorer = load_emotion_scorer(EmotionConfig())
     assert isinstance(scorer, VaderEmotionScorer)
     pos, neg, empty = scorer.score(["Thank you so much, I feel a lot better now!", "I hate my life, everything is awful.", ""])
-    assert pos.valence > 0.75 and pos.sentiment >= 2 and pos.positive
-    assert neg.valence < 0.25 and neg.sentiment <= -2 and not neg.positive
+    assert pos.valence > 0.75 and pos.sentiment >= 2 and pos.is_positive()
+    assert neg.valence < 0.25 and neg.sentiment <= -2 and not neg.is_positive()
     assert empty == EmotionScore(0.5, 0)
 
 

@@ -179,15 +179,15 @@ def _row(**probs: float) -> list[float]:
 
 
 def _turns(dialog_id: str, group: str, rows: list[list[float]], sentiment: list[int]) -> SeekerTurns:
-    return SeekerTurns(
-        dialog_id, group, [f"t{i}" for i in range(len(rows))], np.array(rows), np.array(sentiment), np.zeros(len(rows))
-    )
+    # valence on the class's place of the 0..1 scale: classes >= 1 lie above 0.5, 0 on it
+    valence = (np.array(sentiment) + 3) / 6
+    return SeekerTurns(dialog_id, group, [f"t{i}" for i in range(len(rows))], np.array(rows), np.array(sentiment), valence)
 
 
 @pytest.fixture()
 def records() -> list[SeekerTurns]:
     return [
-        # counts per value (threshold 0.5, positive = sentiment >= 1):
+        # counts per value (threshold 0.5, positive = valence > 0.5, i.e. class >= 1 here):
         _turns("h1", HIGH, [_row(v0=0.9, v1=0.6), _row(v0=0.8)], [2, -1]),  # v0 1, v1 1 -> 2
         _turns("h2", HIGH, [_row(v0=0.7), _row(v0=0.9, v2=0.95)], [1, 3]),  # v0 2, v2 1 -> 3
         _turns("h3", HIGH, [_row(v0=0.6, v1=0.7), _row(v0=0.6, v3=0.8)], [1, 1]),  # v0 2, v1 1, v3 1 -> 4

@@ -7,9 +7,10 @@ The procedure, as the paper states it and where it is silent, as decided here (d
    missing or unparsable intensity are skipped and counted, never fatal.
 2. The seeker's **last 4 turns** are labelled; a turn is the seeker's consecutive messages merged
    (ESConv splits turns into several messages).
-3. A turn is *positive* when its sentiment class is at least ``min_positive_sentiment`` (1, the
-   lowest positive class of EmoLLMs' -3..3 scale). Values are counted only in positive turns: a
-   value counts once per positive turn whose probability reaches the detector's threshold.
+3. A turn is *positive* when its valence is above ``label.emotion.positive_valence`` (0.5, the
+   scale's midpoint): the one definition of positive that the label statistics and the datasets'
+   success rule use too. Values are counted only in positive turns: a value counts once per
+   positive turn whose probability reaches the detector's threshold.
 4. Per dialogue: the number of positive values (summed over the 4 turns; the paper reports 7.9 vs
    6.5) and, per value, the number of positive turns expressing it (0..4).
 5. Per value, a two-sided Mann-Whitney U test between the groups (our choice: §3.2 names no test); per turn position (-4..-1), the
@@ -31,6 +32,8 @@ import numpy.typing as npt
 import polars as pl
 
 from esvr.models.config import Section
+from esvr.models.emotion import POSITIVE_VALENCE
+from esvr.models.text import normalize_texts
 from esvr.prompts import value_names
 from esvr.tasks.common.esconv import Dialogue, LoadReport, load_esconv
 
@@ -52,8 +55,6 @@ class AnalyzeESConvConfig(Section):
     high_final: list[int] = [1, 2]
     low_final: list[int] = [3, 4]
     last_turns: int = 4
-    #: lowest sentiment class (-3..3) that makes a turn positive
-    min_positive_sentiment: int = 1
     alpha: float = 0.05
 
 
@@ -100,27 +101,27 @@ class SeekerTurns:
     sentiment: np.ndarray  # (k,) int
     valence: np.ndarray  # (k,) float
 
-    def positive(self, min_sentiment: int) -> np.ndarray:
-        return self.sentiment >= min_sentiment
+    def positive(self, positive_valence: float) -> np.ndarray:
+        return self.valence > positive_valence
 
-    def value_counts(self, threshold: float, min_sentiment: int) -> np.ndarray:
+    def value_counts(self, threshold: float, positive_valence: float) -> np.ndarray:
         """(20,) number of positive turns in which each value is detected."""
-        detected = (self.probs >= threshold) & self.positive(min_sentiment)[:, None]
+        detected = (self.probs >= threshold) & self.positive(positive_valence)[:, None]
         return detected.sum(0).astype(int)
 
-    def gated_probs(self, min_sentiment: int) -> np.ndarray:
+    def gated_probs(self, positive_valence: float) -> np.ndarray:
         """(k, 20) probabilities with non-positive turns set to 0."""
-        return self.probs * self.positive(min_sentiment)[:, None]
+        return self.probs * self.positive(positive_valence)[:, None]
 
 
 def label_last_turns(
     groups: dict[str, list[Dialogue]], detector: ValueDetector, scorer: EmotionScorer, last_turns: int
 ) -> list[SeekerTurns]:
-    """Label every group's last seeker turns in one batch."""
+    """Label every group's last seeker turns in one batch, their texts normalised as the label stage's."""
     items: list[tuple[str, str, list[str]]] = []
     for group, dialogues in groups.items():
         for d in dialogues:
-            items.append((d.dialog_id, group, d.seeker_turns()[-last_turns:]))
+            items.append((d.dialog_id, group, normalize_texts(d.seeker_turns()[-last_turns:])))
     texts = [t for _, _, turns in items for t in turns]
     probs = detector.predict_proba(texts) if texts else np.zeros((0, 20), dtype=np.float32)
     scores = scorer.score(texts) if texts else []
@@ -159,12 +160,15 @@ def mann_whitney(sample_a: npt.ArrayLike, sample_b: npt.ArrayLike) -> tuple[floa
     return float(res.statistic), float(res.pvalue)
 
 
-def group_statistics(records: Sequence[SeekerTurns], threshold: float, cfg: AnalyzeESConvConfig) -> dict[str, Any]:
-    """Everything §3.2 reports: group sizes, mean positive values, per-value tests, per-turn means."""
+def group_statistics(
+    records: Sequence[SeekerTurns], threshold: float, cfg: AnalyzeESConvConfig, positive_valence: float = POSITIVE_VALENCE
+) -> dict[str, Any]:
+    """Everything §3.2 reports: group sizes, mean positive values, per-value tests, per-turn means.
+    A turn is positive when its valence is above `positive_valence` (``label.emotion.positive_valence``)."""
     names = value_names()
     by_group = {g: [r for r in records if r.group == g] for g in (HIGH, LOW)}
     counts = {
-        g: np.array([r.value_counts(threshold, cfg.min_positive_sentiment) for r in rs]).reshape(-1, len(names))
+        g: np.array([r.value_counts(threshold, positive_valence) for r in rs]).reshape(-1, len(names))
         for g, rs in by_group.items()
     }
     totals = {g: c.sum(1) for g, c in counts.items()}
@@ -187,14 +191,15 @@ def group_statistics(records: Sequence[SeekerTurns], threshold: float, cfg: Anal
     for g, rs in by_group.items():
         means = []
         for pos in range(cfg.last_turns, 0, -1):
-            at = [r.gated_probs(cfg.min_positive_sentiment)[-pos] for r in rs if len(r.texts) >= pos]
+            at = [r.gated_probs(positive_valence)[-pos] for r in rs if len(r.texts) >= pos]
             means.append(np.mean(at, axis=0).tolist() if at else [float("nan")] * len(names))
         per_turn[g] = means
     return {
         "n": {g: len(rs) for g, rs in by_group.items()},
         "threshold": threshold,
+        "positive_valence": positive_valence,
         "positive_turn_share": {
-            g: float(np.mean(np.concatenate([r.positive(cfg.min_positive_sentiment) for r in rs]))) if rs else float("nan")
+            g: float(np.mean(np.concatenate([r.positive(positive_valence) for r in rs]))) if rs else float("nan")
             for g, rs in by_group.items()
         },
         "mean_positive_values": {g: float(t.mean()) if len(t) else float("nan") for g, t in totals.items()},
@@ -321,8 +326,10 @@ def analyze_esconv(
     cfg: AnalyzeESConvConfig,
     detector: ValueDetector,
     scorer: EmotionScorer,
+    positive_valence: float = POSITIVE_VALENCE,
 ) -> dict[str, Path]:
-    """The stage: load, split, label, test, write summary.json, values.csv/.md, turns.parquet, figure.png."""
+    """The stage: load, split, label, test, write summary.json, values.csv/.md, turns.parquet, figure.png.
+    `positive_valence`: the label section's ``emotion.positive_valence``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = LoadReport()
@@ -335,7 +342,7 @@ def analyze_esconv(
             "ESConv %s: a group is empty (high %d, low %d); statistics will be NaN", esconv, len(groups[HIGH]), len(groups[LOW])
         )
     records = label_last_turns(groups, detector, scorer, cfg.last_turns)
-    stats = group_statistics(records, detector.threshold, cfg)
+    stats = group_statistics(records, detector.threshold, cfg, positive_valence)
     stats["dialogues"] = len(dialogues)
     stats["skipped"] = dict(skipped)
     stats["missing_survey_fields"] = dict(report.missing_survey)
