@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 from esvr.flows.config import ModelConfig, PipelineConfig
 from esvr.flows.memory import StageMemory
 from esvr.models.config import ConfigError
+from esvr.models.local_server import answered_requests
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 #: Continuous batching answers concurrent requests together: 16 EmoLlama-sized prompts at once took
@@ -45,8 +46,9 @@ CONTINUOUS_BATCHING = (
     "--cb-max-batch-tokens",
     "2048",
 )
-#: a chat completion as the server's access log records it
-_CHAT_REQUEST = re.compile(r'"POST /v1/chat/completions HTTP/[0-9.]+" 200')
+#: How often each server is probed, and how long a probe may wait, before the watchdog starts a
+#: server that stopped answering again (models/local_server.py, ``_Watchdog``).
+WATCHDOG_S, PROBE_TIMEOUT_S = 30.0, 60.0
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Rehearsal:
     peak_total_mb: float = 0.0
     #: chat completions each local server answered in this rehearsal, by base_url
     server_requests: dict[str, int] = field(default_factory=dict)
+    #: times a server stopped answering and was started again, by base_url
+    server_restarts: dict[str, int] = field(default_factory=dict)
     #: the same, all servers together, by the stage (MLflow run name) that was running
     stage_requests: dict[str, int] = field(default_factory=dict)
     checkpoints_built: list[str] = field(default_factory=list)
@@ -125,13 +129,6 @@ def build_checkpoints(config: PipelineConfig) -> list[str]:
     return built
 
 
-def count_requests(log_path: Path) -> int:
-    try:
-        return len(_CHAT_REQUEST.findall(log_path.read_text(errors="replace")))
-    except OSError:
-        return 0
-
-
 class RequestCounter(threading.Thread):
     """Samples the servers' request counts twice a second, so requests can be put to stages by time
     (the access log has no timestamps; MLflow has each stage's start and end)."""
@@ -143,7 +140,7 @@ class RequestCounter(threading.Thread):
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
-        self.samples.append((time.time(), sum(count_requests(log) for log in self.logs)))
+        self.samples.append((time.time(), sum(answered_requests(log) for log in self.logs)))
 
     def run(self) -> None:
         while not self._stop_event.wait(self.every_s):
@@ -184,13 +181,14 @@ def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
     from esvr.flows.pipeline import pipeline_flow
     from esvr.flows.preflight import ensure_ready, format_report
     from esvr.models.default_model import ensure_default_model
-    from esvr.models.local_server import serve_transformers
+    from esvr.models.local_server import LocalServer, serve_transformers
 
     out_dir = config.run.out_dir.resolve()
     report = Rehearsal(config=config_path, out_dir=str(out_dir))
     report.checkpoints_built = build_checkpoints(config)
     servers = local_servers(config)
     logs: dict[str, Path] = {}
+    running: dict[str, LocalServer] = {}
     start, started_at = time.monotonic(), time.time()
     with ExitStack() as stack, StageMemory() as memory:
         memory.begin("servers")
@@ -201,7 +199,7 @@ def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text("")  # this rehearsal's requests only
             print(f"starting transformers serve for {name!r} on {url} (log: {log})")
-            stack.enter_context(
+            running[url] = stack.enter_context(
                 serve_transformers(
                     model_dir,
                     name=name,
@@ -209,6 +207,8 @@ def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
                     port=parsed.port,
                     log_path=log,
                     extra_args=CONTINUOUS_BATCHING,
+                    watchdog_s=WATCHDOG_S,
+                    probe_timeout_s=PROBE_TIMEOUT_S,
                 )
             )
             logs[url] = log
@@ -223,7 +223,8 @@ def rehearse(config: PipelineConfig, config_path: str = "") -> Rehearsal:
         finally:
             counter.stop()
     report.wall_s = round(time.monotonic() - start, 1)
-    report.server_requests = {url: count_requests(log) for url, log in logs.items()}
+    report.server_requests = {url: answered_requests(log) for url, log in logs.items()}
+    report.server_restarts = {url: server.restarts for url, server in running.items()}
     report.stage_requests = requests_by_stage(counter, config.run.experiment, started_at)
     metrics = memory.metrics()
     report.stage_peaks_mb = {k: v for k, v in metrics.items() if k.endswith("peak_total_mb")}
@@ -238,7 +239,9 @@ def summary(report: Rehearsal) -> str:
         f"  wall time: {report.wall_s:.0f} s, peak memory (with servers and workers): {report.peak_total_mb / 1024:.2f} GiB",
     ]
     for url, count in report.server_requests.items():
-        lines.append(f"  {url}: {count} chat completions")
+        restarts = report.server_restarts.get(url, 0)
+        again = f", started again {restarts}x after it stopped answering" if restarts else ""
+        lines.append(f"  {url}: {count} chat completions{again}")
     stages = ", ".join(f"{stage} {count}" for stage, count in report.stage_requests.items() if count)
     lines.append(f"  requests by stage: {stages or '(none)'}")
     lines.append(f"  report: {report.artifacts.get('report', '(none)')}")
