@@ -44,6 +44,8 @@ class RunConfig(Section):
     stages: list[str] = []
     #: folder of the embedded MLflow store (None: out_dir); a variant's run keeps its parent's
     tracking_dir: Path | None = None
+    #: MLflow tags on every run of this recipe's flows (a scheduled re-run tags the dumps it saw)
+    tags: dict[str, str] = {}
 
 
 class ModelsConfig(Section):

@@ -93,7 +93,7 @@ def flow_run(
     if mlflow.active_run() is None:
         setup(config)
     nested = mlflow.active_run() is not None
-    all_tags = {"esvr.stage": name, "esvr.run_name": config.run.name, **(tags or {})}
+    all_tags = {"esvr.stage": name, "esvr.run_name": config.run.name, **config.run.tags, **(tags or {})}
     with mlflow.start_run(run_name=name, nested=nested, tags=all_tags) as run:
         if not nested:
             params = flatten(config)
