@@ -170,3 +170,16 @@ def test_parse_value_verdicts_and_intensity():
     assert parse_intensity("extreme") == 5
     assert parse_intensity("nothing") is None
     assert not math.isnan(expected_score({"2": 1.0}))
+
+
+def test_set_prf_on_sets_of_any_size():
+    """Table 5's set scores: gold sets of 1-3 observed values let recall exceed precision; one
+    label in all is still a set problem (not sklearn's binary case)."""
+    from esvr.tasks.components.tvd import set_prf
+
+    m = set_prf([["a", "b", "c"], ["a", "d", "e"]], [["a"], ["d", "e"]])
+    assert m["precision"] == pytest.approx(3 / 6) and m["recall"] == 1.0 and m["f1"] == pytest.approx(2 / 3)
+    assert m["macro_precision"] == pytest.approx((1 / 3 + 2 / 3) / 2) and m["macro_f1"] == pytest.approx((0.5 + 0.8) / 2)
+    one = set_prf([["a"], []], [["a"], ["a"]])
+    assert (one["precision"], one["recall"], one["macro_recall"], one["empty_predictions"]) == (1.0, 0.5, 0.5, 1.0)
+    assert set_prf([], [])["f1"] == 0.0 and set_prf([[]], [[]])["macro_f1"] == 0.0

@@ -192,31 +192,27 @@ def set_prf(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]) -
     F1 = their harmonic mean. The paper's Table 5 F1 is the harmonic mean of its P and R
     (e.g. 0.516, 0.540 -> 0.528), which this matches; an empty prediction then lowers recall
     without making precision undefined. The example-averaged (macro) figures come alongside.
+    sklearn's ``precision_recall_fscore_support`` over binarized sets: ``micro`` and ``samples``.
+    Gold sets are the values observed in the OP's reply (up to 3), so recall can exceed precision.
     """
+    from sklearn.metrics import precision_recall_fscore_support
+    from sklearn.preprocessing import MultiLabelBinarizer
+
     if len(predicted) != len(gold):
         raise ValueError(f"{len(predicted)} predictions for {len(gold)} gold sets")
-    hit = n_pred = n_gold = 0
-    ex_p, ex_r, ex_f = [], [], []
-    for p, g in zip(predicted, gold):
-        ps, gs = set(p), set(g)
-        inter = len(ps & gs)
-        hit, n_pred, n_gold = hit + inter, n_pred + len(ps), n_gold + len(gs)
-        pe = inter / len(ps) if ps else 0.0
-        re_ = inter / len(gs) if gs else 0.0
-        ex_p.append(pe)
-        ex_r.append(re_)
-        ex_f.append(2 * pe * re_ / (pe + re_) if pe + re_ else 0.0)
-    precision = hit / n_pred if n_pred else 0.0
-    recall = hit / n_gold if n_gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     n = len(gold)
+    classes = sorted({v for s in (*predicted, *gold) for v in s})
+    scores = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "macro_precision": 0.0, "macro_recall": 0.0, "macro_f1": 0.0}
+    if n and classes:  # sklearn needs at least one example and one label
+        # a column no set holds changes no count and keeps one-label data multilabel for sklearn
+        mlb = MultiLabelBinarizer(classes=[*classes, "\0"])
+        y_true, y_pred = mlb.fit_transform(gold), mlb.transform(predicted)
+        # an empty set counts as 0 (not undefined) on the side it empties
+        for average, prefix in (("micro", ""), ("samples", "macro_")):
+            p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+            scores.update({f"{prefix}precision": float(p), f"{prefix}recall": float(r), f"{prefix}f1": float(f)})
     return {
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "macro_precision": sum(ex_p) / n if n else 0.0,
-        "macro_recall": sum(ex_r) / n if n else 0.0,
-        "macro_f1": sum(ex_f) / n if n else 0.0,
+        **scores,
         "n": float(n),
         "empty_predictions": float(sum(1 for p in predicted if not p)),
     }
