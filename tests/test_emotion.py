@@ -164,3 +164,82 @@ def test_label_stage_scores_vader_in_a_worker_process_with_the_same_results():
     inline = for_batches(VaderEmotionScorer(), EmotionConfig(worker_process=False))
     assert isinstance(inline, VaderEmotionScorer) and inline.submit(texts).result() == worker.score(texts)
     worker.close()
+
+
+# --------------------------------------------------------------------------------------------
+# VADER on real-looking Reddit text: typographic apostrophes, long posts
+# --------------------------------------------------------------------------------------------
+
+#: long vents that open with kind words about the person who hurt or was lost: whole-text VADER
+#: sums those words' valences and calls the post positive
+CHEATING_VENT = (
+    "Me and my boyfriend were together for six years and I honestly thought we had the best, happiest, most loving "
+    "relationship in the world, and all our friends always said how perfect and sweet we were together. "
+    "Last night I found out he\u2019s been cheating on me for a year, with my best friend of all people. "
+    "I saw the texts. I feel sick. I keep crying in the shower so my roommate won\u2019t hear. "
+    "I feel so stupid and humiliated. Every memory feels like a lie now. "
+    "I\u2019m angry at him, I\u2019m angry at her, and I\u2019m angry at myself for missing every sign. "
+    "I called in sick today because I can\u2019t face anyone. I feel completely alone."
+)
+GRIEF_VENT = (
+    "My best friend Jake died in a car accident on Saturday. We\u2019d been best friends since we were six, "
+    "he was the funniest, kindest, most generous guy I\u2019ve ever known, and everyone loved him. "
+    "I got the call from his mom at 2am. I keep thinking it\u2019s a mistake. "
+    "The funeral is on Thursday and I\u2019m supposed to speak and I\u2019m terrified. "
+    "I\u2019m so sad. I feel empty. I keep reaching for my phone to text him and then it hits me again. "
+    "I\u2019m angry that this happened to him of all people. Nothing feels real and I can\u2019t sleep."
+)
+
+
+def test_typographic_apostrophes_keep_vaders_negation():
+    scorer = VaderEmotionScorer()
+    curly, straight = scorer.score(["I don\u2019t like this", "I don't like this"])
+    assert curly == straight
+    assert curly.sentiment < 0 and not curly.is_positive()
+
+
+@pytest.mark.parametrize("vent", [CHEATING_VENT, GRIEF_VENT], ids=["partner-cheating", "friend-died"])
+def test_a_long_negative_vent_scores_negative(vent: str):
+    (score,) = VaderEmotionScorer().score([vent])
+    assert score.sentiment < 0 and score.valence < 0.5 and not score.is_positive()
+    (whole,) = VaderEmotionScorer(sentence_words=None).score([vent])
+    assert whole.sentiment > 0  # what whole-text scoring said, the reason for scoring by sentence
+
+
+def test_long_texts_get_the_mean_of_their_sentences_compounds():
+    from esvr.models.text import normalize_text, split_sentences
+
+    scorer = VaderEmotionScorer(sentence_words=60)
+    sentences = split_sentences(normalize_text(CHEATING_VENT))
+    expected = sum(scorer.analyzer.polarity_scores(s)["compound"] for s in sentences) / len(sentences)
+    assert scorer.compound(CHEATING_VENT) == pytest.approx(expected)
+    short = "I feel sick. Thank you for listening though, it helps."
+    assert scorer.compound(short) == scorer.analyzer.polarity_scores(short)["compound"]  # 10 words: whole
+    assert VaderEmotionScorer(sentence_words=5).compound(short) != scorer.compound(short)
+
+
+def test_sentence_words_reaches_the_worker_process_and_the_fingerprint():
+    from esvr.tasks.labeling.label import for_batches
+
+    cfg = EmotionConfig(sentence_words=None)
+    worker = for_batches(load_emotion_scorer(cfg), cfg)
+    try:
+        assert worker.score([GRIEF_VENT]) == VaderEmotionScorer(None).score([GRIEF_VENT])
+        assert worker.fingerprint == VaderEmotionScorer(None).fingerprint != VaderEmotionScorer().fingerprint
+    finally:
+        worker.close()
+
+
+def test_reddit_fixture_scores_do_not_depend_on_typographic_forms():
+    """Every utterance scores as its ASCII-typed twin would: the class moves that apostrophes,
+    quotes and entities caused (docs/labeling.md) are gone."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(__file__).parent / "fixtures" / "reddit_utterances.jsonl").open()]
+    texts = [r["text"] for r in rows]
+    twins = [t.replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"').replace("&amp;", "&") for t in texts]
+    scorer = VaderEmotionScorer()
+    assert scorer.score(texts) == scorer.score(twins)
+    raw = [vader_class(scorer.analyzer.polarity_scores(t)["compound"]) for t in texts]
+    assert sum(a != s.sentiment for a, s in zip(raw, scorer.score(texts))) >= len(texts) // 5
