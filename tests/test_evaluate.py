@@ -73,7 +73,16 @@ def write_personas(path: Path, n: int = 2) -> Path:
             "occupation": "nurse",
         }
         for i in range(n)
-    ] + [{"id": "t0", "split": "train", "problem": "x", "value": "Achievement", "situation": "train only", "emotion": "Sadness"}]
+    ] + [
+        {
+            "id": "t0",
+            "split": "train",
+            "problem": "Family Dynamics and Conflicts",
+            "value": "Achievement",
+            "situation": "train only",
+            "emotion": "Sadness",
+        }
+    ]
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     return path
 
