@@ -331,9 +331,12 @@ def judge_vs_human_flow(
 def simulator_fidelity_flow(
     config: PipelineConfig, esconv_path: str | Path | None = None, intensity: bool = True
 ) -> dict[str, str]:
-    """Table 29 (each candidate seeker simulator against real ESConv seeker turns) and Table 11
-    (the ES-Intensity judge against ESConv's reported final intensities)."""
-    from esvr.tasks.evaluation.fidelity import fidelity_markdown, intensity_validation, simulator_fidelity
+    """Table 29 (reference rows, then each candidate seeker simulator against real ESConv seeker
+    turns) and Table 11 (the ES-Intensity judge against ESConv's reported final intensities); the
+    inputs are checked before any model is asked, and each table is written as soon as computed."""
+    from esvr.models.value_detector import SentenceEncoder
+    from esvr.tasks.common.esconv import load_esconv
+    from esvr.tasks.evaluation.fidelity import Candidate, Scorers, fidelity_markdown, run_simulator_fidelity
 
     cfg = config.evaluate.fidelity
     path = Path(esconv_path) if esconv_path else cfg.esconv
@@ -343,42 +346,36 @@ def simulator_fidelity_flow(
     out_dir = run.stage("fidelity")
     use_cache = config.models.cache
     with tracking.flow_run("simulator-fidelity", config, section="evaluate", tags={"esvr.kind": "simulator-fidelity"}):
-        from esvr.tasks.common.esconv import load_esconv
-
         dialogues = load_esconv(path)
-        sims = cfg.simulators or [config.models.seeker]
-        emotion = roles.emotion_scorer(config.label.emotion, config.run.out_dir, use_cache)
-        detector = roles.value_detector(config.label.values, run.out_dir, use_cache)
-        rows = []
-        for sim in sims:
-            shots = [True, False] if cfg.zero_shot else [True]
-            for one_shot in shots:
-                model = roles.chat_model(sim, run.out_dir, cache=use_cache)
-                rows.append(
-                    simulator_fidelity(
-                        model,
-                        dialogues,
-                        cfg,
-                        one_shot=one_shot,
-                        emotion=emotion,
-                        detector=detector,
-                        encoder_path=cfg.encoder,
-                        name=sim.spec,
-                    )
-                )
-        result: dict[str, Any] = {"esconv": str(path), "simulators": rows}
-        if intensity:
-            judge = roles.chat_model(config.models.judge, run.out_dir, cache=use_cache)
-            result["intensity"] = intensity_validation(
-                judge, dialogues, config.evaluate.judge_settings(config.run.seed), cfg.max_dialogues
-            )
-        (out_dir / "fidelity.json").write_text(json.dumps(result, indent=2))
-        md = fidelity_markdown(result)
-        (out_dir / "fidelity.md").write_text(md)
-        for r in rows:
+
+        def build(sim: Any) -> Any:
+            return lambda: roles.chat_model(sim, run.out_dir, cache=use_cache)
+
+        candidates = [
+            Candidate(sim.spec, one_shot, build(sim), "one-shot" if one_shot else "zero-shot")
+            for sim in cfg.simulators or [config.models.seeker]
+            for one_shot in ([True, False] if cfg.zero_shot else [True])
+        ] + [Candidate(sim.spec, False, build(sim), "fine-tuned") for sim in cfg.finetuned]
+        scorers = Scorers(
+            emotion=roles.emotion_scorer(config.label.emotion, config.run.out_dir, use_cache),
+            detector=roles.value_detector(config.label.values, run.out_dir, use_cache),
+            encoder=SentenceEncoder(cfg.encoder),
+            judge=build(config.models.judge)() if cfg.content_judge else None,
+        )
+        result = run_simulator_fidelity(
+            dialogues,
+            cfg,
+            candidates,
+            scorers,
+            out_dir,
+            source=str(path),
+            intensity_judge=build(config.models.judge) if intensity else None,
+            judge_settings=config.evaluate.judge_settings(config.run.seed),
+        )
+        for r in result["simulators"]:
             tracking.log_metrics({f"fidelity.{r['slug']}.{k}": v for k, v in r["metrics"].items() if v is not None})
-        if intensity:
+        if "intensity" in result:
             tracking.log_metrics({f"intensity.{k}": v for k, v in result["intensity"]["judge"].items() if v is not None})
         tracking.log_artifact(out_dir, "fidelity")
-        print(md)
+        print(fidelity_markdown(result))
         return {"fidelity": str(out_dir / "fidelity.md")}

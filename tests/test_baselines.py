@@ -149,7 +149,7 @@ def test_simulator_and_intensity_fidelity_on_esconv_fixture(stub_server):
     )
     assert row["n"] == 9 and row["prompt"] == "zero-shot"
     assert row["metrics"]["avg_length"] == 7.0  # 'Therapist: ok' is cut off
-    assert -1 <= row["metrics"]["semantic_similarity"] <= 1 and row["metrics"]["value_euclidean"] >= 0
+    assert 0 <= row["metrics"]["bertscore_f1"] <= 1 and row["metrics"]["value_euclidean"] >= 0
     zero_shot_system = stub_server.requests[0]["messages"][0]["content"]
     assert "example" not in zero_shot_system.lower()
     it = intensity_validation(model, dialogues, JudgeSettings())

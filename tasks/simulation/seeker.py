@@ -24,19 +24,27 @@ _END = re.compile(r"\[\s*end\s*\]", re.IGNORECASE)
 _NEXT_SPEAKER = re.compile(r"\n\s*(therapist|supporter|counselor)\s*:", re.IGNORECASE)
 
 
-def seeker_system_prompt(persona: Mapping[str, Any]) -> str:
-    return (
+def seeker_system_prompt(persona: Mapping[str, Any], one_shot: bool = True) -> str:
+    """Table 28's system prompt with the persona's whole situation (every sentence of it: an
+    imported role card's description runs to several); zero-shot drops the example paragraph, a
+    persona without a situation drops its line."""
+    no_example, no_situation = "\x00EXAMPLE\x00", "\x00SITUATION\x00"
+    situation = " ".join(str(persona.get("situation") or "").split())
+    text = (
         load_prompt("seeker/system.txt")
         .strip()
         .format(
-            problem=persona["problem"],
-            emotion=str(persona["emotion"]).lower(),
+            problem=persona.get("problem") or "an emotional difficulty",
+            emotion=str(persona.get("emotion") or "distress").lower(),
             age=persona.get("age") or "unspecified",
             gender=persona.get("gender") or "unspecified",
             occupation=persona.get("occupation") or "unspecified",
-            example=load_prompt("seeker/example.txt").strip(),
+            situation=situation or no_situation,
+            example=load_prompt("seeker/example.txt").strip() if one_shot else no_example,
         )
     )
+    text = "\n\n".join(p for p in text.split("\n\n") if no_example not in p)
+    return "\n".join(line for line in text.split("\n") if no_situation not in line)
 
 
 def opening_line() -> str:
