@@ -298,3 +298,87 @@ def test_dialogues_of_other_models_are_kept_aside_and_simulated_anew(tmp_path: P
     assert summary.written == 1 and summary.skipped == 0
     assert load_dialogues(tmp_path / "d.stale-1.jsonl") == first  # the earlier run's work is kept
     assert load_dialogues(out)[0]["tvd"] != first[0]["tvd"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_turns": 6},
+        {"supporter_temperature": 0.2},
+        {"seeker_temperature": 1.0},
+        {"reask": 0},
+        {"fallback": "stepwise"},
+        {"seed": 7},
+        {"alternatives": False},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_dialogues_made_under_other_settings_are_kept_aside_and_simulated_anew(tmp_path: Path, change: dict) -> None:
+    """`--set simulate.max_turns=1` then `=6` on one folder: the 1-turn dialogues must not be resumed."""
+    out = tmp_path / "d.jsonl"
+    agents, _ = agents_for(Script(end_after=99), max_turns=1)
+    simulate_dialogues(bench_personas(2), out, agents)
+    first = load_dialogues(out)
+    assert first[0]["settings"]["max_turns"] == 1 and first[0]["settings"]["seed"] == 0
+
+    run = {k: change.pop(k) for k in ("seed", "alternatives") if k in change}
+    agents2, _ = agents_for(Script(end_after=99), **({"max_turns": 1} | change))
+    summary = simulate_dialogues(bench_personas(2), out, agents2, **run)
+    assert summary.written == 2 and summary.skipped == 0
+    assert load_dialogues(tmp_path / "d.stale-1.jsonl") == first
+    for key, value in (change | run).items():
+        assert all(d["settings"][key] == value for d in load_dialogues(out))
+
+
+def test_a_resume_under_the_same_settings_keeps_the_dialogues_and_a_file_without_settings_is_kept_aside(tmp_path: Path) -> None:
+    out = tmp_path / "d.jsonl"
+    agents, _ = agents_for(Script(end_after=1))
+    simulate_dialogues(bench_personas(2), out, agents)
+    again = simulate_dialogues(bench_personas(3), out, agents_for(Script(end_after=1))[0])
+    assert (again.skipped, again.written) == (2, 1) and not (tmp_path / "d.stale-1.jsonl").exists()
+
+    # a file written before dialogues recorded their settings: how it was made is unknown
+    old = [{k: v for k, v in d.items() if k != "settings"} for d in load_dialogues(out)]
+    out.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in old))
+    assert simulate_dialogues(bench_personas(3), out, agents).written == 3
+    assert len(load_dialogues(tmp_path / "d.stale-1.jsonl")) == 3
+
+
+def test_a_changed_prompt_makes_the_dialogues_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from esvr.tasks.common import hashing
+
+    out = tmp_path / "d.jsonl"
+    simulate_dialogues([PERSONA], out, agents_for(Script(end_after=1))[0])
+    monkeypatch.setattr(hashing, "prompts_digest", lambda names: "reworded")
+    assert simulate_dialogues([PERSONA], out, agents_for(Script(end_after=1))[0]).written == 1
+    assert (tmp_path / "d.stale-1.jsonl").exists() and load_dialogues(out)[0]["settings"]["prompts"] == "reworded"
+
+
+def _in_process(fn, calls, *, name):
+    return [fn(**kwargs) for kwargs in calls]
+
+
+def test_the_sharded_simulation_moves_aside_a_merged_file_and_shards_made_under_other_settings(tmp_path: Path) -> None:
+    from esvr.tasks.common.shards import shard_dir
+    from esvr.tasks.simulation.sharded import simulate_on_runner
+
+    os.environ.setdefault("ESVR_TEST_KEY", "unused")
+    out = tmp_path / "run" / "dialogues.jsonl"
+    with FakeOpenAIServer(Script(end_after=99)) as server:
+        model = ModelConfig(spec="openai:fake", base_url=server.base_url, api_key_env="ESVR_TEST_KEY")
+        roles = {"supporter": model, "seeker": model, "tvd": None, "rg": None}
+
+        def simulate(max_turns: int, personas: int) -> None:
+            cfg = SimulateConfig(emotion=False, max_turns=max_turns, alternatives=False)
+            simulate_on_runner(_in_process, 2, cfg, bench_personas(personas), out, roles, None, str(tmp_path), False, 0)
+
+        simulate(1, 4)
+        # an interrupted run's shard, made under the old settings, not merged yet
+        stale_shard = shard_dir(out) / "shard-009.jsonl"
+        stale_shard.write_bytes(orjson.dumps({**load_dialogues(out)[0], "id": "left-over"}) + b"\n")
+        simulate(3, 4)
+    dialogues = load_dialogues(out)
+    assert sorted(d["id"] for d in dialogues) == sorted(p["id"] for p in bench_personas(4))
+    assert all(d["n_turns"] == 3 and d["settings"]["max_turns"] == 3 for d in dialogues)
+    assert len(load_dialogues(out.with_name("dialogues.stale-1.jsonl"))) == 4
+    assert (shard_dir(out) / "shard-009.stale-1.jsonl").exists()

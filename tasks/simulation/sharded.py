@@ -3,7 +3,9 @@
 A shard task simulates its personas with the engine's own async concurrency and appends to its own
 shard file; the shards are then merged into ``dialogues.jsonl``. Shards are chosen by a hash of
 the persona id (`esvr.tasks.common.shards`), so a rerun with the same number of shards resumes
-each shard where it stopped, and personas already merged are never simulated again.
+each shard where it stopped, and personas already merged are never simulated again. Before that,
+one task opens the agents on the runner (where the models live) to learn the models and settings
+of this run: the merged file and shard files made under others are moved aside, as the engine does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,52 @@ from esvr.models.config import ModelConfig
 from esvr.models.emotion import EmotionConfig
 from esvr.tasks.common.jsonl import read_jsonl_repairing
 from esvr.tasks.common.shards import MapRunner, merge_shards, shard_dir, shard_paths, split_shards, write_shard_runs
-from esvr.tasks.simulation.simulate import SimulateConfig, SimulationSummary, opened_agents, simulate_dialogues
+from esvr.tasks.simulation.simulate import (
+    SimulateConfig,
+    SimulationSummary,
+    move_aside,
+    opened_agents,
+    run_settings,
+    simulate_dialogues,
+    stale_reasons,
+)
+
+
+def _agents(
+    simulate_cfg: SimulateConfig,
+    roles: dict[str, ModelConfig | None],
+    emotion: EmotionConfig | None,
+    run_dir: str,
+    use_cache: bool,
+) -> Any:
+    return opened_agents(
+        simulate_cfg,
+        roles["supporter"],  # type: ignore[arg-type]  # supporter and seeker are always given
+        roles["seeker"],  # type: ignore[arg-type]
+        tvd=roles.get("tvd"),
+        rg=roles.get("rg"),
+        emotion=emotion,
+        run_dir=run_dir,
+        use_cache=use_cache,
+    )
+
+
+def simulation_identity(
+    simulate_cfg: SimulateConfig,
+    roles: dict[str, ModelConfig | None],
+    emotion: EmotionConfig | None,
+    run_dir: str,
+    use_cache: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """The models (``names``) and ``settings`` this run's dialogues record, from a worker."""
+    with _agents(simulate_cfg, roles, emotion, run_dir, use_cache) as agents:
+        return {"names": agents.names, "settings": run_settings(agents, alternatives=simulate_cfg.alternatives, seed=seed)}
+
+
+def _shard_files(out: Path) -> list[Path]:
+    """The shard files to merge: not the ones moved aside."""
+    return sorted(p for p in shard_dir(out).glob("shard-*.jsonl") if ".stale-" not in p.name)
 
 
 def simulate_shard(
@@ -30,16 +77,7 @@ def simulate_shard(
     seed: int,
 ) -> dict[str, Any]:
     """One shard's dialogues in this (worker) process; returns its summary and ``worker_pid``."""
-    with opened_agents(
-        simulate_cfg,
-        roles["supporter"],  # type: ignore[arg-type]  # supporter and seeker are always given
-        roles["seeker"],  # type: ignore[arg-type]
-        tvd=roles.get("tvd"),
-        rg=roles.get("rg"),
-        emotion=emotion,
-        run_dir=run_dir,
-        use_cache=use_cache,
-    ) as agents:
+    with _agents(simulate_cfg, roles, emotion, run_dir, use_cache) as agents:
         summary = simulate_dialogues(
             personas, shard_path, agents, concurrency=simulate_cfg.concurrency, alternatives=simulate_cfg.alternatives, seed=seed
         )
@@ -66,26 +104,23 @@ def simulate_on_runner(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    args = {"simulate_cfg": simulate_cfg, "roles": roles, "emotion": emotion, "run_dir": run_dir, "use_cache": use_cache}
+    (identity,) = run(simulation_identity, [{**args, "seed": seed}], name="simulate-identity")
+    for path in [out, *_shard_files(out)]:
+        changed = stale_reasons(read_jsonl_repairing(path), identity["names"], identity["settings"])
+        if changed:
+            move_aside(path, changed)
     done = {rec["id"] for rec in read_jsonl_repairing(out)} if out.exists() else set()
     todo = [p for p in personas if str(p["id"]) not in done]
     summary = SimulationSummary(path=str(out), total=len(personas), skipped=len(personas) - len(todo))
     shards = split_shards(todo, n_shards)
     calls = [
-        {
-            "simulate_cfg": simulate_cfg,
-            "personas": shard,
-            "shard_path": str(path),
-            "roles": roles,
-            "emotion": emotion,
-            "run_dir": run_dir,
-            "use_cache": use_cache,
-            "seed": seed,
-        }
+        {**args, "personas": shard, "shard_path": str(path), "seed": seed}
         for shard, path in zip(shards, shard_paths(shards, out, n_shards))
     ]
     runs = run(simulate_shard, calls, name="simulate-shard") if calls else []
     # written = appended to `out` now: this run's dialogues and any an interrupted run left in shards
-    summary.written = merge_shards(out, sorted(shard_dir(out).glob("shard-*.jsonl")))
+    summary.written = merge_shards(out, _shard_files(out))
     for shard_run in runs:
         summary.add(shard_run["summary"])
     write_shard_runs(

@@ -47,6 +47,7 @@ from esvr.tasks.simulation.supporter import (
     SupporterFailure,
     SupporterReply,
     SupporterSettings,
+    reference_usage,
 )
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,9 @@ class SimulateConfig(Section):
     rg_max_tokens: int = 160
     #: score the seeker's valence with `label.emotion` for the valence end rule (off: [END]/limit only)
     emotion: bool = True
+    #: share of this run's dialogues that may fail (a backend error after the retries: not written)
+    #: before `esvr simulate` fails; 0.0: any failure fails it, 1.0: never
+    max_failed_share: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,8 +193,10 @@ class Agents:
     tvd_max_tokens: int = 48
     rg_max_tokens: int = 160
     rules: EndRules = field(default_factory=EndRules)
-    #: the settings under which the file's dialogues were made; a resumed run must match them
+    #: the models that made the file's dialogues (by role); a resumed run must match them
     names: dict[str, str | None] = field(default_factory=dict)
+    #: `dialogue_settings`: a resumed run must match them too
+    settings: dict[str, Any] = field(default_factory=dict)
 
     async def target_values(self, utterances: Sequence[Mapping[str, Any]], seed: int, calls: dict[str, int]) -> list[str] | None:
         if self.tvd is None:
@@ -219,6 +225,33 @@ class Agents:
         calls["emotion"] = calls.get("emotion", 0) + 1
         score = (await asyncio.to_thread(self.emotion.score, [text]))[0]
         return float(score.valence), int(score.sentiment)
+
+
+#: the `SimulateConfig` keys that change what a dialogue says or where it ends; a resumed file made
+#: under other values is moved aside (the rest, e.g. concurrency, only change how fast it is made)
+DIALOGUE_KEYS = (
+    "max_turns",
+    "valence_threshold",
+    "gratitude_phrases",
+    "supporter_max_tokens",
+    "seeker_max_tokens",
+    "supporter_temperature",
+    "seeker_temperature",
+    "reask",
+    "fallback",
+    "stepwise_max_tokens",
+    "tvd_method",
+    "tvd_max_tokens",
+    "rg_max_tokens",
+)
+
+
+def dialogue_settings(cfg: SimulateConfig) -> dict[str, Any]:
+    """The settings that shape a dialogue, besides the models, the seed and `alternatives`
+    (`run_settings` adds those two): recorded in every dialogue and compared on resume."""
+    from esvr.tasks.common.hashing import prompts_digest
+
+    return {**{key: getattr(cfg, key) for key in DIALOGUE_KEYS}, "prompts": prompts_digest(list(SIMULATE_PROMPTS))}
 
 
 def dialogue_seed(persona_id: str, seed: int) -> int:
@@ -432,6 +465,7 @@ async def simulate_dialogue(
         "failed": roll.failed,
         "calls": roll.calls,
         "seed": seed,
+        "settings": run_settings(agents, alternatives=alternatives, seed=seed),
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
 
@@ -472,6 +506,9 @@ class SimulationSummary:
     stepwise_turns: int = 0
     reasked_turns: int = 0
     alternatives: int = 0
+    #: supporter turns that had a reference response, and those whose Step 3 used it
+    reference_turns: int = 0
+    reference_used_turns: int = 0
 
     @property
     def dialogues_per_min(self) -> float:
@@ -497,6 +534,8 @@ class SimulationSummary:
         }
         m.update({f"{prefix}.end.{k}": v for k, v in self.end_reasons.items()})
         m.update({f"{prefix}.calls.{k}": v for k, v in self.calls.items()})
+        if self.reference_turns:
+            m[f"{prefix}.reference_used_share"] = self.reference_used_turns / self.reference_turns
         return m
 
     def add(self, part: SimulationSummary) -> None:
@@ -508,14 +547,31 @@ class SimulationSummary:
         self.stepwise_turns += part.stepwise_turns
         self.reasked_turns += part.reasked_turns
         self.alternatives += part.alternatives
+        self.reference_turns += part.reference_turns
+        self.reference_used_turns += part.reference_used_turns
         _add(self.end_reasons, part.end_reasons)
         _add(self.calls, part.calls)
 
 
-def _stale_models(existing: list[dict[str, Any]], names: Mapping[str, Any]) -> list[str]:
-    """The models (by role) whose identity differs from the ones that made the file's dialogues."""
-    first = existing[0] if existing else {}
-    return [f"{key}: {first.get(key)!r} -> {want!r}" for key, want in names.items() if existing and first.get(key) != want]
+def run_settings(agents: Agents, *, alternatives: bool, seed: int) -> dict[str, Any]:
+    """What a dialogue of this run records as its ``settings``."""
+    return {**agents.settings, "alternatives": alternatives, "seed": seed}
+
+
+def stale_reasons(existing: list[dict[str, Any]], names: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """How the file's dialogues were made otherwise than this run would make them: models (by role)
+    and `dialogue_settings`, as ``key: old -> new``. A dialogue from before settings were recorded
+    has none, which differs too."""
+    changed: dict[str, str] = {}
+    for rec in existing:
+        for key, want in names.items():
+            if rec.get(key) != want:
+                changed.setdefault(key, f"{key}: {rec.get(key)!r} -> {want!r}")
+        had = rec.get("settings") or {}
+        for key, want in settings.items():
+            if had.get(key) != want:
+                changed.setdefault(key, f"{key}: {had.get(key)!r} -> {want!r}")
+    return list(changed.values())
 
 
 def _archive(path: Path) -> Path:
@@ -525,6 +581,13 @@ def _archive(path: Path) -> Path:
         n += 1
     path.rename(target)
     return target
+
+
+def move_aside(path: Path, changed: Sequence[str]) -> Path:
+    """Archive a dialogues file made under other models or settings, saying which and where."""
+    kept = _archive(path)
+    log.warning("%s: made under other models or settings (%s); earlier dialogues moved to %s", path, "; ".join(changed), kept)
+    return kept
 
 
 def _summarize(summary: SimulationSummary, rec: dict[str, Any]) -> None:
@@ -539,6 +602,9 @@ def _summarize(summary: SimulationSummary, rec: dict[str, Any]) -> None:
         summary.stepwise_turns += t["method"] == "stepwise"
         summary.reasked_turns += t["attempts"] > 1
         summary.alternatives += t["alternative"] is not None
+    used, offered = reference_usage(rec["turns"])
+    summary.reference_used_turns += used
+    summary.reference_turns += offered
 
 
 async def asimulate_dialogues(
@@ -568,14 +634,14 @@ async def asimulate_dialogues(
     with exclusive(path):
         path.touch()  # an empty run still leaves its (empty) file for the next stage
         existing = read_jsonl_repairing(path)
-        changed = _stale_models(existing, agents.names)
+        changed = stale_reasons(existing, agents.names, run_settings(agents, alternatives=alternatives, seed=seed))
         if changed:
-            # A model upstream changed (e.g. a retrained TVD): the old dialogues no longer belong to
-            # this run. They are kept beside it, and the simulation starts over.
-            kept = _archive(path)
-            log.warning("%s: models changed (%s); earlier dialogues moved to %s", path, "; ".join(changed), kept)
-            path.touch()
+            # A model upstream changed (e.g. a retrained TVD) or a setting did (the turn limit): the
+            # old dialogues no longer belong to this run. They are kept beside it, and the
+            # simulation starts over.
             existing = []
+            move_aside(path, changed)
+            path.touch()
         done = {rec["id"] for rec in existing}
         todo = [p for p in personas if str(p["id"]) not in done]
         summary.skipped = len(personas) - len(todo)
@@ -647,6 +713,10 @@ def build_agents(
         "seeker": seeker_model.cache_id,
         "tvd": tvd_model.cache_id if tvd_model is not None else None,
         "rg": rg_model.cache_id if rg_model is not None else None,
+        # the valence end rule's scorer (None: the rule is off)
+        "emotion_scorer": getattr(emotion_scorer, "fingerprint", type(emotion_scorer).__name__)
+        if emotion_scorer is not None
+        else None,
     }
     return Agents(
         supporter=supporter,
@@ -659,6 +729,7 @@ def build_agents(
         rg_max_tokens=cfg.rg_max_tokens,
         rules=rules,
         names={**model_names, **(names or {})},
+        settings=dialogue_settings(cfg),
     )
 
 
