@@ -382,3 +382,32 @@ def test_the_sharded_simulation_moves_aside_a_merged_file_and_shards_made_under_
     assert all(d["n_turns"] == 3 and d["settings"]["max_turns"] == 3 for d in dialogues)
     assert len(load_dialogues(out.with_name("dialogues.stale-1.jsonl"))) == 4
     assert (shard_dir(out) / "shard-009.stale-1.jsonl").exists()
+
+
+def test_a_finished_simulation_leaves_no_lock_file_and_a_killed_ones_lock_is_taken_over(tmp_path: Path) -> None:
+    out = tmp_path / "dialogues.jsonl"
+    simulate_dialogues([PERSONA], out, agents_for(Script(end_after=1))[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dialogues.jsonl"]
+
+    # a SIGKILLed writer leaves its lock file, not its lock: the next run takes it and removes it
+    (tmp_path / "dialogues.jsonl.lock").touch()
+    resumed = simulate_dialogues(bench_personas(2), out, agents_for(Script(end_after=1))[0])
+    assert (resumed.skipped, resumed.written) == (1, 1)
+    assert not (tmp_path / "dialogues.jsonl.lock").exists()
+
+
+def test_a_lock_removed_by_its_last_holder_is_never_held_twice(tmp_path: Path) -> None:
+    from esvr.tasks.common.locks import LockBusy, held_lock
+
+    lock = tmp_path / "run.lock"
+    with held_lock(lock, shared=True), held_lock(lock, shared=True):
+        with pytest.raises(LockBusy, match="busy here"):
+            with held_lock(lock, busy="busy here"):
+                pass
+    assert not lock.exists()  # the last shared holder removed it
+    with held_lock(lock):
+        assert lock.exists()
+        with pytest.raises(LockBusy):
+            with held_lock(lock, shared=True):
+                pass
+    assert not lock.exists()

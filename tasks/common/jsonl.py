@@ -9,7 +9,6 @@ line an interrupted run may leave, so a rerun resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from esvr.tasks.common.locks import held_lock
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,5 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 def exclusive(path: Path) -> Iterator[None]:
     """One writer per appended file: a second simulation on the same file is an error, not a race."""
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{path} is being written by another simulation (lock {lock_path})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with held_lock(lock_path, busy=f"{path} is being written by another simulation (lock {lock_path})"):
+        yield
