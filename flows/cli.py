@@ -717,8 +717,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(bench_sub)
 
     add_stage_commands(sub)
+    add_personas_import(sub.choices["personas"])
     add_tool_commands(sub)
     return parser
+
+
+def add_personas_import(personas: argparse.ArgumentParser) -> None:
+    """`esvr personas import FILE...` beside the stage's own `esvr personas`."""
+    p = personas.add_subparsers(dest="personas_command", metavar="ACTION").add_parser(
+        "import", help="ESConv-style records (JSON / JSON Lines) and role cards (text) -> personas.jsonl"
+    )
+    _common(p)
+    p.add_argument("files", nargs="+", type=Path, help="ESConv-style .json/.jsonl files or role-card text files")
+    p.add_argument(
+        "--personas", dest="personas_out", type=Path, default=None, help="where to write (default: <run>/personas/personas.jsonl)"
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "dev", "test"],
+        default=None,
+        help="one split for all (default: personas.split's proportions)",
+    )
+    p.add_argument("--no-writer", action="store_true", help="rules only: a record they cannot map is left out, no model starts")
+    p.set_defaults(func=cmd_personas_import)
+
+
+def cmd_personas_import(args: argparse.Namespace) -> int:
+    from esvr.flows.personas import import_personas_files
+
+    _print_artifacts(import_personas_files(resolve_config(args), args.files, args.personas_out, args.split, not args.no_writer))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,32 @@ def personas_flow(config: PipelineConfig) -> dict[str, str]:
                 f"follow the prompts' format well enough: see {paths['personas_stats']}"
             )
         return paths
+
+
+def import_personas_files(
+    config: PipelineConfig,
+    sources: list[Path],
+    out: Path | None = None,
+    split: str | None = None,
+    use_writer: bool = True,
+) -> dict[str, str]:
+    """`esvr personas import`: ESConv-style records and role cards -> personas.jsonl (default the
+    run's, which `simulate` and `evaluate` read) and import_report.json beside it. The persona
+    writer (`models.persona_writer`) is started only if a rule leaves a field unmapped."""
+    from esvr.tasks.common.jsonl import write_jsonl
+    from esvr.tasks.common.roles import chat_model
+    from esvr.tasks.simulation.personas import import_personas
+
+    run_dir = str(config.run.out_dir.resolve())
+    writer = (lambda: chat_model(config.models.persona_writer, run_dir, cache=config.models.cache)) if use_writer else None
+    personas, report = import_personas(sources, writer, config.personas, split, config.run.seed)
+    if not personas:
+        raise ValueError(f"personas import: no persona from {[str(s) for s in sources]}: {report.dropped[:3]}")
+    path = out or personas_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(personas, path)
+    report_path = path.with_name("import_report.json")
+    report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    counts = ", ".join(f"{k} {dict(v)}" for k, v in report.as_dict()["fields"].items())
+    print(f"personas import: {report.personas} personas, {len(report.dropped)} records left out; {counts}")
+    return {"personas": str(path), "import_report": str(report_path)}

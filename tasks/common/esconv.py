@@ -175,7 +175,7 @@ def _records_from_hub(hub_id: str) -> list[dict[str, Any]]:
     return records
 
 
-def _records_from_file(p: Path) -> list[Any]:
+def read_records(p: Path) -> list[Any]:
     """A JSON document (a list of dialogues, or an object wrapping one) or JSON Lines."""
     text = p.read_text(encoding="utf-8")
     try:
@@ -227,7 +227,7 @@ def load_esconv(path: str | Path, report: LoadReport | None = None) -> list[Dial
         if not p.is_file():
             raise FileNotFoundError(f"no ESConv .json or .jsonl file in folder {path}")
     if p.is_file():
-        records, source = _records_from_file(p), str(p)
+        records, source = read_records(p), str(p)
     elif is_hub_id(str(path)):
         records, source = _records_from_hub(str(path)), str(path)
     else:

@@ -710,30 +710,59 @@ def generate_personas(
     return personas, rejected, stats.counts
 
 
+def persona_problems(p: Mapping[str, Any]) -> list[str]:
+    """What in one persona does not fit the taxonomies: ``field: problem`` strings, empty if none."""
+    out = [f"{k}: missing" for k in ("id", "split", "problem", "value", "situation", "emotion") if not p.get(k)]
+    cats = {c["name"]: c for c in problems()}
+    checks: list[tuple[str, Sequence[str]]] = [
+        ("split", SPLITS),
+        ("problem", list(cats)),
+        ("value", [v.name for v in values()]),
+        ("emotion", emotion_names()),
+    ]
+    for key, allowed in checks:
+        if p.get(key) and p[key] not in allowed:
+            out.append(f"{key}: {p[key]!r} is not one of {list(allowed)}")
+    sub = p.get("subcategory")
+    if sub and p.get("problem") in cats and sub not in cats[p["problem"]]["subcategories"]:
+        out.append(f"subcategory: {sub!r} is not a subcategory of {p['problem']!r}")
+    for key, allowed in (("age", AGE_RANGES), ("gender", GENDERS)):
+        if str(p.get(key) or "unspecified").lower() not in ("unspecified", *(a.lower() for a in allowed)):
+            out.append(f"{key}: {p[key]!r} is not one of {[*allowed, 'unspecified']}")
+    return out
+
+
 def validate_persona(p: Mapping[str, Any], where: str) -> None:
-    missing = [k for k in ("id", "split", "problem", "value", "situation", "emotion") if not p.get(k)]
-    if missing:
-        raise ValueError(f"{where}: persona lacks field(s) {missing}")
-    if p["split"] not in SPLITS:
-        raise ValueError(f"{where}: field 'split' is {p['split']!r}, expected one of {SPLITS}")
+    found = persona_problems(p)
+    if found:
+        raise ValueError(f"{where}: " + "; ".join(found))
 
 
 def read_personas(path: str | Path, splits: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """personas.jsonl, validated; `splits` keeps only those splits."""
+    """personas.jsonl, every persona validated against the taxonomies (problem categories,
+    values, emotions, splits, age ranges, genders); every problem of the file is named with its
+    line and field in one error. `splits` keeps only those splits."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no personas file {path}")
-    out = []
+    out, found = [], []
     for i, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
             p = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {i} is not valid JSON ({exc})") from None
-        validate_persona(p, f"{path}: line {i}")
-        if splits is None or p["split"] in splits:
+            found.append(f"line {i}: not valid JSON ({exc})")
+            continue
+        if not isinstance(p, dict):
+            found.append(f"line {i}: a {type(p).__name__}, expected an object")
+            continue
+        found += [f"line {i}, {problem}" for problem in persona_problems(p)]
+        if splits is None or p.get("split") in splits:
             out.append(p)
+    if found:
+        more = f" (and {len(found) - 10} more)" if len(found) > 10 else ""
+        raise ValueError(f"{path}: " + " | ".join(found[:10]) + more)
     return out
 
 
@@ -759,3 +788,345 @@ def make_personas(
     model = chat_model(writer, run_dir, cache=use_cache)
     generated, rejected, stats = generate_personas(model, cfg, seed)
     return {k: str(v) for k, v in write_personas(generated, rejected, stats, out_dir).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Bring your own personas: ESConv-style records and free-text role cards -> personas.jsonl
+# --------------------------------------------------------------------------------------------
+
+#: ESConv's problem types -> (category, subcategory) of Table 24; the others go to the writer
+ESCONV_PROBLEMS: dict[str, tuple[str, str | None]] = {
+    "job crisis": ("Career and Work-Related Challenges", "Job loss or career setbacks"),
+    "ongoing depression": ("Career and Work-Related Challenges", "Ongoing depression"),
+    "breakup with partner": ("Romantic Relationship Challenges", "Breakups or divorce"),
+    "problems with friends": ("Friendship and Interpersonal Challenges", "Conflicts with friends"),
+    "academic pressure": ("Academic and Educational Stress", "Stress related to studies"),
+    "procrastination": ("Academic and Educational Stress", "Lack or excess of motivation to study"),
+    "issues with parents": ("Family Dynamics and Conflicts", "Sibling rivalry or family disputes"),
+    "conflict with parents": ("Family Dynamics and Conflicts", "Sibling rivalry or family disputes"),
+    "issues with children": ("Family Dynamics and Conflicts", "Challenges in parenthood and parenting"),
+    "appearance anxiety": ("Self-Esteem, Identity, and Personal Growth", "Concerns about body image"),
+}
+
+#: words of a problem description that point to one category; a description that points to
+#: exactly one is mapped by rule, any other goes to the writer
+CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
+    "Romantic Relationship Challenges": (
+        "boyfriend",
+        "girlfriend",
+        "husband",
+        "wife",
+        "partner",
+        "divorce",
+        "breakup",
+        "broke up",
+        "dating",
+        "marriage",
+    ),  # fmt: skip
+    "Family Dynamics and Conflicts": (
+        "mother",
+        "father",
+        "mom",
+        "dad",
+        "parents",
+        "sister",
+        "brother",
+        "sibling",
+        "family",
+        "son",
+        "daughter",
+    ),  # fmt: skip
+    "Friendship and Interpersonal Challenges": ("friend", "friends", "friendship", "lonely", "classmates", "coworkers"),
+    "Career and Work-Related Challenges": (
+        "job",
+        "boss",
+        "work",
+        "career",
+        "fired",
+        "laid off",
+        "layoffs",
+        "salary",
+        "promotion",
+        "unemployed",
+    ),  # fmt: skip
+    "Academic and Educational Stress": (
+        "exam",
+        "exams",
+        "school",
+        "college",
+        "university",
+        "grades",
+        "studies",
+        "studying",
+        "thesis",
+        "major",
+    ),  # fmt: skip
+    "Self-Esteem, Identity, and Personal Growth": (
+        "confidence",
+        "self-esteem",
+        "worthless",
+        "body image",
+        "weight",
+        "identity",
+        "purpose",
+        "meaning",
+    ),  # fmt: skip
+}
+
+#: emotion words of ESConv and role cards -> the 10 emotions of the taxonomy
+EMOTION_WORDS: dict[str, str] = {
+    "frustrated": "Frustration", "anxious": "Anxiety", "nervousness": "Anxiety", "nervous": "Anxiety", "worry": "Anxiety",
+    "worried": "Anxiety", "sad": "Sadness", "afraid": "Fear", "scared": "Fear", "guilty": "Guilt", "ashamed": "Shame",
+    "embarrassed": "Shame", "angry": "Anger", "depressed": "Depression", "jealous": "Jealousy", "envy": "Jealousy",
+    "disgusted": "Disgust",
+}  # fmt: skip
+
+#: role-card keys (any case, before a colon) -> persona field
+CARD_KEYS: dict[str, str] = {
+    "age": "age", "age range": "age", "gender": "gender", "sex": "gender", "occupation": "occupation", "job": "occupation",
+    "profession": "occupation", "problem": "situation", "problem description": "situation", "description": "situation",
+    "situation": "situation", "story": "situation", "emotion": "emotion", "emotion type": "emotion", "feeling": "emotion",
+    "category": "problem", "problem type": "problem", "problem category": "problem", "value": "value",
+}  # fmt: skip
+
+IMPORT_PROMPTS = ("personas/category_user.txt", "personas/value_user.txt", "personas/emotion_user.txt", "personas/subcategory_user.txt")  # fmt: skip
+
+
+def _key(text: str) -> str:
+    return " ".join(re.sub(r"[_\-]+", " ", str(text)).lower().split())
+
+
+def read_role_cards(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """Free-text role cards, one per block (blocks apart by a blank line or ``---``): ``Key: value``
+    lines (age, gender, occupation, problem description, ...); a line without a known key
+    continues the field before it, so a description may run over several lines."""
+    cards: list[tuple[str, dict[str, str]]] = []
+    card: dict[str, str] = {}
+    start, last = 0, None
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
+        line = raw.strip()
+        if not line or set(line) <= {"-", "="}:
+            if card:
+                cards.append((f"{path}:{start}", card))
+            card, last = {}, None
+            continue
+        if not card:
+            start = lineno
+        m = re.match(r"^([A-Za-z][A-Za-z _\-]{0,30})\s*:\s*(.*)$", line)
+        field = CARD_KEYS.get(_key(m.group(1))) if m else None
+        if m and field:
+            card[field] = (card.get(field, "") + " " + m.group(2)).strip()
+            last = field
+        else:
+            last = last or "situation"
+            card[last] = (card.get(last, "") + " " + line).strip()
+    return cards
+
+
+def read_persona_sources(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) from ESConv-style JSON / JSON Lines (emotion_type, problem_type,
+    situation, any extra persona fields) or role-card text."""
+    from esvr.tasks.common.esconv import read_records
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no persona source file {p}")
+    head = p.read_text(encoding="utf-8").lstrip()[:1]
+    if head not in ("[", "{"):
+        return [(where, dict(card)) for where, card in read_role_cards(p)]
+    out = []
+    for i, rec in enumerate(read_records(p), start=1):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}: record {i} is a {type(rec).__name__}, expected an object")
+        out.append((f"{p}: record {i}", rec))
+    return out
+
+
+@dataclass
+class ImportReport:
+    """How each field of each imported persona was obtained: given (valid as it came), rule,
+    model (the writer's guess) or left out; and the records that did not become personas."""
+
+    fields: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    personas: int = 0
+
+    def note(self, name: str, how: str) -> None:
+        self.fields[name][how] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"personas": self.personas, "fields": {k: dict(v) for k, v in self.fields.items()}, "dropped": self.dropped}
+
+
+def _rule_problem(text: str, situation: str) -> tuple[str | None, str | None, str]:
+    """(category, subcategory, how) by rule; (None, None, "") when the rules do not decide."""
+    cats = {c["name"]: c for c in problems()}
+    key = _key(text)
+    for name, cat in cats.items():
+        if key == _key(name):
+            return name, None, "given"
+        for sub in cat["subcategories"]:
+            if key == _key(sub):
+                return name, sub, "rule"
+    if key in ESCONV_PROBLEMS:
+        return *ESCONV_PROBLEMS[key], "rule"
+    words = f" {_key(text)} {_key(situation)} "
+    hits = [c for c, ws in CATEGORY_WORDS.items() if any(f" {w} " in words for w in ws)]
+    return (hits[0], None, "rule") if len(hits) == 1 else (None, None, "")
+
+
+def _rule_emotion(text: str) -> tuple[str | None, str]:
+    names = {_key(n): n for n in emotion_names()}
+    key = _key(text)
+    if key in names:
+        return names[key], "given"
+    for word in key.split():
+        if word in names:
+            return names[word], "rule"
+        if word in EMOTION_WORDS:
+            return EMOTION_WORDS[word], "rule"
+    return None, ""
+
+
+def _rule_gender(text: str) -> str | None:
+    return {"female": "Female", "f": "Female", "woman": "Female", "male": "Male", "m": "Male", "man": "Male"}.get(
+        _key(text).strip(".")
+    )
+
+
+def import_personas(
+    sources: Sequence[str | Path],
+    writer: Callable[[], ChatModel] | None,
+    cfg: PersonasConfig,
+    split: str | None = None,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], ImportReport]:
+    """Personas from ESConv-style records and role cards, mapped onto the taxonomies (categories,
+    emotions, values) by rules and, where the rules fail, by the writer's most probable choice.
+    `split`: every persona in that split; None: the configured proportions. The writer is built
+    only when some field needs it; without one (`writer` None) such a persona is dropped."""
+    report = ImportReport()
+    cats = {c["name"]: c for c in problems()}
+    value_list = list(values())
+    items: list[dict[str, Any]] = []
+    for path in sources:
+        for where, rec in read_persona_sources(path):
+            situation = " ".join(str(rec.get("situation") or "").split())
+            if not situation:
+                report.dropped.append({"source": where, "reason": "no situation or problem description"})
+                continue
+            it: dict[str, Any] = {"situation": situation, "source": where, "mapping": {}}
+            problem, sub, how = _rule_problem(str(rec.get("problem") or rec.get("problem_type") or ""), situation)
+            if problem:
+                it.update(problem=problem, subcategory=sub)
+                it["mapping"]["problem"] = how
+            emotion, how = _rule_emotion(str(rec.get("emotion") or rec.get("emotion_type") or ""))
+            if emotion:
+                it["emotion"] = emotion
+                it["mapping"]["emotion"] = how
+            value = str(rec.get("value") or "")
+            if _key(value) in {_key(v.name): v for v in value_list}:
+                it["value"] = next(v.name for v in value_list if _key(v.name) == _key(value))
+                it["mapping"]["value"] = "given"
+            age = normalize_age(str(rec.get("age") or ""))
+            gender = _rule_gender(str(rec.get("gender") or ""))
+            occupation = _clean_occupation(str(rec.get("occupation") or ""))
+            it.update(age=age or "unspecified", gender=gender or "unspecified", occupation=occupation or "unspecified")
+            for name, got in (("age", age), ("gender", gender), ("occupation", occupation)):
+                it["mapping"][name] = ("given" if got else "left out") if rec.get(name) else "left out"
+            items.append(it)
+
+    need = {
+        "problem": [i for i, it in enumerate(items) if "problem" not in it],
+        "emotion": [i for i, it in enumerate(items) if "emotion" not in it],
+        "value": [i for i, it in enumerate(items) if "value" not in it],
+    }
+    if any(need.values()) and writer is not None:
+        model = writer()
+        names = list(cats)
+        prompts = [
+            (
+                [
+                    {
+                        "role": "user",
+                        "content": load_prompt("personas/category_user.txt").format(
+                            situation=items[i]["situation"], categories="; ".join(names)
+                        ),
+                    }
+                ],
+                names,
+            )  # fmt: skip
+            for i in need["problem"]
+        ]
+        for i, dist in zip(need["problem"], score_many(model, prompts, cfg.concurrency)):
+            items[i].update(problem=_argmax(dist, names), subcategory=None)
+            items[i]["mapping"]["problem"] = "model"
+        names = emotion_names()
+        for i, dist in zip(need["emotion"], score_many(model, [(_emotion_msgs(items[i]["situation"]), names) for i in need["emotion"]], cfg.concurrency)):  # fmt: skip
+            items[i]["emotion"] = _argmax(dist, names)
+            items[i]["mapping"]["emotion"] = "model"
+        names = [v.name for v in value_list]
+        listing = "\n".join(f"- {v.name}: {v.definition}" for v in value_list)
+        prompts = [
+            (
+                [
+                    {
+                        "role": "user",
+                        "content": load_prompt("personas/value_user.txt").format(situation=items[i]["situation"], values=listing),
+                    }
+                ],
+                names,
+            )  # fmt: skip
+            for i in need["value"]
+        ]
+        for i, dist in zip(need["value"], score_many(model, prompts, cfg.concurrency)):
+            items[i]["value"] = _argmax(dist, names)
+            items[i]["mapping"]["value"] = "model"
+        no_sub = [i for i, it in enumerate(items) if not it.get("subcategory")]
+        prompts = [
+            (
+                [
+                    {
+                        "role": "user",
+                        "content": load_prompt("personas/subcategory_user.txt").format(
+                            situation=items[i]["situation"],
+                            category=items[i]["problem"],
+                            subcategories="; ".join(cats[items[i]["problem"]]["subcategories"]),
+                        ),
+                    }
+                ],
+                list(cats[items[i]["problem"]]["subcategories"]),
+            )  # fmt: skip
+            for i in no_sub
+        ]
+        for i, (_, subs), dist in zip(no_sub, prompts, score_many(model, prompts, cfg.concurrency)):
+            items[i]["subcategory"] = _argmax(dist, subs)
+            items[i]["mapping"]["subcategory"] = "model"
+        for it in items:
+            it["writer"] = model.cache_id
+    personas = []
+    for it in items:
+        missing = [k for k in ("problem", "emotion", "value") if k not in it]
+        if missing:
+            report.dropped.append({"source": it["source"], "reason": f"no rule maps {missing} and no persona writer was given"})
+            continue
+        it["mapping"].setdefault("subcategory", "rule" if it.get("subcategory") else "left out")
+        it["id"] = persona_id(it["problem"], it["value"], it["situation"])
+        for name, how in it["mapping"].items():
+            report.note(name, how)
+        personas.append(it)
+    if split is not None:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+        for it in personas:
+            it["split"] = split
+    else:
+        assign_splits(personas, cfg.split, seed)
+    report.personas = len(personas)
+    fields = (*PERSONA_FIELDS, "source", "mapping")
+    out = [{k: it.get(k) for k in fields if k in it} for it in personas]
+    for p in out:
+        for k in ("alignment", "alignment_method", "emotion_votes", "emotion_method", "demographics_method"):
+            p.pop(k, None)
+    out.sort(key=lambda p: (SPLITS.index(p["split"]), p["problem"], p["id"]))
+    return out, report
