@@ -101,7 +101,8 @@ class ChatSession:
         return self.seed + 1000 * self.turn
 
     def _crisis(self, user_text: str) -> Reply | None:
-        check = self.guard.check(user_text, turn=self.turn)
+        earlier = [u["text"] for u in self.utterances[:-1] if u["role"] == "seeker"]
+        check = self.guard.check(user_text, turn=self.turn, recent=earlier)
         if not check.flagged:
             return None
         return Reply(self.guard.reply(), None, crisis=True, method="crisis")

@@ -1,4 +1,5 @@
-"""The chat front end's crisis guard: positive and negative examples, indirect phrasings, event log."""
+"""The chat front end's crisis guard: each kind of risky phrasing, figures of speech, the session's
+recent turns, the labelled phrasings' table in docs/supporter.md, and the event log."""
 
 from __future__ import annotations
 
@@ -7,7 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from esvr.tasks.simulation.crisis import CrisisGuard, check_message, safe_reply
+from esvr.tasks.simulation.crisis import (
+    RECENT_TURNS,
+    CrisisGuard,
+    check_message,
+    main,
+    normalize,
+    phrasings_table,
+    safe_reply,
+    score_phrasings,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PHRASINGS = ROOT / "tests" / "fixtures" / "crisis_phrasings.jsonl"
+UNSEEN = ROOT / "tests" / "fixtures" / "crisis_phrasings_unseen.jsonl"
 
 POSITIVE = [
     # direct
@@ -108,3 +122,145 @@ def test_guard_logs_events_without_the_message(tmp_path: Path):
     assert event["session"] == "s1" and event["turn"] == 3 and event["category"] == "suicide"
     assert event["rule"] == "not_be_here" and event["message_chars"] == len(secret)
     assert "Alice" not in lines[0] and "here anymore" not in lines[0]
+
+
+# Each kind of phrasing the keyword screen once missed, a few of each (the labelled set has more).
+KINDS = {
+    "no apostrophe": ["i dont want to be here anymore", "im going to kill myself", "i cant go on living like this"],
+    "informal": ["i wanna die", "gonna kms tbh", "ngl i wanna unalive myself", "i rly dont wanna wake up tmrw"],
+    "act already done": [
+        "I took all my pills",
+        "I took a whole bottle of sleeping pills",
+        "i took like 40 tylenol",
+        "I overdosed an hour ago",
+        "I drank bleach",
+    ],
+    "plan with a time": [
+        "I'm going to end it tonight",
+        "This is my last night alive",
+        "I'll be gone by tomorrow morning",
+        "Tonight is the night",
+    ],
+    "euphemism": [
+        "I just want to end it",
+        "I can't do this anymore",
+        "I'm done with life",
+        "I want it all to stop",
+        "This is goodbye",
+    ],
+    "obfuscated": [
+        "k i l l m y s e l f",
+        "I want to k1ll mys3lf",
+        "I want to d!e",
+        "$uicide",
+        "I w\u200bant to die",
+        "I want to k i l l myself",
+        "s-u-i-c-i-d-e",
+        "I want to dieeee",
+        "I want to kíll myself",
+        "ｓｕｉｃｉｄｅ",
+    ],
+}
+
+
+@pytest.mark.parametrize(("kind", "text"), [(k, t) for k, texts in KINDS.items() for t in texts])
+def test_each_kind_of_risky_phrasing_is_flagged(kind, text):
+    assert check_message(text).flagged, (kind, text, normalize(text))
+
+
+FIGURES_OF_SPEECH = [
+    "this exam is killing me",
+    "I'd rather die than give that speech again",
+    "That cake is to die for",
+    "I'm bored to death",
+    "She killed it on stage",
+    "I overdosed on coffee today",
+    "I'm going to end it with my boyfriend tonight",
+    "I cut myself shaving",
+    "The Suicide Squad movie was fun",
+    "My phone is dying",
+    "I'm so embarrassed I could die",
+    "I took my pills this morning like the doctor said",
+    "I had too many drinks last night",
+    "I don't want to wake up early tomorrow",
+]
+
+
+@pytest.mark.parametrize("text", FIGURES_OF_SPEECH)
+def test_figures_of_speech_and_everyday_mentions_are_not_flagged(text):
+    assert not check_message(text).flagged, (text, normalize(text), check_message(text))
+
+
+def test_normalize_reads_what_people_type():
+    assert normalize("I DON\u2019T wanna d1e rn") == "i do not want to die right now"
+    assert normalize("k\u200bill my$elf, k i l l m-y-s-e-l-f") == "kill myself . killmyself"  # spaced letters run into one word
+    assert normalize("Im soooo tired") == "i am tired"  # fillers dropped, stretched letters shortened
+
+
+def test_a_follow_up_is_judged_with_the_recent_turns():
+    saving = "I have been saving up my pills for weeks"
+    follow_up = "Tonight I'm going to take them all"
+    assert check_message(saving).flagged
+    assert not check_message(follow_up).flagged  # alone, it names no risk
+    assert check_message(follow_up, [saving]).rule == "follow_up_after_sign"
+    # means named earlier, without a sign: taking all of them, or using the gun, is one
+    assert check_message("I think I'll take all of them", ["I've got a bottle of sleeping pills"]).rule == "follow_up_on_means"
+    assert check_message("I'm going to use it", ["My dad keeps a gun in the closet"]).flagged
+    # harmless follow-ups stay harmless
+    assert not check_message("Thanks, I called the number and talked to someone", ["I want to kill myself"]).flagged
+    assert not check_message("I'll take them tomorrow", ["My doctor gave me new meds"]).flagged
+    assert not check_message("I'll do it tomorrow", ["This exam is killing me"]).flagged
+    # only the last RECENT_TURNS messages count
+    old = [saving] + ["I went for a walk"] * RECENT_TURNS
+    assert not check_message(follow_up, old).flagged
+
+
+def test_the_chat_session_gives_the_guard_its_recent_turns(stub_server, tmp_path: Path):
+    from supporter_script import script
+
+    from esvr.flows.chat import ChatSession
+    from esvr.models.backends import load_chat_model
+    from esvr.models.config import ModelConfig
+
+    stub_server.reply = script
+    model = load_chat_model(ModelConfig(spec="openai:stub", base_url=stub_server.base_url))
+    chat = ChatSession(model, guard=CrisisGuard(tmp_path / "crisis.jsonl", session="s"))
+    assert chat.respond("I have been saving up my pills for weeks").crisis
+    calls = stub_server.calls
+    reply = chat.respond("Tonight I'm going to take them all")
+    assert reply.crisis and reply.text == safe_reply() and stub_server.calls == calls
+    events = [json.loads(line) for line in (tmp_path / "crisis.jsonl").read_text().splitlines()]
+    assert [e["rule"] for e in events] == ["method", "follow_up_after_sign"] and events[1]["turn"] == 2
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("path", [PHRASINGS, UNSEEN], ids=["phrasings", "unseen"])
+def test_docs_show_the_guards_figures_on_the_labelled_phrasings(path: Path):
+    table = phrasings_table(score_phrasings(_rows(path)))
+    assert table in (ROOT / "docs" / "supporter.md").read_text(), f"docs/supporter.md: refresh the table of {path.name}"
+
+
+def test_no_false_alarm_and_few_misses_on_the_labelled_phrasings():
+    rows = _rows(PHRASINGS) + _rows(UNSEEN)
+    assert {r["label"] for r in rows} == {0, 1} and len(rows) > 150
+    false_alarms = [r["text"] for r in rows if not r["label"] and check_message(r["text"], r.get("recent", ())).flagged]
+    misses = [r["text"] for r in rows if r["label"] and not check_message(r["text"], r.get("recent", ())).flagged]
+    assert false_alarms == []
+    assert len(misses) <= 2, misses
+
+
+def test_the_table_command(capsys, tmp_path: Path):
+    assert main([str(PHRASINGS)]) == 0
+    assert "**recall**" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="missing.jsonl: cannot read"):
+        main([str(tmp_path / "missing.jsonl")])
+
+
+@pytest.mark.parametrize("text", ["I feel ill today", "that's odd this time", "I want to dye my hair", "I'm ill and I will rest"])
+def test_spellings_that_look_like_chat_forms_stay_themselves(text):
+    assert not check_message(text).flagged, normalize(text)
+    assert check_message("ill end it tonight").flagged  # "ill" before a verb is "I'll"
+    assert check_message("i od'd on my meds").flagged
