@@ -41,7 +41,7 @@ from esvr.tasks.simulation.supporter import (
     SupporterReply,
     decision_note,
     format_history,
-    format_target_values,
+    stepwise_values_section,
     strategies,
     strategies_block,
     strategy_names,
@@ -293,7 +293,7 @@ class SelfDisclosureAblation:
     ) -> SupporterReply:
         model = self.inner.model
         history = format_history(utterances)
-        tv = format_target_values(target_values)
+        tv = stepwise_values_section(target_values)
         note = decision_note(reference, reply.reference_used)
         system = {"role": "system", "content": load_prompt("supporter/system.txt").strip()}
         others = [s for s in strategy_names() if s != SELF_DISCLOSURE]

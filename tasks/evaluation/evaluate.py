@@ -30,6 +30,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,7 @@ from esvr.tasks.evaluation.judges import (
     perspectives,
 )
 from esvr.tasks.evaluation.metrics import mann_whitney, mean_or_none, significance_mark, win_ratio_test, words_per_turn
+from esvr.tasks.simulation.supporter import reference_used_share
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +339,7 @@ def summarize(
             row["n_simulated"] = len(ds)
             row["n_complete"] = sum(bool(d["complete"]) for d in ds)
             row["end_reasons"] = {k: sum(d["end_reason"] == k for d in ds) for k in sorted({d["end_reason"] for d in ds})}
+            row["reference_used_share"] = reference_used_share(ds)
         for crit in criterion_names():
             row["skills"][crit] = {
                 kind: _stat([r["skills"][crit][kind] for r in recs], None if is_ref else [r["skills"][crit][kind] for r in ref])
@@ -376,7 +379,8 @@ def summarize(
 
 def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """Flat MLflow metrics: ``<slug>.es_skills.<criterion>``, ``.es_intensity``, ``.es_value.<persp>``,
-    ``.words_per_turn``, ``.n_dialogues`` (parsed scores; ``..._expected`` for expected ones)."""
+    ``.words_per_turn``, ``.reference_used_share``, ``.n_dialogues`` (parsed scores; ``..._expected``
+    for expected ones)."""
     out: dict[str, float] = {}
     for m in summary["models"]:
         slug = m["slug"]
@@ -393,6 +397,8 @@ def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
                     out[f"{slug}.es_value.{persp}{suffix}"] = st[kind]["mean"]
         if m["words_per_turn"]["mean"] is not None:
             out[f"{slug}.words_per_turn"] = m["words_per_turn"]["mean"]
+        if m.get("reference_used_share") is not None:
+            out[f"{slug}.reference_used_share"] = m["reference_used_share"]
         out[f"{slug}.n_dialogues"] = float(m["n_dialogues"])
     return out
 
@@ -426,17 +432,22 @@ def make_agents(
     emotion_scorer: Any | None,
 ) -> Any:
     """The engine's `Agents` for one supporter under test: TVD/RG only where the row uses them,
-    and the plain or self-disclosure variants of the supporter."""
+    and the plain or self-disclosure variants of the supporter.
+
+    The reference generator is conditioned on target values by construction (eq. 2), so a row
+    with the reference keeps the detector feeding it even when its supporter is not shown the
+    values (Table 2's "+ Reference"); a generator trained without values comes with no detector."""
     from esvr.tasks.evaluation.baselines import PlainSupporter, SelfDisclosureAblation
     from esvr.tasks.simulation.simulate import build_agents
 
     plain = s.style == "plain"
-    tvd = tvd_model if (s.use_target_values and not plain) else None
+    tvd = tvd_model if ((s.use_target_values or s.use_reference) and not plain) else None
     rg = rg_model if (s.use_reference and not plain) else None
-    names = {"style": s.style, "self_disclosure": s.self_disclosure}
+    names = {"style": s.style, "self_disclosure": s.self_disclosure, "supporter_sees_values": str(s.use_target_values)}
     agents = build_agents(
         sim_cfg, supporter_model, seeker_model, tvd_model=tvd, rg_model=rg, emotion_scorer=emotion_scorer, names=names
     )
+    agents.supporter.settings = replace(agents.supporter.settings, sees_target_values=s.use_target_values)
     if plain:
         agents.supporter = PlainSupporter(  # type: ignore[assignment]  # answers as a Supporter does
             supporter_model, max_tokens=min(sim_cfg.supporter_max_tokens, 256), temperature=sim_cfg.supporter_temperature

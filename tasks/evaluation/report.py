@@ -3,10 +3,13 @@
 Input: evaluation summaries (``evaluate/summary.json``, the contract of `esvr.tasks.evaluation.evaluate.summarize`),
 read from files or downloaded from MLflow runs chosen by id or by tag. Per summary, one table:
 
-    | [Category] | Model | Iden. ... Over. | ES-Intensity ↓ | ES-Value Seeker ↑ | Supporter ↑ | Words/turn | n |
+    | [Category] | Model | Iden. ... Over. | ES-Intensity ↓ | ES-Value Seeker ↑ | Supporter ↑ | Words/turn | n | [Ref. used] |
 
-with the paper's marks after each number (* p < 0.05, † p < 0.1, Mann-Whitney U against the
-reference row) and "-" for the reference's own ES-Value. The category column appears when the
+with the paper's marks after each number (* p < 0.05, † p < 0.1: Mann-Whitney U against the
+reference row; for ES-Value, Wilcoxon signed-rank of the win ratios against 0.5) and "-" for the
+reference's own ES-Value. "Ref. used" is the share of the row's supporter turns whose Step 3 used
+the reference response (the paper: GPT declines it in about 90% of turns); "-" for a row without
+one, and no column when the summary carries no dialogues. The category column appears when the
 rows have more than one category (Table 3) and not otherwise (Table 2). A second table gives the
 other score kind (expected scores when the table shows parsed ratings, and vice versa). Plots per
 summary: ES-Skills per criterion (grouped bars) and ES-Value win ratios (bars around 0.5).
@@ -63,6 +66,9 @@ def summary_table(summary: Mapping[str, Any], score: str | None = None) -> str:
         f"ES-Value {PERSPECTIVE_LABELS.get(p, p)} ↑" for p in summary.get("perspectives", ["seeker", "supporter"])
     ]
     head += ["Words/turn", "n"]
+    with_usage = any(m.get("reference_used_share") is not None for m in models)
+    if with_usage:
+        head.append("Ref. used")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     last_category = None
     for m in models:
@@ -77,6 +83,9 @@ def summary_table(summary: Mapping[str, Any], score: str | None = None) -> str:
             row.append("-" if m.get("is_reference") else _cell((m["value"].get(p) or {}).get(value_kind)))
         row.append(_cell(m["words_per_turn"], 1))
         row.append(str(m["n_dialogues"]))
+        if with_usage:
+            share = m.get("reference_used_share")
+            row.append("-" if share is None else f"{share:.0%}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

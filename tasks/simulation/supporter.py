@@ -1,7 +1,10 @@
 """The supporter: four reasoning steps, a strategy and a response (paper §5.3, Table 18).
 
 Inputs per turn are the dialogue history, the target values (from the target value detector, or
-none) and a reference response (from the reference generator, or none). The reply follows a fixed
+none) and a reference response (from the reference generator, or none). Without a detector in the
+loop (target values None, or a supporter set not to see them) the prompt has no target-values
+section at all: App. G.2's prompt (dialogue history and reference response only), which Table 2's
+"+ Reference" row uses too; a detector that found nothing keeps the section and says so. The reply follows a fixed
 template; `parse_supporter_reply` extracts Step 1-3, the Step-3 decision (Yes/No: was the reference
 used), the Step-4 strategy and the response. A reply that ignores the template is re-asked (the bad
 reply and a correction go back into the conversation) up to ``reask`` times and then either fails
@@ -9,12 +12,16 @@ the turn or, when configured, is produced field by field (``stepwise``, for mode
 keep the template; the turn is marked so). Nothing unparsed is ever accepted.
 
 The alternative response (§5.3, App. D.3) reverses the Step-3 decision and regenerates Steps 3-4.
+
+`reference_usage` counts the Step-3 decisions over a simulation's turns: the share of turns that
+used the reference (the paper: GPT declines it in about 90% of turns, which motivates the
+alternative responses).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from typing import Any, Literal
@@ -26,6 +33,7 @@ from esvr.prompts import load_prompt, load_taxonomy, values
 SUPPORTER_PROMPTS = (
     "supporter/system.txt",
     "supporter/user.txt",
+    "supporter/user_no_values.txt",
     "supporter/alternative.txt",
     "supporter/reask.txt",
     "supporter/no_reference.txt",
@@ -35,6 +43,7 @@ SUPPORTER_PROMPTS = (
     "supporter/stepwise_decision.txt",
     "supporter/stepwise_strategy.txt",
     "supporter/stepwise_response.txt",
+    "supporter/stepwise_values.txt",
     "strategies.yaml",
 )
 
@@ -111,18 +120,29 @@ def format_target_values(target_values: Sequence[str] | None) -> str:
     return "\n".join(lines)
 
 
+def stepwise_values_section(target_values: Sequence[str] | None) -> str:
+    """The stepwise prompts' target-values paragraph; none without a detector (App. G.2)."""
+    if target_values is None:
+        return ""
+    return load_prompt("supporter/stepwise_values.txt").format(target_values=format_target_values(target_values))
+
+
 def supporter_messages(
     utterances: Sequence[Mapping[str, Any]],
     target_values: Sequence[str] | None,
     reference: str | None,
 ) -> list[Message]:
-    """The Table-18 prompt for the next supporter turn (also the SFT/DPO prompt)."""
-    user = load_prompt("supporter/user.txt").format(
-        strategies=strategies_block(),
-        dialogue_history=format_history(utterances),
-        target_values=format_target_values(target_values),
-        reference=reference.strip() if reference else load_prompt("supporter/no_reference.txt").strip(),
-    )
+    """The prompt for the next supporter turn (also the SFT/DPO prompt): Table 18's, or App. G.2's
+    (no target-values section) when `target_values` is None: no detector in the loop."""
+    fields = {
+        "strategies": strategies_block(),
+        "dialogue_history": format_history(utterances),
+        "reference": reference.strip() if reference else load_prompt("supporter/no_reference.txt").strip(),
+    }
+    if target_values is None:
+        user = load_prompt("supporter/user_no_values.txt").format(**fields)
+    else:
+        user = load_prompt("supporter/user.txt").format(target_values=format_target_values(target_values), **fields)
     return [
         {"role": "system", "content": load_prompt("supporter/system.txt").strip()},
         {"role": "user", "content": user},
@@ -354,6 +374,26 @@ class SupporterSettings:
     fallback: Literal["fail", "stepwise", "stepwise_only"] = "fail"
     #: token budget of each stepwise field (reasoning sentences and the one-sentence response)
     stepwise_max_tokens: int = 60
+    #: False: the supporter is not shown the detector's values even when the reference generator
+    #: is conditioned on them (Table 2's "+ Reference"); its prompt has no target-values section
+    sees_target_values: bool = True
+
+
+def reference_usage(turns: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+    """(turns that used the reference response, turns that had one) over supporter-turn records
+    (a dialogue's ``turns``): the Step-3 decision, counted where there was a reference to use."""
+    offered = [t for t in turns if not t.get("failed") and t.get("reference")]
+    return sum(bool(t.get("reference_used")) for t in offered), len(offered)
+
+
+def reference_used_share(dialogues: Iterable[Mapping[str, Any]]) -> float | None:
+    """The share of supporter turns that used the reference over dialogue records, or None when no
+    turn had one."""
+    used = offered = 0
+    for d in dialogues:
+        u, o = reference_usage(d.get("turns") or [])
+        used, offered = used + u, offered + o
+    return used / offered if offered else None
 
 
 def _one_sentence(text: str) -> str:
@@ -400,6 +440,7 @@ class Supporter:
     ) -> SupporterReply:
         """The next supporter reply; raises `SupporterFailure` when no acceptable reply came."""
         calls = {} if calls is None else calls
+        target_values = target_values if self.settings.sees_target_values else None
         if self.settings.fallback == "stepwise_only":
             return await self._stepwise(utterances, target_values, reference, None, seed, calls)
         messages = supporter_messages(utterances, target_values, reference)
@@ -423,6 +464,7 @@ class Supporter:
     ) -> SupporterReply:
         """The reply with the Step-3 decision reversed and Steps 3-4 regenerated (App. D.3)."""
         calls = {} if calls is None else calls
+        target_values = target_values if self.settings.sees_target_values else None
         if initial.method == "stepwise":
             return await self._stepwise(utterances, target_values, reference, not initial.reference_used, seed, calls)
         previous = "Yes" if initial.reference_used else "No"
@@ -471,7 +513,7 @@ class Supporter:
         """One call per field: free-text steps by generation, the decision and the strategy by
         scoring the allowed answers. The template is enforced by construction; the turn is marked."""
         history = format_history(utterances)
-        tv = format_target_values(target_values)
+        tv = stepwise_values_section(target_values)
         max_tokens = self.settings.stepwise_max_tokens
         system = {"role": "system", "content": load_prompt("supporter/system.txt").strip()}
 
