@@ -245,14 +245,18 @@ def evaluate_flow(
             for s in cfg.supporters
             if s.name != cfg.reference
         }
+        from esvr.tasks.evaluation.lowest_value import lowest_value_dialogues
         from esvr.tasks.simulation.simulate import load_dialogues
 
+        judged = {n: read_jsonl(p) for n, p in judgment_paths.items()}
+        valued = {n: read_jsonl(p) for n, p in value_paths.items()}
+        simulated = {n: load_dialogues(p) for n, p in dialogue_paths.items()}
         summary = summarize(
-            {n: read_jsonl(p) for n, p in judgment_paths.items()},
-            {n: read_jsonl(p) for n, p in value_paths.items()},
+            judged,
+            valued,
             cfg.reference,
             cfg.supporters,
-            dialogues={n: load_dialogues(p) for n, p in dialogue_paths.items()},
+            dialogues=simulated,
             table_score=cfg.table_score,
             extra={
                 "run_id": active.info.run_id,
@@ -268,6 +272,8 @@ def evaluate_flow(
                 "components": components,
             },
         )
+        # App. J: where the reference supporter reinforced values least, by persona category
+        summary["lowest_value"] = lowest_value_dialogues(cfg.reference, judged[cfg.reference], valued, simulated[cfg.reference])
         summary_path = stage_dir / "summary.json"
         summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         tracking.log_metrics(summary_metrics(summary))

@@ -245,6 +245,10 @@ def build_report(
                 reasons = ", ".join(f"{k}: {v}" for k, v in m["end_reasons"].items())
                 parts.append(f"| {m['name']} | {m.get('n_simulated', '-')} | {m.get('n_complete', '-')} | {reasons} |")
             parts.append("")
+        if s.get("lowest_value"):  # App. J
+            from esvr.tasks.evaluation.lowest_value import lowest_value_markdown
+
+            parts += [lowest_value_markdown(s["lowest_value"]), ""]
         stem = f"{i:02d}-{_slug(str(name))}"
         skills_png = plot_skills(s, out / f"{stem}-es-skills.png", kind)
         plots.append(str(skills_png))
