@@ -54,7 +54,7 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "build_datasets": (),
     "train_tvd": ("models.base", "train_tvd.eval.baselines"),
     "train_rg": ("models.base", "train_rg.judge"),
-    "personas": ("models.persona_writer",),
+    "personas": ("models.persona_writer", "personas.emotion_model", "personas.demographics_model"),
     "simulate": ("models.supporter", "models.seeker", "simulate.tvd", "simulate.rg", "simulate.emotion"),
     # the prompted supporter rolls out 'DPO (GPT)' candidates; the reward reads the value detector
     # (reward: value) or asks the judge (reward: emotion)
@@ -317,6 +317,10 @@ class _Plan:
                     self.problem(key, "simulator fidelity needs ESConv", "set it to ESConv.json or FailedESConv.json")
                 else:
                     self.esconv(key, str(c.evaluate.fidelity.esconv), analysis=False)
+            case "personas.emotion_model" | "personas.demographics_model":
+                step_model = getattr(c.personas, key.split(".")[1])
+                if step_model is not None:
+                    self.model(key, step_model)
             case "evaluate.fidelity.simulators":
                 for i, sim in enumerate(c.evaluate.fidelity.simulators):
                     self.model(f"{key}[{i}]", sim)

@@ -251,3 +251,31 @@ def test_no_persona_kept_names_the_step_that_dropped_them(prefect_harness, tmp_p
         config.personas = PersonasConfig(pairs=2, min_situations=2, max_situations=3, min_alignment=6)
         with pytest.raises(ValueError, match=r"none kept \(all 6 situations were rated below personas.min_alignment=6\)"):
             personas_flow(config)
+
+
+def test_each_step_uses_its_own_model() -> None:
+    """App. E.1: situations and alignment by the writer (GPT-4o), emotion votes by GPT-4o-mini."""
+    from esvr.tasks.bench.simulate import ScriptedChat
+
+    writer, emotion, demo = (ScriptedChat(Script(situations=3), cache_id=n) for n in ("writer", "emotion", "demo"))
+    cfg = PersonasConfig(pairs=2, min_situations=2, max_situations=3, split={"train": 2, "dev": 1, "test": 1})
+    personas, _, stats = generate_personas(writer, cfg, 0, emotion, demo)
+    assert personas and all(p["emotion_method"] == "vote" and p["demographics_method"] == "chat" for p in personas)
+    # the writer did steps 1-2 only; one vote request per persona (5 samples each) plus the subcategory scores
+    assert writer.usage.calls == stats["situations.calls"] + stats.get("alignment.calls", 0)
+    assert emotion.usage.calls == stats["emotion.calls"] + len(personas)
+    assert demo.usage.calls >= len(personas)
+    # without step models the writer does everything, as before
+    alone = ScriptedChat(Script(situations=3), cache_id="alone")
+    generate_personas(alone, cfg, 0)
+    assert alone.usage.calls == writer.usage.calls + emotion.usage.calls + demo.usage.calls
+
+
+def test_the_paper_recipe_names_a_model_per_persona_step() -> None:
+    from esvr.flows.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "paper.yaml")
+    assert config.models.persona_writer.spec == "openai:gpt-4o"
+    assert config.personas.emotion_model is not None and config.personas.emotion_model.spec == "openai:gpt-4o-mini"
+    header = (Path(__file__).parents[1] / "configs" / "paper.yaml").read_text().split("run:")[0]
+    assert "persona writer is GPT-4o" in header and "GPT-4o-mini plays seeker simulator, persona writer" not in header

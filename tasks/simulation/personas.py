@@ -68,7 +68,13 @@ PERSONA_FIELDS = (
 
 
 class PersonasConfig(Section):
-    """Persona generation (stage 5). The writer is ``models.persona_writer``."""
+    """Persona generation (stage 5). Situations and their value alignment come from
+    ``models.persona_writer`` (paper: GPT-4o); the other steps may use their own model."""
+
+    #: the emotion votes and the subcategory (step 3; paper: GPT-4o-mini); None: models.persona_writer
+    emotion_model: ModelConfig | None = None
+    #: age, gender and occupation (step 4; the paper does not say which model); None: models.persona_writer
+    demographics_model: ModelConfig | None = None
 
     #: how many (problem category, value) pairs to write situations for; None = all 6 x 20 = 120.
     #: Pairs are taken round-robin over categories, so a few pairs still cover several categories.
@@ -662,9 +668,14 @@ def select_count(items: list[dict[str, Any]], count: int | None, seed: int = 0) 
 
 
 def generate_personas(
-    model: ChatModel, cfg: PersonasConfig, seed: int = 0
+    model: ChatModel,
+    cfg: PersonasConfig,
+    seed: int = 0,
+    emotion_model: ChatModel | None = None,
+    demographics_model: ChatModel | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
-    """(personas, rejected situations, step counts). Personas carry every field of `PERSONA_FIELDS`."""
+    """(personas, rejected situations, step counts). Personas carry every field of `PERSONA_FIELDS`.
+    `model` writes and rates the situations; steps 3 and 4 use their own model where given."""
     stats = StepStats()
     order = select_pairs(None, seed)
     step = len(order) if cfg.pairs is None else min(cfg.pairs, len(order))
@@ -697,8 +708,8 @@ def generate_personas(
     stats.add("alignment.rejected", len(rejected))
     kept = select_count(kept, cfg.count, seed)
     if kept:
-        label_emotions(model, kept, cfg, seed, stats)
-        demographics(model, kept, cfg, seed, stats)
+        label_emotions(emotion_model or model, kept, cfg, seed, stats)
+        demographics(demographics_model or model, kept, cfg, seed, stats)
     for it in kept:
         it["id"] = persona_id(it["problem"], it["value"], it["situation"])
         it["writer"] = model.cache_id
@@ -786,7 +797,9 @@ def make_personas(
     """The stage: personas of the persona writer (`writer`) -> personas.jsonl, rejected.jsonl,
     stats.json; returns their paths."""
     model = chat_model(writer, run_dir, cache=use_cache)
-    generated, rejected, stats = generate_personas(model, cfg, seed)
+    emotion = chat_model(cfg.emotion_model, run_dir, cache=use_cache) if cfg.emotion_model else None
+    demo = chat_model(cfg.demographics_model, run_dir, cache=use_cache) if cfg.demographics_model else None
+    generated, rejected, stats = generate_personas(model, cfg, seed, emotion, demo)
     return {k: str(v) for k, v in write_personas(generated, rejected, stats, out_dir).items()}
 
 
