@@ -80,8 +80,8 @@ def prepared(args: argparse.Namespace) -> PipelineConfig:
     """
     from esvr.flows.runtime import prepare
 
+    config = resolve_config(args)  # a bad recipe is a one-line error before any folder is made
     prepare(peek_out_dir(args))
-    config = resolve_config(args)
     if config.run.out_dir.resolve() != peek_out_dir(args).resolve():
         prepare(config.run.out_dir)
     from esvr.flows.tracking import use_tracking_uri
@@ -436,6 +436,16 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
             _option("--no-intensity", action="store_true", help="skip the ES-Intensity predictor validation"),
         ),
     )
+    add_command(
+        sub,
+        "compare",
+        "two MLflow runs side by side: metrics (A, B, B - A), then the params and tags that differ",
+        cmd_compare,
+        (
+            _option("run_a", metavar="RUN_A", help="MLflow run id (or mlflow:<run_id>)"),
+            _option("run_b", metavar="RUN_B", help="MLflow run id (or mlflow:<run_id>)"),
+        ),
+    )
     # deployment (prefect.yaml, docker-compose.yml; docs/deployment.md)
     add_command(
         sub,
@@ -520,6 +530,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"esvr deploy: {exc}", file=sys.stderr)
         return 2
     print("start a run: prefect deployment run 'pipeline-from-file/pipeline', or from the Prefect UI (Deployments)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from esvr.flows import tracking
+    from esvr.flows.compare import CompareError, compare
+
+    try:
+        print("\n".join(compare(args.run_a, args.run_b, tracking.use_tracking_uri(resolve_config(args)))))
+    except CompareError as exc:
+        print(f"esvr compare: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
