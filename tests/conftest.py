@@ -18,6 +18,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# author hashes alike in every run folder (without it each folder draws a random salt)
+os.environ["ESVR_AUTHOR_SALT"] = "esvr-tests"
 # Tests must never reach a real OpenAI account.
 os.environ.pop("OPENAI_API_KEY", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -153,35 +153,37 @@ def test_siblings_with_op_replies_first_then_by_score_and_capped():
 
 
 def test_thread_rows_follow_the_contract():
+    anon = Anonymizer("salt", scrub_pii=True)
+    op, a, b = anon.author("OP"), anon.author("A"), anon.author("B")  # staged rows hold hashed authors
     post_row = {
         "id": "p",
         "title": "Title",
         "selftext": "Body &amp; more",
-        "author": "OP",
+        "author": op,
         "score": 3,
         "created_utc": T0,
         "subreddit": "offmychest",
         "dump": "RS_2021-06.zst",
     }
     comments = [
-        ("c1", "t3_p", "A", "reach me at a@b.co", 2, T0 + 1),
-        ("o2", "t1_c1", "OP", "thanks", 1, T0 + 2),
-        ("s1", "t3_p", "B", "hug", 4, T0 + 3),
-        ("r1", "t1_s1", "OP", "ty", 1, T0 + 4),
+        ("c1", "t3_p", a, "reach me at a@b.co", 2, T0 + 1),
+        ("o2", "t1_c1", op, "thanks", 1, T0 + 2),
+        ("s1", "t3_p", b, "hug", 4, T0 + 3),
+        ("r1", "t1_s1", op, "ty", 1, T0 + 4),
     ]
-    rows = thread_rows(post_row, comments, Anonymizer("salt", scrub_pii=True), max_siblings=5)
+    rows = thread_rows(post_row, comments, anon, max_siblings=5)
     df = pl.DataFrame(rows, schema=THREADS_SCHEMA)
     assert sorted(df["thread_id"]) == ["p:o2", "p:r1"]
     row = next(r for r in rows if r["thread_id"] == "p:o2")
     assert [t["role"] for t in row["turns"]] == ["op", "commenter", "op"]
     assert row["turns"][0]["text"] == "Title\n\nBody & more"
     assert row["turns"][1]["text"] == "reach me at [email]"
-    assert row["turns"][0]["author"] == row["turns"][2]["author"] != "OP" and len(row["turns"][0]["author"]) == 16
+    assert [t["author"] for t in row["turns"]] == [op, a, op] and len(op) == 16
     assert row["siblings"] == [
         {
             "turn": 1,
             "utt_id": "s1",
-            "author": Anonymizer("salt", True).author("B"),
+            "author": b,
             "text": "hug",
             "score": 4,
             "op_replies": [{"utt_id": "r1", "text": "ty"}],
@@ -329,6 +331,96 @@ def test_damaged_dump_names_file_and_offset_and_keeps_complete_records(tmp_path,
         assert got[:1000] == lines[:1000]
 
 
+def _flip_middle(path: Path) -> int:
+    """Overwrite 64 bytes in the middle of `path` (inside the frame, as a bad disk or download does)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return mid
+
+
+def test_damage_in_the_middle_keeps_every_line_before_it_and_names_its_offset(tmp_path):
+    lines = [orjson.dumps({"id": f"r{i}", "body": os.urandom(30).hex()}) for i in range(40000)]
+    path = zst(tmp_path / "RC_mid.zst", lines)
+    assert path.stat().st_size < 2 << 20  # one default read holds the whole dump, damage included
+    _flip_middle(path)
+    got: list[bytes] = []
+    with pytest.raises(DumpCorruptError) as err:
+        for b in iter_blocks(path):
+            got += b.lines.splitlines()
+    # every line before the damage is intact (bytes flipped inside literals decode to wrong text,
+    # which only the frame's checksum at its end can tell: those lines reach the parser as they are)
+    intact = next((i for i, (a, b) in enumerate(zip(got, lines)) if a != b), len(got))
+    assert intact > 15000 and got[:intact] == lines[:intact]
+    assert 0 < err.value.compressed_offset <= path.stat().st_size
+    assert f"at compressed byte {err.value.compressed_offset} " in str(err.value)
+    assert 0 <= err.value.decompressed_offset - sum(len(x) + 1 for x in got) < 100  # and a partial line
+    if shutil.which("zstd"):  # the reference: every complete line `zstd -d` writes before it stops
+        import subprocess
+
+        out = subprocess.run(["zstd", "-dcq", str(path)], capture_output=True).stdout
+        assert got == out[: out.rfind(b"\n") + 1].splitlines()
+
+
+def test_a_damaged_dump_is_the_error_even_when_it_leaves_no_thread(tmp_path):
+    big = make_sample_dump(tmp_path / "dumps", posts=500)
+    rs, rc = big["submissions"][0], big["comments"][0]
+    _flip_middle(rc)
+    with pytest.raises(IngestError) as err:
+        ingest_dumps([rs, rc], tmp_path / "out", IngestConfig())
+    assert str(rc) in str(err.value) and "corrupt zstd data" in str(err.value)
+    assert read_threads(tmp_path / "out" / "threads.parquet").height > 10  # the half before the damage
+    # damage right after the header: nothing to build threads from, and the damage is still the error
+    early = tmp_path / "early" / "RC_2021-06.zst"
+    early.parent.mkdir()
+    data = bytearray(zstandard.ZstdCompressor().compress(b"".join(orjson.dumps(_comment(id=f"e{i}")) + b"\n" for i in range(9))))
+    data[8:40] = b"\xff" * 32
+    early.write_bytes(bytes(data))
+    for fail in (True, False):
+        with pytest.raises(IngestError) as err:
+            ingest_dumps([rs, early], tmp_path / f"out-early-{fail}", IngestConfig(fail_on_corrupt=fail))
+        assert not isinstance(err.value, NoThreadsError) and str(early) in str(err.value)
+        assert "no thread could be built" in str(err.value)
+
+
+def test_a_damaged_dump_replaced_by_a_good_copy_is_staged_again(sample, tmp_path):
+    rs, rc = sample["submissions"][0], sample["comments"][0]
+    local = tmp_path / "RC_2021-06.zst"
+    shutil.copy(rc, local)
+    _flip_middle(local)
+    with pytest.raises(IngestError, match="corrupt zstd data"):
+        ingest_dumps([rs, local], tmp_path / "out", IngestConfig())
+    shutil.copy(rc, local)  # the download fetched again, at the same path
+    again = ingest_dumps([rs, local], tmp_path / "out", IngestConfig())
+    assert not again.errors and local.name in again.staged_now
+    clean = ingest_dumps([rs, rc], tmp_path / "clean", IngestConfig())
+    assert sorted(read_threads(again.threads)["thread_id"]) == sorted(read_threads(clean.threads)["thread_id"])
+    manifest = load_manifest(tmp_path / "out")
+    assert len(manifest["dumps"]) == 2 and all(not e["error"] for e in manifest["dumps"].values())
+    assert len(list((tmp_path / "out" / "staged").glob("*-*"))) == 2  # the damaged copy's stage is gone
+
+
+def test_a_file_that_is_not_a_zstd_dump_is_named_with_what_it_is(sample, tmp_path):
+    import gzip
+
+    empty = tmp_path / "RC_empty.zst"
+    empty.write_bytes(b"")
+    plain = tmp_path / "RC_plain.zst"
+    plain.write_bytes(orjson.dumps(_comment()) + b"\n")
+    gz = tmp_path / "RC_gz.zst"
+    gz.write_bytes(gzip.compress(orjson.dumps(_comment()) + b"\n"))
+    rs = sample["submissions"][0]
+    for path, what in ((empty, "is empty"), (plain, "is uncompressed JSON"), (gz, "is gzip-compressed")):
+        with pytest.raises(IngestError, match=f"{path}.*{what}") as err:
+            ingest_dumps([rs, path], tmp_path / "out", IngestConfig())
+        assert not isinstance(err.value, NoThreadsError)
+    nothing = zst(tmp_path / "RC_nothing.zst", [])  # a valid frame of one blank line
+    nothing.write_bytes(zstandard.ZstdCompressor().compress(b""))
+    with pytest.raises(NoThreadsError, match="RC_nothing.zst hold\\(s\\) no lines"):
+        ingest_dumps([nothing], tmp_path / "out2", IngestConfig())
+
+
 def test_prefilter_is_case_and_space_insensitive():
     block = (
         b'{"subreddit":"offmychest","id":"a"}\n{"subreddit": "OffMyChest","id":"b"}\n'
@@ -377,25 +469,65 @@ def test_sample_end_to_end(sample, tmp_path):
         (3, "smd1a2", ["smo1d1"]),
     ]
     rejects = [json.loads(line) for line in result.rejects.read_text().splitlines()]
-    assert len(rejects) == 3 and all(r["file"].endswith(".zst") and r["line"] > 1 for r in rejects)
+    assert all(r["file"].endswith(".zst") and r["line"] > 1 for r in rejects)
+    assert sorted(r["reason"] for r in rejects) == ["invalid_field"] * 2 + ["malformed"] * 3 + ["missing_field"] * 2
+    assert {r["error"] for r in rejects if r["reason"] == "invalid_field"} == {"score invalid: 1e+20", 'score invalid: "abc"'}
     stats = json.loads(result.stats.read_text())
     t = stats["totals"]
-    assert t["malformed"] == 3
+    assert t["malformed"] == 3 and t["blank"] == 1
     assert t["prefiltered_out"] > 20  # other subreddits' lines never reach the parser
     for reason in RecordFilter.REASONS:
         assert t["submissions"].get(reason, 0) + t["comments"].get(reason, 0) > 0, reason
     assert stats["threads"]["single_turn"] + stats["threads"]["multi_turn"] == df.height
 
 
-def test_malformed_lines_reach_rejects_with_line_numbers(tmp_path):
+def test_every_dropped_line_is_counted_under_a_true_reason_and_rejects_carry_file_and_line(tmp_path):
     good = orjson.dumps(_comment())
-    lines = [good, b'{"subreddit":"offmychest","body":"cut', good, b"", b'[1, "offmychest"]', b'{"subreddit":"gaming",']
+    no_created = _comment(id="nc")
+    del no_created["created_utc"]
+    lines = [
+        good,
+        b'{"subreddit":"offmychest","body":"cut',  # 2: malformed, holds the name
+        good,
+        b"",  # 4: blank
+        b'[1, "offmychest"]',  # 5: not an object
+        b'{"subreddit":"gaming",',  # 6: cut, without the subreddit's name: not "another subreddit"
+        b"Traceback (most recent call last):",  # 7: not JSON at all
+        orjson.dumps({"subreddit": "gaming", "id": "g"}),  # 8: another subreddit, never parsed
+        orjson.dumps(_comment(id="big", score=1e20)),  # 9: beyond int64
+        orjson.dumps(_comment(id="abc", score="abc")),  # 10: a word for a number
+        orjson.dumps(no_created),  # 11: missing
+        b'  {"subreddit":"gaming","id":"h"}\r',  # 12: an object with whitespace around it
+    ]
     path = zst(tmp_path / "RC_m.zst", lines)
     result = stage_dump(path, tmp_path / "stage", IngestConfig())
     rejects = [json.loads(x) for x in (tmp_path / "stage" / "rejects.ndjson").read_text().splitlines()]
-    assert [(r["line"], r["file"]) for r in rejects] == [(2, str(path)), (5, str(path))]
-    assert result.stats["malformed"] == 2 and result.stats["comments"]["kept"] == 2  # the id repeats; merge dedupes
-    assert result.stats["lines"] == 6
+    assert [(r["line"], r["reason"], r.get("field")) for r in rejects] == [
+        (2, "malformed", None),
+        (5, "malformed", None),
+        (6, "malformed", None),
+        (7, "malformed", None),
+        (9, "invalid_field", "score"),
+        (10, "invalid_field", "score"),
+        (11, "missing_field", "created_utc"),
+    ]
+    assert all(r["file"] == str(path) and "text" not in r for r in rejects)
+    s = result.stats
+    assert (s["lines"], s["blank"], s["malformed"], s["prefiltered_out"]) == (12, 1, 4, 2)
+    assert s["comments"] == {"kept": 2, "invalid_field": 2, "missing_field": 1}  # the id repeats; merge dedupes
+    assert s["lines"] == s["blank"] + s["malformed"] + s["prefiltered_out"] + sum(s["comments"].values())
+
+
+def test_an_out_of_range_field_rejects_its_record_and_the_rest_becomes_threads(sample, tmp_path):
+    rc = sample["comments"][0]
+    lines = zstandard.ZstdDecompressor().decompress(rc.read_bytes(), max_output_size=1 << 30).splitlines()
+    # a record like a kept one, with a score no int64 holds: staged as it was, it crashed the stage
+    lines.insert(3, orjson.dumps(_comment(id="huge", score=1e20)))
+    path = zst(tmp_path / "RC_2021-06.zst", lines)
+    result = ingest_dumps([sample["submissions"][0], path], tmp_path / "out", IngestConfig())
+    assert read_threads(result.threads).height > 10
+    rejects = [json.loads(x) for x in result.rejects.read_text().splitlines()]
+    assert {"file": str(path), "line": 4, "reason": "invalid_field", "error": "score invalid: 1e+20", "field": "score"} in rejects
 
 
 def test_truncated_dump_keeps_records_and_raises_after_writing(tmp_path):
@@ -418,6 +550,40 @@ def test_no_matching_record_gives_a_clear_message(sample, tmp_path):
             sample["submissions"][:1] + sample["comments"][:1], tmp_path / "out", IngestConfig(subreddits=["depression"])
         )
     assert not (tmp_path / "out" / "threads.parquet").exists()
+
+
+def test_no_user_name_at_rest_and_a_random_salt_per_folder_without_the_variable(sample, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("ESVR_AUTHOR_SALT")
+    dumps = sample["submissions"][:1] + sample["comments"][:1]
+    caplog.set_level("DEBUG")
+    a = ingest_dumps(dumps, tmp_path / "a", IngestConfig())
+    b = ingest_dumps(dumps, tmp_path / "b", IngestConfig())
+    salt_file = tmp_path / "a" / "staged" / "author_salt"
+    salt = salt_file.read_text().strip()
+    assert len(salt) == 64 and salt_file.stat().st_mode & 0o777 == 0o600
+    # staged parquet: hashed authors only; rejects: no raw text, no author
+    staged = pl.concat(
+        [pl.read_parquet(p).select("author") for p in (tmp_path / "a" / "staged").glob("*/*.parquet")], how="vertical"
+    )
+    assert staged.height > 50 and staged["author"].str.contains("^[0-9a-f]{16}$").all()
+    at_rest = b"".join(p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file() and p != salt_file)
+    for name in (b"op_maya", b"kind_stranger", b"no_score_user", b"huge_score", b"tea_friend"):
+        assert name not in at_rest, name
+    # the salt is in its file only: not in the logs, the manifest or the stats
+    assert salt not in caplog.text and salt.encode() not in at_rest
+    # the OP's hash is the folder's salt applied to the name; another folder's hash differs
+    op = Anonymizer(salt, True).author("op_maya")
+    ta, tb = (read_threads(r.threads).filter(pl.col("post_id") == "smx1aa") for r in (a, b))
+    assert ta["turns"][0][0]["author"] == op != tb["turns"][0][0]["author"]
+    # the same folder keeps its salt: a re-run reuses the staged dumps and the hashes
+    again = ingest_dumps(dumps, tmp_path / "a", IngestConfig())
+    assert again.reused and read_threads(again.threads).equals(read_threads(a.threads))
+    # with the variable set, every folder hashes alike (what the tests and shared datasets use)
+    monkeypatch.setenv("ESVR_AUTHOR_SALT", "shared")
+    c = ingest_dumps(dumps, tmp_path / "c", IngestConfig())
+    d = ingest_dumps(dumps, tmp_path / "a", IngestConfig())  # restaged: the salt changed
+    assert read_threads(c.threads).equals(read_threads(d.threads)) and d.staged_now
+    assert not (tmp_path / "c" / "staged" / "author_salt").exists()
 
 
 # --------------------------------------------------------------------------------------------

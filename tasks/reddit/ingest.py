@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -117,7 +118,8 @@ class IngestConfig(Section):
     min_comment_chars: int = 2
     max_comment_chars: int = 5000
     #: environment variable holding the salt of author hashes (a secret, never logged); when unset,
-    #: a fixed public salt is used and the hashes only hide names from casual readers
+    #: a random salt is made once per output folder and kept in ``staged/author_salt`` (mode 600),
+    #: so hashes match within a folder and cannot be reversed by hashing known user names
     author_salt_env: str = "ESVR_AUTHOR_SALT"
     #: replace e-mail addresses, phone numbers and u/username mentions (§4: no identifying information)
     scrub_pii: bool = True
@@ -158,12 +160,46 @@ _FILTER_FIELDS = (
     "max_comment_chars",
 )
 
-STAGE_VERSION = 1  # bump when the staged format or the filter semantics change
+STAGE_VERSION = 2  # bump when the staged format or the filter semantics change
+
+#: the per-folder salt's file, in the ``staged`` folder of the ingest's output (beside the staged dumps)
+SALT_FILE = "author_salt"
 
 
-def filters_fingerprint(cfg: IngestConfig) -> str:
+def author_salt(cfg: IngestConfig, folder: str | Path) -> str:
+    """The salt of author hashes: the environment variable's value, else the folder's random salt.
+
+    Authors are hashed when staged, so staged parquet, rejects and threads never hold a user name.
+    The salt itself is never logged: only the file that holds it is named.
+    """
+    salt = os.environ.get(cfg.author_salt_env)
+    if salt:
+        return salt
+    path = Path(folder) / SALT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        salt = path.read_text().strip()
+        if not salt:
+            raise IngestError(f"{path} is empty: delete it and the staged folders beside it to re-stage every dump") from None
+        return salt
+    salt = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(salt + "\n")
+    log.info(
+        "%s is not set: author hashes use a random salt kept in %s; set the variable to hash names alike across folders",
+        cfg.author_salt_env,
+        path,
+    )
+    return salt
+
+
+def filters_fingerprint(cfg: IngestConfig, salt: str = "") -> str:
+    """Identifies what staging keeps and how: the filters, the staged format and the salt (by a digest)."""
     data = {k: getattr(cfg, k) for k in _FILTER_FIELDS}
-    blob = json.dumps(data, sort_keys=True, default=str) + f"|v{STAGE_VERSION}"
+    salt_id = hashlib.sha256(b"esvr-author-salt\x00" + salt.encode()).hexdigest()[:12]
+    blob = json.dumps(data, sort_keys=True, default=str) + f"|v{STAGE_VERSION}|{salt_id}|{cfg.scrub_pii}"
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -235,24 +271,65 @@ class _Scratch:
         return self.folded
 
 
+class _Frames:
+    """A zstd decoder over concatenated frames: `feed` returns what the bytes decode to."""
+
+    def __init__(self) -> None:
+        self.dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        self.dobj = self.dctx.decompressobj()
+        self.in_frame = False  # fed bytes to a frame that has not ended yet
+
+    def feed(self, raw: bytes) -> list[bytes]:
+        out = []
+        while raw:
+            if self.dobj.eof:
+                self.dobj = self.dctx.decompressobj()
+            out.append(self.dobj.decompress(raw))
+            self.in_frame = not self.dobj.eof
+            raw = self.dobj.unused_data if self.dobj.eof else b""
+        return out
+
+
+def _salvage(path: Path, good_until: int, read_bytes: int, step: int = 1024) -> tuple[bytes, int, str]:
+    """Decode `path` again and return what the bytes after `good_until` decode to before the damage.
+
+    A failed ``decompress`` call returns nothing, so the read that hit the damage is decoded again
+    in slices of `step` compressed bytes: everything zstd decoded before the damaged slice comes
+    back (as ``zstd -d`` writes it out). Returns (that output, the damaged slice's offset, reason).
+    """
+    frames = _Frames()
+    out: list[bytes] = []
+    with open(path, "rb") as fh:
+        pos = 0
+        while pos < good_until:
+            raw = fh.read(min(read_bytes, good_until - pos))
+            frames.feed(raw)  # decoded before: only the decoder's state matters
+            pos += len(raw)
+        while raw := fh.read(step):
+            try:
+                out += frames.feed(raw)
+            except zstandard.ZstdError as exc:
+                return b"".join(out), pos, f"corrupt zstd data ({exc})"
+            pos += len(raw)
+    return b"".join(out), pos, "truncated zstd stream (the frame does not end)"
+
+
 def iter_blocks(path: str | Path, read_bytes: int = 2 << 20, scratch: _Scratch | None = None) -> Iterator[Block]:
     """Decompress `path` and yield blocks of whole lines, one per `read_bytes` of compressed input.
 
     A block is about ``read_bytes`` times the compression ratio (about 10 for the dumps, so 2 MB read
     gives 20 MB blocks). The partial last line of a block is carried into the next one, so records
     (and the UTF-8 characters in them) are never split. A truncated or corrupt stream raises
-    DumpCorruptError after every complete line before the damage has been yielded. Concatenated
-    frames are read.
+    DumpCorruptError after every complete line before the damage has been yielded (the read that
+    hit it is decoded again in small slices). Concatenated frames are read.
     """
     path = Path(path)
     scratch = scratch or _Scratch()
-    dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-    dobj = dctx.decompressobj()
-    in_frame = False  # fed bytes to a frame that has not ended yet
+    frames = _Frames()
     carry = b""
     line_no = 1
     offset = 0  # decompressed offset of carry[0]
-    consumed = 0  # compressed bytes fed before the current read
+    consumed = 0  # compressed bytes decoded without error
 
     def block_of(data: bytes, final: bool) -> Block | None:
         nonlocal carry, line_no, offset
@@ -266,29 +343,17 @@ def iter_blocks(path: str | Path, read_bytes: int = 2 << 20, scratch: _Scratch |
         offset += end
         return block
 
-    def damaged(reason: str) -> DumpCorruptError:
-        return DumpCorruptError(path, consumed, offset + len(carry), reason)
-
     with open(path, "rb") as fh:
-        while True:
-            raw = fh.read(read_bytes)
-            if not raw:
-                break
-            out = []
+        while raw := fh.read(read_bytes):
             try:
-                while raw:
-                    if dobj.eof:
-                        dobj = dctx.decompressobj()
-                    out.append(dobj.decompress(raw))
-                    in_frame = not dobj.eof
-                    raw = dobj.unused_data if dobj.eof else b""
-            except zstandard.ZstdError as exc:
-                data = carry + b"".join(out)
-                block = block_of(data, final=False)
+                out = frames.feed(raw)
+            except zstandard.ZstdError:
+                tail, at, reason = _salvage(path, consumed, read_bytes)
+                block = block_of(carry + tail, final=False)
                 if block is not None:
                     yield block
-                raise damaged(f"corrupt zstd data ({exc})") from None
-            consumed = fh.tell()
+                raise DumpCorruptError(path, at, offset + len(carry), reason) from None
+            consumed += len(raw)
             data = out[0] if len(out) == 1 else b"".join(out)
             if carry:
                 data = carry + data
@@ -296,12 +361,39 @@ def iter_blocks(path: str | Path, read_bytes: int = 2 << 20, scratch: _Scratch |
                 block = block_of(data, final=False)
                 if block is not None:
                     yield block
-    if in_frame:
-        raise damaged("truncated zstd stream (the frame does not end)")
+    if frames.in_frame:
+        raise DumpCorruptError(path, consumed, offset + len(carry), "truncated zstd stream (the frame does not end)")
     if carry:
         block = block_of(carry, final=True)
         if block is not None:
             yield block
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OTHER_FORMATS = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"PAR1": "a parquet file",
+}
+
+
+def dump_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be a zstd dump (empty, another format), or None when it starts like one."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        return "is empty (0 bytes)"
+    magic = int.from_bytes(head[:4], "little")
+    if head[:4] == _ZSTD_MAGIC or 0x184D2A50 <= magic <= 0x184D2A5F:  # a frame, or a skippable frame
+        return None
+    for prefix, what in _OTHER_FORMATS.items():
+        if head.startswith(prefix):
+            return f"is {what}, not zstd: decompress it and compress it with `zstd --long=31`"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "is uncompressed JSON, not zstd: compress it with `zstd --long=31`"
+    return f"is not a zstd file (it starts with bytes {head[:4].hex()}; zstd files start with 28b52ffd)"
 
 
 def dump_kind(path: str | Path) -> str | None:
@@ -354,16 +446,26 @@ _PUBLIC = {"public", "restricted", "gold_restricted", "archived"}  # restricted:
 
 
 def _as_int(value: Any) -> int | None:
-    # old dumps store created_utc as a string; some scores arrive as floats
+    """An int64 from an int, a float or a numeric string (old dumps store created_utc as a string,
+    some scores arrive as floats); None for anything else, and for values beyond int64, which
+    the staged parquet cannot hold."""
     if isinstance(value, bool) or value is None:
         return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+    if isinstance(value, str):
         try:
-            return int(float(value))
-        except (TypeError, ValueError):
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
             return None
+        value = int(value)
+    if not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        return None
+    return value
 
 
 def _epoch(d: date) -> int:
@@ -385,11 +487,17 @@ class RecordFilter:
         "too_short",
         "too_long",
         "missing_field",
+        "invalid_field",
     )
 
-    def __init__(self, cfg: IngestConfig, dump_name: str):
+    def __init__(self, cfg: IngestConfig, dump_name: str, anon: Anonymizer | None = None):
         self.cfg = cfg
         self.dump = dump_name
+        #: authors are hashed here, before staging: no user name is written to disk (texts are
+        #: cleaned when threads are built, for the few records that end up in one)
+        self.anon = anon or Anonymizer("", cfg.scrub_pii)
+        #: the field behind the last missing_field / invalid_field, for the reject's entry
+        self.field = ""
         self.subs = set(cfg.subreddits)
         self.t0 = _epoch(cfg.start_date)
         self.t1 = _epoch(cfg.end_date + timedelta(days=1))
@@ -397,20 +505,25 @@ class RecordFilter:
         self.bots = {b.lower() for b in cfg.bot_authors}
         self.bot_re = re.compile(cfg.bot_author_pattern) if cfg.bot_author_pattern else None
 
-    def _common(self, rec: dict, text: Any, t_end: int) -> tuple[str | None, int]:
+    def _bad(self, rec: dict, name: str) -> str:
+        self.field = name
+        return "missing_field" if rec.get(name) is None else "invalid_field"
+
+    def _common(self, rec: dict, text_field: str, t_end: int) -> tuple[str | None, int]:
         sub = rec.get("subreddit")
         if not isinstance(sub, str):
-            return "missing_field", 0
+            return self._bad(rec, "subreddit"), 0
         if self.subs and sub.lower() not in self.subs:
             return "other_subreddit", 0
         created = _as_int(rec.get("created_utc"))
         if created is None:
-            return "missing_field", 0
+            return self._bad(rec, "created_utc"), 0
         if not (self.t0 <= created < t_end):
             return "out_of_date_range", created
-        author = rec.get("author")
-        if not isinstance(author, str) or not isinstance(text, str) or not isinstance(rec.get("id"), str):
-            return "missing_field", created
+        for name in ("id", "author", text_field):
+            if not isinstance(rec.get(name), str):
+                return self._bad(rec, name), created
+        author, text = rec["author"], rec[text_field]
         if self.cfg.drop_deleted and (author in _DELETED or text in _DELETED):
             return "deleted", created
         if self.cfg.drop_removed and text.strip().lower() in _REMOVED:
@@ -423,10 +536,12 @@ class RecordFilter:
         return None, created
 
     def post(self, rec: dict) -> tuple[str | None, tuple | None]:
-        text = rec.get("selftext", "")
-        reason, created = self._common(rec, text, self.t1)
+        if "selftext" not in rec:  # a link post: no text, which the length bound drops
+            rec["selftext"] = ""
+        reason, created = self._common(rec, "selftext", self.t1)
         if reason:
             return reason, None
+        text = rec["selftext"]
         cat = rec.get("removed_by_category")
         if cat:
             if cat in ("deleted", "author") and self.cfg.drop_deleted:
@@ -434,17 +549,19 @@ class RecordFilter:
             if self.cfg.drop_removed and cat not in ("deleted", "author"):
                 return "removed", None
         title = rec.get("title")
+        if not isinstance(title, str):
+            return self._bad(rec, "title"), None
         score = _as_int(rec.get("score"))
-        if not isinstance(title, str) or score is None:
-            return "missing_field", None
+        if score is None:
+            return self._bad(rec, "score"), None
         if score < self.cfg.min_post_score:
             return "low_score", None
         ratio = rec.get("upvote_ratio")
-        if self.cfg.min_upvote_ratio > 0:
-            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
-                return "missing_field", None
-            if ratio < self.cfg.min_upvote_ratio:
-                return "low_upvote_ratio", None
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio):
+            if self.cfg.min_upvote_ratio > 0 or ratio is not None:
+                return self._bad(rec, "upvote_ratio"), None
+        elif ratio < self.cfg.min_upvote_ratio:
+            return "low_upvote_ratio", None
         n = len(text.strip())
         if n < self.cfg.min_post_chars:
             return "too_short", None
@@ -453,7 +570,7 @@ class RecordFilter:
         return None, (
             rec["id"],
             rec["subreddit"].lower(),
-            rec["author"],
+            self.anon.author(rec["author"]),
             title,
             text,
             score,
@@ -463,24 +580,35 @@ class RecordFilter:
         )
 
     def comment(self, rec: dict) -> tuple[str | None, tuple | None]:
-        text = rec.get("body")
-        reason, created = self._common(rec, text, self.t1_comments)
+        reason, created = self._common(rec, "body", self.t1_comments)
         if reason:
             return reason, None
+        text = rec["body"]
         if self.cfg.drop_moderator_comments and (rec.get("distinguished") == "moderator" or rec.get("stickied") is True):
             return "bot", None
         link, parent = rec.get("link_id"), rec.get("parent_id")
+        for name, value in (("link_id", link), ("parent_id", parent)):
+            if not isinstance(value, str):
+                return self._bad(rec, name), None
         score = _as_int(rec.get("score"))
-        if not isinstance(link, str) or not isinstance(parent, str) or score is None:
-            return "missing_field", None
+        if score is None:
+            return self._bad(rec, "score"), None
         if score < self.cfg.min_comment_score:
             return "low_score", None
-        n = len(text.strip())  # type: ignore[union-attr]  # _common rejected a missing body
+        n = len(text.strip())
         if n < self.cfg.min_comment_chars:
             return "too_short", None
         if n > self.cfg.max_comment_chars:
             return "too_long", None
-        return None, (rec["id"], link.removeprefix("t3_"), parent, rec["author"], text, score, created)
+        return None, (
+            rec["id"],
+            link.removeprefix("t3_"),  # type: ignore[union-attr]  # checked above
+            parent,
+            self.anon.author(rec["author"]),
+            text,
+            score,
+            created,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,56 +675,105 @@ def _candidates(data: bytes, end: int, needles: list[bytes], scratch: _Scratch) 
     return sorted(starts.items()) if len(needles) > 1 else list(starts.items())
 
 
-def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig) -> StageResult:
+def _misshapen(data: bytes, end: int, scratch: _Scratch) -> tuple[list[tuple[int, int]], int]:
+    """The lines of ``data[:end]`` that cannot be a JSON object, as (start, end) spans, and the
+    number of blank lines.
+
+    A shape check, not a parse: a line must start with ``{`` and end with ``}`` (after stripping
+    whitespace). Vectorised over the block (numpy: the newline positions, then one byte on each
+    side of them), so every line is checked, not only the prefilter's candidates, at a cost the
+    ingest bench includes.
+    """
+    scratch.ensure(end)
+    arr = np.frombuffer(data, np.uint8, count=end)
+    nl = np.flatnonzero(np.equal(arr, 10, out=scratch.mask[:end]))
+    starts = np.concatenate(([0], nl + 1))
+    stops = np.append(nl, end)
+    if data[end - 1 : end] == b"\n":  # the block ends with its last line's newline: no line after it
+        starts, stops = starts[:-1], stops[:-1]
+    nonempty = stops > starts
+    ok = nonempty & (arr[np.minimum(starts, end - 1)] == 0x7B) & (arr[np.maximum(stops - 1, 0)] == 0x7D)
+    bad: list[tuple[int, int]] = []
+    blank = 0
+    for i in np.flatnonzero(~ok).tolist():
+        s, e = int(starts[i]), int(stops[i])
+        line = data[s:e].strip()
+        if not line:
+            blank += 1
+        elif not (line[:1] == b"{" and line[-1:] == b"}"):  # whitespace or \r around an object is fine
+            bad.append((s, e))
+    return bad, blank
+
+
+def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig, salt: str | None = None) -> StageResult:
     """Stream one dump, filter it and stage the survivors in `stage_dir`.
 
-    Writes posts-*.parquet, comments-*.parquet, rejects.ndjson (malformed lines with file and line
-    number) and stats.json. A damaged .zst keeps what was read before the damage and returns the
-    error instead of raising, so the caller can merge the rest and then report it.
+    Writes posts-*.parquet, comments-*.parquet (authors hashed with `salt`, by default the one of
+    `author_salt` for the folder above `stage_dir`), rejects.ndjson (one row per line that is not a
+    JSON object or whose record has a missing or invalid field: file, line number, reason; no raw
+    text, which could hold user names) and stats.json. A damaged .zst keeps every complete line
+    before the damage and returns the error instead of raising, so the caller can merge the rest
+    and then report it.
     """
     path = Path(path)
     stage_dir = Path(stage_dir)
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
-    tmp = stage_dir
-    flt = RecordFilter(cfg, path.name)
+    anon = Anonymizer(salt if salt is not None else author_salt(cfg, stage_dir.parent), cfg.scrub_pii)
+    flt = RecordFilter(cfg, path.name, anon)
     kind = dump_kind(path)
-    posts = _PartWriter(tmp, "posts", POST_COLUMNS)
-    comments = _PartWriter(tmp, "comments", COMMENT_COLUMNS)
+    posts = _PartWriter(stage_dir, "posts", POST_COLUMNS)
+    comments = _PartWriter(stage_dir, "comments", COMMENT_COLUMNS)
     counts: dict[str, Counter[str]] = {"submissions": Counter(), "comments": Counter()}
-    lines = decompressed = malformed = 0
+    lines = decompressed = malformed = blank = 0
     needles = [bytes(b | 0x20 for b in f'"{s}"'.encode()) for s in cfg.subreddits]
     error = None
     t_start = time.perf_counter()
     loads = orjson.loads
+    file_name = str(path)
     with open(stage_dir / "rejects.ndjson", "wb") as rejects:
+        # the last reject's block, position and line number: the next one counts lines from there
+        at_block: Block | None = None
+        at_pos = at_line = 0
 
-        def reject(block: Block, s: int, e: int, why: str) -> None:
-            nonlocal malformed
-            malformed += 1
-            line = block.first_line + block.data.count(b"\n", 0, s)
-            text = block.data[s:e][:2000].decode("utf-8", "replace")
-            rejects.write(orjson.dumps({"file": str(path), "line": line, "error": why, "text": text}) + b"\n")
+        def reject(block: Block, s: int, reason: str, error: str, field: str | None = None) -> None:
+            nonlocal at_block, at_pos, at_line
+            if at_block is not block or at_pos > s:
+                at_block, at_pos, at_line = block, 0, block.first_line
+            at_line += block.data.count(b"\n", at_pos, s)
+            at_pos = s
+            entry = {"file": file_name, "line": at_line, "reason": reason, "error": error}
+            if field:
+                entry["field"] = field
+            rejects.write(orjson.dumps(entry) + b"\n")
 
         scratch = _Scratch()
         try:
-            for block in iter_blocks(path, read_bytes=cfg.read_mb << 20, scratch=scratch):
+            for block in iter_blocks(path, read_bytes=cfg.read_mb << 20, scratch=_Scratch()):
                 data, end = block.data, block.end
                 lines += block.newlines + (data[end - 1 : end] != b"\n")
                 decompressed += end
+                bad, n_blank = _misshapen(data, end, scratch)
+                blank += n_blank
+                for s, e in bad:
+                    malformed += 1
+                    head = data[s:e].strip()[:1].decode("utf-8", "replace")
+                    reject(block, s, "malformed", f"not a JSON object (the line starts with {head!r})")
+                skip = {s for s, _ in bad}
                 view = memoryview(data)
                 for s, e in _candidates(data, end, needles, scratch):
-                    if e - s < 2 and not data[s:e].strip():
+                    if s in skip or not data[s:e].strip():
                         continue
                     try:
                         rec = loads(view[s:e])
                     except orjson.JSONDecodeError as exc:
-                        if data[s:e].strip():
-                            reject(block, s, e, f"invalid JSON: {exc}")
+                        malformed += 1
+                        reject(block, s, "malformed", f"invalid JSON: {exc}")
                         continue
                     if not isinstance(rec, dict):
-                        reject(block, s, e, f"not a JSON object but {type(rec).__name__}")
+                        malformed += 1
+                        reject(block, s, "malformed", f"not a JSON object but {type(rec).__name__}")
                         continue
                     is_comment = kind == "comments" or (kind is None and "parent_id" in rec)
                     if is_comment:
@@ -607,6 +784,10 @@ def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig) -> St
                         bucket, writer = counts["submissions"], posts
                     if reason:
                         bucket[reason] += 1
+                        if reason in ("missing_field", "invalid_field"):
+                            value = rec.get(flt.field)
+                            shown = "" if value is None or flt.field == "author" else f": {orjson.dumps(value)[:80].decode()}"
+                            reject(block, s, reason, f"{flt.field} {reason.replace('_field', '')}{shown}", flt.field)
                     else:
                         bucket["kept"] += 1
                         writer.add(row)  # type: ignore[arg-type]  # a kept record has its row
@@ -616,13 +797,16 @@ def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig) -> St
     posts.flush()
     comments.flush()
     seconds = time.perf_counter() - t_start
+    parsed = sum(sum(c.values()) for c in counts.values())
     stats = {
         "dump": path.name,
         "kind": kind or "mixed",
         "lines": lines,
         "decompressed_bytes": decompressed,
         "malformed": malformed,
-        "prefiltered_out": lines - malformed - sum(sum(c.values()) for c in counts.values()),
+        "blank": blank,
+        # object-shaped lines without the subreddit's name: other subreddits, never parsed
+        "prefiltered_out": lines - malformed - blank - parsed,
         "submissions": dict(counts["submissions"]),
         "comments": dict(counts["comments"]),
         "seconds": round(seconds, 3),
@@ -779,20 +963,9 @@ class Anonymizer:
         return text
 
 
-def author_salt(cfg: IngestConfig) -> str:
-    salt = os.environ.get(cfg.author_salt_env)
-    if not salt:
-        log.warning(
-            "%s is not set: author hashes use a public salt and can be reversed by hashing "
-            "known user names; set it for data you share",
-            cfg.author_salt_env,
-        )
-        return "esvr-public-salt"
-    return salt
-
-
 def thread_rows(post_row: dict, comments: list[tuple], anon: Anonymizer, max_siblings: int) -> list[dict]:
-    """The threads.parquet rows of one post. `comments`: (id, parent_id, author, body, score, created_utc)."""
+    """The threads.parquet rows of one post. `comments`: (id, parent_id, author, body, score, created_utc),
+    authors hashed when staged; `anon` cleans the texts."""
     text = post_row["title"].strip() + "\n\n" + post_row["selftext"].strip()
     post = Utt(post_row["id"], f"t3_{post_row['id']}", post_row["author"], text, post_row["score"], post_row["created_utc"])
     build_tree(post, comments)
@@ -803,7 +976,7 @@ def thread_rows(post_row: dict, comments: list[tuple], anon: Anonymizer, max_sib
             {
                 "utt_id": u.id,
                 "role": "op" if i % 2 == 0 else "commenter",
-                "author": anon.author(u.author),
+                "author": u.author,
                 "text": anon.text(u.text),
                 "score": u.score,
                 "created_utc": u.created_utc,
@@ -814,7 +987,7 @@ def thread_rows(post_row: dict, comments: list[tuple], anon: Anonymizer, max_sib
             {
                 "turn": t,
                 "utt_id": s.id,
-                "author": anon.author(s.author),
+                "author": s.author,
                 "text": anon.text(s.text),
                 "score": s.score,
                 "op_replies": [{"utt_id": r.id, "text": anon.text(r.text)} for r in replies],
@@ -884,7 +1057,7 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
     n_relevant = relevant.select(pl.len()).collect(engine="streaming").item()
     stats["comments"] = n_relevant
     n_buckets = max(1, math.ceil(n_relevant / max(1, cfg.bucket_rows)))
-    anon = Anonymizer(author_salt(cfg), cfg.scrub_pii)
+    anon = Anonymizer("", cfg.scrub_pii)  # texts only: authors were hashed when staged
     writer = None
     tmp_path = out_path.with_suffix(".parquet.tmp")
     try:
@@ -1012,33 +1185,43 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
 
     Outputs in `out_dir`: threads.parquet, rejects.ndjson, stats.json, manifest.json, staged/.
     Dumps recorded in the manifest are merged too (a new month's comments complete the last
-    month's posts). When the filters changed, recorded dumps that still exist are re-staged.
-    `stage_fn(path, stage_dir, cfg) -> StageResult` lets the flow wrap staging in a cached task.
+    month's posts). When the filters changed, recorded dumps that still exist are re-staged; a
+    recorded dump whose file now holds other bytes (a damaged download fetched again) is replaced
+    by the new content. `stage_fn(path, stage_dir, cfg) -> StageResult` lets the flow wrap staging
+    in a cached task; it finds the salt of author hashes as `stage_dump` does.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_fn = stage_fn or stage_dump
     manifest_path = out_dir / MANIFEST
     manifest = load_manifest(manifest_path)
-    fp = filters_fingerprint(cfg)
     given = [Path(d) for d in dumps]
     missing = [str(p) for p in given if not p.is_file()]
     if missing:
         raise IngestError(f"dump file(s) not found: {', '.join(missing)}")
+    problems = [f"{p} {why}" for p in given if (why := dump_problem(p))]
+    if problems:
+        raise IngestError("not a Pushshift dump (NDJSON compressed by zstd): " + "; ".join(problems))
+    fp = filters_fingerprint(cfg, author_salt(cfg, out_dir / "staged"))
     # recorded dumps first, then the given ones; a dump seen twice (same bytes) is staged once
     todo: dict[str, Path] = {}
-    for sha, entry in manifest["dumps"].items():
-        if entry.get("filters") == fp:
-            todo[sha] = Path(entry["path"])
+    for sha, entry in list(manifest["dumps"].items()):
+        on_disk = {p: dump_hash(Path(p), manifest) for p in entry.get("paths", [entry["path"]]) if Path(p).is_file()}
+        same = [p for p, h in on_disk.items() if h == sha]
+        if on_disk and not same:
+            # every copy still there holds other bytes: the new content replaces the recorded one
+            log.info("%s changed since it was staged: staging its new content", ", ".join(on_disk))
+            shutil.rmtree(out_dir / entry["stage"], ignore_errors=True)
+            del manifest["dumps"][sha]
+            todo.update({h: Path(p) for p, h in on_disk.items()})
+        elif entry.get("filters") == fp:
+            todo[sha] = Path(same[0] if same else entry["path"])
+        elif same:
+            todo[sha] = Path(same[0])
         else:
-            for p in entry.get("paths", [entry["path"]]):
-                if Path(p).is_file():
-                    todo[sha] = Path(p)
-                    break
-            else:
-                log.warning(
-                    "%s was staged with other filters and is gone from %s: left out of the merge", entry["name"], entry["path"]
-                )
+            log.warning(
+                "%s was staged with other filters and is gone from %s: left out of the merge", entry["name"], entry["path"]
+            )
     for p in given:
         todo[dump_hash(p, manifest)] = p
     staged_now, reused, errors = [], [], []
@@ -1083,12 +1266,13 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
         "lines": 0,
         "decompressed_bytes": 0,
         "malformed": 0,
+        "blank": 0,
         "prefiltered_out": 0,
         "submissions": Counter(),
         "comments": Counter(),
     }
     for s in per_dump:
-        for k in ("lines", "decompressed_bytes", "malformed", "prefiltered_out"):
+        for k in ("lines", "decompressed_bytes", "malformed", "blank", "prefiltered_out"):
             totals[k] += s[k]
         totals["submissions"].update(s["submissions"])
         totals["comments"].update(s["comments"])
@@ -1106,12 +1290,25 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
     stats_path = out_dir / "stats.json"
     stats_path.write_text(json.dumps(summary, indent=1, default=str))
     names = ", ".join(s["dump"] for s in per_dump) or "(none)"
+    if errors and (cfg.fail_on_corrupt or build["threads"] == 0):
+        # the damage is the error, also when it left nothing to build threads from
+        outcome = (
+            f"their complete records were kept and merged into {threads_path}"
+            if build["threads"]
+            else "their complete records were kept, and no thread could be built from what was read"
+        )
+        if not build["threads"]:
+            threads_path.unlink(missing_ok=True)
+        raise IngestError(f"damaged dump(s), {outcome}:\n" + "\n".join(errors))
     if build["threads"] == 0:
         threads_path.unlink(missing_ok=True)
         kept_posts = totals["submissions"].get("kept", 0)
         kept_comments = totals["comments"].get("kept", 0)
+        empty = [s["dump"] for s in per_dump if s["lines"] == 0]
         why = (
-            "no post matched the filters"
+            f"{', '.join(empty)} hold(s) no lines"
+            if empty
+            else "no post matched the filters"
             if kept_posts == 0
             else "no comment matched the filters"
             if kept_comments == 0
@@ -1122,10 +1319,6 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
             f"dates {cfg.start_date}..{cfg.end_date}); kept {kept_posts} posts and {kept_comments} comments; "
             f"drops per reason: posts {dict(totals['submissions'])}, comments {dict(totals['comments'])}; "
             f"{totals['malformed']} malformed lines (see {rejects_path}); details in {stats_path}"
-        )
-    if errors and cfg.fail_on_corrupt:
-        raise IngestError(
-            f"damaged dump(s), their complete records were kept and merged into {threads_path}:\n" + "\n".join(errors)
         )
     return IngestResult(threads_path, rejects_path, stats_path, manifest_path, summary, staged_now, reused, errors)
 
@@ -1153,6 +1346,7 @@ def flat_counts(summary: dict[str, Any]) -> dict[str, float]:
         "lines": t["lines"],
         "decompressed_mb": t["decompressed_bytes"] / 1e6,
         "malformed": t["malformed"],
+        "blank": t["blank"],
         "prefiltered_out": t["prefiltered_out"],
     }
     for kind in ("submissions", "comments"):

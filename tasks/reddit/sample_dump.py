@@ -324,7 +324,8 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
         d, "smx6ff", "op_sam", "Update on my situation", sam, t5 + 60, [("smo6a1", "op_sam", "Edit: thanks for reading.", 340)]
     )
 
-    # 7: unicode, emoji, HTML entities, created_utc as a string, edited as a number, a missing field
+    # 7: unicode, emoji, HTML entities, created_utc as a string, edited as a number, a missing field,
+    # invalid fields
     t7 = t + 5 * 86400
     P(
         post_record(
@@ -352,6 +353,9 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
     rec = comment_record("smc7b1", "smx7gg", "t3_smx7gg", "no_score_user", "A comment without a score.", t7 + 700)
     del rec["score"], rec["edited"], rec["author_flair_text"]
     C(rec)
+    # fields of the wrong type or beyond int64: rejected one by one, with file and line
+    C(comment_record("smc7c1", "smx7gg", "t3_smx7gg", "huge_score", "A score no int64 holds.", t7 + 710, score=1e20))
+    C(comment_record("smc7d1", "smx7gg", "t3_smx7gg", "text_score", "A score that is a word.", t7 + 720, score="abc"))
 
     # 8: "OffMyChest" spelled otherwise, written with spaces: the prefilter must still find it
     t8 = t + 6 * 86400
