@@ -82,6 +82,7 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "simulator_fidelity": (
         "evaluate.fidelity.esconv",
         "evaluate.fidelity.simulators",
+        "evaluate.fidelity.finetuned",
         "models.judge",
         "label.values",
         "label.emotion",
@@ -317,6 +318,9 @@ class _Plan:
                     self.problem(key, "simulator fidelity needs ESConv", "set it to ESConv.json or FailedESConv.json")
                 else:
                     self.esconv(key, str(c.evaluate.fidelity.esconv), analysis=False)
+            case "evaluate.fidelity.finetuned":
+                for i, sim in enumerate(c.evaluate.fidelity.finetuned):
+                    self.model(f"{key}[{i}]", sim)
             case "personas.emotion_model" | "personas.demographics_model":
                 step_model = getattr(c.personas, key.split(".")[1])
                 if step_model is not None:
@@ -714,9 +718,10 @@ def _check_esconv(source: str, cfg: Any | None) -> Found:
         if not any(d.final_intensity is not None and d.turns() for d in dialogues):
             return [
                 (
-                    f"{source}: no dialogue has a final_emotion_intensity rating (the ES-Intensity check needs them)",
-                    "use ESConv.json, whose survey_score holds them",
-                    "error",
+                    f"{source}: no dialogue has a final_emotion_intensity rating: the ES-Intensity check (Table 11) "
+                    "will be skipped",
+                    f"for it, use {ESCONV_WITH_SURVEY}, whose survey_score holds them",
+                    "warning",
                 )
             ]
         return []

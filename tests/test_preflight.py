@@ -369,12 +369,21 @@ def test_fine_tuning_corpora_parse_with_the_fields_the_loaders_read(tmp_path: Pa
 def test_simulator_fidelity_reads_esconv_final_intensities(tmp_path: Path):
     unrated = write_json(tmp_path / "FailedESConv.json", [esconv_dialogue(None, None)])
     config = recipe(tmp_path, {"evaluate": {"fidelity": {"esconv": str(unrated)}}})
-    assert (
-        "no dialogue has a final_emotion_intensity"
-        in errors(preflight(config, ["simulator_fidelity"]))["evaluate.fidelity.esconv"]
-    )
+    # the command skips Table 11 with a warning and still runs Table 29: a warning here too
+    problems = preflight(config, ["simulator_fidelity"])
+    assert "Table 11) will be skipped" in warnings(problems)["evaluate.fidelity.esconv"] and not errors(problems)
     config = recipe(tmp_path, {"evaluate": {"fidelity": {"esconv": str(FIXTURES / "esconv_sample.json")}}})
     assert preflight(config, ["simulator_fidelity"]) == []
+    finetuned = {
+        "esconv": str(FIXTURES / "esconv_sample.json"),
+        "finetuned": [{"spec": "openai:ft-seeker", "api_key_env": "ESVR_UNSET_KEY"}],
+    }
+    assert (
+        "ESVR_UNSET_KEY"
+        in errors(preflight(recipe(tmp_path, {"evaluate": {"fidelity": finetuned}}), ["simulator_fidelity"]))[
+            "evaluate.fidelity.finetuned[0]"
+        ]
+    )
     # not part of `esvr run`: the pipeline's check leaves it alone
     assert preflight(recipe(tmp_path, {"evaluate": {"fidelity": {"esconv": str(tmp_path / "absent.json")}}}), ["report"]) == []
 
