@@ -28,7 +28,15 @@ from esvr.tasks.common.roles import model_config
 from esvr.tasks.common.shards import shard_dir, shard_runs
 from esvr.tasks.simulation.personas import read_personas
 from esvr.tasks.simulation.sharded import simulate_on_runner
-from esvr.tasks.simulation.simulate import SIMULATE_PROMPTS, SimulationSummary, load_dialogues, opened_agents, simulate_dialogues
+from esvr.tasks.simulation.simulate import (
+    SIMULATE_PROMPTS,
+    SimulationFailed,
+    SimulationSummary,
+    check_simulation,
+    load_dialogues,
+    opened_agents,
+    simulate_dialogues,
+)
 from esvr.tasks.supporter.sft_export import export_sft, sft_metrics
 
 
@@ -138,10 +146,12 @@ def simulate_flow(
             print(
                 f"{len(summary.errors)} dialogues hit backend errors and were not written; rerun to retry them: {summary.errors[:3]}"
             )
+        dialogues = load_dialogues(out)
+        ids = {str(p["id"]) for p in personas}
+        check_simulation(summary, [d for d in dialogues if str(d["id"]) in ids], cfg.max_failed_share)
         artifacts = {"dialogues": str(out)}
         sft_splits = [s for s in ("train", "dev") if s in splits]
         if export and sft_splits:
-            dialogues = load_dialogues(out)
             by_split: dict[str, list[dict[str, Any]]] = {s: [d for d in dialogues if d.get("split") == s] for s in sft_splits}
             result = export_sft(by_split, out_dir / "sft")
             tracking.log_metrics(sft_metrics(result["stats"]))
@@ -154,4 +164,9 @@ def simulate_flow(
                     f"{st['examples']} after the strategy filter"
                 )
             artifacts["sft_stats"] = result["stats_path"]
+            if not any(st["examples"] for st in result["stats"].values()):
+                raise SimulationFailed(
+                    f"{out_dir / 'sft'}: no SFT example from {sum(len(d) for d in by_split.values())} "
+                    f"{'/'.join(sft_splits)} dialogues (dropped: {[st.get('dropped') for st in result['stats'].values()]})"
+                )
         return artifacts

@@ -411,3 +411,66 @@ def test_a_lock_removed_by_its_last_holder_is_never_held_twice(tmp_path: Path) -
             with held_lock(lock, shared=True):
                 pass
     assert not lock.exists()
+
+
+# -- a stage that gave nothing usable fails ---------------------------------------------------------
+
+
+def test_check_simulation_names_the_failed_share_and_an_empty_result() -> None:
+    from esvr.tasks.simulation.simulate import SimulationFailed, SimulationSummary, check_simulation
+
+    ok = {"id": "a", "n_turns": 2, "end_reason": "seeker_end"}
+    summary = SimulationSummary(path="d.jsonl", total=4, skipped=0, written=3, errors=["b: ChatError: 500"])
+    with pytest.raises(SimulationFailed, match=r"1 of 4 dialogues failed .*max_failed_share=0.0.*b: ChatError"):
+        check_simulation(summary, [ok], 0.0)
+    check_simulation(summary, [ok], 0.25)  # a quarter allowed
+    with pytest.raises(SimulationFailed, match="no usable dialogue: all 1 ended without a supporter response"):
+        check_simulation(
+            SimulationSummary(path="d.jsonl", total=1), [{"id": "a", "n_turns": 0, "end_reason": "supporter_failure"}], 1.0
+        )
+    with pytest.raises(SimulationFailed, match="none was written"):
+        check_simulation(SimulationSummary(path="d.jsonl", total=2, errors=["a", "b"]), [], 1.0)
+    check_simulation(SimulationSummary(path="d.jsonl", total=2, skipped=2), [ok], 0.0)  # all resumed: fine
+
+
+def _simulate_recipe(tmp_path: Path, server: FakeOpenAIServer, personas: int, **simulate) -> list[str]:
+    import yaml
+
+    os.environ.setdefault("ESVR_TEST_KEY", "unused")
+    model = {"spec": "openai:fake", "base_url": server.base_url, "api_key_env": "ESVR_TEST_KEY", "max_retries": 1}
+    tmp_path.mkdir(exist_ok=True)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"out_dir": str(tmp_path / "run"), "experiment": "simulate-fails"},
+                "models": {"supporter": model, "seeker": model},
+                "simulate": {"emotion": False, "concurrency": 1, "alternatives": False, "splits": ["train"], **simulate},
+            }
+        )
+    )
+    personas_file = tmp_path / "personas.jsonl"
+    personas_file.write_bytes(b"".join(orjson.dumps(dict(p, split="train")) + b"\n" for p in bench_personas(personas)))
+    return ["simulate", "--config", str(recipe), "--personas", str(personas_file)]
+
+
+@pytest.mark.slow
+def test_esvr_simulate_fails_when_every_dialogue_failed_and_when_too_many_did(prefect_harness, tmp_path: Path, capsys) -> None:
+    from esvr.flows.cli import main
+
+    with FakeOpenAIServer(Script(end_after=1)) as server:
+        server.faults.extend([500] * 100)  # every call fails, retries too
+        assert main(_simulate_recipe(tmp_path / "all", server, 2)) == 1
+        err = capsys.readouterr().err
+        assert "SimulationFailed: 2 of 2 dialogues failed after the backend's retries" in err
+
+        server.faults.clear()
+        server.faults.extend([500, 500])  # the first dialogue's first call and its retry
+        assert main(_simulate_recipe(tmp_path / "one", server, 3)) == 1
+        assert "1 of 3 dialogues failed" in capsys.readouterr().err
+        assert len(load_dialogues(tmp_path / "one" / "run" / "simulate" / "main" / "dialogues.jsonl")) == 2  # kept
+
+        # a rerun retries the failed one; a share that allows failures lets the stage pass
+        server.faults.extend([500, 500])
+        assert main(_simulate_recipe(tmp_path / "one", server, 4, max_failed_share=0.5)) == 0
+        assert len(load_dialogues(tmp_path / "one" / "run" / "simulate" / "main" / "dialogues.jsonl")) == 3

@@ -667,6 +667,28 @@ async def asimulate_dialogues(
     return summary
 
 
+class SimulationFailed(RuntimeError):
+    """The simulation gave nothing usable, or more of its dialogues failed than allowed."""
+
+
+def check_simulation(summary: SimulationSummary, dialogues: Sequence[Mapping[str, Any]], max_failed_share: float) -> None:
+    """Raise `SimulationFailed`, naming why, when the run's `dialogues` (those of its personas)
+    hold no supporter response, or when the share of this run's dialogues that hit backend errors
+    is above `max_failed_share` (``simulate.max_failed_share``)."""
+    tried = summary.total - summary.skipped
+    failed = len(summary.errors)
+    rerun = "finished dialogues are kept; fix the cause and rerun the same command to retry the rest"
+    if tried and failed / tried > max_failed_share:
+        raise SimulationFailed(
+            f"{failed} of {tried} dialogues failed after the backend's retries (simulate.max_failed_share="
+            f"{max_failed_share}); first: {summary.errors[0]}; {rerun}"
+        )
+    if not any(d.get("n_turns") for d in dialogues):
+        ends = Counter(str(d.get("end_reason")) for d in dialogues)
+        why = f"all {len(dialogues)} ended without a supporter response ({dict(ends)})" if dialogues else "none was written"
+        raise SimulationFailed(f"{summary.path}: no usable dialogue: {why}; {rerun}")
+
+
 def simulate_dialogues(
     personas: Sequence[Mapping[str, Any]], out_path: str | os.PathLike[str], agents: Agents, **kwargs: Any
 ) -> SimulationSummary:
