@@ -44,6 +44,15 @@ class RunConfig(Section):
     stages: list[str] = []
     #: folder of the embedded MLflow store (None: out_dir); a variant's run keeps its parent's
     tracking_dir: Path | None = None
+
+    @field_validator("out_dir", mode="before")
+    @classmethod
+    def _names_a_folder(cls, value: Any) -> Any:
+        # an empty value would put the run (and Prefect's home) in the current folder or in ./None
+        if value is None or not str(value).strip():
+            raise ValueError("must name the run folder, e.g. data or runs/demo")
+        return value
+
     #: MLflow tags on every run of this recipe's flows (a scheduled re-run tags the dumps it saw)
     tags: dict[str, str] = {}
 
@@ -185,12 +194,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_known_backend(), str]",))
         where = f"key '{key}'" if key else "recipe"
+        message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}'")
+        elif isinstance(e.get("input"), dict) and e["type"].endswith("_type") and e["type"] != "model_type":
+            # `--set a.b.c=1` where a.b is a single value: the override made it a mapping
+            lines.append(f"{source}: {where} is a single value, not a section with keys ({message.lower()})")
         elif not key or isinstance(e.get("input"), (dict, list)):
-            lines.append(f"{source}: {where}: {e['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{source}: {where}: {message}")
         else:
-            lines.append(f"{source}: {where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{source}: {where}: {message} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -29,6 +29,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # a value YAML reads but cannot build: an impossible date (2023-02-30)
+        raise ConfigError(f"{path}: a value cannot be read: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -91,6 +93,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem or exc})") from None
+    except ValueError as exc:  # YAML reads 2023-02-30 as a date that does not exist
+        raise ConfigError(f"--set {item!r}: the value cannot be read ({exc})") from None
     return key.strip().split("."), value
 
 
