@@ -8,7 +8,7 @@ one run lacks show ``-``). The store is the user's ``MLFLOW_TRACKING_URI``, else
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -39,7 +39,7 @@ def _fmt(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     return [line.format(*header).rstrip(), line.format(*("-" * w for w in widths)).rstrip()] + [
