@@ -43,27 +43,35 @@ class DeployError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def _config(config_path: str, overrides: list[str] | None, out_dir: str | None) -> PipelineConfig:
+def _config(
+    config_path: str, overrides: list[str] | None, out_dir: str | None, tags: dict[str, str] | None = None
+) -> PipelineConfig:
     config = load_config(config_path, list(overrides or []))
     if out_dir:
         config.run.out_dir = Path(out_dir)
+    config.run.tags = {**config.run.tags, **(tags or {})}
     return config
 
 
 @flow(name="train-tvd-from-file", log_prints=True)
-def train_tvd_from_file(config_path: str, overrides: list[str] | None = None, out_dir: str | None = None) -> dict[str, str]:
-    """Train the target value detector of the run folder's datasets (stage 4)."""
+def train_tvd_from_file(
+    config_path: str, overrides: list[str] | None = None, out_dir: str | None = None, tags: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Train the target value detector of the run folder's datasets (stage 4); `tags` go on its MLflow
+    runs (a scheduled re-run names the dumps the datasets came from)."""
     from esvr.flows.train_tvd import train_tvd_flow
 
-    return train_tvd_flow(_config(config_path, overrides, out_dir))
+    return train_tvd_flow(_config(config_path, overrides, out_dir, tags))
 
 
 @flow(name="train-rg-from-file", log_prints=True)
-def train_rg_from_file(config_path: str, overrides: list[str] | None = None, out_dir: str | None = None) -> dict[str, str]:
-    """Train the reference generator of the run folder's datasets (stage 4)."""
+def train_rg_from_file(
+    config_path: str, overrides: list[str] | None = None, out_dir: str | None = None, tags: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Train the reference generator of the run folder's datasets (stage 4); `tags` as for train-tvd."""
     from esvr.flows.train_rg import train_rg_flow
 
-    return train_rg_flow(_config(config_path, overrides, out_dir))
+    return train_rg_flow(_config(config_path, overrides, out_dir, tags))
 
 
 @flow(name="train-supporter-from-file", log_prints=True)

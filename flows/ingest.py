@@ -3,7 +3,8 @@
 Each dump is staged by a cached task keyed by its content (the same dump at another path is not
 recomputed); the manifest in the stage folder makes the merge incremental: a new monthly dump is
 streamed alone, then every staged dump is merged into the threads. With no dumps configured, the
-demo writes the sample dump first. `ingest_new_dumps` is the scheduled deployment's entry point.
+demo writes the sample dump first. `ingest_new_dumps` is the scheduled deployment's entry point:
+it ingests the new dumps and hands them downstream (`esvr.flows.refresh`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prefect import flow, task
 from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig, load_config
+from esvr.flows.refresh import Train, refresh_flow
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.reddit.ingest import (
     MANIFEST,
@@ -95,8 +97,16 @@ def ingest_flow(config: PipelineConfig) -> dict[str, str]:
 
 
 @flow(name="ingest-new-dumps", log_prints=True)
-def ingest_new_dumps(folder: str | None = None, config_path: str | None = None, min_age_s: float = 60.0) -> dict[str, str]:
-    """Scheduled entry point: ingest the dumps in `folder` (default ingest.dumps_dir) not ingested yet."""
+def ingest_new_dumps(
+    folder: str | None = None,
+    config_path: str | None = None,
+    min_age_s: float = 60.0,
+    train: Train = "deployments",
+) -> dict[str, str]:
+    """Scheduled entry point: ingest the dumps in `folder` (default ingest.dumps_dir) not ingested
+    yet, then carry them downstream (`esvr.flows.refresh`: label the new utterances, rebuild the
+    datasets, retrain TVD and RG when the datasets changed, on the `gpu` deployments by default).
+    A scan that finds no new dump does nothing else."""
     config = load_config(config_path)
     folder_path = Path(folder) if folder else config.ingest.dumps_dir
     if folder_path is None:
@@ -108,4 +118,5 @@ def ingest_new_dumps(folder: str | None = None, config_path: str | None = None, 
         return {}
     print(f"new dumps: {[p.name for p in new]}")
     config.ingest.dumps = new
-    return ingest_flow(config)
+    result = ingest_flow(config)
+    return {**result, **refresh_flow(config, result["threads"], [p.name for p in new], config_path, train)}
