@@ -32,6 +32,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from esvr.flows.config import ConfigError, ModelConfig, PipelineConfig, flatten
+from esvr.models.redact import redact_urls
 
 Severity = Literal["error", "warning"]
 
@@ -564,7 +565,7 @@ class _Plan:
         import httpx
 
         def each(what: str, fix: str) -> list[Problem]:
-            return [Problem(", ".join(keys), what, fix) for keys in server.models.values()]
+            return [Problem(", ".join(keys), redact_urls(what), fix) for keys in server.models.values()]
 
         headers = {}
         if key := os.environ.get(server.api_key_env):

@@ -127,3 +127,15 @@ def test_prefect_stores_the_flow_parameters_without_the_key(prefect_harness, tmp
 
     text = asyncio.run(stored())
     assert "h.example" in text and SECRET not in text
+
+
+def test_preflight_names_the_server_without_the_key(tmp_path: Path):
+    from esvr.flows.preflight import format_report, preflight
+
+    url = f"http://u:{SECRET}@127.0.0.1:9/v1"  # nothing listens on port 9
+    config = load_config(
+        None, [f"run.out_dir={tmp_path}", "run.stages=[smoke]", "models.supporter=openai:m", f"models.supporter.base_url={url}"]
+    )
+    problems = preflight(config, timeout_s=1.0)
+    text = format_report(problems)
+    assert "http://***@127.0.0.1:9/v1" in text and SECRET not in text
