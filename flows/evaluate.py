@@ -15,6 +15,7 @@ Also here: `judge_vs_human_flow` (App. H) and `simulator_fidelity_flow` (App. E.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -362,11 +363,12 @@ def simulator_fidelity_flow(
             for sim in cfg.simulators or [config.models.seeker]
             for one_shot in ([True, False] if cfg.zero_shot else [True])
         ] + [Candidate(sim.spec, False, build(sim), "fine-tuned") for sim in cfg.finetuned]
+        judge = functools.cache(build(config.models.judge))  # one judge for the content score and Table 11
         scorers = Scorers(
             emotion=roles.emotion_scorer(config.label.emotion, config.run.out_dir, use_cache),
             detector=roles.value_detector(config.label.values, run.out_dir, use_cache),
             encoder=SentenceEncoder(cfg.encoder),
-            judge=build(config.models.judge)() if cfg.content_judge else None,
+            judge=judge() if cfg.content_judge else None,
         )
         result = run_simulator_fidelity(
             dialogues,
@@ -375,7 +377,7 @@ def simulator_fidelity_flow(
             scorers,
             out_dir,
             source=str(path),
-            intensity_judge=build(config.models.judge) if intensity else None,
+            intensity_judge=judge if intensity else None,
             judge_settings=config.evaluate.judge_settings(config.run.seed),
         )
         for r in result["simulators"]:
