@@ -326,7 +326,8 @@ def open_session(
 
     TVD and RG: the given specs ('' for none), else the ones the supporter was trained with (recorded
     on its train_supporter run), else ``simulate.tvd`` / ``simulate.rg``. Crisis events go to
-    ``<run>/chat/crisis_events.jsonl``.
+    ``<run>/chat/crisis_events.jsonl``; an ``openai:`` ``models.judge`` reads what the crisis rules
+    let through.
     """
     resolved = resolve_supporter(ref, config.run.experiment)
     sim = config.simulate
@@ -352,7 +353,10 @@ def open_session(
         tvd_model = load(tvd_spec) if tvd_spec else None
         rg_model = load(rg_spec) if rg_spec else None
         models += [m for m in (tvd_model, rg_model) if m is not None]
-        guard = CrisisGuard(config.run.out_dir.resolve() / "chat" / "crisis_events.jsonl")
+        # a second pass over what the crisis rules let through, when the judge is a real chat model
+        judge = roles.own_model(config.models.judge) if config.models.judge.backend == "openai" else None
+        models += [judge] if judge is not None else []
+        guard = CrisisGuard(config.run.out_dir.resolve() / "chat" / "crisis_events.jsonl", judge=judge)
         session = ChatSession(
             supporter,
             tvd=tvd_model,
@@ -367,7 +371,7 @@ def open_session(
         banner = (
             f"supporter: {resolved.spec} ({resolved.source})\n"
             f"target value detector: {tvd_spec or 'none'}\nreference generator: {rg_spec or 'none'}\n"
-            f"crisis events log: {guard.log_path}"
+            f"crisis guard: rules{f' + {judge.cache_id}' if judge is not None else ''}; events log: {guard.log_path}"
         )
         yield session, banner
     finally:

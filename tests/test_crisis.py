@@ -264,3 +264,60 @@ def test_spellings_that_look_like_chat_forms_stay_themselves(text):
     assert not check_message(text).flagged, normalize(text)
     assert check_message("ill end it tonight").flagged  # "ill" before a verb is "I'll"
     assert check_message("i od'd on my meds").flagged
+
+
+# --------------------------------------------------------------------------------------------
+# the chat model's second pass
+# --------------------------------------------------------------------------------------------
+
+MISSED_BY_RULES = "After everyone's asleep I'm going to take the pills"
+
+
+def _judge(server, answer: dict[str, float]):
+    from esvr.models.openai_backend import OpenAIChat
+
+    server.reply = lambda req: "<dist>" + json.dumps(answer)
+    return OpenAIChat("stub", base_url=server.base_url, max_retries=0)
+
+
+def test_the_judge_adds_a_sign_the_rules_miss(stub_server, tmp_path: Path):
+    assert not check_message(MISSED_BY_RULES).flagged
+    guard = CrisisGuard(tmp_path / "events.jsonl", session="j", judge=_judge(stub_server, {"suicide": 0.7, "none": 0.3}))
+    result = guard.check(MISSED_BY_RULES, turn=2, recent=["I feel like a burden"])
+    assert result.flagged and result.rule == "llm_judge" and result.category == "suicide"
+    prompt = json.dumps(stub_server.requests[-1]["messages"])
+    assert "I feel like a burden" in prompt and "take the pills" in prompt  # it reads the recent turns too
+    assert json.loads((tmp_path / "events.jsonl").read_text())["rule"] == "llm_judge"
+
+
+def test_the_judge_never_overrules_the_rules(stub_server):
+    guard = CrisisGuard(judge=_judge(stub_server, {"none": 1.0}))
+    assert guard.check("I want to kill myself").rule == "kill_self"
+    assert stub_server.calls == 0  # a sign the rules see needs no judge
+    assert not guard.check("I had a long day at work").flagged and stub_server.calls == 1
+    guard.judge = _judge(stub_server, {"self_harm": 0.3, "suicide": 0.1, "none": 0.6})
+    assert not guard.check("I had a long day at work").flagged  # below the threshold
+
+
+def test_a_failing_judge_leaves_the_rules_answer(caplog):
+    from esvr.models.openai_backend import OpenAIChat
+
+    guard = CrisisGuard(judge=OpenAIChat("stub", base_url="http://127.0.0.1:9/v1", max_retries=0, timeout_s=2))
+    assert guard.check("I want to end it tonight").flagged
+    assert not guard.check("I had a long day at work").flagged
+    assert "the judge failed" in caplog.text
+
+
+def test_esvr_chat_asks_an_openai_judge_and_not_the_bundled_model(stub_server, tmp_path: Path):
+    from esvr.flows.chat import open_session
+    from esvr.flows.config import load_config
+
+    stub_server.reply = lambda req: '<dist>{"suicide": 0.9, "none": 0.1}'
+    judge = ["models.judge=openai:stub", f"models.judge.base_url={stub_server.base_url}"]
+    config = load_config(None, [f"run.out_dir={tmp_path}", *judge])
+    with open_session(config, "openai:stub", tvd="", rg="") as (session, banner):
+        assert "crisis guard: rules + openai:stub@" in banner
+        reply = session.respond(MISSED_BY_RULES)
+    assert reply.crisis and stub_server.calls == 1  # the judge's call; no supporter call
+    with open_session(load_config(None, [f"run.out_dir={tmp_path}"]), "openai:stub", tvd="", rg="") as (session, banner):
+        assert session.guard.judge is None and "crisis guard: rules;" in banner

@@ -42,11 +42,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from esvr.models.chat import ChatError, ChatModel
 from esvr.prompts import load_prompt
 
 log = logging.getLogger("esvr.crisis")
 
-CRISIS_PROMPTS = ("crisis/reply.txt",)
+CRISIS_PROMPTS = ("crisis/reply.txt", "crisis/judge.txt")
 
 #: how many earlier user messages of the session a message is judged with
 RECENT_TURNS = 5
@@ -392,18 +393,54 @@ def safe_reply() -> str:
     return load_prompt("crisis/reply.txt").strip()
 
 
-class CrisisGuard:
-    """`check_message` plus event logging. ``log_path``: the JSONL event file (None: logger only)."""
+#: the judge's answers: a category, or none
+JUDGE_CHOICES = ("suicide", "self_harm", "none")
 
-    def __init__(self, log_path: str | os.PathLike[str] | None = None, session: str | None = None):
+
+def judge_messages(text: str, recent: Sequence[str] = ()) -> list[dict[str, str]]:
+    earlier = "\n".join(f"- {t.strip()}" for t in list(recent)[-RECENT_TURNS:]) or "(none)"
+    return [{"role": "user", "content": load_prompt("crisis/judge.txt").format(recent=earlier, message=text.strip())}]
+
+
+def judge_check(judge: ChatModel, text: str, recent: Sequence[str] = (), threshold: float = 0.5) -> CrisisCheck:
+    """The chat model's reading: a sign when it puts at least `threshold` on suicide or self-harm."""
+    dist = judge.score_choices(judge_messages(text, recent), list(JUDGE_CHOICES))
+    risk = {c: dist.get(c, 0.0) for c in JUDGE_CHOICES[:2]}
+    if sum(risk.values()) < threshold:
+        return CrisisCheck(False)
+    return CrisisCheck(True, max(risk, key=lambda c: risk[c]), "llm_judge")
+
+
+class CrisisGuard:
+    """`check_message` plus event logging. ``log_path``: the JSONL event file (None: logger only).
+
+    ``judge``: a chat model asked about every message the rules let through (a second pass that
+    can add a sign, never remove one); it costs one scored call per such message. When it fails,
+    the rules' answer stands and a warning says so.
+    """
+
+    def __init__(
+        self,
+        log_path: str | os.PathLike[str] | None = None,
+        session: str | None = None,
+        judge: ChatModel | None = None,
+        judge_threshold: float = 0.5,
+    ):
         self.log_path = Path(log_path) if log_path else None
         self.session = session or time.strftime("%Y%m%dT%H%M%S")
+        self.judge = judge
+        self.judge_threshold = judge_threshold
         self.events = 0
         self._lock = threading.Lock()
 
     def check(self, text: str, turn: int | None = None, recent: Sequence[str] = ()) -> CrisisCheck:
-        """`check_message` with the session's earlier user messages; a sign is logged."""
+        """`check_message` with the session's earlier user messages, then the judge; a sign is logged."""
         result = check_message(text, recent)
+        if not result.flagged and self.judge is not None:
+            try:
+                result = judge_check(self.judge, text, recent, self.judge_threshold)
+            except ChatError as exc:
+                log.warning("crisis guard: the judge failed (%s); the rules found no sign", exc)
         if result.flagged:
             self._log(result, turn, len(text))
         return result
