@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -426,7 +427,7 @@ def test_prefilter_is_case_and_space_insensitive():
         b'{"subreddit":"offmychest","id":"a"}\n{"subreddit": "OffMyChest","id":"b"}\n'
         b'{"subreddit":"gaming","body":"see r/offmychest"}\n{"subreddit":"gaming","body":"\\"offmychest\\""}\n'
     )
-    spans = _candidates(block, len(block), [b'"offmychest"'], _Scratch())
+    spans = _candidates(block, 0, len(block), [b'"offmychest"'], _Scratch())
     assert len(spans) == 2 and b'"id":"a"' in block[slice(*spans[0])] and b'"id":"b"' in block[slice(*spans[1])]
 
 
@@ -516,6 +517,31 @@ def test_every_dropped_line_is_counted_under_a_true_reason_and_rejects_carry_fil
     assert (s["lines"], s["blank"], s["malformed"], s["prefiltered_out"]) == (12, 1, 4, 2)
     assert s["comments"] == {"kept": 2, "invalid_field": 2, "missing_field": 1}  # the id repeats; merge dedupes
     assert s["lines"] == s["blank"] + s["malformed"] + s["prefiltered_out"] + sum(s["comments"].values())
+
+
+def test_line_numbers_and_counts_hold_across_reads_with_and_without_the_decoding_thread(tmp_path):
+    rng = random.Random(1)
+    lines, bad_at = [], []
+    for i in range(1, 150001):
+        if i % 9973 == 0:
+            lines.append(b"not json " + os.urandom(8).hex().encode())
+            bad_at.append(i)
+        elif i % 50 == 0:
+            lines.append(orjson.dumps(_comment(id=f"k{i}", body=os.urandom(20).hex())))
+        else:
+            lines.append(orjson.dumps({"subreddit": rng.choice(["gaming", "pics"]), "body": os.urandom(30).hex()}))
+    path = zst(tmp_path / "RC_many.zst", lines)
+    assert path.stat().st_size > 3 << 20  # several reads: lines cut by a read are completed
+    got = {}
+    for ahead in (0, 2):
+        result = stage_dump(path, tmp_path / f"stage{ahead}", IngestConfig(read_mb=1, read_ahead=ahead))
+        rejects = [json.loads(x) for x in (tmp_path / f"stage{ahead}" / "rejects.ndjson").read_text().splitlines()]
+        assert [r["line"] for r in rejects] == bad_at
+        s = result.stats
+        assert (s["lines"], s["malformed"], s["comments"]["kept"]) == (150000, len(bad_at), 150000 // 50)
+        assert s["decompressed_bytes"] == sum(len(x) + 1 for x in lines)
+        got[ahead] = pl.read_parquet(tmp_path / f"stage{ahead}" / "comments-*.parquet")
+    assert got[0].equals(got[2])
 
 
 def test_an_out_of_range_field_rejects_its_record_and_the_rest_becomes_threads(sample, tmp_path):
