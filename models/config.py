@@ -88,8 +88,11 @@ def backend_of(spec: str) -> str:
 
 
 class ModelConfig(Section):
-    """A chat model: where it comes from and how to talk to it; never holds a secret.
+    """A chat model: where it comes from and how to talk to it.
 
+    The key comes from the variable named by ``api_key_env``. A server that takes its key in the
+    URL (``https://user:key@host/v1``, ``?api-key=``) may be given so in ``base_url``: its JSON
+    form (MLflow params, Prefect's parameters, `esvr config show`) masks the credentials.
     YAML may give just the spec string: ``supporter: openai:gpt-4o-mini``.
     """
 
