@@ -192,3 +192,38 @@ def test_each_table_is_written_before_the_next_row_runs(stub_server, instruments
         )
     md = (tmp_path / "fidelity.md").read_text()
     assert "| Shuffled real replies | reference |" in md and "| stub | one-shot |" in md and "| down |" not in md
+
+
+@pytest.mark.slow
+def test_the_command_writes_both_tables_and_logs_them(prefect_harness, stub_server, tmp_path: Path, monkeypatch):
+    import mlflow
+
+    from esvr.flows.config import load_config
+    from esvr.flows.evaluate import simulator_fidelity_flow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def reply(req):
+        text = req["messages"][-1]["content"]
+        if req.get("logprobs"):
+            return '<dist>{"The patient shows a low amount of negative emotion.": 1.0}'
+        if "Simulated answer" in text:
+            return "3"
+        return f"I keep thinking about {' '.join(text.split()[:3])}."
+
+    stub_server.reply = reply
+    model = {"spec": "openai:stub", "base_url": stub_server.base_url, "max_retries": 1}
+    config = load_config(
+        Path(__file__).parents[1] / "configs" / "demo.yaml",
+        [f"run.out_dir={tmp_path / 'run'}", "run.experiment=fidelity-test", "evaluate.fidelity.zero_shot=false"],
+    )
+    config.models.seeker = model
+    config.models.judge = model
+    out = simulator_fidelity_flow(config, FIXTURES / "esconv_sample.json")
+    md = Path(out["fidelity"]).read_text()
+    assert "| Repeat the supporter | reference | 9 |" in md and "| openai:stub | one-shot | 9 |" in md
+    assert "ES-Intensity predictor (paper Table 11)" in md and "| 3.00 |" in md  # the judge's content column
+    mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'run').resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["fidelity-test"])
+    assert runs["metrics.fidelity.openai-stub-one-shot.judge_content"].iloc[0] == 3.0
+    assert "metrics.fidelity.constant-reply-reference.value_cosine" in runs
