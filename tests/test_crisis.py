@@ -141,6 +141,11 @@ KINDS = {
         "I'll be gone by tomorrow morning",
         "Tonight is the night",
     ],
+    "hopelessness": [
+        "I have no reason to keep living anymore",
+        "it seems like there is no point to it all",
+        "I wish I had just been killed then",
+    ],
     "euphemism": [
         "I just want to end it",
         "I can't do this anymore",
@@ -183,6 +188,9 @@ FIGURES_OF_SPEECH = [
     "I took my pills this morning like the doctor said",
     "I had too many drinks last night",
     "I don't want to wake up early tomorrow",
+    "lets finish this conversation",
+    "Man I am not sure if I can finish this class",
+    "loneliness is killing me",
 ]
 
 
@@ -210,6 +218,7 @@ def test_a_follow_up_is_judged_with_the_recent_turns():
     assert not check_message("Thanks, I called the number and talked to someone", ["I want to kill myself"]).flagged
     assert not check_message("I'll take them tomorrow", ["My doctor gave me new meds"]).flagged
     assert not check_message("I'll do it tomorrow", ["This exam is killing me"]).flagged
+    assert not check_message("thanks, you can do it", ["I want to kill myself"]).flagged  # not the person's act
     # only the last RECENT_TURNS messages count
     old = [saving] + ["I went for a walk"] * RECENT_TURNS
     assert not check_message(follow_up, old).flagged
@@ -250,6 +259,23 @@ def test_no_false_alarm_and_few_misses_on_the_labelled_phrasings():
     misses = [r["text"] for r in rows if r["label"] and not check_message(r["text"], r.get("recent", ())).flagged]
     assert false_alarms == []
     assert len(misses) <= 2, misses
+
+
+def test_the_esconv_scan(capsys, tmp_path: Path):
+    dialogues = [
+        {
+            "dialog": [
+                {"speaker": "seeker", "content": "I have been saving my pills"},
+                {"speaker": "supporter", "content": "do it"},
+            ]
+        },
+        {"dialog": [{"speaker": "seeker", "content": "hi"}, {"speaker": "seeker", "content": "I'll take them all tonight"}]},
+    ]
+    path = tmp_path / "esconv.json"
+    path.write_text(json.dumps(dialogues))
+    assert main([str(path), "--esconv"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["2 conversations, 3 seeker messages, 1 flagged", "conversation 0 (method): I have been saving my pills"]
 
 
 def test_the_table_command(capsys, tmp_path: Path):

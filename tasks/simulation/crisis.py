@@ -201,13 +201,13 @@ RULES: tuple[tuple[str, str, str], ...] = (
         "take_own_life",
         "suicide",
         r"\b(?:take|taking|took|end|ending|ended)\s+my\s+(?:own\s+)?life\b"
-        r"|\b(?:end|ending|finish|finishing)\s+(?:it|it all|everything|things|this)\b(?:\s+(?:all|for good|once and for all|tonight|today|tomorrow|now|soon))?",
+        r"|\b(?:end|ending)\s+(?:it|it all|everything|things|this)\b|\b(?:finish|finishing)\s+(?:it all|everything|myself|my life)\b",
     ),
     (
         "want_to_die",
         "suicide",
         r"\b(?:want|wants|wanted|wanting|wish|wishes|going|plan|planning|ready|deserve|prefer|trying|try|about)\s+to\s+(?:die|be dead)\b"
-        r"|\bwish\s+i\s+(?:was|were|had been)\s+(?:dead|never born)\b|\bbetter\s+off\s+dead\b|\blet me die\b|\bwant death\b",
+        r"|\bwish\s+i\s+(?:was|were|had been)\s+(?:dead|killed|never born)\b|\bwish\s+i\s+had\s+died\b|\bbetter\s+off\s+dead\b|\blet me die\b|\bwant death\b",
     ),
     (
         "not_wake_up",
@@ -231,7 +231,7 @@ RULES: tuple[tuple[str, str, str], ...] = (
     (
         "no_reason_to_live",
         "suicide",
-        r"\bno\s+(?:reason|point)\s+(?:to|in|of)\s+(?:live|living|going on|being alive|life|keep going|existing)\b"
+        r"\bno\s+(?:reason|point)\s+(?:to|in|of)\s+(?:live|living|going on|being alive|life|keep going|keep living|existing|it all|any of this)\b"
         r"|\bcan not\s+go\s+on\s+(?:living|like this|any more|any longer)\b|\bnothing\s+(?:left\s+)?(?:for me\s+)?to\s+live\s+for\b"
         r"|\b(?:can not|can no longer|do not think i can)\s+(?:keep|go on)\s+(?:living|going)\b(?!\s+to\b)"
         r"|\b(?:tired|sick|weary)\s+of\s+(?:being alive|living|life|existing)\b"
@@ -332,7 +332,8 @@ IDIOMS: tuple[str, ...] = (
 
 # a follow-up that is a sign only after one: acts, plans and means that refer back ("take them all")
 _FOLLOW_UP = re.compile(
-    r"\b(?:take|swallow|use|do|try)\s+(?:them|it|those|all of them|them all|all|the lot|the pills|my pills)\b"
+    # "I'll take them all", "I am going to do it": the person's own act, not "you can do it"
+    r"\b(?:i|to|will|gonna)\b[^.]{0,24}\b(?:take|swallow|use|do|try)\s+(?:them|it|those|all of them|them all|all|the lot|the pills|my pills)\b"
     r"|\bgo through with it\b|\b(?:tonight|tomorrow|today|now)\s+is\s+the\s+(?:night|day|time)\b"
     r"|\bwr(?:ote|itten|iting)\s+(?:the|my|all the|all my)\s+(?:letters?|notes?)\b|\bhave enough\b|\bmade up my mind\b"
     r"|\bgoodbye\b|\bit will (?:all )?be over\b|\b(?:no one|nobody|nothing) (?:can|will) stop me\b|\bready to go\b"
@@ -503,15 +504,40 @@ def phrasings_table(scores: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def scan_conversations(dialogues: Iterable[dict]) -> tuple[int, list[tuple[int, str, str]]]:
+    """ESConv-schema conversations read as the chat reads them: (seeker messages, [(conversation,
+    rule, message) flagged]). For unlabelled text: every flag is to be read by hand."""
+    seen, flagged = 0, []
+    for i, dialogue in enumerate(dialogues):
+        recent: list[str] = []
+        for turn in dialogue.get("dialog", []):
+            if turn.get("speaker") not in {"seeker", "speaker", "usr"}:
+                continue
+            seen += 1
+            result = check_message(turn["content"], recent)
+            if result.flagged:
+                flagged.append((i, result.rule or "", turn["content"].strip()))
+            recent.append(turn["content"])
+    return seen, flagged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The crisis guard's recall and false alarms on a labelled JSONL set.")
     parser.add_argument("phrasings", type=Path, help="JSONL: text, label (1 risk, 0 none), kind, optional recent")
     parser.add_argument("--misses", action="store_true", help="also list the phrasings the guard gets wrong")
+    parser.add_argument("--esconv", action="store_true", help="the file is ESConv JSON: list what the guard flags")
     args = parser.parse_args(argv)
     try:
-        rows = [json.loads(line) for line in args.phrasings.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = args.phrasings.read_text(encoding="utf-8")
+        rows = json.loads(text) if args.esconv else [json.loads(line) for line in text.splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
         raise SystemExit(f"{args.phrasings}: cannot read the phrasings ({exc})") from None
+    if args.esconv:
+        seen, flagged = scan_conversations(rows)
+        print(f"{len(rows)} conversations, {seen} seeker messages, {len(flagged)} flagged")
+        for i, rule, message in flagged:
+            print(f"conversation {i} ({rule}): {message}")
+        return 0
     print(phrasings_table(score_phrasings(rows)))
     if args.misses:
         for row in rows:
