@@ -85,13 +85,14 @@ def import_personas_files(
     run_dir = str(config.run.out_dir.resolve())
     writer = (lambda: chat_model(config.models.persona_writer, run_dir, cache=config.models.cache)) if use_writer else None
     personas, report = import_personas(sources, writer, config.personas, split, config.run.seed)
-    if not personas:
-        raise ValueError(f"personas import: no persona from {[str(s) for s in sources]}: {report.dropped[:3]}")
     path = out or personas_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(personas, path)
     report_path = path.with_name("import_report.json")
     report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if not personas:
+        why = report.dropped[0]["reason"] if report.dropped else "no record"
+        raise ValueError(f"personas import: no persona from {[str(s) for s in sources]} (first: {why}); see {report_path}")
+    write_jsonl(personas, path)
     counts = ", ".join(f"{k} {dict(v)}" for k, v in report.as_dict()["fields"].items())
     print(f"personas import: {report.personas} personas, {len(report.dropped)} records left out; {counts}")
     return {"personas": str(path), "import_report": str(report_path)}
