@@ -7,6 +7,8 @@ in ``esvr.tasks``, the recipe in ``esvr.flows.config``), and every chat model of
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 import annotated_types
@@ -33,7 +35,7 @@ _AT_LEAST_1 = """
     sample_posts comment_window_days max_post_chars max_comment_chars read_mb bucket_rows
 """
 _AT_LEAST_0 = """
-    seed max_retries reask max_siblings min_post_chars min_comment_chars min_alignment weight_decay beta gamma t_diff
+    seed max_retries reask max_siblings read_ahead min_post_chars min_comment_chars min_alignment weight_decay beta gamma t_diff
     dev_size test_size
     supporter_temperature seeker_temperature situations_temperature value_temperature
 """
@@ -70,7 +72,9 @@ class Section(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         bounded = False
         for name, field in cls.model_fields.items():
-            if name in RANGES and not any(isinstance(m, _BOUNDS) for m in field.metadata):
+            union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+            numeric = set(typing.get_args(field.annotation) if union else (field.annotation,)) <= {int, float, type(None)}
+            if name in RANGES and numeric and not any(isinstance(m, _BOUNDS) for m in field.metadata):
                 field.metadata.extend(RANGES[name])
                 bounded = True
         if bounded:

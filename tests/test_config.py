@@ -208,3 +208,15 @@ def test_bad_override_values_are_one_line_errors(override: str, says: str):
 
 def test_an_impossible_date_in_a_file_names_the_file(tmp_path: Path):
     assert "day is out of range for month" in config_error(tmp_path, "ingest:\n  start_date: 2023-02-30\n")
+
+
+def test_a_range_applies_to_numbers_only():
+    from esvr.models.config import Section
+
+    class Odd(Section):
+        count: list[int] = [0]  # a name of the table on a list: left alone
+        max_turns: int | None = None
+
+    assert Odd(count=[-1]).count == [-1] and Odd(max_turns=None).max_turns is None
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        Odd(max_turns=0)
