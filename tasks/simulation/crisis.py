@@ -24,7 +24,9 @@ Known harmless idioms ("this exam is killing me", "I'd kill for a coffee", "dyin
 myself some slack", "end it with my boyfriend") are removed before matching, so they neither
 trigger the guard nor hide a real sign elsewhere in the message. It is a conservative keyword
 screen, not a risk assessment: it errs towards the safe reply, and it cannot see intent phrased in
-ways its rules do not cover. Its recall and false alarms on a labelled set of phrasings:
+ways its rules do not cover. `CrisisGuard` can add a chat model's second pass over what the rules
+let through (``judge``; never removing a sign they found). Its recall and false alarms on a
+labelled set of phrasings:
 ``python -m esvr.tasks.simulation.crisis tests/fixtures/crisis_phrasings.jsonl`` (docs/supporter.md).
 """
 
