@@ -9,6 +9,7 @@ in the summary and the report can be checked exactly.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import orjson
@@ -151,6 +152,8 @@ def test_evaluate_flow_and_report_end_to_end(tmp_path, stub_server, prefect_harn
     assert comps["Good w/o components"]["tvd"] is None and comps["Plain baseline"]["rg"] is None
     d0 = [json.loads(line) for line in (Path(out["evaluate_dir"]) / "good-both" / "dialogues.jsonl").read_text().splitlines()][0]
     assert d0["turns"][0]["target_values"] and d0["turns"][0]["reference"]
+    # every scripted reply's Step 3 says Yes: the row used its reference in every turn; no reference, no share
+    assert good["reference_used_share"] == 1.0 and nocomp["reference_used_share"] is None
 
     # a second run is free: every call comes from the caches, the numbers are identical
     calls = stub_server.calls
@@ -163,6 +166,9 @@ def test_evaluate_flow_and_report_end_to_end(tmp_path, stub_server, prefect_harn
     assert "| Prompt-based | **Good (Both)** (ref.) | 5.00 |" in text
     assert "| Fine-tuned | Plain baseline | 2.00 |" in text
     assert "0.00" in text and "![ES-Value win ratios]" in text
+    assert "| Words/turn | n | Ref. used |" in text
+    assert re.search(r"\| \*\*Good \(Both\)\*\* \(ref\.\) \|.*\| 2 \| 100% \|", text)
+    assert re.search(r"\| Good w/o components \|.*\| 2 \| - \|", text)
     assert list(Path(report["report"]).parent.glob("*.png"))
 
 
