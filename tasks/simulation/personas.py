@@ -1118,15 +1118,17 @@ def import_personas(
         for it in items:
             it["writer"] = model.cache_id
     personas = []
-    for it in items:
+    for it in items:  # every record's fields are counted, kept or not
         missing = [k for k in ("problem", "emotion", "value") if k not in it]
+        it["mapping"].setdefault("subcategory", "rule" if it.get("subcategory") else "left out")
+        for name in missing:
+            it["mapping"][name] = "left out"
+        for name, how in it["mapping"].items():
+            report.note(name, how)
         if missing:
             report.dropped.append({"source": it["source"], "reason": f"no rule maps {missing} and no persona writer was given"})
             continue
-        it["mapping"].setdefault("subcategory", "rule" if it.get("subcategory") else "left out")
         it["id"] = persona_id(it["problem"], it["value"], it["situation"])
-        for name, how in it["mapping"].items():
-            report.note(name, how)
         personas.append(it)
     if split is not None:
         if split not in SPLITS:
