@@ -10,8 +10,11 @@ one-line message and exit status 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from esvr.models.config import ConfigError
+from esvr.tasks.common.locks import LockBusy
 
 if TYPE_CHECKING:
     from esvr.flows.config import PipelineConfig
@@ -78,12 +82,16 @@ def prepared(args: argparse.Namespace) -> PipelineConfig:
     Prefect reads its settings when first imported, so the run folder is peeked from the recipe
     before anything that might import Prefect is loaded.
     """
-    from esvr.flows.runtime import prepare
+    from esvr.flows.runtime import detach_temporary_server, prepare, run_folder_lock
 
     config = resolve_config(args)  # a bad recipe is a one-line error before any folder is made
     prepare(peek_out_dir(args))
     if config.run.out_dir.resolve() != peek_out_dir(args).resolve():
         prepare(config.run.out_dir)
+    run_lock = getattr(args, "run_lock", None)
+    if run_lock is not None and hasattr(args, "held"):  # `main` holds it for the command's length
+        args.held.enter_context(run_folder_lock(config.run.out_dir, shared=run_lock == "shared"))
+    detach_temporary_server()
     from esvr.flows.tracking import use_tracking_uri
 
     use_tracking_uri(config)  # `mlflow:<run_id>` references resolve against the run's tracking store
@@ -325,7 +333,10 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
 
     for stage in PIPELINE:
         func = STAGE_COMMANDS.get(stage.name, cmd_stage)
-        add_command(sub, stage.command, stage.help, func, STAGE_OPTIONS.get(stage.name, ())).set_defaults(stage=stage.name)
+        # a stage's command runs beside another stage's, not beside `esvr run` (flows/runtime.py)
+        add_command(sub, stage.command, stage.help, func, STAGE_OPTIONS.get(stage.name, ())).set_defaults(
+            stage=stage.name, run_lock="shared"
+        )
 
 
 # ---- the tools beside the stages ------------------------------------------------------------
@@ -694,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline (or run.stages) on a recipe")
     _common(p)
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, run_lock="exclusive")
 
     p = sub.add_parser(
         "check", help="preflight: list everything the recipe's stages still lack (keys, servers, files), in seconds"
@@ -715,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper recipe end to end on this machine, against local servers it starts (default configs/rehearsal.yaml)",
     )
     _common(p)
-    p.set_defaults(func=cmd_rehearse)
+    p.set_defaults(func=cmd_rehearse, run_lock="exclusive")
 
     p = sub.add_parser(
         "build-value-detector",
@@ -771,12 +782,28 @@ def cmd_personas_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM does what Ctrl-C does (asyncio's handler, when a simulation runs, cancels its
+    calls; else KeyboardInterrupt): the same clean stop for `kill` and for a scheduler's stop."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return func(args)
+        with contextlib.ExitStack() as args.held:  # the run folder's lock, released on any exit
+            return func(args)
+    except LockBusy as exc:
+        print(f"esvr: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"esvr: config error:\n{exc}", file=sys.stderr)
         return 2
@@ -784,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esvr: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("esvr: interrupted; finished work is kept and cached, run the same command to resume", file=sys.stderr)
+        print("esvr: interrupted; rerun the same command to resume (finished work is kept and cached)", file=sys.stderr)
         return 130
     except Exception as exc:
         from esvr.models.local_server import LocalServerError

@@ -6,7 +6,9 @@ response cache, live under the run folder, so one folder is one self-contained r
 deleted, copied or compared. Setting those two variables is the only switch to real servers.
 
 `prepare` must run before Prefect is imported: Prefect reads its settings at import time. The CLI
-calls it first thing; tests set the same variables in ``conftest.py``. The run folder's layout is
+calls it first thing; tests set the same variables in ``conftest.py``. `detach_temporary_server`
+keeps Ctrl-C (a signal to the whole process group) from killing the temporary server under a flow
+that is still reporting its end, and lets the server die with this process on SIGKILL. The run folder's layout is
 `esvr.tasks.common.paths.RunPaths`; the chat models a run loads are shared through
 `esvr.tasks.common.roles`.
 """
@@ -14,9 +16,14 @@ calls it first thing; tests set the same variables in ``conftest.py``. The run f
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from esvr.tasks.common.locks import held_lock
 from esvr.tasks.common.paths import RunPaths
 
 
@@ -45,3 +52,60 @@ def prepare(out_dir: str | os.PathLike[str]) -> RunPaths:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return paths
+
+
+def _die_with_parent() -> None:  # runs in the forked child, before exec
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when this process dies
+
+
+class _DetachedPopen(subprocess.Popen):  # type: ignore[type-arg]
+    """A child in its own session (no terminal signals) that dies with its parent (Linux)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("start_new_session", True)
+        if sys.platform.startswith("linux"):
+            kwargs.setdefault("preexec_fn", _die_with_parent)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class _DetachedSubprocess:
+    """The `subprocess` module as Prefect's server module sees it, with a detached Popen."""
+
+    Popen = _DetachedPopen
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(subprocess, name)
+
+
+def detach_temporary_server() -> None:
+    """Start Prefect's temporary server (used when no ``PREFECT_API_URL`` is set) in its own
+    session, dying with this process.
+
+    Ctrl-C signals the whole foreground process group: the server, killed at once, left the flow
+    retrying its final state report for minutes. Detached, it hears only this process: it stops
+    when the interrupted flow has reported and exits (Prefect's exit hook), or, on SIGKILL, with
+    this process, so no orphaned server outlives a run.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api import server
+
+    server.subprocess = _DetachedSubprocess()  # type: ignore[assignment]
+
+
+@contextmanager
+def run_folder_lock(out_dir: str | os.PathLike[str], *, shared: bool) -> Iterator[None]:
+    """Hold the run folder for one command: `esvr run` alone (`shared` False), stage commands
+    beside each other. Two commands on one folder would race on Prefect's database (its schema
+    migration) and on the stages' files; the second is refused at once, naming the folder."""
+    paths = RunPaths(Path(out_dir).resolve())
+    paths.out_dir.mkdir(parents=True, exist_ok=True)
+    lock = paths.out_dir / ".esvr.lock"
+    busy = (
+        f"run folder {paths.out_dir} is in use by another esvr command (lock {lock}); "
+        "wait for it to end or give this one another --out"
+    )
+    with held_lock(lock, shared=shared, busy=busy):
+        yield

@@ -103,7 +103,12 @@ def flow_run(
             params = {}
         mlflow.log_params(safe_params(params))  # MLflow splits it into batches of its size
         log_prompts(prompts)
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM (the CLI makes it one): the run was stopped, it did not fail
+            mlflow.end_run("KILLED")
+            raise
 
 
 def log_prompts(names: Iterable[str]) -> None:

@@ -424,12 +424,33 @@ def continue_dialogue(persona: Mapping[str, Any], prefix: Sequence[Mapping[str, 
 
 
 def run_coroutine(coro: Any) -> Any:
+    """Run `coro` to its end from sync code; Ctrl-C cancels it (its calls stop at once).
+
+    Without a running loop asyncio.run does that itself. Inside one (a caller's loop) the
+    coroutine runs on a loop of its own in a thread, and an interrupt of the waiting thread
+    cancels it there rather than waiting for it to finish."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
+    loop = asyncio.new_event_loop()
+    main = loop.create_task(coro)
+
+    def run() -> Any:
+        try:
+            return loop.run_until_complete(main)
+        finally:  # as asyncio.run ends: writes handed to threads finish before the loop closes
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        done = pool.submit(run)
+        try:
+            return done.result()
+        except KeyboardInterrupt:
+            loop.call_soon_threadsafe(main.cancel)
+            raise
 
 
 async def simulate_dialogue(
