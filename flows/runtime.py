@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from esvr.tasks.common.locks import held_lock
 from esvr.tasks.common.paths import RunPaths
@@ -63,11 +64,11 @@ def _die_with_parent() -> None:  # runs in the forked child, before exec
 class _DetachedPopen(subprocess.Popen):  # type: ignore[type-arg]
     """A child in its own session (no terminal signals) that dies with its parent (Linux)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("start_new_session", True)
         if sys.platform.startswith("linux"):
             kwargs.setdefault("preexec_fn", _die_with_parent)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, **kwargs)
 
 
 class _DetachedSubprocess:
