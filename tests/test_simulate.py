@@ -474,3 +474,34 @@ def test_esvr_simulate_fails_when_every_dialogue_failed_and_when_too_many_did(pr
         server.faults.extend([500, 500])
         assert main(_simulate_recipe(tmp_path / "one", server, 4, max_failed_share=0.5)) == 0
         assert len(load_dialogues(tmp_path / "one" / "run" / "simulate" / "main" / "dialogues.jsonl")) == 3
+
+
+def test_an_interrupt_cancels_a_simulation_run_from_inside_an_event_loop() -> None:
+    """Sync code inside a running loop (an async caller) runs the engine on a loop of its own in a
+    thread; Ctrl-C in the waiting thread must cancel it there, not wait for it to finish."""
+    import threading
+
+    from esvr.tasks.simulation.simulate import run_coroutine
+
+    state: dict[str, float | bool] = {}
+
+    async def simulation() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            raise
+
+    async def caller() -> None:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        started = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            run_coroutine(simulation())
+        state["stopped_s"] = time.perf_counter() - started
+
+    loop = asyncio.new_event_loop()  # a loop without asyncio.run's own Ctrl-C handler
+    try:
+        loop.run_until_complete(caller())
+    finally:
+        loop.close()
+    assert state["cancelled"] and state["stopped_s"] < 5
