@@ -362,3 +362,26 @@ def test_the_flow_takes_the_labelling_detectors_threshold():
     assert value_threshold(ValueDetectorConfig()) == pytest.approx(ValueHead.load(DEFAULT_HEAD).threshold)
     assert value_threshold(ValueDetectorConfig(backend="hf")) == SCHROTER_THRESHOLD
     assert value_threshold(ValueDetectorConfig(backend="hf", threshold=0.4)) == 0.4
+
+
+def test_a_capped_turn_stores_a_uniform_sample_of_its_siblings():
+    """ingest.max_siblings bounds what is stored, not the draw: over the cap the stored siblings are
+    a uniform sample of all, so the answered ones are not favoured and a random stored sibling is
+    a random sibling (§5.2)."""
+    from test_ingest import tree
+
+    from esvr.tasks.reddit.ingest import chain_siblings
+
+    # c1 answered by the OP, and 400 siblings of which the OP answered the first 100
+    edges = [("c1", "post", "A"), ("o2", "c1", "OP")]
+    for i in range(400):
+        edges.append((f"s{i}", "post", f"U{i}"))
+        if i < 100:
+            edges.append((f"r{i}", f"s{i}", "OP"))
+    post = tree(edges)
+    chain = [post, *[c for c in post.children if c.id == "c1"], post.children[0].children[0]]
+    kept = chain_siblings(chain, "OP", max_siblings=40)
+    assert len(kept) == 40 and len({s.id for _, s, _ in kept}) == 40
+    answered = sum(bool(replies) for _, _, replies in kept)
+    assert 4 <= answered <= 17, answered  # a quarter of all siblings were answered: ~10 of 40, not 40
+    assert {s.id for _, s, _ in chain_siblings(chain, "OP", max_siblings=40)} == {s.id for _, s, _ in kept}  # reproducible

@@ -150,7 +150,8 @@ def test_siblings_with_op_replies_first_then_by_score_and_capped():
         (1, "s3", []),  # OP's own top-level comment is no sibling
         (3, "t1", []),
     ]
-    assert [(t, s.id) for t, s, _ in chain_siblings(chain, "OP", max_siblings=1)] == [(1, "s2"), (3, "t1")]
+    # capped: a uniform sample by a digest of the ids, not the answered one first (§5.2 draws from all)
+    assert [(t, s.id) for t, s, _ in chain_siblings(chain, "OP", max_siblings=1)] == [(1, "s1"), (3, "t1")]
 
 
 def test_thread_rows_follow_the_contract():

@@ -981,7 +981,9 @@ def chain_siblings(chain: list[Utt], op: str, max_siblings: int) -> list[tuple[i
     """For each commenter turn c_t: (turn index, sibling, OP's direct replies to the sibling).
 
     Siblings are the other non-OP replies to c_t's parent; those the OP answered come first (the
-    DPO stage needs the OP's reaction to a rejected sibling), then by score.
+    DPO stage needs the OP's reaction to a rejected sibling), then by score. Over `max_siblings`,
+    the kept ones are a uniform sample of all (ordered by a digest of their ids), so that the DPO
+    stage's random rejected sibling is still drawn from all of them (§5.2).
     """
     out: list[tuple[int, Utt, list[Utt]]] = []
     for turn in range(1, len(chain), 2):
@@ -992,6 +994,8 @@ def chain_siblings(chain: list[Utt], op: str, max_siblings: int) -> list[tuple[i
                 continue
             replies = [r for r in s.children if r.author == op]
             sibs.append((s, replies))
+        if len(sibs) > max_siblings:
+            sibs = sorted(sibs, key=lambda x: hashlib.blake2b(x[0].id.encode(), digest_size=8).digest())[:max_siblings]
         sibs.sort(key=lambda x: (not x[1], -x[0].score, x[0].created_utc, x[0].id))
         out.extend((turn, s, replies) for s, replies in sibs[:max_siblings])
     return out
