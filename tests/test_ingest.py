@@ -32,6 +32,7 @@ from esvr.tasks.reddit.ingest import (
     ingest_dumps,
     iter_blocks,
     load_manifest,
+    read_ahead,
     read_threads,
     stage_dump,
     thread_rows,
@@ -543,6 +544,25 @@ def test_line_numbers_and_counts_hold_across_reads_with_and_without_the_decoding
         assert s["decompressed_bytes"] == sum(len(x) + 1 for x in lines)
         got[ahead] = pl.read_parquet(tmp_path / f"stage{ahead}" / "comments-*.parquet")
     assert got[0].equals(got[2])
+
+
+def test_the_decoding_thread_stops_when_the_reader_leaves_early_and_hands_on_the_damage(tmp_path):
+    import threading
+
+    lines = [orjson.dumps({"id": f"r{i}", "body": os.urandom(30).hex()}) for i in range(40000)]
+    path = zst(tmp_path / "RC_t.zst", lines)
+    before = threading.active_count()
+    blocks = read_ahead(iter_blocks(path, read_bytes=64 << 10), depth=2)
+    next(blocks)
+    blocks.close()  # the caller stops (an error, Ctrl-C): the producer ends instead of decoding on
+    assert threading.active_count() == before
+    _flip_middle(path)
+    got: list[bytes] = []
+    with pytest.raises(DumpCorruptError):
+        for b in read_ahead(iter_blocks(path, read_bytes=64 << 10), depth=2):
+            got += b.lines.splitlines()
+    assert got[:15000] == lines[:15000]
+    assert threading.active_count() == before
 
 
 def test_an_out_of_range_field_rejects_its_record_and_the_rest_becomes_threads(sample, tmp_path):
