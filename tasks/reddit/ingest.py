@@ -1151,9 +1151,11 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
     relevant = relevant.join(answered, on="link_id", how="semi").select(
         "id", "link_id", "parent_id", "author", "body", "score", "created_utc"
     )
-    n_relevant = relevant.select(pl.len()).collect(engine="streaming").item()
-    stats["comments"] = n_relevant
-    n_buckets = max(1, math.ceil(n_relevant / max(1, cfg.bucket_rows)))
+    # buckets from the staged rows (parquet metadata: no pass over the data); the relevant ones,
+    # a share of them, are counted as the buckets are collected
+    n_staged = pl.scan_parquet(comment_files, schema=COMMENT_COLUMNS).select(pl.len()).collect().item()
+    n_buckets = max(1, math.ceil(n_staged / max(1, cfg.bucket_rows)))
+    utt_ids: set[str] = set()
     anon = Anonymizer("", cfg.scrub_pii)  # texts only: authors were hashed when staged
     writer = None
     tmp_path = out_path.with_suffix(".parquet.tmp")
@@ -1161,6 +1163,7 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
         for b in range(n_buckets):
             part = relevant if n_buckets == 1 else relevant.filter(pl.col("link_id").hash(seed=0) % n_buckets == b)
             part = part.sort("link_id", "created_utc", "id").collect(engine="streaming")
+            stats["comments"] += part.height
             bucket_posts = (
                 posts.join(part.lazy().select(pl.col("link_id").unique().alias("id")), on="id", how="semi")
                 .collect()
@@ -1180,6 +1183,7 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
                 writer = pq.ParquetWriter(tmp_path, table.schema, compression="zstd")
             writer.write_table(table)
             for r in rows:
+                utt_ids.update(t["utt_id"] for t in r["turns"])
                 n = len(r["turns"])
                 stats["threads"] += 1
                 stats["single_turn" if n == 3 else "multi_turn"] += 1
@@ -1189,14 +1193,7 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
             writer.close()
     if writer is not None:
         tmp_path.replace(out_path)
-        stats["utterances"] = (
-            pl.scan_parquet(out_path)
-            .select(pl.col("turns").list.explode().struct.field("utt_id"))
-            .unique()
-            .select(pl.len())
-            .collect()
-            .item()
-        )
+        stats["utterances"] = len(utt_ids)  # a post's utterances are all in its bucket
     return stats
 
 
