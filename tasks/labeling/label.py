@@ -37,7 +37,7 @@ import polars as pl
 from esvr.models.config import Section
 from esvr.models.emotion import EmotionConfig
 from esvr.models.text import normalize_texts
-from esvr.models.value_detector import ValueDetectorConfig
+from esvr.models.value_detector import ValueDetectorConfig, marking_rates
 from esvr.prompts import value_names
 from esvr.tasks.common.roles import labelers
 
@@ -324,6 +324,7 @@ def _label_stats(
             "mean_values_detected": round(float((probs >= threshold).sum(1).mean()), 4) if labels.height else 0.0,
         }
     )
+    stats.update(marking_rates(probs, threshold))  # value_rate.<value>: the share of utterances marked
     if failures:
         stats.update({f"parse_failures_{k}": float(v) for k, v in failures.items()})
     return stats
