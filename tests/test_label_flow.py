@@ -276,7 +276,7 @@ def test_bench_label_prints_its_figure_last(tmp_path: Path):
     rate = bench_label(n=24, backends=("embedding", "vader"), print_fn=lines.append)
     assert lines[0].startswith("machine: ") and "cores usable" in lines[0]
     assert any(line.startswith("emotion scorer (vader): ") for line in lines)
-    assert lines[-1] == f"label: {rate:.1f} utterances/s" and rate > 0
+    assert lines[-1].startswith(f"label: {rate:.1f} utterances/s") and rate > 0
     lines.clear()
     bench_label(n=5, threads_path=write_threads(tmp_path / "threads.parquet"), backends=(), print_fn=lines.append)
     assert "5 utterances of" in lines[1] and lines[-1].startswith("label: ")
