@@ -227,7 +227,7 @@ class SentenceEncoder:
 
     @property
     def max_seq_length(self) -> int:
-        return int(self.model.max_seq_length)
+        return int(self.model.max_seq_length or 0)  # set in __init__
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         if not texts:
