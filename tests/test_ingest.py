@@ -723,11 +723,11 @@ def test_ingest_flow_logs_counts_and_the_scheduled_flow_ingests_only_new_dumps(p
     folder.mkdir()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"run:\n  out_dir: {run_dir}\n  experiment: ingest-test\ningest:\n  dumps_dir: {folder}\n")
-    assert ingest_new_dumps(config_path=str(recipe), min_age_s=0) == {}
+    assert ingest_new_dumps(config_path=str(recipe), min_age_s=0, train="none") == {}
     for p in sample["submissions"][1:] + sample["comments"][1:]:
         shutil.copy(p, folder / p.name)
-    out = ingest_new_dumps(config_path=str(recipe), min_age_s=0)
+    out = ingest_new_dumps(config_path=str(recipe), min_age_s=0, train="none")
     stats = json.loads(Path(out["ingest_stats"]).read_text())
     assert sorted(stats["staged_now"]) == ["RC_2021-07.zst", "RS_2021-07.zst"]
     assert sorted(stats["reused"]) == ["RC_2021-06.zst", "RS_2021-06.zst"]
-    assert ingest_new_dumps(config_path=str(recipe), min_age_s=0) == {}
+    assert ingest_new_dumps(config_path=str(recipe), min_age_s=0, train="none") == {}
