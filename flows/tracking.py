@@ -105,10 +105,18 @@ def flow_run(
         log_prompts(prompts)
         try:
             yield run
-        except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM (the CLI makes it one): the run was stopped, it did not fail
-            mlflow.end_run("KILLED")
+        except BaseException as exc:
+            if stopped(exc):  # the run was stopped, it did not fail
+                mlflow.end_run("KILLED")
             raise
+
+
+def stopped(exc: BaseException) -> bool:
+    """Whether `exc` stops a run from outside: Ctrl-C, or SIGTERM (as Prefect's flow engine
+    raises it while a flow runs, or as the CLI turns it into Ctrl-C)."""
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(exc, (KeyboardInterrupt, TerminationSignal))
 
 
 def log_prompts(names: Iterable[str]) -> None:

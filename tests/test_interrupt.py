@@ -91,7 +91,7 @@ def _mlflow_statuses(run_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the server dies with its parent on Linux")
-def test_ctrl_c_stops_a_simulation_at_once_and_sigkill_leaves_no_server(tmp_path: Path) -> None:
+def test_ctrl_c_and_sigterm_stop_a_simulation_at_once_and_sigkill_leaves_no_server(tmp_path: Path) -> None:
     out = tmp_path / "run" / "simulate" / "main" / "dialogues.jsonl"
     with FakeOpenAIServer(Script(end_after=3), latency_s=0.3) as server:
         cmd = _recipe(tmp_path, server)
@@ -116,8 +116,18 @@ def test_ctrl_c_stops_a_simulation_at_once_and_sigkill_leaves_no_server(tmp_path
         assert _mlflow_statuses(tmp_path / "run") == ["KILLED"]
         assert _servers_of(tmp_path / "run") == []
 
-        # SIGKILL: nothing can clean up, yet the temporary server goes with its parent
+        # SIGTERM (`kill PID`, a scheduler's stop) to the command alone: the same clean stop
         proc = _start_and_wait(cmd, out, len(written) + 2, tmp_path / "second.log")
+        os.kill(proc.pid, signal.SIGTERM)
+        log = (tmp_path / "second.log").read_text() if proc.wait(timeout=180) != 130 else ""
+        assert proc.returncode == 130, log[-3000:]
+        assert "interrupted; rerun the same command to resume" in (tmp_path / "second.log").read_text()
+        assert _mlflow_statuses(tmp_path / "run") == ["KILLED", "KILLED"]
+        assert not out.with_name("dialogues.jsonl.lock").exists() and _servers_of(tmp_path / "run") == []
+        written = read_jsonl(out)
+
+        # SIGKILL: nothing can clean up, yet the temporary server goes with its parent
+        proc = _start_and_wait(cmd, out, len(written) + 2, tmp_path / "third.log")
         assert _servers_of(tmp_path / "run"), "the temporary server should be running"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
