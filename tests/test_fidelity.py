@@ -116,6 +116,8 @@ def test_table_has_reference_rows_intervals_and_the_judge_column(stub_server, in
     lo, hi = sim["null_95"]["length_corr"]
     assert -1 <= lo < hi <= 1
     assert rows[("Constant reply", "reference")]["metrics"]["v_oc_corr"] is None  # a constant has no correlation
+    # greedy, one seed: a local backend batches them (it groups requests by seed)
+    assert len({r.get("seed") for r in stub_server.requests}) == 1
     zero_shot_systems = [r["messages"][0]["content"] for r in stub_server.requests if r["messages"][0]["role"] == "system"]
     assert any("example" not in s.lower() for s in zero_shot_systems)
     assert any("Your situation: I might lose my job because of layoffs." in s for s in zero_shot_systems)

@@ -194,9 +194,7 @@ class Scorers:
         for key, (x, y) in pairs.items():
             metrics[key] = spearman(x, y)[0]
         if self.judge is not None:
-            requests = [
-                ChatRequest.build(content_messages(c, g), max_tokens=8, seed=i) for i, (c, g) in enumerate(zip(cases, generated))
-            ]
+            requests = [ChatRequest.build(content_messages(c, g), max_tokens=8) for c, g in zip(cases, generated)]
             ratings = [parse_rating(r[0] if r else "") for r in self.judge.chat_batch(requests)]
             metrics["judge_content"] = mean_or_none(ratings)
             metrics["judge_content_parsed"] = sum(r is not None for r in ratings)
@@ -258,9 +256,9 @@ def simulator_row(
 ) -> dict[str, Any]:
     from esvr.tasks.simulation.seeker import clean_seeker_reply
 
+    # greedy replies: one seed for all, so that local backends batch them (they group by seed)
     requests = [
-        ChatRequest.build(context_messages(c["persona"], c["context"], one_shot), max_tokens=cfg.seeker_max_tokens, seed=i)
-        for i, c in enumerate(cases)
+        ChatRequest.build(context_messages(c["persona"], c["context"], one_shot), max_tokens=cfg.seeker_max_tokens) for c in cases
     ]
     generated = [clean_seeker_reply(r[0] if r else "").text for r in model.chat_batch(requests)]
     label = name or model.cache_id
