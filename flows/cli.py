@@ -110,13 +110,15 @@ def _print_artifacts(artifacts: dict[str, Any]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = prepared(args)
-    from esvr.flows.pipeline import pipeline_flow
     from esvr.flows.preflight import ensure_ready, format_report
 
-    # Everything the run will need, found missing now rather than hours into it.
+    # Everything the run will need, found missing now rather than hours into it (and before
+    # Prefect is imported, which takes seconds).
     warnings = ensure_ready(config)
     if warnings:
         print(format_report(warnings), file=sys.stderr)
+    from esvr.flows.pipeline import pipeline_flow
+
     _print_artifacts(pipeline_flow(config))
     return 0
 
