@@ -154,6 +154,12 @@ def test_train_supporter_flow_sft_pairs_dpo(prefect_harness, stub_server, dialog
     assert {"train_supporter", "supporter.sft.value", "supporter.dpo.value.h=1,gamma=1,t_diff=0"} <= set(by_stage)
     setting_runs = [r for r in runs if r.data.tags.get("esvr.stage", "").startswith("supporter.pairs.")]
     assert len(setting_runs) == 2 and all(r.data.metrics["train.pairs"] == 4 for r in setting_runs)
+    # the sweep's runs line up in MLflow's Compare (and `esvr compare`): the setting as params, one set of metric names
+    assert sorted((r.data.params["h"], r.data.params["gamma"], r.data.params["t_diff"]) for r in setting_runs) == [
+        ("1", "1.0", "0.0"),
+        ("all", "0.9", "0.5"),
+    ]
+    assert setting_runs[0].data.metrics.keys() == setting_runs[1].data.metrics.keys()
     dpo_run = by_stage["supporter.dpo.value.h=1,gamma=1,t_diff=0"]
     assert "adapter" in [a.path for a in client.list_artifacts(dpo_run.info.run_id)]
 
