@@ -1,8 +1,9 @@
 """Flow `label`: threads.parquet -> labels.parquet (valence, sentiment, 20 value probabilities).
 
 Stage 2 of the DAG (paper §4): every unique utterance of the ingested threads is labelled once.
-Finished chunks are cached on disk under the stage folder, keyed by their content and the
-labelers' fingerprints, so an interrupted run resumes where it stopped; the whole task is also
+Labels are stored per utterance under the stage folder (keyed by utt_id, text digest and the
+labelers' fingerprints), so a run labels only what the store lacks: a new dump's utterances, or
+what an interrupted run left; the whole task is also
 cached across runs by the threads' content and the label config. With ``orchestration.task_runner``
 dask or ray the chunks are labelled on the cluster's workers, one task each (same chunk files,
 same labels.parquet), and ``label_chunks.json`` records which worker process labelled which.
@@ -112,5 +113,8 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
                 f"labelled {len(json.loads(Path(result['chunks']).read_text()))} chunks on "
                 f"{int(stats['workers'])} {config.orchestration.task_runner} worker process(es)"
             )
-        print(f"labelled {int(stats['utterances'])} utterances -> {result['labels']}")
+        print(
+            f"labels of {int(stats['utterances'])} utterances ({int(stats['new_utterances'])} labelled now, "
+            f"{int(stats['cached_utterances'])} from the store) -> {result['labels']}"
+        )
         return {"labels": result["labels"], "label_stats": result["stats"]}
