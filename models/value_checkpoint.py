@@ -90,6 +90,8 @@ def _write_checkpoint(tmp: Path, head: ValueHead, head_path: Path, encoder: Path
     encoder_args = base.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "num_labels"):
         encoder_args.pop(key, None)
+    if head.layers:
+        encoder_args["num_hidden_layers"] = head.layers  # the head reads the first layers only
     encoder_args.update(
         normalize=True,  # the embedding backend encodes with normalize_embeddings=True
         id2label=dict(enumerate(names)),
@@ -105,7 +107,12 @@ def _write_checkpoint(tmp: Path, head: ValueHead, head_path: Path, encoder: Path
     config.architectures = ["MeanPoolValueClassifier"]
 
     model = MeanPoolValueClassifier(config).eval()
-    state = {k: v for k, v in BertModel.from_pretrained(encoder).state_dict().items() if not k.startswith("pooler.")}
+    kept = config.num_hidden_layers
+    state = {
+        k: v
+        for k, v in BertModel.from_pretrained(encoder).state_dict().items()
+        if not k.startswith("pooler.") and not (k.startswith("encoder.layer.") and int(k.split(".")[2]) >= kept)
+    }
     model.bert.load_state_dict(state, strict=True)
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(head.weights))

@@ -14,9 +14,11 @@ from esvr.models.value_detector import (
     DEFAULT_HEAD,
     HFValueDetector,
     LLMValueDetector,
+    SentenceEncoder,
     ValueDetectorConfig,
     ValueHead,
     export_onnx_encoder,
+    keep_layers,
     load_value_detector,
     marking_rates,
     minilm_path,
@@ -84,9 +86,28 @@ def test_default_encoder_is_onnx_int8_exported_once(default_detector):
     assert (np.sum(onnx_emb * torch_emb, axis=1) > 0.85).all()
     assert default_detector.encoder.encode([]).shape == (0, 384)
     # the export is made once and then reused as it is
-    path = export_onnx_encoder(minilm_path())
+    layers = default_detector.encoder.layers
+    path = export_onnx_encoder(minilm_path(), layers=layers)
     stamp = path.stat().st_mtime_ns
-    assert export_onnx_encoder(minilm_path()) == path and path.stat().st_mtime_ns == stamp
+    assert export_onnx_encoder(minilm_path(), layers=layers) == path and path.stat().st_mtime_ns == stamp
+
+
+def test_a_head_may_read_the_first_layers_only(tmp_path: Path, default_detector):
+    """A head trained on the first 3 of MiniLM's 6 layers halves the encoder's cost
+    (docs/labeling.md); every runtime cuts the encoder the same way."""
+    committed = ValueHead.load(DEFAULT_HEAD)
+    assert committed.layers is None and default_detector.encoder.layers is None
+    head = ValueHead(committed.weights, committed.bias, committed.threshold, committed.names, layers=3)
+    path = head.save(tmp_path / "head.npz")
+    assert ValueHead.load(path).layers == 3
+    onnx = load_value_detector(ValueDetectorConfig(head=path))
+    torch_fp32 = load_value_detector(ValueDetectorConfig(head=path, runtime="torch", quantize=False))
+    assert onnx.encoder.layers == 3 and len(torch_fp32.encoder.model[0].auto_model.encoder.layer) == 3
+    cut = torch_fp32.encoder.encode(TEXTS)
+    assert (np.sum(cut * SentenceEncoder(max_seq_length=64).encode(TEXTS), axis=1) < 0.99).all()  # not the last layer's
+    assert (np.sum(cut * onnx.encoder.encode(TEXTS), axis=1) > 0.9).all()
+    with pytest.raises(ValueError, match="reads 7 encoder layers; the encoder has 3"):
+        keep_layers(torch_fp32.encoder.model[0].auto_model, 7)
 
 
 # Utterances as people write them on r/offmychest: distress, news, thanks, small talk.

@@ -1,9 +1,10 @@
 """Training the offline value detector's 20 logistic heads on Touché23-ValueEval.
 
 `esvr train-value-head --data DIR` runs `train_value_head`: it embeds the arguments of the three
-splits with all-MiniLM-L6-v2, fits one L2-regularized logistic regression per value on the training
-split, picks the regularization strength and one decision threshold on the validation split (never
-the test split), and reports macro-F1 and per-value F1 on the test split. It writes the head
+splits with all-MiniLM-L6-v2 (or its first ``layers`` layers), fits one L2-regularized logistic
+regression per value on the training split, picks the regularization strength on the validation
+split and then one threshold per value there (never on the test split), folds the thresholds into
+the biases, and reports macro-F1 and per-value F1 on the test split. It writes the head
 (``value_head.npz``, a few tens of KB) and its metrics (``value_head.metrics.json``).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esvr.models.value_detector import DEFAULT_HEAD, SentenceEncoder, ValueHead
+from esvr.models.value_detector import DEFAULT_HEAD, OnnxEncoder, SentenceEncoder, ValueHead
 from esvr.prompts import value_names
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def fold_thresholds(head: ValueHead, thresholds: np.ndarray) -> ValueHead:
     of the head (the detector, the checkpoint built from it) keeps one threshold."""
     t = np.clip(thresholds.astype(np.float64), 1e-4, 1 - 1e-4)
     bias = (head.bias - np.log(t / (1 - t))).astype(np.float32)
-    return ValueHead(head.weights, bias, 0.5, head.names, head.encoder, head.max_seq_length, head.text_format)
+    return ValueHead(head.weights, bias, 0.5, head.names, head.encoder, head.max_seq_length, head.text_format, head.layers)
 
 
 def fit_heads(emb: np.ndarray, y: np.ndarray, c: float, class_weight: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -177,13 +178,15 @@ def train_value_head(
     class_weights: tuple[str | None, ...] = ("balanced", None),
     max_seq_length: int = 128,
     limit: int | None = None,
-    encoder: SentenceEncoder | None = None,
+    encoder: SentenceEncoder | OnnxEncoder | None = None,
     max_rate_ratio: float | None = 1.0,
+    # None: all of the encoder's layers; 3 (of MiniLM's 6) halves the encoder's cost (docs/labeling.md)
+    layers: int | None = None,
 ) -> dict:
     """Train, select on validation, evaluate on test, write head + metrics; return the metrics."""
     t0 = time.time()
     names = value_names()
-    encoder = encoder or SentenceEncoder(max_seq_length=max_seq_length)
+    encoder = encoder or SentenceEncoder(max_seq_length=max_seq_length, layers=layers)
     splits = {s: read_touche_split(data_dir, s, text_format, limit) for s in SPLITS}
     emb = {s: encoder.encode(splits[s].texts) for s in SPLITS}
     log.info("embedded %s arguments in %.0f s", {s: len(v.ids) for s, v in splits.items()}, time.time() - t0)
@@ -200,7 +203,7 @@ def train_value_head(
     assert best is not None
     val_f1, c, cw, thr, w, b = best
     max_len = encoder.max_seq_length
-    head = ValueHead(w, b, thr, names, max_seq_length=max_len, text_format=text_format)
+    head = ValueHead(w, b, thr, names, max_seq_length=max_len, text_format=text_format, layers=encoder.layers)
     test = splits["test"]
     # the one global threshold's test figure, for comparison with the per-value ones that ship
     global_f1 = f1_per_value(test.labels, (head.proba(emb["test"]) >= thr).astype(np.int8)).mean()
@@ -218,6 +221,7 @@ def train_value_head(
         "head": out_path.name,
         "encoder": head.encoder,
         "max_seq_length": head.max_seq_length,
+        "layers": head.layers,
         "text_format": text_format,
         "C": c,
         "class_weight": cw,
