@@ -256,12 +256,14 @@ class SentenceEncoder:
 
 class OnnxEncoder:
     """The same sentence embeddings (mean pooling, L2 normalisation) from an ONNX Runtime export of
-    the encoder, its Linear layers int8-quantized (``quantize``). Per CPU-second it embeds about
-    twice as many texts as torch's own int8 path (docs/labeling.md): ONNX Runtime fuses the
-    attention and layer-norm kernels, and its threads sleep instead of spinning between kernels.
+    the encoder, its Linear layers int8-quantized (``quantize``); ONNX Runtime's BERT optimizer
+    fuses each layer's attention, skip-layer-norms and GELU. Against torch's int8 path with passive
+    OpenMP threads it was not faster per CPU-second on a loaded 2-core machine (docs/labeling.md):
+    the ``runtime: onnx`` option, not the default.
 
     The export runs once per encoder folder and is kept in the user cache
-    (``$ESVR_CACHE_DIR/value-encoder/``, a few seconds and 23-90 MB); later loads reuse it.
+    (``$ESVR_CACHE_DIR/value-encoder/``, 1-2 minutes on a busy 2-core machine, 23 and 90 MB);
+    later loads reuse it.
     """
 
     def __init__(
@@ -663,9 +665,10 @@ class ValueDetectorConfig(Section):
     #: embedding on CPU: int8 dynamic quantization of the encoder's Linear layers, at no measurable
     #: loss of test macro-F1 (docs/labeling.md); the head is trained on fp32 embeddings
     quantize: bool = True
-    #: embedding on CPU: ``onnx`` (ONNX Runtime export, made once into the user cache: ~2x the
-    #: texts per CPU-second of torch's int8) or ``torch`` (sentence-transformers); on a GPU: torch
-    runtime: Literal["onnx", "torch"] = "onnx"
+    #: embedding on CPU: ``torch`` (sentence-transformers) or ``onnx`` (an ONNX Runtime export,
+    #: made once into the user cache); on a loaded 2-core CPU the ONNX int8 encoder embedded
+    #: 0.84-0.88x the texts per CPU-second of torch's int8, at +0.002 test macro-F1 (docs/labeling.md)
+    runtime: Literal["onnx", "torch"] = "torch"
     device: str | None = None
     #: torch CPU threads; empty = the cores this process may use
     num_threads: int | None = None

@@ -76,17 +76,17 @@ def test_quantized_encoder_agrees_with_fp32(default_detector):
     assert fp32.fingerprint != default_detector.fingerprint
 
 
-def test_default_encoder_is_onnx_int8_exported_once(default_detector):
-    assert default_detector.encoder.runtime == "onnx" and default_detector.encoder.quantized
-    torch_int8 = load_value_detector(ValueDetectorConfig(runtime="torch"))
-    assert torch_int8.encoder.runtime == "torch" and torch_int8.fingerprint != default_detector.fingerprint
-    # the same decisions on plain texts, and embeddings that agree with torch's
-    onnx_emb, torch_emb = default_detector.encoder.encode(TEXTS), torch_int8.encoder.encode(TEXTS)
+def test_onnx_runtime_int8_agrees_with_torch_and_is_exported_once(default_detector):
+    onnx = load_value_detector(ValueDetectorConfig(runtime="onnx"))
+    assert onnx.encoder.runtime == "onnx" and onnx.encoder.quantized
+    assert default_detector.encoder.runtime == "torch" and onnx.fingerprint != default_detector.fingerprint
+    onnx_emb, torch_emb = onnx.encoder.encode(TEXTS), default_detector.encoder.encode(TEXTS)
     assert onnx_emb.shape == torch_emb.shape == (3, 384)
     assert (np.sum(onnx_emb * torch_emb, axis=1) > 0.85).all()
-    assert default_detector.encoder.encode([]).shape == (0, 384)
+    assert np.abs(onnx.predict_proba(TEXTS) - default_detector.predict_proba(TEXTS)).max() < 0.15
+    assert onnx.encoder.encode([]).shape == (0, 384)
     # the export is made once and then reused as it is
-    layers = default_detector.encoder.layers
+    layers = onnx.encoder.layers
     path = export_onnx_encoder(minilm_path(), layers=layers)
     stamp = path.stat().st_mtime_ns
     assert export_onnx_encoder(minilm_path(), layers=layers) == path and path.stat().st_mtime_ns == stamp
@@ -100,7 +100,7 @@ def test_a_head_may_read_the_first_layers_only(tmp_path: Path, default_detector)
     head = ValueHead(committed.weights, committed.bias, committed.threshold, committed.names, layers=3)
     path = head.save(tmp_path / "head.npz")
     assert ValueHead.load(path).layers == 3
-    onnx = load_value_detector(ValueDetectorConfig(head=path))
+    onnx = load_value_detector(ValueDetectorConfig(head=path, runtime="onnx"))
     torch_fp32 = load_value_detector(ValueDetectorConfig(head=path, runtime="torch", quantize=False))
     assert onnx.encoder.layers == 3 and len(torch_fp32.encoder.model[0].auto_model.encoder.layer) == 3
     cut = torch_fp32.encoder.encode(TEXTS)
