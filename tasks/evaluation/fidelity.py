@@ -437,7 +437,8 @@ def fidelity_markdown(result: Mapping[str, Any]) -> str:
     if weak:
         lines += [
             "",
-            f"A reference row matches or beats every simulator on: {', '.join(weak)}; these columns cannot rank the simulators here.",
+            f"A reference row matches or beats every simulator on: {', '.join(weak)}; on these columns no simulator "
+            "does better than a reply that needs no simulator, so they cannot rank the simulators here.",
         ]
     for why in result.get("skipped") or []:
         lines += ["", f"Skipped: {why}."]
