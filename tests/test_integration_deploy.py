@@ -7,8 +7,12 @@ worker in its own processes:
 
 - `pipeline` on a recipe that runs the smoke stage against a scripted OpenAI-compatible server:
   the run completes and its MLflow run (with the nested stage run) is on the MLflow server;
-- `ingest-new-dumps` twice, with a new month's dump dropped into the folder in between: the second
-  run ingests only the new files.
+- `ingest-new-dumps` as the schedule runs it, twice, with a new month's dump dropped into the
+  folder in between: each scan carries its dumps downstream (label, datasets, and the TVD and RG
+  training on the `gpu` pool's deployments, run by a second worker). The second scan stages only
+  the new dump, labels exactly the utterances it added, rebuilds the datasets and trains again:
+  MLflow holds both training runs with the same metric keys, each tagged with the dumps it saw. A
+  third scan, with nothing new, does nothing beyond the scan.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import polars as pl
 import pytest
 import yaml
 
@@ -218,22 +223,38 @@ def stack(tmp_path: Path):
         stub.close()
 
 
-def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
+def test_deploy_trigger_track_and_carry_new_dumps_downstream(stack):
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from esvr.flows.refresh import TRAIN_DEPLOYMENTS, datasets_digest
     from esvr.tasks.reddit.sample_dump import make_sample_dump
 
     tmp: Path = stack["tmp"]
     dumps = tmp / "dumps"
-    make_sample_dump(dumps, months=["2021-06"], posts=20)
+    make_sample_dump(dumps, months=["2021-06"], posts=60)
     config_path = tmp / "deploy-test.yaml"
     config_path.write_text(
         yaml.safe_dump(
             {
+                # the demo's offline labelers and few-step CPU training, on two months of sample dumps
+                "extends": str(PROJECT_DIR / "configs" / "demo.yaml"),
                 "run": {"name": "deploy-test", "out_dir": str(tmp / "run"), "experiment": "deploy-test", "stages": ["smoke"]},
+                "label": {"progress": False},
+                # one optimizer step each and one evaluated example: the test is about what runs when
+                "train_tvd": {"setting": "single_turn", "train": {"max_steps": 1}, "eval": {"max_examples": 1, "baselines": []}},
+                "train_rg": {
+                    "single_turn": {"sft": {"max_steps": 1}, "dpo": {"max_steps": 1}},
+                    "eval": {"max_examples": 1},
+                },
                 "models": {
                     "supporter": {
                         "spec": "openai:stub",
@@ -247,14 +268,16 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         )
     )
 
-    # The worker starts first (it creates its pool) and comes up while `esvr deploy` runs.
-    worker = Proc(
-        "worker",
-        [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process"],
-        stack["worker_env"],
-        stack["logs"],
-    )
-    stack["procs"].append(worker)
+    # The workers start first (each creates its pool) and come up while `esvr deploy` runs; the
+    # `gpu` pool's worker runs the training deployments (on this machine's CPU).
+    for pool in ("cpu", "gpu"):
+        worker = Proc(
+            f"worker-{pool}",
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+            stack["worker_env"],
+            stack["logs"],
+        )
+        stack["procs"].append(worker)
 
     # `esvr deploy`, as a user runs it (docs/deployment.md)
     proc = subprocess.run(
@@ -289,13 +312,18 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         pipeline_run = run_deployment("pipeline-from-file/pipeline", timeout=0, parameters={"config_path": str(config_path)})
         first_scan = run_deployment("ingest-new-dumps/ingest-new-dumps", timeout=0, parameters={"min_age_s": 0})
         with get_client(sync_client=True) as client:
-            wait_runs(client, [pipeline_run.id, first_scan.id], procs, 300)
+            wait_runs(client, [pipeline_run.id, first_scan.id], procs, 1800)
             first_logs = " ".join(run_logs(client, first_scan.id))
 
-        manifest_path = tmp / "run" / "ingest" / "manifest.json"
+        run_dir = tmp / "run"
+        manifest_path = run_dir / "ingest" / "manifest.json"
         first = json.loads(manifest_path.read_text())["dumps"]
         assert sorted(e["name"] for e in first.values()) == ["RC_2021-06.zst", "RS_2021-06.zst"], first_logs
-        assert (tmp / "run" / "ingest" / "threads.parquet").exists()
+        assert (run_dir / "ingest" / "threads.parquet").exists()
+        first_ids = set(pl.read_parquet(run_dir / "label" / "labels.parquet")["utt_id"].to_list())
+        first_stats = json.loads((run_dir / "label" / "label_stats.json").read_text())
+        assert first_stats["new_utterances"] == len(first_ids) > 0
+        first_datasets = datasets_digest(run_dir / "datasets")
 
         # the pipeline's MLflow run, with its stage run nested, is on the MLflow server
         ml = MlflowClient(tracking_uri=stack["mlflow_url"])
@@ -310,14 +338,14 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         artifacts = [a.path for a in ml.list_artifacts(smoke[0].info.run_id, "smoke")]
         assert artifacts == ["smoke/smoke.json"]  # proxied through the server to its artifact store
 
-        # 2. a new month's dump appears; the second scan ingests only it
+        # 2. a new month's dump appears; the second scan ingests only it and carries it downstream
         newer = tmp / "newer"
-        make_sample_dump(newer, months=["2021-06", "2021-07"], posts=20, seed=1)
+        make_sample_dump(newer, months=["2021-06", "2021-07"], posts=120, seed=1)
         for name in ("RS_2021-07.zst", "RC_2021-07.zst"):
             shutil.copy(newer / name, dumps / name)
         second_scan = run_deployment("ingest-new-dumps/ingest-new-dumps", timeout=0, parameters={"min_age_s": 0})
         with get_client(sync_client=True) as client:
-            wait_runs(client, [second_scan.id], procs, 240)
+            wait_runs(client, [second_scan.id], procs, 1800)
 
         with get_client(sync_client=True) as client:
             new_line = wait_log(client, second_scan.id, "new dumps:", 30)
@@ -336,3 +364,47 @@ def test_deploy_trigger_track_and_ingest_only_new_dumps(stack):
         assert "2021-07" in staged_now and "2021-06" not in staged_now, summary  # June was not staged again
         for sha, entry in first.items():
             assert second[sha]["ingested_at"] == entry["ingested_at"]
+
+        # labeling ran on exactly the utterances the new dump added; the rest came from the store
+        second_ids = set(pl.read_parquet(run_dir / "label" / "labels.parquet")["utt_id"].to_list())
+        stats = json.loads((run_dir / "label" / "label_stats.json").read_text())
+        assert stats["new_utterances"] == len(second_ids - first_ids) > 0
+        assert stats["cached_utterances"] == len(first_ids & second_ids) == len(first_ids)
+        label_runs = ml.search_runs([exp.experiment_id], filter_string="tags.`esvr.stage` = 'label'", order_by=["start_time ASC"])
+        assert [r.data.metrics["label.new_utterances"] for r in label_runs] == [len(first_ids), len(second_ids - first_ids)]
+        # the datasets were rebuilt on the merged threads
+        assert datasets_digest(run_dir / "datasets") != first_datasets
+        assert len(ml.search_runs([exp.experiment_id], filter_string="tags.`esvr.stage` = 'build_datasets'")) == 2
+
+        # the components trained again on the gpu pool's deployments, each run tagged with its dumps
+        both = ["RC_2021-06.zst,RS_2021-06.zst", "RC_2021-06.zst,RC_2021-07.zst,RS_2021-06.zst,RS_2021-07.zst"]
+        for component in ("tvd", "rg"):
+            trained = ml.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`esvr.component` = '{component}' and tags.`esvr.training_stage` = 'sft'",
+                order_by=["start_time ASC"],
+            )
+            assert [r.data.tags["esvr.dumps"] for r in trained] == both, component
+            assert [r.data.tags["esvr.new_dumps"] for r in trained] == [
+                "RC_2021-06.zst,RS_2021-06.zst",
+                "RC_2021-07.zst,RS_2021-07.zst",
+            ]
+            assert all(r.info.status == "FINISHED" for r in trained)
+            assert trained[0].data.metrics.keys() == trained[1].data.metrics.keys() != set(), component
+        with get_client(sync_client=True) as client:
+            for name in TRAIN_DEPLOYMENTS:
+                dep = client.read_deployment_by_name(name)
+                done = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+                assert sorted(r.state.name for r in done) == ["Completed", "Completed"], name
+                assert {r.parent_task_run_id is not None for r in done} == {True}  # sub-runs of the scans
+
+        # 3. nothing new: the scan does nothing else
+        third_scan = run_deployment("ingest-new-dumps/ingest-new-dumps", timeout=0, parameters={"min_age_s": 0})
+        with get_client(sync_client=True) as client:
+            wait_runs(client, [third_scan.id], procs, 300)
+            assert wait_log(client, third_scan.id, "no new dumps in", 30)
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[third_scan.id]))
+            )
+        assert children == []
+        assert len(ml.search_runs([exp.experiment_id], filter_string="tags.`esvr.stage` = 'label'")) == 2
