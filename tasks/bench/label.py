@@ -154,8 +154,8 @@ def bench_label(
         print_fn(f"encoder per CPU-second, default over the previous (torch int8, all layers): {speedup:.2f}x (target >= 2x)")
         print_fn(f"label stage over the encoder alone (wall): {stage:.2f} (target >= 0.95)")
         if "embedding-onnx-int8" in rates:
-            onnx = rates["embedding-onnx-int8"][1] / max(rates["embedding-torch-int8"][1], 1e-9)
-            print_fn(f"ONNX Runtime int8 per CPU-second over the previous: {onnx:.2f}x")
+            onnx_ratio = rates["embedding-onnx-int8"][1] / max(rates["embedding-torch-int8"][1], 1e-9)
+            print_fn(f"ONNX Runtime int8 per CPU-second over the previous: {onnx_ratio:.2f}x")
         passed = speedup >= 2 and stage >= 0.95
         verdicts.append(
             f"encoder {speedup:.2f}x per CPU-second, stage {stage:.2f} of the encoder: {'PASS' if passed else 'MISSED'}"
