@@ -37,4 +37,3 @@ def test_a_wedged_server_is_started_again_and_answers(default_model_dir, tmp_pat
         second_pid = server.pid
     with pytest.raises(ProcessLookupError):
         os.killpg(second_pid, 0)
-
