@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from test_label_real_text import write_chains
 
 from esvr.flows.config import ConfigError, load_config
 from esvr.models.emotion import POSITIVE_VALENCE, EmotionConfig
@@ -17,7 +18,6 @@ from esvr.prompts import value_names
 from esvr.tasks.components.datasets import DatasetsConfig
 from esvr.tasks.labeling.analyze_esconv import HIGH, LOW, AnalyzeESConvConfig, SeekerTurns, group_statistics
 from esvr.tasks.labeling.label import LabelConfig, label_threads, read_labels
-from esvr.tasks.reddit.ingest import THREADS_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,34 +47,13 @@ def test_paper_yaml_marks_the_key_as_the_projects_choice():
 
 
 def _threads(path: Path) -> Path:
-    texts = [
+    replies = [
         "Thank you so much, that really helps. I feel a lot better now!",
         "It helped a little, I guess.",
         "ok",
         "I hate this, everything is awful.",
     ]
-
-    def turn(uid: str, role: str, text: str) -> dict:
-        return {"utt_id": uid, "role": role, "author": role, "text": text, "score": 2, "created_utc": 1_600_000_000}
-
-    rows = [
-        {
-            "thread_id": f"t{i}",
-            "post_id": f"p{i}",
-            "subreddit": "offmychest",
-            "created_utc": 1_600_000_000,
-            "dump": "RS_test",
-            "turns": [
-                turn(f"p{i}", "op", "I failed my exam."),
-                turn(f"c{i}", "commenter", "You can retake it."),
-                turn(f"o{i}", "op", t),
-            ],
-            "siblings": [],
-        }
-        for i, t in enumerate(texts)
-    ]
-    pl.DataFrame(rows, schema=THREADS_SCHEMA).write_parquet(path)
-    return path
+    return write_chains(path, [("I failed my exam.", "You can retake it.", reply) for reply in replies])
 
 
 def test_label_stats_count_positive_by_the_key(tmp_path: Path):
@@ -121,24 +100,8 @@ def test_esconv_positive_turns_follow_the_valence_key_not_the_class():
 def _datasets_inputs(tmp: Path) -> tuple[Path, Path]:
     """Three posts, each OP reply at another valence: 0.55, 0.7, 0.9."""
 
-    def turn(uid: str, role: str) -> dict:
-        return {"utt_id": uid, "role": role, "author": role, "text": f"text {uid}", "score": 2, "created_utc": 0}
-
     valences = {"o0": 0.55, "o1": 0.7, "o2": 0.9}
-    rows = [
-        {
-            "thread_id": f"t{i}",
-            "post_id": f"p{i}",
-            "subreddit": "offmychest",
-            "created_utc": 0,
-            "dump": "RS_x",
-            "turns": [turn(f"p{i}", "op"), turn(f"c{i}", "commenter"), turn(f"o{i}", "op")],
-            "siblings": [],
-        }
-        for i in range(3)
-    ]
-    threads = tmp / "threads.parquet"
-    pl.DataFrame(rows, schema=THREADS_SCHEMA).write_parquet(threads)
+    threads = write_chains(tmp / "threads.parquet", [(f"text p{i}", f"text c{i}", f"text o{i}") for i in range(3)])
     probs = [0.9, 0.8, 0.7] + [0.01] * (len(value_names()) - 3)
     ids = [f"{k}{i}" for i in range(3) for k in ("p", "c", "o")]
     labels = tmp / "labels.parquet"

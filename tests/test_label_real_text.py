@@ -27,8 +27,8 @@ def ascii_twin(text: str) -> str:
     return text
 
 
-def write_threads(path: Path, texts: list[str]) -> Path:
-    """One chain per text: the text is the OP's post, a short comment, the OP's thanks."""
+def write_chains(path: Path, chains: list[tuple[str, str, str]]) -> Path:
+    """One thread per (post, comment, OP's reply)."""
 
     def turn(uid: str, role: str, text: str) -> dict:
         return {"utt_id": uid, "role": role, "author": role, "text": text, "score": 2, "created_utc": 1_600_000_000}
@@ -40,13 +40,18 @@ def write_threads(path: Path, texts: list[str]) -> Path:
             "subreddit": "offmychest",
             "created_utc": 1_600_000_000,
             "dump": "RS_test",
-            "turns": [turn(f"p{i}", "op", text), turn(f"c{i}", "commenter", "I hear you."), turn(f"o{i}", "op", "Thanks.")],
+            "turns": [turn(f"p{i}", "op", post), turn(f"c{i}", "commenter", comment), turn(f"o{i}", "op", reply)],
             "siblings": [],
         }
-        for i, text in enumerate(texts)
+        for i, (post, comment, reply) in enumerate(chains)
     ]
     pl.DataFrame(rows, schema=THREADS_SCHEMA).write_parquet(path)
     return path
+
+
+def write_threads(path: Path, texts: list[str]) -> Path:
+    """One chain per text: the text is the OP's post, a short comment, the OP's thanks."""
+    return write_chains(path, [(text, "I hear you.", "Thanks.") for text in texts])
 
 
 @pytest.fixture(scope="module")
