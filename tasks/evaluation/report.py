@@ -203,8 +203,9 @@ def build_report(
         "ES-Skills: 1-5 per criterion (higher is better); ES-Intensity: the seeker's final negative-emotion "
         "level, 1-5 (lower is better); ES-Value: win ratio against the reference supporter on the same persona "
         "(ties count half; 0.5 = as good as the reference); Words/turn: mean words per supporter turn (longer "
-        "replies can sway judges: the paper's length confound). Marks: Mann-Whitney U against the reference, "
-        "* p < 0.05, † p < 0.1.",
+        "replies can sway judges: the paper's length confound). Marks: Mann-Whitney U against the reference "
+        "(ES-Value: Wilcoxon signed-rank of the win ratios against 0.5), * p < 0.05, † p < 0.1. "
+        "Ref. used: share of supporter turns that used the reference response.",
         "",
     ]
     plots: list[str] = []
