@@ -19,11 +19,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from esvr.models.config import ConfigError
 from esvr.tasks.common.locks import held_lock
 from esvr.tasks.common.paths import RunPaths
 
@@ -39,7 +41,7 @@ def prepare(out_dir: str | os.PathLike[str]) -> RunPaths:
     else the run folder's SQLite file.
     """
     paths = RunPaths(Path(out_dir).resolve())
-    paths.out_dir.mkdir(parents=True, exist_ok=True)
+    usable_run_folder(paths.out_dir)
     if "prefect" in sys.modules and "PREFECT_HOME" not in os.environ:
         # Too late to move Prefect's home for this process; results still go to the run folder.
         pass
@@ -53,6 +55,18 @@ def prepare(out_dir: str | os.PathLike[str]) -> RunPaths:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return paths
+
+
+def usable_run_folder(out_dir: Path) -> None:
+    """Make the run folder, or refuse in one line naming it: a file there, no permission, no space."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"run folder {out_dir} is a file: give --out (run.out_dir) a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".esvr-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run folder {out_dir} cannot be written ({exc.strerror}): give --out a writable folder") from None
 
 
 def _die_with_parent() -> None:  # runs in the forked child, before exec
@@ -102,7 +116,7 @@ def run_folder_lock(out_dir: str | os.PathLike[str], *, shared: bool) -> Iterato
     beside each other. Two commands on one folder would race on Prefect's database (its schema
     migration) and on the stages' files; the second is refused at once, naming the folder."""
     paths = RunPaths(Path(out_dir).resolve())
-    paths.out_dir.mkdir(parents=True, exist_ok=True)
+    usable_run_folder(paths.out_dir)
     lock = paths.out_dir / ".esvr.lock"
     busy = (
         f"run folder {paths.out_dir} is in use by another esvr command (lock {lock}); "

@@ -153,6 +153,10 @@ class ChatModel(ABC):
 # --------------------------------------------------------------------------------------------
 
 
+class ResponseCacheError(RuntimeError):
+    """The response cache file cannot be read or written; the message names it and what to do."""
+
+
 class ResponseCache:
     """A persistent map from (model, request) to replies, in one SQLite file.
 
@@ -164,8 +168,14 @@ class ResponseCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._conn() as con:
-            con.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        try:
+            with self._conn() as con:
+                con.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        except sqlite3.DatabaseError as exc:
+            raise ResponseCacheError(
+                f"{self.path}: the response cache cannot be opened ({exc}): move the file aside to start a new "
+                "one (its replies are asked again), or restore it from a copy"
+            ) from None
 
     def _conn(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -186,9 +196,15 @@ class ResponseCache:
         return None if row is None else json.loads(row[0])
 
     def put(self, key: str, value: Any) -> None:
-        self._conn().execute(
-            "INSERT OR REPLACE INTO replies (key, value) VALUES (?, ?)", (key, json.dumps(value, ensure_ascii=False))
-        )
+        try:
+            self._conn().execute(
+                "INSERT OR REPLACE INTO replies (key, value) VALUES (?, ?)", (key, json.dumps(value, ensure_ascii=False))
+            )
+        except sqlite3.OperationalError as exc:  # e.g. "database or disk is full"
+            raise ResponseCacheError(
+                f"{self.path}: cannot store a reply in the response cache ({exc}): free space (or permissions) "
+                "and run the same command again; the replies stored so far are kept"
+            ) from None
 
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM replies").fetchone()[0]

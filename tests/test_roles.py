@@ -105,7 +105,9 @@ def test_simulate_command_takes_a_supporter_from_an_mlflow_run(logged_adapter, t
             "",
         ]
     )
-    assert status == 0
+    # The tiny random adapter writes no usable reply, so the stage fails (no usable dialogue) after
+    # keeping its dialogues: what matters here is which supporter they were made with.
+    assert status == 1
     dialogues = load_dialogues(config.run.out_dir / "simulate" / "main" / "dialogues.jsonl")
     adapter = (tmp_path / "cache" / "components" / run_id / "adapter").resolve()
     assert len(dialogues) == 2 and all(f"+{adapter}@" in d["supporter"] for d in dialogues), [d["supporter"] for d in dialogues]

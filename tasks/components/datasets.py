@@ -41,6 +41,7 @@ import polars as pl
 from esvr.models.config import Section
 from esvr.models.emotion import POSITIVE_VALENCE
 from esvr.prompts import value_names
+from esvr.tasks.common.tables import read_parquet
 from esvr.tasks.components.rg import rg_messages
 from esvr.tasks.components.tvd import format_value_list, render_history, tvd_messages
 
@@ -92,20 +93,9 @@ _TURN_FIELDS = {"utt_id", "role", "text"}
 _LABEL_COLUMNS = {"utt_id", "valence", "values"}
 
 
-def _read_parquet(path: Path, what: str, columns: set[str]) -> pl.DataFrame:
-    """The `what` file at `path`, which must have `columns`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    df = pl.read_parquet(path)
-    missing = columns - set(df.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; has {df.columns}")
-    return df
-
-
 def read_threads(path: str | Path) -> pl.DataFrame:
     path = Path(path)
-    df = _read_parquet(path, "threads", _THREAD_COLUMNS)
+    df = read_parquet(path, "threads", _THREAD_COLUMNS)
     turn_type = df.schema["turns"]
     if not isinstance(turn_type, pl.List) or not isinstance(turn_type.inner, pl.Struct):
         raise ValueError(f"{path}: column 'turns' must be list<struct>, got {turn_type}")
@@ -118,7 +108,7 @@ def read_threads(path: str | Path) -> pl.DataFrame:
 def read_labels(path: str | Path) -> dict[str, tuple[float, list[float]]]:
     """utt_id -> (valence, 20 value probabilities)."""
     path = Path(path)
-    df = _read_parquet(path, "labels", _LABEL_COLUMNS)
+    df = read_parquet(path, "labels", _LABEL_COLUMNS)
     n_values = len(value_names())
     out: dict[str, tuple[float, list[float]]] = {}
     for utt, valence, vals in zip(df["utt_id"].to_list(), df["valence"].to_list(), df["values"].to_list()):

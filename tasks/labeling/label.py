@@ -40,6 +40,7 @@ from esvr.models.text import normalize_texts
 from esvr.models.value_detector import ValueDetectorConfig, marking_rates
 from esvr.prompts import value_names
 from esvr.tasks.common.roles import labelers
+from esvr.tasks.common.tables import read_parquet
 
 if TYPE_CHECKING:
     from esvr.models.emotion import EmotionScorer
@@ -91,10 +92,7 @@ def validate_labels(df: pl.DataFrame, source: str = "labels.parquet") -> pl.Data
 
 def read_labels(path: str | Path) -> pl.DataFrame:
     """labels.parquet, validated. ``values`` follows prompts/values.yaml (`esvr.prompts.value_names()`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labels file not found: {path}")
-    return validate_labels(pl.read_parquet(path), str(path))
+    return validate_labels(read_parquet(path, "labels"), str(path))
 
 
 def labels_frame(utt_ids: list[str], valence: np.ndarray, sentiment: np.ndarray, probs: np.ndarray) -> pl.DataFrame:
@@ -132,9 +130,7 @@ def collect_utterances(threads_path: str | Path) -> pl.DataFrame:
     """Unique (utt_id, text) of a threads.parquet: turns, siblings and their op_replies, the texts
     normalised (`esvr.models.text.normalize_text`): every labeler, and the label cache, sees them so."""
     threads_path = Path(threads_path)
-    if not threads_path.is_file():
-        raise FileNotFoundError(f"threads file not found: {threads_path}")
-    df = pl.read_parquet(threads_path)
+    df = read_parquet(threads_path, "threads")
     src = str(threads_path)
     _need(df, "turns", src, ("utt_id", "text"))
     parts = [
@@ -189,7 +185,7 @@ def stored_labels(chunk_dir: str | Path | None, fingerprint: str) -> pl.DataFram
     files = sorted(Path(chunk_dir).glob(f"{identity_prefix(fingerprint)}-*.parquet")) if chunk_dir else []
     if not files:
         return store_frame([], [], labels_frame([], np.zeros(0), np.zeros(0), np.zeros((0, N_VALUES))))
-    return pl.concat([pl.read_parquet(f) for f in files]).unique(["utt_id", "text_sha"], keep="first")
+    return pl.concat([read_parquet(f, "label store") for f in files]).unique(["utt_id", "text_sha"], keep="first")
 
 
 def split_new(utts: pl.DataFrame, stored: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

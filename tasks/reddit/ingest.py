@@ -46,6 +46,7 @@ import zstandard
 from pydantic import field_validator
 
 from esvr.models.config import Section
+from esvr.tasks.common.tables import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -1432,7 +1433,10 @@ def read_threads(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if not path.exists():
         raise IngestError(f"{path}: threads file not found; run `esvr ingest` first")
-    df = pl.read_parquet(path)
+    try:
+        df = read_parquet(path, "threads")
+    except ValueError as exc:
+        raise IngestError(str(exc)) from None
     for name, dtype in THREADS_SCHEMA.items():
         if name not in df.columns:
             raise IngestError(f"{path}: column '{name}' is missing (expected {dtype})")
