@@ -66,28 +66,16 @@ def test_plus_reference_row_feeds_the_generator_values_but_not_the_supporter():
     assert record["target_values"] == ["Achievement", "Hedonism"] and record["reference"] == REF
     assert "Target values" in user_prompt(rg.requests[0]) and "Achievement" in user_prompt(rg.requests[0])
     assert user_prompt(supporter.requests[0]) == supporter_messages(HISTORY, None, REF)[-1]["content"]
+
     # "+ Target values" shows them to the supporter and has no generator; the plain row has neither
-    both = make_agents(
-        SupporterUnderTest(name="+ Target values", use_reference=False),
-        SimulateConfig(),
-        supporter,
-        seeker,
-        tvd_model=tvd,
-        rg_model=rg,
-        rephraser=None,
-        emotion_scorer=None,
-    )
+    def row_agents(row: SupporterUnderTest):
+        return make_agents(
+            row, SimulateConfig(), supporter, seeker, tvd_model=tvd, rg_model=rg, rephraser=None, emotion_scorer=None
+        )
+
+    both = row_agents(SupporterUnderTest(name="+ Target values", use_reference=False))
     assert both.tvd is tvd and both.rg is None and both.supporter.settings.sees_target_values
-    bare = make_agents(
-        SupporterUnderTest(name="GPT", use_target_values=False, use_reference=False),
-        SimulateConfig(),
-        supporter,
-        seeker,
-        tvd_model=tvd,
-        rg_model=rg,
-        rephraser=None,
-        emotion_scorer=None,
-    )
+    bare = row_agents(SupporterUnderTest(name="GPT", use_target_values=False, use_reference=False))
     assert bare.tvd is None and bare.rg is None
 
 
