@@ -223,3 +223,25 @@ def test_rehearsal_runs_the_paper_path_end_to_end_and_reruns_from_caches(tmp_pat
     assert sum(second["server_requests"].values()) < 0.05 * sum(first["server_requests"].values())
     assert second_s < first_s / 2
     print(f"rehearsal: first {first_s:.0f} s, peak {first['peak_total_mb']:.0f} MB; second {second_s:.0f} s")
+
+
+def test_every_openai_model_of_the_rehearsal_is_served_on_this_machine():
+    # A role the paper gives its own API model (e.g. a step's model) must point at the local server,
+    # or the rehearsal stops at the preflight asking for an API key.
+    def openai_models(node: object, key: str = "") -> list[tuple[str, dict]]:
+        found = []
+        if isinstance(node, dict):
+            if str(node.get("spec", "")).startswith("openai:"):
+                found.append((key, node))
+            for k, v in node.items():
+                found += openai_models(v, f"{key}.{k}" if key else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                found += openai_models(v, f"{key}[{i}]")
+        return found
+
+    rehearsal = load_config(REHEARSAL).model_dump(mode="json")
+    models = openai_models(rehearsal)
+    assert models
+    remote = [key for key, model in models if not str(model.get("base_url") or "").startswith("http://127.0.0.1:")]
+    assert not remote, f"openai: models of rehearsal.yaml without a local base_url: {remote}"
