@@ -499,9 +499,13 @@ def test_an_interrupt_cancels_a_simulation_run_from_inside_an_event_loop() -> No
             run_coroutine(simulation())
         state["stopped_s"] = time.perf_counter() - started
 
+    # A process started in the background inherits SIGINT ignored (as CI may start the tests):
+    # Python's own handler, for this test only.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     loop = asyncio.new_event_loop()  # a loop without asyncio.run's own Ctrl-C handler
     try:
         loop.run_until_complete(caller())
     finally:
         loop.close()
+        signal.signal(signal.SIGINT, previous)
     assert state["cancelled"] and state["stopped_s"] < 5
