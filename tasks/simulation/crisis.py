@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esvr.models.chat import ChatError, ChatModel
+from esvr.models.text import normalize_text
 from esvr.prompts import load_prompt
 
 log = logging.getLogger("esvr.crisis")
@@ -151,8 +152,9 @@ _SENTENCE = re.compile(r"[.!?;:,\n]+")
 
 
 def _fold(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text)
-    # zero-width and other invisible format characters, then accents ("kíll" -> "kill")
+    # the labelers' canonical form first (entities, NFKC, ASCII apostrophes, zero-width characters)
+    text = normalize_text(text)
+    # then any other invisible format character, and accents ("kíll" -> "kill")
     text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     return text.lower()
@@ -160,8 +162,7 @@ def _fold(text: str) -> str:
 
 def normalize(text: str) -> str:
     """The message in the form the rules are written for (see the module docstring)."""
-    text = _fold(text)
-    text = re.sub(r"[\u2018\u2019\u02bc`\u00b4]", "'", text)
+    text = _fold(text).replace("`", "'")  # an ASCII text skips normalize_text's table
     text = re.sub(r"\bod'd\b", "overdosed", text)
     text = re.sub(r"(?<=[a-z])'(?=[a-z])", "", text)  # don't -> dont, i'm -> im
     text = _LEET_RE.sub(lambda m: _LEET[m.group(0)], text)
