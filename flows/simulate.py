@@ -27,7 +27,7 @@ from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.common.roles import model_config
 from esvr.tasks.common.shards import shard_dir, shard_runs
 from esvr.tasks.simulation.personas import read_personas
-from esvr.tasks.simulation.sharded import simulate_on_runner
+from esvr.tasks.simulation.sharded import ShardSetup, simulate_on_runner
 from esvr.tasks.simulation.simulate import (
     SIMULATE_PROMPTS,
     SimulationFailed,
@@ -112,18 +112,15 @@ def simulate_flow(
             f"tvd {tvd_cfg.spec if tvd_cfg else 'none'}, rg {rg_cfg.spec if rg_cfg else 'none'} -> {out}"
         )
         if uses_cluster(config.orchestration):
-            roles = {"supporter": sup_cfg, "seeker": config.models.seeker, "tvd": tvd_cfg, "rg": rg_cfg}
-            summary = simulate_on_runner(
-                map_runner(config.orchestration),
-                config.orchestration.max_workers,
+            setup = ShardSetup(
                 cfg,
-                personas,
-                out,
-                roles,
+                {"supporter": sup_cfg, "seeker": config.models.seeker, "tvd": tvd_cfg, "rg": rg_cfg},
                 emotion_config(config),
                 str(run.out_dir),
                 config.models.cache,
-                config.run.seed,
+            )
+            summary = simulate_on_runner(
+                map_runner(config.orchestration), config.orchestration.max_workers, setup, personas, out, config.run.seed
             )
             shards = shard_runs(out)
             workers = len({s["worker_pid"] for s in shards})

@@ -360,7 +360,7 @@ def _in_process(fn, calls, *, name):
 
 def test_the_sharded_simulation_moves_aside_a_merged_file_and_shards_made_under_other_settings(tmp_path: Path) -> None:
     from esvr.tasks.common.shards import shard_dir
-    from esvr.tasks.simulation.sharded import simulate_on_runner
+    from esvr.tasks.simulation.sharded import ShardSetup, simulate_on_runner
 
     os.environ.setdefault("ESVR_TEST_KEY", "unused")
     out = tmp_path / "run" / "dialogues.jsonl"
@@ -370,7 +370,8 @@ def test_the_sharded_simulation_moves_aside_a_merged_file_and_shards_made_under_
 
         def simulate(max_turns: int, personas: int) -> None:
             cfg = SimulateConfig(emotion=False, max_turns=max_turns, alternatives=False)
-            simulate_on_runner(_in_process, 2, cfg, bench_personas(personas), out, roles, None, str(tmp_path), False, 0)
+            setup = ShardSetup(cfg, roles, None, str(tmp_path), False)
+            simulate_on_runner(_in_process, 2, setup, bench_personas(personas), out, 0)
 
         simulate(1, 4)
         # an interrupted run's shard, made under the old settings, not merged yet

@@ -255,7 +255,7 @@ class PlainSupporter:
     async def alternative(self, *args: Any, **kwargs: Any) -> SupporterReply:
         from esvr.tasks.simulation.supporter import SupporterFailure
 
-        raise SupporterFailure("plain supporters have no reasoning to reverse", 0, [], [])
+        raise SupporterFailure("plain supporters have no reasoning to reverse", 0, [])
 
 
 class SelfDisclosureAblation:

@@ -281,48 +281,30 @@ def _scenarios(d: _Dump, y: int, m: int) -> None:
     )
     C(comment_record("smo2a2", "smx2bb", "t1_smc2a1", "op_jon", "Also, thank you for not judging me.", t2 + 950))
 
-    # 3: c2 removed by moderators; the OP's reply to it is unreachable
-    t3 = t + 2 * 86400
-    _chain(
-        d,
-        "smx3cc",
-        "op_lee",
-        "My best friend ghosted me",
-        "Ten years of friendship and she just stopped answering my texts.",
-        t3,
-        [
-            ("smc3a1", "pal_pat", COMMENTS[5], 300),
-            ("smo3a1", "op_lee", OP_REPLIES[6], 600),
-            ("smc3a2", "pal_pat", "[removed]", 900),
-            ("smo3a2", "op_lee", "Wow, okay.", 1200),
-        ],
-    )
-
-    # 4: c2 from a different commenter: not the same alternation
-    t4 = t + 3 * 86400
-    _chain(
-        d,
-        "smx4dd",
-        "op_ana",
-        "Nobody noticed my 200 days sober",
-        "I've been sober for 200 days and nobody in my family acknowledged it.",
-        t4,
-        [
-            ("smc4a1", "cheer_bear", COMMENTS[7], 300),
-            ("smo4a1", "op_ana", OP_REPLIES[5], 600),
-            ("smc4b2", "someone_else", "Proud of you too!", 900),
-            ("smo4b2", "op_ana", "Thank you both!", 1200),
-        ],
-    )
-
-    # 5: no OP reply at all; 6: the OP only comments on their own post
-    t5 = t + 4 * 86400
-    kim = "I cry in the car before every shift and I'm so tired."
-    _chain(d, "smx5ee", "op_kim", "Work is crushing me", kim, t5, [("smc5a1", "helper_five", COMMENTS[1], 300)])
-    sam = "I promised an update, so here it is: still hard."
-    _chain(
-        d, "smx6ff", "op_sam", "Update on my situation", sam, t5 + 60, [("smo6a1", "op_sam", "Edit: thanks for reading.", 340)]
-    )
+    # chains whose outcome is decided by their shape alone: (seconds after the first scenario, post id,
+    # OP, title, body, comments as in _chain)
+    plain_chains: list[tuple[int, str, str, str, str, list[tuple[str, str, str, int]]]] = [
+        # 3: c2 removed by moderators; the OP's reply to it is unreachable
+        (2 * 86400, "smx3cc", "op_lee", "My best friend ghosted me",
+         "Ten years of friendship and she just stopped answering my texts.",
+         [("smc3a1", "pal_pat", COMMENTS[5], 300), ("smo3a1", "op_lee", OP_REPLIES[6], 600),
+          ("smc3a2", "pal_pat", "[removed]", 900), ("smo3a2", "op_lee", "Wow, okay.", 1200)]),
+        # 4: c2 from a different commenter: not the same alternation
+        (3 * 86400, "smx4dd", "op_ana", "Nobody noticed my 200 days sober",
+         "I've been sober for 200 days and nobody in my family acknowledged it.",
+         [("smc4a1", "cheer_bear", COMMENTS[7], 300), ("smo4a1", "op_ana", OP_REPLIES[5], 600),
+          ("smc4b2", "someone_else", "Proud of you too!", 900), ("smo4b2", "op_ana", "Thank you both!", 1200)]),
+        # 5: no OP reply at all
+        (4 * 86400, "smx5ee", "op_kim", "Work is crushing me",
+         "I cry in the car before every shift and I'm so tired.",
+         [("smc5a1", "helper_five", COMMENTS[1], 300)]),
+        # 6: the OP only comments on their own post
+        (4 * 86400 + 60, "smx6ff", "op_sam", "Update on my situation",
+         "I promised an update, so here it is: still hard.",
+         [("smo6a1", "op_sam", "Edit: thanks for reading.", 340)]),
+    ]  # fmt: skip
+    for offset, pid, op, title, body, turns in plain_chains:
+        _chain(d, pid, op, title, body, t + offset, turns)
 
     # 7: unicode, emoji, HTML entities, created_utc as a string, edited as a number, a missing field,
     # invalid fields

@@ -15,6 +15,7 @@ from typing import Any
 
 from esvr.models.chat import ChatModel, Message
 from esvr.prompts import load_prompt
+from esvr.tasks.simulation.replies import AgentFailure, ReplySettings
 
 SEEKER_PROMPTS = ("seeker/system.txt", "seeker/opening.txt", "seeker/example.txt", "seeker/reask.txt")
 
@@ -95,19 +96,13 @@ def clean_seeker_reply(raw: str) -> SeekerReply:
     return SeekerReply(text=first, ended=ended, raw=raw, truncated=truncated)
 
 
-class SeekerFailure(RuntimeError):
-    def __init__(self, message: str, attempts: int, replies: list[str]):
-        super().__init__(message)
-        self.attempts = attempts
-        self.replies = replies
+class SeekerFailure(AgentFailure):
+    """The seeker gave no utterance after the re-asks."""
 
 
 @dataclass
-class SeekerSettings:
-    max_tokens: int = 128
-    temperature: float = 0.0
-    #: an empty reply (no text and no [END]) is asked again this many times
-    reask: int = 2
+class SeekerSettings(ReplySettings):
+    """The seeker's: the shared defaults (a seeker's utterance is short)."""
 
 
 class Seeker:

@@ -11,6 +11,7 @@ of this run: the merged file and shard files made under others are moved aside, 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,36 +30,34 @@ from esvr.tasks.simulation.simulate import (
 )
 
 
-def _agents(
-    simulate_cfg: SimulateConfig,
-    roles: dict[str, ModelConfig | None],
-    emotion: EmotionConfig | None,
-    run_dir: str,
-    use_cache: bool,
-) -> Any:
-    return opened_agents(
-        simulate_cfg,
-        roles["supporter"],  # type: ignore[arg-type]  # supporter and seeker are always given
-        roles["seeker"],  # type: ignore[arg-type]
-        tvd=roles.get("tvd"),
-        rg=roles.get("rg"),
-        emotion=emotion,
-        run_dir=run_dir,
-        use_cache=use_cache,
-    )
+@dataclass(frozen=True)
+class ShardSetup:
+    """What every shard task needs to open the agents where it runs (picklable: it travels to the
+    runner's workers). `roles` maps supporter/seeker/tvd/rg to model configs; None leaves one out."""
+
+    simulate: SimulateConfig
+    roles: dict[str, ModelConfig | None]
+    emotion: EmotionConfig | None
+    run_dir: str
+    use_cache: bool
+
+    def opened(self) -> Any:
+        return opened_agents(
+            self.simulate,
+            self.roles["supporter"],  # type: ignore[arg-type]  # supporter and seeker are always given
+            self.roles["seeker"],  # type: ignore[arg-type]
+            tvd=self.roles.get("tvd"),
+            rg=self.roles.get("rg"),
+            emotion=self.emotion,
+            run_dir=self.run_dir,
+            use_cache=self.use_cache,
+        )
 
 
-def simulation_identity(
-    simulate_cfg: SimulateConfig,
-    roles: dict[str, ModelConfig | None],
-    emotion: EmotionConfig | None,
-    run_dir: str,
-    use_cache: bool,
-    seed: int,
-) -> dict[str, Any]:
+def simulation_identity(setup: ShardSetup, seed: int) -> dict[str, Any]:
     """The models (``names``) and ``settings`` this run's dialogues record, from a worker."""
-    with _agents(simulate_cfg, roles, emotion, run_dir, use_cache) as agents:
-        return {"names": agents.names, "settings": run_settings(agents, alternatives=simulate_cfg.alternatives, seed=seed)}
+    with setup.opened() as agents:
+        return {"names": agents.names, "settings": run_settings(agents, alternatives=setup.simulate.alternatives, seed=seed)}
 
 
 def _shard_files(out: Path) -> list[Path]:
@@ -66,20 +65,12 @@ def _shard_files(out: Path) -> list[Path]:
     return sorted(p for p in shard_dir(out).glob("shard-*.jsonl") if ".stale-" not in p.name)
 
 
-def simulate_shard(
-    simulate_cfg: SimulateConfig,
-    personas: list[dict[str, Any]],
-    shard_path: str,
-    roles: dict[str, ModelConfig | None],
-    emotion: EmotionConfig | None,
-    run_dir: str,
-    use_cache: bool,
-    seed: int,
-) -> dict[str, Any]:
+def simulate_shard(setup: ShardSetup, personas: list[dict[str, Any]], shard_path: str, seed: int) -> dict[str, Any]:
     """One shard's dialogues in this (worker) process; returns its summary and ``worker_pid``."""
-    with _agents(simulate_cfg, roles, emotion, run_dir, use_cache) as agents:
+    cfg = setup.simulate
+    with setup.opened() as agents:
         summary = simulate_dialogues(
-            personas, shard_path, agents, concurrency=simulate_cfg.concurrency, alternatives=simulate_cfg.alternatives, seed=seed
+            personas, shard_path, agents, concurrency=cfg.concurrency, alternatives=cfg.alternatives, seed=seed
         )
     return {"shard": Path(shard_path).name, "personas": len(personas), "worker_pid": os.getpid(), "summary": summary}
 
@@ -87,25 +78,19 @@ def simulate_shard(
 def simulate_on_runner(
     run: MapRunner,
     n_shards: int,
-    simulate_cfg: SimulateConfig,
+    setup: ShardSetup,
     personas: list[dict[str, Any]],
     out: str | Path,
-    roles: dict[str, ModelConfig | None],
-    emotion: EmotionConfig | None,
-    run_dir: str,
-    use_cache: bool,
     seed: int,
 ) -> SimulationSummary:
     """Simulate `personas` into `out` as one task per shard of `n_shards`, mapped with `run`.
 
-    `roles` maps supporter/seeker/tvd/rg to model configs (None leaves one out); each shard keeps
-    ``simulate.concurrency`` dialogues in flight. What each shard did, with its worker's process
+    Each shard keeps ``simulate.concurrency`` dialogues in flight. What each shard did, with its worker's process
     id, goes to ``<out>.shards/shards.json``.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = {"simulate_cfg": simulate_cfg, "roles": roles, "emotion": emotion, "run_dir": run_dir, "use_cache": use_cache}
-    (identity,) = run(simulation_identity, [{**args, "seed": seed}], name="simulate-identity")
+    (identity,) = run(simulation_identity, [{"setup": setup, "seed": seed}], name="simulate-identity")
     for path in [out, *_shard_files(out)]:
         changed = stale_reasons(read_jsonl_repairing(path), identity["names"], identity["settings"])
         if changed:
@@ -115,7 +100,7 @@ def simulate_on_runner(
     summary = SimulationSummary(path=str(out), total=len(personas), skipped=len(personas) - len(todo))
     shards = split_shards(todo, n_shards)
     calls = [
-        {**args, "personas": shard, "shard_path": str(path), "seed": seed}
+        {"setup": setup, "personas": shard, "shard_path": str(path), "seed": seed}
         for shard, path in zip(shards, shard_paths(shards, out, n_shards))
     ]
     runs = run(simulate_shard, calls, name="simulate-shard") if calls else []

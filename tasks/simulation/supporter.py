@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from esvr.models.chat import ChatModel, Message
 from esvr.prompts import load_prompt, load_taxonomy, values
+from esvr.tasks.simulation.replies import AgentFailure, ReplySettings
 
 #: the prompt files the supporter uses (flows log them to MLflow)
 SUPPORTER_PROMPTS = (
@@ -353,22 +354,13 @@ def render_reply(reply: SupporterReply) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class SupporterFailure(RuntimeError):
-    """No acceptable reply after the re-asks; carries what was tried."""
-
-    def __init__(self, message: str, attempts: int, problems: list[str], replies: list[str]):
-        super().__init__(message)
-        self.attempts = attempts
-        self.problems = problems
-        self.replies = replies
+class SupporterFailure(AgentFailure):
+    """No reply in the template (or no stepwise response) after the re-asks."""
 
 
 @dataclass
-class SupporterSettings:
+class SupporterSettings(ReplySettings):
     max_tokens: int = 1024
-    temperature: float = 0.0
-    #: how many times a reply that ignores the template is asked again before the fallback/failure
-    reask: int = 2
     #: after the re-asks: 'fail' the turn, or build the reply field by field ('stepwise');
     #: 'stepwise_only' skips the one-call template (for models that never keep it: saves its tokens)
     fallback: Literal["fail", "stepwise", "stepwise_only"] = "fail"
@@ -499,7 +491,7 @@ class Supporter:
                 continue
             return replace(reply, attempts=attempt + 1, problems=problems)
         what = "supporter reply ignored the template" if kind == "supporter" else "alternative reply failed"
-        raise SupporterFailure(f"{what} {len(replies)} times (last: {problems[-1]})", len(replies), problems, replies)
+        raise SupporterFailure(f"{what} {len(replies)} times (last: {problems[-1]})", len(replies), replies, problems)
 
     async def _stepwise(
         self,
@@ -563,7 +555,7 @@ class Supporter:
                 break
         else:
             raise SupporterFailure(
-                "stepwise response was empty after every try", self.settings.reask + 1, ["empty response"], [response]
+                "stepwise response was empty after every try", self.settings.reask + 1, [response], ["empty response"]
             )
         step3 = ("Yes." if used else "No.") + (" (decided by scoring Yes/No)" if forced_decision is None and reference else "")
         reply = SupporterReply(
