@@ -42,6 +42,19 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def demo_recipe(path: Path, out_dir: Path, dumps: Path, **sections: dict) -> Path:
+    """A recipe at `path` that extends configs/demo.yaml (its offline labelers and few-step CPU
+    training) with the run folder, the dumps folder and `sections` over it."""
+    import yaml
+
+    recipe: dict = {"extends": str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), **sections}
+    recipe["run"] = {**recipe.get("run", {}), "out_dir": str(out_dir)}
+    recipe["ingest"] = {**recipe.get("ingest", {}), "dumps_dir": str(dumps)}
+    recipe["label"] = {"progress": False, **recipe.get("label", {})}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

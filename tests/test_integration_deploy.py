@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
-import yaml
+from conftest import demo_recipe
 
 from esvr.flows.deploy import PROJECT_DIR
 
@@ -241,31 +241,24 @@ def test_deploy_trigger_track_and_carry_new_dumps_downstream(stack):
     tmp: Path = stack["tmp"]
     dumps = tmp / "dumps"
     make_sample_dump(dumps, months=["2021-06"], posts=60)
-    config_path = tmp / "deploy-test.yaml"
-    config_path.write_text(
-        yaml.safe_dump(
-            {
-                # the demo's offline labelers and few-step CPU training, on two months of sample dumps
-                "extends": str(PROJECT_DIR / "configs" / "demo.yaml"),
-                "run": {"name": "deploy-test", "out_dir": str(tmp / "run"), "experiment": "deploy-test", "stages": ["smoke"]},
-                "label": {"progress": False},
-                # one optimizer step each and one evaluated example: the test is about what runs when
-                "train_tvd": {"setting": "single_turn", "train": {"max_steps": 1}, "eval": {"max_examples": 1, "baselines": []}},
-                "train_rg": {
-                    "single_turn": {"sft": {"max_steps": 1}, "dpo": {"max_steps": 1}},
-                    "eval": {"max_examples": 1},
-                },
-                "models": {
-                    "supporter": {
-                        "spec": "openai:stub",
-                        "base_url": stack["stub"].base_url,
-                        "api_key_env": "ESVR_TEST_KEY",
-                        "max_retries": 1,
-                    }
-                },
-                "ingest": {"dumps_dir": str(dumps), "schedule_cron": "17 4 * * *"},
+    # two months of sample dumps; one optimizer step each and one evaluated example: the test is
+    # about what runs when
+    config_path = demo_recipe(
+        tmp / "deploy-test.yaml",
+        tmp / "run",
+        dumps,
+        run={"name": "deploy-test", "experiment": "deploy-test", "stages": ["smoke"]},
+        train_tvd={"setting": "single_turn", "train": {"max_steps": 1}, "eval": {"max_examples": 1, "baselines": []}},
+        train_rg={"single_turn": {"sft": {"max_steps": 1}, "dpo": {"max_steps": 1}}, "eval": {"max_examples": 1}},
+        models={
+            "supporter": {
+                "spec": "openai:stub",
+                "base_url": stack["stub"].base_url,
+                "api_key_env": "ESVR_TEST_KEY",
+                "max_retries": 1,
             }
-        )
+        },
+        ingest={"schedule_cron": "17 4 * * *"},
     )
 
     # The workers start first (each creates its pool) and come up while `esvr deploy` runs; the

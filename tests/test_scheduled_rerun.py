@@ -10,10 +10,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
+from conftest import demo_recipe
 
 from esvr.flows.config import load_config
-from esvr.flows.deploy import PROJECT_DIR
 from esvr.flows.ingest import ingest_new_dumps
 from esvr.flows.refresh import RefreshError, datasets_digest, dump_tags, refresh_flow
 from esvr.tasks.reddit.sample_dump import make_sample_dump
@@ -23,17 +22,7 @@ def test_new_dumps_are_labelled_alone_and_rebuild_the_datasets(prefect_harness, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     dumps = tmp_path / "dumps"
     make_sample_dump(dumps, months=["2021-06"], posts=40)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "extends": str(PROJECT_DIR / "configs" / "demo.yaml"),
-                "run": {"out_dir": str(tmp_path / "run"), "experiment": "rerun-test"},
-                "ingest": {"dumps_dir": str(dumps)},
-                "label": {"progress": False},
-            }
-        )
-    )
+    recipe = demo_recipe(tmp_path / "recipe.yaml", tmp_path / "run", dumps, run={"experiment": "rerun-test"})
     run = tmp_path / "run"
 
     def label_stats() -> dict:
