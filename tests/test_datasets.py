@@ -50,6 +50,13 @@ def turn(utt: str, role: str, text: str | None = None) -> dict:
     }
 
 
+def chain(thread_id: str, post_id: str, utts: str, siblings: list[dict] | None = None) -> dict:
+    """A chain of turns (utterance ids separated by spaces) that starts with the OP and alternates."""
+    ids = utts.split()
+    turns = [turn(u, "op" if i % 2 == 0 else "commenter") for i, u in enumerate(ids)]
+    return {"thread_id": thread_id, "post_id": post_id, "turns": turns, **({"siblings": siblings} if siblings else {})}
+
+
 def sibling(at: int, utt: str, replies: list[str]) -> dict:
     return {
         "turn": at,
@@ -124,25 +131,11 @@ def write_inputs(tmp: Path, chains: list[dict], labels: dict[str, tuple[float, l
 def hand_built(tmp: Path, extra_posts: int = 0) -> tuple[Path, Path]:
     """Post p1: two overlapping chains sharing (o1, c1, o2); p2: a negative reply; p3: no siblings."""
     chains = [
-        {
-            "thread_id": "t1",
-            "post_id": "p1",
-            "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op")],
-            "siblings": [sibling(1, "s1", ["s1r"])],
-        },
-        {
-            "thread_id": "t2",
-            "post_id": "p1",
-            "turns": [turn("u1", "op"), turn("u2", "commenter"), turn("u3", "op"), turn("u4", "commenter"), turn("u5", "op")],
-            "siblings": [sibling(1, "s1", ["s1r"]), sibling(3, "s2", ["s2r"])],
-        },
-        {"thread_id": "t3", "post_id": "p2", "turns": [turn("w1", "op"), turn("w2", "commenter"), turn("w3", "op")]},
-        {"thread_id": "t4", "post_id": "p3", "turns": [turn("x1", "op"), turn("x2", "commenter"), turn("x3", "op")]},
-        {
-            "thread_id": "t5",
-            "post_id": "p4",  # exactly at the threshold: not a success
-            "turns": [turn("y1", "op"), turn("y2", "commenter"), turn("y3", "op")],
-        },
+        chain("t1", "p1", "u1 u2 u3", [sibling(1, "s1", ["s1r"])]),
+        chain("t2", "p1", "u1 u2 u3 u4 u5", [sibling(1, "s1", ["s1r"]), sibling(3, "s2", ["s2r"])]),
+        chain("t3", "p2", "w1 w2 w3"),
+        chain("t4", "p3", "x1 x2 x3"),
+        chain("t5", "p4", "y1 y2 y3"),  # exactly at the threshold: not a success
     ]
     labels = {
         "u3": (0.8, probs(0, 1, 2)),  # success: v = V0, V1, V2
@@ -325,18 +318,8 @@ def test_dpo_removes_only_values_observed_after_the_sibling(tmp_path: Path):
     below = probs(0, 1, 2)
     below[0] = 0.3  # V0 ranks in the sibling reply's top 3 but is not observed
     chains = [
-        {
-            "thread_id": "t1",
-            "post_id": "p1",
-            "turns": [turn("a1", "op"), turn("a2", "commenter"), turn("a3", "op")],
-            "siblings": [sibling(1, "as", ["asr"])],
-        },
-        {
-            "thread_id": "t2",
-            "post_id": "p2",
-            "turns": [turn("b1", "op"), turn("b2", "commenter"), turn("b3", "op")],
-            "siblings": [sibling(1, "bs", [])],
-        },
+        chain("t1", "p1", "a1 a2 a3", [sibling(1, "as", ["asr"])]),
+        chain("t2", "p2", "b1 b2 b3", [sibling(1, "bs", [])]),
     ]
     labels = {"a3": (0.9, probs(0, 1, 2)), "asr": (0.2, below), "b3": (0.9, probs(3, 4, 5))}
     threads, labels_path = write_inputs(tmp_path, chains, labels)
