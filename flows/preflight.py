@@ -32,6 +32,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from esvr.flows.config import ConfigError, ModelConfig, PipelineConfig, flatten
+from esvr.flows.stages import PIPELINE
 from esvr.models.redact import redact_urls
 
 Severity = Literal["error", "warning"]
@@ -43,43 +44,11 @@ PROBE_TIMEOUT_S = 3.0
 # What each stage reads from the recipe
 # --------------------------------------------------------------------------------------------
 
-#: The recipe keys each stage reads, by the flow that runs it (flows/<stage>.py). A model key is
-#: checked only when its setting is in use: ``label.emotion`` when the backend is emollama,
+#: The recipe keys each stage reads (the stage table's `recipe_keys`). A model key is checked
+#: only when its setting is in use: ``label.emotion`` when the backend is emollama,
 #: ``simulate.tvd``/``simulate.rg`` when set and this run does not train its own, ``label.values``
 #: by backend. `simulator_fidelity` is `esvr simulator-fidelity`, not a stage of `esvr run`.
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {
-    "smoke": ("models.supporter",),
-    "ingest": ("ingest.dumps", "ingest.dumps_dir"),
-    "label": ("label.values", "label.emotion"),
-    "analyze_esconv": ("analyze_esconv.esconv", "label.values", "label.emotion"),
-    "build_datasets": (),
-    "train_tvd": ("models.base", "train_tvd.eval.baselines"),
-    "train_rg": ("models.base", "train_rg.judge"),
-    "personas": ("models.persona_writer", "personas.emotion_model", "personas.demographics_model"),
-    "simulate": ("models.supporter", "models.seeker", "simulate.tvd", "simulate.rg", "simulate.emotion"),
-    # the prompted supporter rolls out 'DPO (GPT)' candidates; the reward reads the value detector
-    # (reward: value) or asks the judge (reward: emotion)
-    "train_supporter": (
-        "models.base",
-        "models.seeker",
-        "train_supporter.dpo_simulations",
-        "simulate.tvd",
-        "simulate.rg",
-        "simulate.emotion",
-        "train_supporter.reward",
-    ),
-    # seeker and judge (the judge also rephrases self-disclosure), each row's supporter / component
-    # / fine-tuning corpus and own TVD / RG; the simulation settings (stage 6's plus the
-    # overrides) give the rows' default TVD / RG and the valence end rule
-    "evaluate": (
-        "models.seeker",
-        "models.judge",
-        "evaluate.supporters",
-        "evaluate.simulate_overrides",
-        "evaluate.personas",
-        "evaluate.human_ratings",
-    ),
-    "report": (),
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {stage.name: stage.recipe_keys for stage in PIPELINE} | {
     "simulator_fidelity": (
         "evaluate.fidelity.esconv",
         "evaluate.fidelity.simulators",
@@ -91,15 +60,7 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 #: Files a stage reads from the run folder when the stage that writes them is not in this run.
-RUN_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "label": (("ingest", "ingest/threads.parquet"),),
-    "build_datasets": (("ingest", "ingest/threads.parquet"), ("label", "label/labels.parquet")),
-    "train_tvd": (("build_datasets", "datasets/manifest.json"),),
-    "train_rg": (("build_datasets", "datasets/manifest.json"),),
-    "simulate": (("personas", "personas/personas.jsonl"),),
-    "train_supporter": (("simulate", "simulate/main/dialogues.jsonl"),),
-    "evaluate": (("personas", "personas/personas.jsonl"),),
-}
+RUN_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {stage.name: stage.run_files for stage in PIPELINE}
 
 _ROLES = ("supporter", "seeker", "persona_writer", "judge")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

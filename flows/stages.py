@@ -44,6 +44,12 @@ class Stage:
     frees_models: bool = False
     #: runs only when run.stages names it
     optional: bool = False
+    #: the recipe keys whose settings it needs (models, servers, files), which `esvr check`
+    #: probes before anything starts (flows/preflight.py); a model key counts only when in use
+    recipe_keys: tuple[str, ...] = ()
+    #: (writing stage, path in the run folder) of the files it reads: a run that leaves the
+    #: writing stage out expects them from an earlier run
+    run_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def command(self) -> str:
@@ -100,26 +106,41 @@ def evaluation_summary(config: PipelineConfig, artifacts: Artifacts) -> dict[str
 _SUPPORTER_KEYS = ("sft", "sft_run", "dpo", "dpo_run", "supporter", "supporter_run", "dpo_dialogues", "table19")
 _DATASETS = {"datasets": "datasets"}
 _COMPONENTS = {"tvd": "tvd", "rg": "rg"}
+_DATASETS_FILE = (("build_datasets", "datasets/manifest.json"),)
+_PERSONAS_FILE = (("personas", "personas/personas.jsonl"),)
 
 #: `esvr run`'s stages in pipeline order (paper Figure 3)
 PIPELINE: tuple[Stage, ...] = (
     Stage(
-        "smoke", "smoke:smoke_flow", "one reply and one scored choice from the supporter model", optional=True, frees_models=True
+        "smoke",
+        "smoke:smoke_flow",
+        "one reply and one scored choice from the supporter model",
+        optional=True,
+        frees_models=True,
+        recipe_keys=("models.supporter",),
     ),
     # -- Reddit data (§4) --------------------------------------------------------------------
-    Stage("ingest", "ingest:ingest_flow", "Pushshift .zst dumps -> threads.parquet (demo: the generated sample dump)"),
+    Stage(
+        "ingest",
+        "ingest:ingest_flow",
+        "Pushshift .zst dumps -> threads.parquet (demo: the generated sample dump)",
+        recipe_keys=("ingest.dumps", "ingest.dumps_dir"),
+    ),
     Stage(
         "label",
         "label:label_flow",
         "label every utterance of threads.parquet: valence, sentiment, 20 values (stage 2)",
         reads={"threads": "threads"},
         frees_models=True,
+        recipe_keys=("label.values", "label.emotion"),
+        run_files=(("ingest", "ingest/threads.parquet"),),
     ),
     Stage(
         "analyze_esconv",
         "analyze_esconv:analyze_esconv_flow",
         "the paper's §3 ESConv value analysis: groups, Mann-Whitney U, Figure 2",
         frees_models=True,
+        recipe_keys=("analyze_esconv.esconv", "label.values", "label.emotion"),
     ),
     # -- components trained on Reddit (§5.1-5.2) ---------------------------------------------
     Stage(
@@ -127,6 +148,7 @@ PIPELINE: tuple[Stage, ...] = (
         "build_datasets:build_datasets_flow",
         "threads + labels -> TVD, RG-SFT, RG-DPO datasets (stage 3)",
         reads={"threads": "threads", "labels": "labels"},
+        run_files=(("ingest", "ingest/threads.parquet"), ("label", "label/labels.parquet")),
     ),
     Stage(
         "train_tvd",
@@ -134,6 +156,8 @@ PIPELINE: tuple[Stage, ...] = (
         "LoRA SFT of the target value detector + Table 5 evaluation (stage 4)",
         reads=_DATASETS,
         frees_models=True,
+        recipe_keys=("models.base", "train_tvd.eval.baselines"),
+        run_files=_DATASETS_FILE,
     ),
     Stage(
         "train_rg",
@@ -143,12 +167,15 @@ PIPELINE: tuple[Stage, ...] = (
         variant_keys=("rg",),
         variant_only_if_changed=True,
         frees_models=True,
+        recipe_keys=("models.base", "train_rg.judge"),
+        run_files=_DATASETS_FILE,
     ),
     # -- seekers and simulated dialogues (§5.3-5.4) ------------------------------------------
     Stage(
         "personas",
         "personas:personas_flow",
         "generate seeker personas (stage 5): situations, alignment, emotion, demographics, split",
+        recipe_keys=("models.persona_writer", "personas.emotion_model", "personas.demographics_model"),
     ),
     Stage(
         "simulate",
@@ -158,6 +185,8 @@ PIPELINE: tuple[Stage, ...] = (
         prefix="simulate_",
         bare=("dialogues",),
         variant_keys=("dialogues",),
+        recipe_keys=("models.supporter", "models.seeker", "simulate.tvd", "simulate.rg", "simulate.emotion"),
+        run_files=_PERSONAS_FILE,
     ),
     # -- the supporter: SFT, then DPO on the look-ahead value reward (§5.3) -------------------
     Stage(
@@ -169,6 +198,18 @@ PIPELINE: tuple[Stage, ...] = (
         bare=("supporter",),
         variant_keys=_SUPPORTER_KEYS,
         frees_models=True,
+        # the prompted supporter rolls out 'DPO (GPT)' candidates; the reward reads the value
+        # detector (reward: value) or asks the judge (reward: emotion)
+        recipe_keys=(
+            "models.base",
+            "models.seeker",
+            "train_supporter.dpo_simulations",
+            "simulate.tvd",
+            "simulate.rg",
+            "simulate.emotion",
+            "train_supporter.reward",
+        ),
+        run_files=(("simulate", "simulate/main/dialogues.jsonl"),),
     ),
     # -- evaluation (§6) ----------------------------------------------------------------------
     Stage(
@@ -177,6 +218,18 @@ PIPELINE: tuple[Stage, ...] = (
         "supporters under test x test personas -> ES-Skills, ES-Intensity, ES-Value (stage 8)",
         reads={"personas_path": "personas", **_COMPONENTS},
         inputs=pipeline_supporters,
+        # seeker and judge (the judge also rephrases self-disclosure), each row's supporter /
+        # component / fine-tuning corpus and own TVD / RG; the simulation settings (stage 6's plus
+        # the overrides) give the rows' default TVD / RG and the valence end rule
+        recipe_keys=(
+            "models.seeker",
+            "models.judge",
+            "evaluate.supporters",
+            "evaluate.simulate_overrides",
+            "evaluate.personas",
+            "evaluate.human_ratings",
+        ),
+        run_files=_PERSONAS_FILE,
     ),
     Stage(
         "report",
