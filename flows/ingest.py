@@ -9,6 +9,7 @@ it ingests the new dumps and hands them downstream (`esvr.flows.refresh`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig, load_config
 from esvr.flows.refresh import Train, refresh_flow
+from esvr.flows.runtime import run_folder_lock
+from esvr.tasks.common.locks import LockBusy
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.reddit.ingest import (
     MANIFEST,
@@ -106,17 +109,27 @@ def ingest_new_dumps(
     """Scheduled entry point: ingest the dumps in `folder` (default ingest.dumps_dir) not ingested
     yet, then carry them downstream (`esvr.flows.refresh`: label the new utterances, rebuild the
     datasets, retrain TVD and RG when the datasets changed, on the `gpu` deployments by default).
-    A scan that finds no new dump does nothing else."""
+    A scan that finds no new dump does nothing else.
+
+    A scan holds the run folder (as `esvr run` does): one that starts while another is still at
+    work (a long label or training run past the next scheduled time) does nothing, and the next
+    scan takes the dumps up; two at once would ingest the same new dump twice."""
     config = load_config(config_path)
     folder_path = Path(folder) if folder else config.ingest.dumps_dir
     if folder_path is None:
         raise IngestError("ingest_new_dumps: no folder given and ingest.dumps_dir is not set")
-    out = stage_dir(config)
-    new = find_new_dumps(folder_path, out / MANIFEST, min_age_s=min_age_s)
-    if not new:
-        print(f"no new dumps in {folder_path}")
-        return {}
-    print(f"new dumps: {[p.name for p in new]}")
-    config.ingest.dumps = new
-    result = ingest_flow(config)
-    return {**result, **refresh_flow(config, result["threads"], [p.name for p in new], config_path, train)}
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run_folder_lock(config.run.out_dir, shared=False))
+        except LockBusy as busy:
+            print(f"{busy}: this scan does nothing; the next one takes the new dumps up")
+            return {}
+        out = stage_dir(config)
+        new = find_new_dumps(folder_path, out / MANIFEST, min_age_s=min_age_s)
+        if not new:
+            print(f"no new dumps in {folder_path}")
+            return {}
+        print(f"new dumps: {[p.name for p in new]}")
+        config.ingest.dumps = new
+        result = ingest_flow(config)
+        return {**result, **refresh_flow(config, result["threads"], [p.name for p in new], config_path, train)}

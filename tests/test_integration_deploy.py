@@ -297,6 +297,10 @@ def test_deploy_trigger_track_and_carry_new_dumps_downstream(stack):
             assert [s.schedule.cron for s in ingest_dep.schedules] == ["17 4 * * *"]  # from the config
             assert ingest_dep.parameters["config_path"] == str(config_path)
             assert ingest_dep.work_pool_name == "cpu"
+            # one scan at a time: an overlapping scheduled scan is cancelled
+            assert ingest_dep.global_concurrency_limit is not None and ingest_dep.global_concurrency_limit.limit == 1
+            assert ingest_dep.concurrency_options is not None
+            assert ingest_dep.concurrency_options.collision_strategy == "CANCEL_NEW"
             assert client.read_deployment_by_name("train-tvd-from-file/train-tvd").work_pool_name == "gpu"
 
         procs = stack["procs"]

@@ -59,3 +59,14 @@ def test_new_dumps_are_labelled_alone_and_rebuild_the_datasets(prefect_harness, 
     elsewhere = load_config(recipe, [f"run.out_dir={tmp_path / 'elsewhere'}"])  # datasets new there
     with pytest.raises(RefreshError, match="needs the recipe file"):
         refresh_flow(elsewhere, second["threads"], [], None, "deployments")
+
+
+def test_a_scan_that_starts_while_another_is_at_work_does_nothing(prefect_harness, tmp_path: Path):
+    from esvr.flows.runtime import run_folder_lock
+
+    dumps = tmp_path / "dumps"
+    make_sample_dump(dumps, months=["2021-06"], posts=20)
+    recipe = demo_recipe(tmp_path / "recipe.yaml", tmp_path / "run", dumps)
+    with run_folder_lock(tmp_path / "run", shared=False):  # the scan before it, still labelling
+        assert ingest_new_dumps(None, str(recipe), 0, "none") == {}
+    assert not (tmp_path / "run" / "ingest").exists()
