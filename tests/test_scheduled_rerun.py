@@ -70,3 +70,31 @@ def test_a_scan_that_starts_while_another_is_at_work_does_nothing(prefect_harnes
     with run_folder_lock(tmp_path / "run", shared=False):  # the scan before it, still labelling
         assert ingest_new_dumps(None, str(recipe), 0, "none") == {}
     assert not (tmp_path / "run" / "ingest").exists()
+
+
+def test_a_scan_that_trains_here_logs_component_runs_tagged_with_its_dumps(prefect_harness, tmp_path: Path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dumps = tmp_path / "dumps"
+    make_sample_dump(dumps, months=["2021-06"], posts=60)
+    recipe = demo_recipe(
+        tmp_path / "recipe.yaml",
+        tmp_path / "run",
+        dumps,
+        run={"experiment": "train-here"},
+        # one optimizer step and one evaluated example each: the test is about what runs, and where
+        train_tvd={"setting": "single_turn", "train": {"max_steps": 1}, "eval": {"max_examples": 1, "baselines": []}},
+        train_rg={"single_turn": {"sft": {"max_steps": 1}, "dpo": {"max_steps": 1}}, "eval": {"max_examples": 1}},
+    )
+    result = ingest_new_dumps(None, str(recipe), 0, "here")
+    assert {"tvd", "rg"} <= result.keys()
+    ml = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    experiment = ml.get_experiment_by_name("train-here")
+    for component in ("tvd", "rg"):
+        trained = ml.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`esvr.component` = '{component}' and tags.`esvr.training_stage` = 'sft'",
+        )
+        assert [r.data.tags["esvr.new_dumps"] for r in trained] == ["RC_2021-06.zst,RS_2021-06.zst"], component
+        assert trained[0].info.status == "FINISHED"
