@@ -393,6 +393,13 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
             _option("--out", type=Path, default=DEFAULT_HEAD, help=f"head file to write (default {DEFAULT_HEAD})"),
             _option("--max-seq-length", type=int, default=128),
             _option("--limit", type=int, default=None, help="use only the first N arguments of each split"),
+            _option(
+                "--conversational",
+                type=Path,
+                default=None,
+                help="ESConv file (JSON or JSON Lines): no value may mark more than --max-conversational-rate of its seeker turns",
+            ),
+            _option("--max-conversational-rate", type=float, default=1 / 3),
         ),
         common=False,
     )
@@ -502,7 +509,25 @@ def cmd_train_value_head(args: argparse.Namespace) -> int:
 
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"Touché23-ValueEval folder not found: {args.data}")
-    metrics = train_value_head(args.data, args.out, max_seq_length=args.max_seq_length, limit=args.limit)
+    conversational = None
+    if args.conversational is not None:
+        from esvr.tasks.common.esconv import load_esconv
+
+        # seeker turns long enough to carry a value: the kind of text the detector labels
+        conversational = [
+            u.text
+            for d in load_esconv(args.conversational)
+            for u in d.utterances
+            if u.role == "seeker" and len(u.text.split()) >= 8
+        ]
+    metrics = train_value_head(
+        args.data,
+        args.out,
+        max_seq_length=args.max_seq_length,
+        limit=args.limit,
+        conversational_texts=conversational,
+        max_conversational_rate=args.max_conversational_rate,
+    )
     print(metrics_table(metrics))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     return 0

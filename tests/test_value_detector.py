@@ -176,6 +176,24 @@ def test_per_value_thresholds_mark_no_more_than_the_labels_and_fold_into_the_bia
     assert ((folded.proba(emb) >= 0.5) == (head.proba(emb) >= capped)).mean() > 0.999
 
 
+def test_per_value_thresholds_keep_each_value_within_a_share_of_unlabeled_text():
+    rng = np.random.default_rng(1)
+    y = (rng.random((400, 20)) < 0.3).astype(np.int8)
+    probs = np.clip(0.35 * y + rng.random((400, 20)) * 0.75, 0, 1)
+    # conversational text the head over-scores on one value (as Security: personal on first-person
+    # distress): without the cap it is marked in most of it
+    chat = rng.random((300, 20)) * 0.6
+    chat[:, 8] += 0.35
+    plain = tune_value_thresholds(y, probs, max_rate_ratio=1.0)
+    capped = tune_value_thresholds(y, probs, max_rate_ratio=1.0, unlabeled_probs=chat, max_unlabeled_rate=1 / 3)
+    assert (chat >= plain).mean(0)[8] > 1 / 3
+    assert ((chat >= capped).mean(0) <= 1 / 3 + 1e-9).all()
+    assert ((probs >= capped).mean(0) <= y.mean(0) + 1e-9).all()  # the label-rate cap still holds
+    # a value no threshold keeps within the cap is marked as rarely as the grid allows
+    impossible = tune_value_thresholds(y, probs, unlabeled_probs=np.ones((10, 20)), max_unlabeled_rate=0.1)
+    assert (impossible == np.float32(0.95)).all()
+
+
 def test_label_stats_report_per_value_marking_rates(tmp_path: Path, default_detector):
     from test_label_flow import write_threads
 

@@ -15,6 +15,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,22 +106,36 @@ def tune_threshold(y_true: np.ndarray, probs: np.ndarray, grid: np.ndarray | Non
 
 
 def tune_value_thresholds(
-    y_true: np.ndarray, probs: np.ndarray, max_rate_ratio: float | None = 1.0, grid: np.ndarray | None = None
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    max_rate_ratio: float | None = 1.0,
+    grid: np.ndarray | None = None,
+    *,
+    unlabeled_probs: np.ndarray | None = None,
+    max_unlabeled_rate: float | None = None,
 ) -> np.ndarray:
     """Per value, the threshold that maximizes its F1 on these (validation) labels among those that
-    mark it in at most ``max_rate_ratio`` times the share of texts the annotators marked.
+    mark it in at most ``max_rate_ratio`` times the share of texts the annotators marked, and in at
+    most ``max_unlabeled_rate`` of the unlabeled texts scored in `unlabeled_probs` (the kind of
+    text the detector will label). A value no threshold of the grid keeps within both takes the
+    grid's highest.
 
     F1 rewards marking a value generously when precision is low: unconstrained, the optimum marks
     the commoner values in far more texts than carry them, and on conversational text, whose values
-    are rarer than in arguments, 4 values per utterance. ``None`` lifts the constraint."""
+    are rarer than in arguments, 4 values per utterance. ``None`` lifts a constraint."""
     grid = np.round(np.arange(0.05, 0.951, 0.01), 2) if grid is None else grid
     y = y_true.astype(bool)
     marked = probs[None] >= grid[:, None, None]  # (thresholds, texts, values)
     tp = (marked & y).sum(1)
     f1 = 2 * tp / np.maximum(marked.sum(1) + y.sum(0), 1)
+    allowed = np.ones_like(f1, dtype=bool)
     if max_rate_ratio is not None:
-        f1 = np.where(marked.mean(1) <= max_rate_ratio * y.mean(0), f1, -1.0)
-    return grid[f1.argmax(0)].astype(np.float32)
+        allowed &= marked.mean(1) <= max_rate_ratio * y.mean(0)
+    if unlabeled_probs is not None and max_unlabeled_rate is not None:
+        allowed &= (unlabeled_probs[None] >= grid[:, None, None]).mean(1) <= max_unlabeled_rate
+    best = np.where(allowed, f1, -1.0).argmax(0)
+    best[~allowed.any(0)] = len(grid) - 1
+    return grid[best].astype(np.float32)
 
 
 def fold_thresholds(head: ValueHead, thresholds: np.ndarray) -> ValueHead:
@@ -182,6 +197,10 @@ def train_value_head(
     max_rate_ratio: float | None = 1.0,
     # None: all of the encoder's layers; 3 (of MiniLM's 6) halves the encoder's cost (docs/labeling.md)
     layers: int | None = None,
+    # unlabeled texts of the kind the detector will label (e.g. ESConv's seeker turns): no value's
+    # threshold may mark more than this share of them (docs/labeling.md, "Thresholds per value")
+    conversational_texts: Sequence[str] | None = None,
+    max_conversational_rate: float | None = 1 / 3,
 ) -> dict:
     """Train, select on validation, evaluate on test, write head + metrics; return the metrics."""
     t0 = time.time()
@@ -208,7 +227,10 @@ def train_value_head(
     # the one global threshold's test figure, for comparison with the per-value ones that ship
     global_f1 = f1_per_value(test.labels, (head.proba(emb["test"]) >= thr).astype(np.int8)).mean()
     val_labels, val_probs = splits["validation"].labels, head.proba(emb["validation"])
-    thresholds = tune_value_thresholds(val_labels, val_probs, max_rate_ratio)
+    conv_probs = head.proba(encoder.encode(list(conversational_texts))) if conversational_texts else None
+    thresholds = tune_value_thresholds(
+        val_labels, val_probs, max_rate_ratio, unlabeled_probs=conv_probs, max_unlabeled_rate=max_conversational_rate
+    )
     val_marked = val_probs >= thresholds
     val_f1 = float(f1_per_value(val_labels, val_marked.astype(np.int8)).mean())
     head = fold_thresholds(head, thresholds)
@@ -231,6 +253,11 @@ def train_value_head(
         "max_rate_ratio": max_rate_ratio,
         "validation_marking_rate": {n: round(float(r), 4) for n, r in zip(names, val_marked.mean(0))},
         "validation_label_rate": {n: round(float(r), 4) for n, r in zip(names, val_labels.mean(0))},
+        "conversational_texts": len(conversational_texts or ()),
+        "max_conversational_rate": max_conversational_rate if conv_probs is not None else None,
+        "conversational_marking_rate": (
+            {n: round(float(r), 4) for n, r in zip(names, (conv_probs >= thresholds).mean(0))} if conv_probs is not None else None
+        ),
         "global_threshold": thr,
         "test_macro_f1_global_threshold": round(float(global_f1), 4),
         "validation_macro_f1": round(val_f1, 4),
