@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (README):
 #   make demo   # the whole pipeline on configs/demo.yaml: CPU, offline, no key
-#   make test   # the test suite (everything that needs no GPU)
+#   make test   # the test suite (everything that needs no GPU, the paper recipe's rehearsal included)
 # Both create .venv on first use and are safe to run again. CI (.ci/run) runs `make lint` (ruff,
 # mypy) and then `make test`.
 
@@ -54,11 +54,12 @@ typecheck: setup
 	for d in flows tasks models prompts; do ln -sfn ../../$$d .typecheck/esvr/$$d; done
 	$(BIN)/python -m mypy
 
-# Everything that runs without a GPU and the rehearsal's server (docs/paper-run.md says why)
+# Everything that runs without a GPU, the paper recipe's rehearsal included (~40 min on 2 cores;
+# `make test-fast` leaves the slow tests out)
 test: setup
-	$(BIN)/python -m pytest -m "not gpu and not rehearsal" -p no:cacheprovider
+	$(BIN)/python -m pytest -m "not gpu" -p no:cacheprovider
 
-# The rehearsal's end-to-end test: esvr rehearse twice (fresh, then from the caches), ~30 min
+# The rehearsal's end-to-end test alone: esvr rehearse twice (fresh, then from the caches), ~23 min
 test-rehearsal: setup
 	$(BIN)/python -m pytest -m rehearsal -p no:cacheprovider
 
