@@ -87,7 +87,10 @@ class HFChat(ChatModel):
         super().__init__()
         self.base, self.adapter = base, adapter
         self.device = pick_device(device)
-        self.model, self.tokenizer = load_causal_lm(base, adapter, self.device)
+        # Loaded on first use: a stage whose replies all come from the response cache, or whose
+        # work is already done (a resumed simulation), never pays for the weights.
+        self._weights: tuple[Any, Any] | None = None
+        self._load_lock = threading.Lock()
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         path = base_checkpoint(base)
@@ -96,6 +99,24 @@ class HFChat(ChatModel):
             self.cache_id += f"+{adapter}@{_folder_fingerprint(adapter)}"
         self._lock = threading.Lock()  # one generate at a time on this model
         self._queue: queue.Queue[tuple[ChatRequest, Future] | None] | None = None  # None: stop the batcher
+
+    def _loaded(self) -> tuple[Any, Any]:
+        with self._load_lock:
+            if self._weights is None:
+                self._weights = load_causal_lm(self.base, self.adapter, self.device)
+            return self._weights
+
+    @property
+    def model(self) -> Any:
+        return self._loaded()[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded()[1]
+
+    @property
+    def loaded(self) -> bool:
+        return self._weights is not None
 
     @classmethod
     def from_spec(cls, spec: ModelConfig) -> HFChat:
@@ -260,7 +281,8 @@ class HFChat(ChatModel):
         if self._queue is not None:
             self._queue.put(None)
             self._queue = None
-        self.model = None
+        with self._load_lock:
+            self._weights = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

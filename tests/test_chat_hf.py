@@ -111,3 +111,18 @@ def test_score_choices_with_shared_prefix_is_exact(tiny_chat: HFChat):
     slow = _full_sequence_scores(tiny_chat, USER, choices)
     for c in choices:
         assert fast[c] == pytest.approx(slow[c], abs=1e-4)
+
+
+def test_weights_load_on_first_use_and_cached_replies_need_none(tiny_llama: Path, tmp_path: Path):
+    from esvr.models.chat import ResponseCache
+
+    cache = ResponseCache(tmp_path / "responses.sqlite")
+    first = load_chat_model(f"hf:{tiny_llama}", cache=cache)
+    assert not first.inner.loaded  # built, not loaded: a resumed stage with nothing to do pays nothing
+    reply = first.chat(USER, max_tokens=4)
+    assert first.inner.loaded
+    again = load_chat_model(f"hf:{tiny_llama}", cache=cache)
+    assert again.chat(USER, max_tokens=4) == reply
+    assert not again.inner.loaded  # every answer came from the response cache
+    first.inner.close()
+    assert not first.inner.loaded
