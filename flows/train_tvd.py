@@ -21,8 +21,9 @@ from esvr.flows import tracking
 from esvr.flows.caching import cache_policy
 from esvr.flows.config import PipelineConfig, flatten
 from esvr.models.config import ModelConfig
+from esvr.models.memory import return_freed_memory
 from esvr.tasks.common.paths import RunPaths
-from esvr.tasks.common.roles import base_model, component_spec, release_models, resolve_component, return_freed_memory
+from esvr.tasks.common.roles import base_model, component_spec, release_models, resolve_component
 from esvr.tasks.components import tvd
 from esvr.tasks.components.datasets import load_manifest
 from esvr.tasks.components.training import log_training, train_lora
@@ -115,7 +116,9 @@ def train_component(
         meta = {"component": component, "stage": stage, "setting": setting}
         release_models()  # the shared chat models' memory goes to training (they reload on demand)
         result = train_lora_task(stage, base, data, sft.dir if sft else None, train_cfg, out, meta, run_id)
-        return_freed_memory()  # the Trainer holds reference cycles; free the training copy before evaluating
+        # the Trainer holds reference cycles; free the training copy before evaluating (a cached
+        # training loaded nothing)
+        return_freed_memory(if_freed=True)
         log_training(result, run_id)
         m = result["metrics"]
         print(

@@ -24,6 +24,7 @@ import torch
 from esvr.models.chat import ChatError, ChatModel, ChatRequest, Message
 from esvr.models.config import ModelConfig
 from esvr.models.default_model import base_checkpoint
+from esvr.models.memory import mark_freed
 
 
 def split_hf_spec(spec: str) -> tuple[str, str | None]:
@@ -282,7 +283,9 @@ class HFChat(ChatModel):
             self._queue.put(None)
             self._queue = None
         with self._load_lock:
-            self._weights = None
+            if self._weights is not None:
+                self._weights = None
+                mark_freed()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from esvr.models.config import Section
 from esvr.models.default_model import base_checkpoint
+from esvr.models.memory import mark_freed
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -412,39 +413,42 @@ def train(
     started = time.time()
     bf16, gc = precision_flags(cfg)
     fit_logprob_tiles_to_cpu()
-    model, tokenizer = load_base(base_model_path, bf16, sft_adapter_dir)
-    columns, what = _COLUMNS[kind]
-    train_ds, eval_ds, counts = _fitted(train_ds, eval_ds, tokenizer, cfg, columns, what)
-    args = _common_args(cfg, out, eval_ds is not None, bf16, gc)
-    run_id = _active_run_id(options.get("mlflow_run_id"))
-    common = dict(
-        model=model,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
-        callbacks=[_mlflow_callback(run_id, options.get("metric_prefix", "")), *(options.get("callbacks") or [])],
-    )
-    trainer: Trainer
-    if kind == "sft":
-        from trl import SFTConfig, SFTTrainer
+    try:
+        model, tokenizer = load_base(base_model_path, bf16, sft_adapter_dir)
+        columns, what = _COLUMNS[kind]
+        train_ds, eval_ds, counts = _fitted(train_ds, eval_ds, tokenizer, cfg, columns, what)
+        args = _common_args(cfg, out, eval_ds is not None, bf16, gc)
+        run_id = _active_run_id(options.get("mlflow_run_id"))
+        common = dict(
+            model=model,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg),
+            callbacks=[_mlflow_callback(run_id, options.get("metric_prefix", "")), *(options.get("callbacks") or [])],
+        )
+        trainer: Trainer
+        if kind == "sft":
+            from trl import SFTConfig, SFTTrainer
 
-        trainer = SFTTrainer(args=SFTConfig(**args, completion_only_loss=True), **common)
-    else:
-        from trl import DPOConfig, DPOTrainer
+            trainer = SFTTrainer(args=SFTConfig(**args, completion_only_loss=True), **common)
+        else:
+            from trl import DPOConfig, DPOTrainer
 
-        # no reference model: TRL then uses the model with the new adapter disabled, base + SFT
-        trainer = DPOTrainer(ref_model=None, args=DPOConfig(**args, beta=cfg.beta), **common)
-    extra = {**counts, "bf16": float(bf16), "gradient_checkpointing": float(gc)}
-    if sft_adapter_dir is None:
-        return _finish(trainer, out, out / "adapter", extra, started)
-    result = _finish(trainer, out, out / "dpo_only", extra, started)
-    result.adapter_dir = out / "adapter"
-    if trainer.is_world_process_zero():
-        stack_adapters(sft_adapter_dir, out / "dpo_only", out / "adapter", base_model_path=base_checkpoint(base_model_path))
-        shutil.copy2(out / "training.json", out / "dpo_only" / "training.json")
-        (out / "training.json").write_text(json.dumps(result.to_json(), indent=2))
-    return result
+            # no reference model: TRL then uses the model with the new adapter disabled, base + SFT
+            trainer = DPOTrainer(ref_model=None, args=DPOConfig(**args, beta=cfg.beta), **common)
+        extra = {**counts, "bf16": float(bf16), "gradient_checkpointing": float(gc)}
+        if sft_adapter_dir is None:
+            return _finish(trainer, out, out / "adapter", extra, started)
+        result = _finish(trainer, out, out / "dpo_only", extra, started)
+        result.adapter_dir = out / "adapter"
+        if trainer.is_world_process_zero():
+            stack_adapters(sft_adapter_dir, out / "dpo_only", out / "adapter", base_model_path=base_checkpoint(base_model_path))
+            shutil.copy2(out / "training.json", out / "dpo_only" / "training.json")
+            (out / "training.json").write_text(json.dumps(result.to_json(), indent=2))
+        return result
+    finally:
+        mark_freed()  # the model and the trainer go with this frame: the caller's collection has work
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from esvr.flows.memory import StageMemory
-from esvr.tasks.common.roles import return_freed_memory
+from esvr.models.memory import return_freed_memory
 
 
 def test_allocation_is_charged_to_its_stage():
@@ -43,3 +43,19 @@ def test_freed_heap_goes_back_to_the_system():
     return_freed_memory()
     assert held - process.memory_info().rss > 150 * 1024 * 1024
     assert len(survivors) == 300_000 // 64 + 1
+
+
+def test_a_collection_on_request_runs_only_after_a_model_was_freed(monkeypatch):
+    import gc
+
+    from esvr.models import memory
+
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda: collections.append(1) or 0)
+    return_freed_memory()  # explicit: always
+    return_freed_memory(if_freed=True)  # nothing freed since: a cached stage pays nothing
+    assert len(collections) == 1
+    memory.mark_freed()
+    return_freed_memory(if_freed=True)
+    return_freed_memory(if_freed=True)
+    assert len(collections) == 2

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from esvr.models.config import ModelConfig
 from esvr.models.default_model import base_checkpoint
+from esvr.models.memory import return_freed_memory
 from esvr.tasks.common.paths import RunPaths
 
 if TYPE_CHECKING:
@@ -165,24 +166,7 @@ def release_models() -> None:
         for model in _models.values():
             model.close()
         _models.clear()
-    return_freed_memory()
-
-
-def return_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system.
-
-    glibc keeps freed memory in its arenas: without `malloc_trim` a stage that loaded a model
-    leaves the process ~2 GB larger for every later stage (measured on the demo), which counts
-    against its 6 GB budget as if the model were still loaded.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+    return_freed_memory(if_freed=True)
 
 
 def is_adapter(model: ModelConfig) -> bool:
@@ -210,7 +194,7 @@ def opened_model(model: ModelConfig, run_dir: PathLike, use_cache: bool = True) 
     finally:
         chat.close()
         del chat
-        return_freed_memory()
+        return_freed_memory(if_freed=True)
 
 
 # --------------------------------------------------------------------------------------------
