@@ -147,11 +147,12 @@ REDDIT_LIKE = [
 
 def test_committed_head_marks_few_values_on_conversational_text(default_detector):
     """One threshold tuned for F1 on arguments marked 4 values per utterance here, five of them in
-    over a third of the utterances; per-value thresholds capped at the annotators' rates mark about
-    2. Security: personal stays above a third (docs/labeling.md says why)."""
+    over a third of the utterances, Security: personal in 77%. The committed per-value thresholds,
+    capped at the annotators' rates and at a third of ESConv's seeker turns (not these texts), mark
+    under 2, and no value in more than 40% of them."""
     marked = default_detector.predict_proba(REDDIT_LIKE) >= default_detector.threshold
-    assert marked.sum(1).mean() <= 2.5
-    assert (marked.mean(0) > 1 / 3).sum() <= 2
+    assert marked.sum(1).mean() <= 2.0
+    assert (marked.mean(0) <= 0.4).all()
     rates = marking_rates(default_detector.predict_proba(REDDIT_LIKE), default_detector.threshold)
     assert rates["value_rate.security_personal"] == pytest.approx(
         marked[:, value_names().index("Security: personal")].mean(), abs=1e-4
