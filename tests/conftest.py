@@ -42,6 +42,14 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+#: TVD and RG trained for one optimizer step and evaluated on one example: for tests about what
+#: runs when, not about what training learns
+ONE_STEP_TRAINING = {
+    "train_tvd": {"setting": "single_turn", "train": {"max_steps": 1}, "eval": {"max_examples": 1, "baselines": []}},
+    "train_rg": {"single_turn": {"sft": {"max_steps": 1}, "dpo": {"max_steps": 1}}, "eval": {"max_examples": 1}},
+}
+
+
 def demo_recipe(path: Path, out_dir: Path, dumps: Path, **sections: dict) -> Path:
     """A recipe at `path` that extends configs/demo.yaml (its offline labelers and few-step CPU
     training) with the run folder, the dumps folder and `sections` over it."""

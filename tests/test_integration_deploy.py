@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
-from conftest import demo_recipe
+from conftest import ONE_STEP_TRAINING, demo_recipe
 
 from esvr.flows.deploy import PROJECT_DIR
 
@@ -241,15 +241,13 @@ def test_deploy_trigger_track_and_carry_new_dumps_downstream(stack):
     tmp: Path = stack["tmp"]
     dumps = tmp / "dumps"
     make_sample_dump(dumps, months=["2021-06"], posts=60)
-    # two months of sample dumps; one optimizer step each and one evaluated example: the test is
-    # about what runs when
+    # two months of sample dumps
     config_path = demo_recipe(
         tmp / "deploy-test.yaml",
         tmp / "run",
         dumps,
         run={"name": "deploy-test", "experiment": "deploy-test", "stages": ["smoke"]},
-        train_tvd={"setting": "single_turn", "train": {"max_steps": 1}, "eval": {"max_examples": 1, "baselines": []}},
-        train_rg={"single_turn": {"sft": {"max_steps": 1}, "dpo": {"max_steps": 1}}, "eval": {"max_examples": 1}},
+        **ONE_STEP_TRAINING,
         models={
             "supporter": {
                 "spec": "openai:stub",

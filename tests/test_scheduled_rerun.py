@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import demo_recipe
+from conftest import ONE_STEP_TRAINING, demo_recipe
 
 from esvr.flows.config import load_config
 from esvr.flows.ingest import ingest_new_dumps
@@ -83,9 +83,7 @@ def test_a_scan_that_trains_here_logs_component_runs_tagged_with_its_dumps(prefe
         tmp_path / "run",
         dumps,
         run={"experiment": "train-here"},
-        # one optimizer step and one evaluated example each: the test is about what runs, and where
-        train_tvd={"setting": "single_turn", "train": {"max_steps": 1}, "eval": {"max_examples": 1, "baselines": []}},
-        train_rg={"single_turn": {"sft": {"max_steps": 1}, "dpo": {"max_steps": 1}}, "eval": {"max_examples": 1}},
+        **ONE_STEP_TRAINING,
     )
     result = ingest_new_dumps(None, str(recipe), 0, "here")
     assert {"tvd", "rg"} <= result.keys()
