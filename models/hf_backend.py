@@ -84,13 +84,15 @@ class HFChat(ChatModel):
         device: str | None = None,
         batch_size: int = 8,
         batch_wait_s: float = 0.02,
+        weights: tuple[Any, Any] | None = None,
     ):
+        """`weights`: a (model, tokenizer) already in memory (e.g. a benchmark's random model)."""
         super().__init__()
         self.base, self.adapter = base, adapter
         self.device = pick_device(device)
         # Loaded on first use: a stage whose replies all come from the response cache, or whose
         # work is already done (a resumed simulation), never pays for the weights.
-        self._weights: tuple[Any, Any] | None = None
+        self._weights: tuple[Any, Any] | None = weights
         self._load_lock = threading.Lock()
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s

@@ -256,7 +256,10 @@ def test_label_flow_with_the_emollama_backend(prefect_harness, tmp_path: Path, m
     assert by_id["o0"]["sentiment"] == 2 and by_id["o0"]["valence"] == pytest.approx(0.8)
     assert by_id["t3_p"]["sentiment"] == -2 and by_id["t3_p"]["valence"] == pytest.approx(0.2)
     assert calls == 22  # a valence and a class prompt per unique utterance
-    assert server.requests[0]["messages"][0]["content"].startswith("Human: \nTask: Evaluate the valence")
+    # both EmoLLMs formats, in their transcript wrapping (the two prompts of a text go out concurrently)
+    prompts = [r["messages"][0]["content"] for r in server.requests]
+    assert sum(p.startswith("Human: \nTask: Evaluate the valence") for p in prompts) == 11
+    assert sum(p.startswith("Human: \nTask: Categorize the text into an ordinal class") for p in prompts) == 11
     stats = json.loads(Path(result["label_stats"]).read_text())
     assert stats["parse_failures_valence"] == 0 and stats["parse_failures_sentiment"] == 0
     # the replies went to the run folder's response cache (one entry per distinct text and prompt)

@@ -382,12 +382,9 @@ def measure_generation(
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what load_causal_lm uses
     model = build_model(shape, tokenizer, dtype, device, attn, seed).eval()
-    original = hf_backend.load_causal_lm
-    hf_backend.load_causal_lm = lambda base, adapter=None, device=None: (model, tokenizer)
-    try:
-        chat = hf_backend.HFChat(f"synthetic:{shape['hidden_size']}x{shape['num_hidden_layers']}", device=device)
-    finally:
-        hf_backend.load_causal_lm = original
+    chat = hf_backend.HFChat(
+        f"synthetic:{shape['hidden_size']}x{shape['num_hidden_layers']}", device=device, weights=(model, tokenizer)
+    )
     rng = np.random.default_rng(seed)
     results = []
     try:
