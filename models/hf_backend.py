@@ -134,8 +134,8 @@ class HFChat(ChatModel):
         out: list[list[str]] = [[] for _ in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.temperature, r.max_tokens, r.stop, r.seed), []).append(i)
-        for (temperature, max_tokens, stop, seed), idx in groups.items():
+            groups.setdefault((r.temperature, r.max_tokens, r.stop), []).append(i)
+        for (temperature, max_tokens, stop), idx in groups.items():
             # Greedy decoding gives one answer however many are asked for; sampling expands.
             flat = [(i, k) for i in idx for k in range(requests[i].n if temperature > 0 else 1)]
             for start in range(0, len(flat), self.batch_size):
@@ -145,7 +145,7 @@ class HFChat(ChatModel):
                     temperature=temperature,
                     max_tokens=max_tokens,
                     stop=stop,
-                    seed=seed + start,
+                    seeds=[(requests[i].seed, k) for i, k in chunk],
                 )
                 for (i, _), text in zip(chunk, texts):
                     out[i].append(text)
@@ -155,20 +155,30 @@ class HFChat(ChatModel):
         return out
 
     def _generate_texts(
-        self, prompts: list[str], *, temperature: float, max_tokens: int, stop: tuple[str, ...], seed: int
+        self,
+        prompts: list[str],
+        *,
+        temperature: float,
+        max_tokens: int,
+        stop: tuple[str, ...],
+        seeds: Sequence[tuple[int, int]],
     ) -> list[str]:
+        """`seeds`: per prompt, (the request's seed, which of its n samples)."""
+        from transformers import LogitsProcessorList
+
         tok = self.tokenizer
         tok.padding_side = "left"
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
+        # Greedy decoding in both cases: sampling is greedy decoding over Gumbel-perturbed logits
+        # (RowSeededSampling), so that a sample depends on its request only, not on its batch.
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            sampling = RowSeededSampling(seeds, temperature, enc["input_ids"].shape[1])
+            kwargs.update(logits_processor=LogitsProcessorList([sampling]))
         if stop:
             kwargs.update(stop_strings=list(stop), tokenizer=tok)
         with self._lock, torch.inference_mode():
-            torch.manual_seed(seed)
             try:
                 ids = self.model.generate(**enc, **kwargs)
             except Exception as exc:  # e.g. out of memory: name the model and the batch
@@ -259,17 +269,17 @@ class HFChat(ChatModel):
 
     # -- streaming ------------------------------------------------------------------------------
     def stream(self, messages: Sequence[Message], **kwargs: Any) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
+        from transformers import LogitsProcessorList, TextIteratorStreamer
 
         req = ChatRequest.build(messages, **kwargs)
         tok = self.tokenizer
         enc = tok([self._prompt_text(messages)], return_tensors="pt", add_special_tokens=False).to(self.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         gen_kwargs: dict[str, Any] = dict(**enc, max_new_tokens=req.max_tokens, streamer=streamer, pad_token_id=tok.pad_token_id)
-        if req.temperature > 0:
-            gen_kwargs.update(do_sample=True, temperature=req.temperature)
-        else:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if req.temperature > 0:  # the same draw as `chat` gives this request
+            sampling = RowSeededSampling([(req.seed, 0)], req.temperature, enc["input_ids"].shape[1])
+            gen_kwargs.update(logits_processor=LogitsProcessorList([sampling]))
 
         def run() -> None:
             with self._lock, torch.inference_mode():
@@ -290,6 +300,34 @@ class HFChat(ChatModel):
                 mark_freed()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class RowSeededSampling:
+    """A logits processor that makes greedy decoding draw each row's next token from
+    softmax(logits / temperature), from the row's own random stream.
+
+    The Gumbel-max trick: the argmax of logits / T plus independent Gumbel noise is a draw from
+    softmax(logits / T). The noise of a row at a step comes from a generator seeded by the row's
+    (request seed, sample index) and the step, so a request's sample is the same whichever other
+    requests the micro-batcher put beside it, and in whatever order (torch's one global stream,
+    consumed row after row, made it depend on both).
+    """
+
+    def __init__(self, seeds: Sequence[tuple[int, int]], temperature: float, prompt_length: int):
+        self.seeds = list(seeds)
+        self.temperature = temperature
+        self.prompt_length = prompt_length
+
+    def _stream(self, seed: tuple[int, int], step: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"{seed[0]}:{seed[1]}:{step}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_length
+        vocab = scores.shape[1]
+        uniform = torch.stack([torch.rand(vocab, generator=self._stream(s, step)) for s in self.seeds])
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return scores / self.temperature + gumbel.to(scores.device, scores.dtype)
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -126,3 +126,21 @@ def test_weights_load_on_first_use_and_cached_replies_need_none(tiny_llama: Path
     assert not again.inner.loaded  # every answer came from the response cache
     first.inner.close()
     assert not first.inner.loaded
+
+
+def test_a_sample_depends_on_its_request_not_on_its_batch(tiny_chat: HFChat):
+    """The micro-batcher groups whatever requests arrive together; a seeded sample must not
+    change with them (a simulation rerun with other concurrency gives the same dialogues)."""
+    mine = ChatRequest.build(USER, temperature=1.0, max_tokens=6, seed=7, n=2)
+    # other requests with the same seed (dialogues at the same turn share one) go into its batch
+    others = [
+        ChatRequest.build([{"role": "user", "content": f"something else {i}"}], temperature=1.0, max_tokens=6, seed=7)
+        for i in range(3)
+    ]
+    alone = tiny_chat.chat_batch([mine])[0]
+    batched = tiny_chat.chat_batch([*others, mine])[-1]
+    assert alone == batched
+    assert alone[0] != alone[1]  # the n samples of one request differ
+    assert tiny_chat.chat_batch([ChatRequest.build(USER, temperature=1.0, max_tokens=6, seed=8)])[0][0] not in alone
+    streamed = "".join(tiny_chat.stream(USER, temperature=1.0, max_tokens=6, seed=7)).strip()
+    assert streamed == alone[0]  # streaming draws what chat draws
