@@ -34,6 +34,7 @@ from esvr.tasks.common.jsonl import read_jsonl
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.evaluation.baselines import BASELINE_PROMPTS, finetune_baseline
 from esvr.tasks.evaluation.evaluate import (
+    Judging,
     SupporterUnderTest,
     evaluation_dialogues,
     evaluation_simulate_config,
@@ -218,9 +219,11 @@ def evaluate_flow(
 
         # the judge, its settings and the run's caches: the same for every judgment
         judging: dict[str, Any] = {
-            "judge": config.models.judge,
-            "complete_only": cfg.complete_only,
-            "settings": dataclasses.asdict(cfg.judge_settings(config.run.seed)),
+            "judging": Judging(
+                judge=config.models.judge,
+                complete_only=cfg.complete_only,
+                settings=dataclasses.asdict(cfg.judge_settings(config.run.seed)),
+            ),
             "run_dir": run.out_dir,
             "use_cache": use_cache,
         }

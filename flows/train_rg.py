@@ -26,6 +26,7 @@ from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.common.roles import base_model
 from esvr.tasks.components import rg
 from esvr.tasks.components.datasets import load_manifest
+from esvr.tasks.components.tvd import EvalSplit
 
 _keys = cache_policy(STAGE, "esvr.models.chat", "esvr.models.hf_backend", prompts=rg.PROMPT_FILES)
 without_target_values_task = task(
@@ -47,17 +48,16 @@ def evaluate_setting(
     cfg = config.train_rg
     paths = RunPaths(config.run.out_dir.resolve())
     judge = model_for(cfg.judge, config)
+    split = EvalSplit(data=data, max_examples=cfg.eval.max_examples, seed=config.run.seed, max_chars=max_chars)
     replies: dict[tuple[str, str], str] = {}
 
     def generated(name: str, mode: str) -> Path:
         if (name, mode) not in replies:
             replies[(name, mode)] = rg_generate_task(
                 ModelConfig(spec=systems[name]),
-                data,
+                split,
                 mode,
-                cfg.eval,
-                max_chars,
-                config.run.seed,
+                cfg.eval.max_new_tokens,
                 out_dir / f"replies.{name}.{mode}.jsonl",
                 str(paths.out_dir),
                 config.models.cache,
@@ -77,14 +77,12 @@ def evaluate_setting(
         x, y = (xn, yn) if xn != yn else (xm, ym)
         res = rg_judge_task(
             judge,
-            data,
+            split,
             generated(xn, xm),
             generated(yn, ym),
             x,
             y,
             cfg.eval,
-            max_chars,
-            config.run.seed,
             out_dir / f"verdicts.{label}.jsonl",
             str(paths.out_dir),
             config.models.cache,

@@ -144,18 +144,17 @@ def train_tvd_flow(config: PipelineConfig, datasets: str | Path | None = None) -
         systems: list[tuple[str, ModelConfig, tvd.Variant]] = [("tvd", ModelConfig(spec=spec), "zero_shot")]
         for name in cfg.eval.baselines:
             systems += [(name, model_for(name, config), variant) for variant in cfg.eval.variants]
+        split = tvd.EvalSplit(data=data, max_examples=cfg.eval.max_examples, seed=config.run.seed, max_chars=max_chars)
         evaluations = []
         for name, model, variant in systems:
             out = stage_dir / "eval" / f"{slug(name)}.{variant}.jsonl"
             evaluations.append(
                 tvd_eval_task(
                     model,
-                    data,
+                    split,
                     name,
                     variant,
                     cfg.eval,
-                    max_chars,
-                    config.run.seed,
                     out,
                     str(paths.out_dir),
                     config.models.cache,

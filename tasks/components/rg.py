@@ -26,7 +26,7 @@ from esvr.models.training import TrainConfig
 from esvr.prompts import load_prompt, value_names, values
 from esvr.tasks.common.jsonl import read_jsonl, write_jsonl
 from esvr.tasks.common.roles import opened_model
-from esvr.tasks.components.tvd import eval_examples, render_history
+from esvr.tasks.components.tvd import EvalSplit, render_history
 
 PROMPT_FILES = [
     "rg/system.txt",
@@ -229,16 +229,16 @@ def generate_replies(
     return [r[0].strip() for r in model.chat_batch(requests)] if requests else []
 
 
-def eval_items(examples: Sequence[dict[str, Any]], max_chars: int | None) -> list[dict[str, Any]]:
+def eval_items(split: EvalSplit) -> list[dict[str, Any]]:
     """The judge's view of RG test rows: rendered thread, ground-truth comment, target values."""
     return [
         {
             "example_id": ex["example_id"],
-            "thread": render_history(ex["history"], max_chars),
+            "thread": render_history(ex["history"], split.max_chars),
             "ground_truth": ex["reply"],
             "target_values": list(ex["target_values"]),
         }
-        for ex in examples
+        for ex in split.examples()
     ]
 
 
@@ -263,11 +263,9 @@ def without_target_values(data: Path, out: Path, max_chars: int | None) -> str:
 
 def rg_generate(
     model: ModelConfig,
-    data: Path,
+    split: EvalSplit,
     values_mode: str,
-    cfg: RGEvalConfig,
-    max_chars: int | None,
-    seed: int,
+    max_new_tokens: int,
     out: Path,
     run_dir: str,
     use_cache: bool,
@@ -279,18 +277,17 @@ def rg_generate(
     """
     if values_mode not in ("original", "random", "none"):
         raise ValueError(f"values_mode must be 'original', 'random' or 'none', got {values_mode!r}")
-    examples = eval_examples(data, cfg.max_examples, seed)
-    items = eval_items(examples, max_chars)
+    items = eval_items(split)
     targets: list[list[str] | None] = [
         None
         if values_mode == "none"
         else it["target_values"]
         if values_mode == "original"
-        else random_values(it["target_values"], len(it["target_values"]) or 3, random.Random(f"{seed}:{it['example_id']}"))
+        else random_values(it["target_values"], len(it["target_values"]) or 3, random.Random(f"{split.seed}:{it['example_id']}"))
         for it in items
     ]
     with opened_model(model, Path(run_dir), use_cache) as chat:
-        replies = generate_replies(chat, [it["thread"] for it in items], targets, cfg.max_new_tokens)
+        replies = generate_replies(chat, [it["thread"] for it in items], targets, max_new_tokens)
     rows = [
         {"example_id": it["example_id"], "target_values": t, "values_mode": values_mode, "model": model.spec, "reply": r}
         for it, t, r in zip(items, targets, replies)
@@ -300,20 +297,18 @@ def rg_generate(
 
 def rg_judge(
     judge: ModelConfig,
-    data: Path,
+    split: EvalSplit,
     replies_x: Path,
     replies_y: Path,
     x: str,
     y: str,
     cfg: RGEvalConfig,
-    max_chars: int | None,
-    seed: int,
     out: Path,
     run_dir: str,
     use_cache: bool,
 ) -> dict[str, Any]:
     """Pairwise judgement of two reply files in both orders; verdicts go to `out` (JSONL)."""
-    items = eval_items(eval_examples(data, cfg.max_examples, seed), max_chars)
+    items = eval_items(split)
     by_x = {r["example_id"]: r["reply"] for r in read_jsonl(replies_x)}
     by_y = {r["example_id"]: r["reply"] for r in read_jsonl(replies_y)}
     missing = [it["example_id"] for it in items if it["example_id"] not in by_x or it["example_id"] not in by_y]

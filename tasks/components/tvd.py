@@ -306,20 +306,32 @@ def eval_examples(data: Path, max_examples: int | None, seed: int) -> list[dict[
     return list(test)
 
 
+class EvalSplit(Section):
+    """The test rows every system of one comparison is scored on, and how long a rendered
+    utterance may be. As a task input the dataset counts by its content, the rest by value."""
+
+    data: Path
+    #: None: the whole test split; else a sample of this many, the same for every system
+    max_examples: int | None = None
+    seed: int = 0
+    max_chars: int | None = None
+
+    def examples(self) -> list[dict[str, Any]]:
+        return eval_examples(self.data, self.max_examples, self.seed)
+
+
 def tvd_eval(
     model: ModelConfig,
-    data: Path,
+    split: EvalSplit,
     name: str,
     variant: Variant,
     cfg: TVDEvalConfig,
-    max_chars: int | None,
-    seed: int,
     out: Path,
     run_dir: str,
     use_cache: bool,
 ) -> dict[str, Any]:
     """Evaluate one system x prompt variant on the TVD test split; predictions go to `out` (JSONL)."""
-    examples = eval_examples(data, cfg.max_examples, seed)
+    examples = split.examples()
     tokens = cfg.max_new_tokens_reasoning if variant == "reasoning" else cfg.max_new_tokens
     with opened_model(model, Path(run_dir), use_cache) as chat:
         result = evaluate_tvd(
@@ -328,7 +340,7 @@ def tvd_eval(
             name=name,
             variant=variant,
             max_new_tokens=tokens,
-            max_chars_per_utterance=max_chars,
+            max_chars_per_utterance=split.max_chars,
             method=cfg.method,
         )
     write_jsonl(result.rows, out)

@@ -517,57 +517,52 @@ def row_dialogues(
     return {**result, "names": {k: agents.names.get(k) for k in ("supporter", "tvd", "rg")}, "worker_pid": os.getpid()}
 
 
-def _judged(
-    judge: ModelConfig, run_dir: Path, use_cache: bool, out: Path, judging: Callable[[ChatModel], Awaitable[list[dict[str, Any]]]]
-) -> str:
-    """The records `judging` makes with the judge model -> `out` (JSONL); returns its path."""
-    from esvr.tasks.simulation.simulate import run_coroutine
+class Judging(Section):
+    """The judge and what it is shown: the same for every supporter of one evaluation."""
 
-    model = roles.chat_model(judge, run_dir, cache=use_cache)
-    return str(write_jsonl(run_coroutine(judging(model)), out))
+    judge: ModelConfig
+    #: judge only the dialogues that ended on their own (not cut by the turn limit)
+    complete_only: bool
+    #: `JudgeSettings` as a dict (a task input: keyed by value)
+    settings: dict[str, Any]
+
+    def dialogues(self, path: Path) -> list[dict[str, Any]]:
+        from esvr.tasks.simulation.simulate import load_dialogues
+
+        return evaluable(load_dialogues(path), self.complete_only)
+
+    def judged(
+        self,
+        run_dir: Path,
+        use_cache: bool,
+        out: Path,
+        judging: Callable[[ChatModel, JudgeSettings], Awaitable[list[dict[str, Any]]]],
+    ) -> str:
+        """The records `judging` makes with the judge model -> `out` (JSONL); returns its path."""
+        from esvr.tasks.simulation.simulate import run_coroutine
+
+        model = roles.chat_model(self.judge, run_dir, cache=use_cache)
+        return str(write_jsonl(run_coroutine(judging(model, JudgeSettings(**self.settings))), out))
 
 
-def _evaluable_file(path: Path, complete_only: bool) -> list[dict[str, Any]]:
-    from esvr.tasks.simulation.simulate import load_dialogues
-
-    return evaluable(load_dialogues(path), complete_only)
-
-
-def judge_dialogues(
-    judge: ModelConfig,
-    dialogues: Path,
-    supporter: str,
-    complete_only: bool,
-    settings: dict[str, Any],
-    out: Path,
-    run_dir: Path,
-    use_cache: bool = True,
-) -> str:
+def judge_dialogues(judging: Judging, dialogues: Path, supporter: str, out: Path, run_dir: Path, use_cache: bool = True) -> str:
     """ES-Skills, ES-Intensity and words per turn of one supporter's dialogues -> judgments.jsonl."""
-    chosen = _evaluable_file(dialogues, complete_only)
-    return _judged(
-        judge, run_dir, use_cache, out, lambda model: ajudge_dialogues(model, chosen, JudgeSettings(**settings), supporter)
-    )
+    chosen = judging.dialogues(dialogues)
+    return judging.judged(run_dir, use_cache, out, lambda model, settings: ajudge_dialogues(model, chosen, settings, supporter))
 
 
 def judge_values(
-    judge: ModelConfig,
+    judging: Judging,
     dialogues: Path,
     reference_dialogues: Path,
     supporter: str,
     reference: str,
-    complete_only: bool,
-    settings: dict[str, Any],
     out: Path,
     run_dir: Path,
     use_cache: bool = True,
 ) -> str:
     """ES-Value of one supporter against the reference, per shared persona -> es_value.jsonl."""
-    test, ref = _evaluable_file(dialogues, complete_only), _evaluable_file(reference_dialogues, complete_only)
-    return _judged(
-        judge,
-        run_dir,
-        use_cache,
-        out,
-        lambda model: ajudge_values(model, test, ref, JudgeSettings(**settings), supporter, reference),
+    test, ref = judging.dialogues(dialogues), judging.dialogues(reference_dialogues)
+    return judging.judged(
+        run_dir, use_cache, out, lambda model, settings: ajudge_values(model, test, ref, settings, supporter, reference)
     )
