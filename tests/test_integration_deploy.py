@@ -241,7 +241,6 @@ def test_deploy_trigger_track_and_carry_new_dumps_downstream(stack):
     tmp: Path = stack["tmp"]
     dumps = tmp / "dumps"
     make_sample_dump(dumps, months=["2021-06"], posts=60)
-    # two months of sample dumps
     config_path = demo_recipe(
         tmp / "deploy-test.yaml",
         tmp / "run",
