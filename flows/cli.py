@@ -400,6 +400,15 @@ def add_tool_commands(sub: argparse._SubParsersAction) -> None:
                 help="ESConv file (JSON or JSON Lines): no value may mark more than --max-conversational-rate of its seeker turns",
             ),
             _option("--max-conversational-rate", type=float, default=1 / 3),
+            _option("--layers", type=int, default=None, help="read the encoder's first N layers only (default: all)"),
+            _option(
+                "--end-to-end",
+                type=int,
+                default=0,
+                metavar="EPOCHS",
+                help="train the encoder's layers with the head for up to EPOCHS epochs (the best on validation kept) "
+                "instead of logistic heads on frozen embeddings",
+            ),
         ),
         common=False,
     )
@@ -505,7 +514,7 @@ def cmd_make_sample_dump(args: argparse.Namespace) -> int:
 def cmd_train_value_head(args: argparse.Namespace) -> int:
     import json
 
-    from esvr.tasks.labeling.value_head import metrics_table, train_value_head
+    from esvr.tasks.labeling.value_head import EndToEnd, metrics_table, train_value_head
 
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"Touché23-ValueEval folder not found: {args.data}")
@@ -527,6 +536,8 @@ def cmd_train_value_head(args: argparse.Namespace) -> int:
         limit=args.limit,
         conversational_texts=conversational,
         max_conversational_rate=args.max_conversational_rate,
+        layers=args.layers,
+        end_to_end=EndToEnd(epochs=args.end_to_end) if args.end_to_end else None,
     )
     print(metrics_table(metrics))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))

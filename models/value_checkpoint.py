@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from esvr.models.value_detector import DEFAULT_HEAD, ValueHead, minilm_path
+from esvr.models.value_detector import DEFAULT_HEAD, ValueHead, add_encoder_delta, minilm_path
 from esvr.prompts import value_names
 
 #: the model code copied into every checkpoint; config.json's auto_map points at this file name
@@ -114,6 +114,7 @@ def _write_checkpoint(tmp: Path, head: ValueHead, head_path: Path, encoder: Path
         if not k.startswith("pooler.") and not (k.startswith("encoder.layer.") and int(k.split(".")[2]) >= kept)
     }
     model.bert.load_state_dict(state, strict=True)
+    add_encoder_delta(model.bert, head.encoder_delta)
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(head.weights))
         model.classifier.bias.copy_(torch.from_numpy(head.bias))

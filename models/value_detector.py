@@ -21,8 +21,8 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -141,8 +141,12 @@ class ValueHead:
     #: how a Touché argument became one text when training (the detector feeds plain text)
     text_format: str = "{premise}"
     #: the encoder layers it reads: the first `layers` (mean-pooled output of the last of them);
-    #: None: all. 3 of MiniLM's 6 halve the encoder's cost at the same macro-F1 (docs/labeling.md)
+    #: None: all. 3 of MiniLM's 6 halve the encoder's cost (docs/labeling.md)
     layers: int | None = None
+    #: what training the encoder end to end with the head changed in its parameters: Hugging Face
+    #: parameter name -> fine-tuned minus stock values, added to the stock encoder when it loads
+    #: (`add_encoder_delta`). Empty: the head reads the stock encoder.
+    encoder_delta: dict[str, np.ndarray] = field(default_factory=dict)
 
     def logits(self, emb: np.ndarray) -> np.ndarray:
         return emb @ self.weights.T + self.bias
@@ -169,6 +173,7 @@ class ValueHead:
                 weights=self.weights.astype(np.float16),
                 bias=self.bias.astype(np.float32),
                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                **_packed_delta(self.encoder_delta),
             )
         return path
 
@@ -191,6 +196,7 @@ class ValueHead:
                 max_seq_length=int(meta.get("max_seq_length", 128)),
                 text_format=meta.get("text_format", "{premise}"),
                 layers=meta.get("layers"),
+                encoder_delta=_unpacked_delta(data),
             )
         expected = value_names()
         if head.names != expected:
@@ -198,6 +204,59 @@ class ValueHead:
         if head.weights.shape[0] != len(expected) or head.bias.shape != (len(expected),):
             raise ValueError(f"{path}: weights {head.weights.shape} / bias {head.bias.shape} do not match 20 values")
         return head
+
+
+_DELTA, _SCALE = "delta:", "delta_scale:"
+
+
+def _packed_delta(delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A weight matrix's delta as int8 with one scale per row (a quarter of float32, and deltas are
+    small: the rounding is below 1% of the delta), vectors as float16."""
+    packed = {}
+    for name, d in delta.items():
+        d = np.asarray(d, dtype=np.float32)
+        if d.ndim == 2:
+            scale = np.maximum(np.abs(d).max(axis=1, keepdims=True), 1e-12) / 127
+            packed[_DELTA + name] = np.round(d / scale).astype(np.int8)
+            packed[_SCALE + name] = scale.astype(np.float32)
+        else:
+            packed[_DELTA + name] = d.astype(np.float16)
+    return packed
+
+
+def _unpacked_delta(data: Any) -> dict[str, np.ndarray]:
+    delta = {}
+    for key in data.files:
+        if key.startswith(_DELTA):
+            name = key.removeprefix(_DELTA)
+            d = data[key].astype(np.float32)
+            delta[name] = d * data[_SCALE + name] if _SCALE + name in data.files else d
+    return delta
+
+
+def add_encoder_delta(model: Any, delta: Mapping[str, np.ndarray]) -> None:
+    """Add a value head's `encoder_delta` to a Hugging Face encoder's parameters, in place."""
+    import torch
+
+    params = dict(model.named_parameters())
+    unknown = sorted(set(delta) - set(params))
+    if unknown:
+        raise ValueError(f"the value head changes parameters the encoder does not have: {unknown[:3]}")
+    with torch.no_grad():
+        for name, d in delta.items():
+            if tuple(params[name].shape) != d.shape:
+                raise ValueError(
+                    f"the value head's change to {name} has shape {d.shape}, the encoder's {tuple(params[name].shape)}"
+                )
+            params[name].add_(torch.from_numpy(d).to(params[name].dtype))
+
+
+def delta_digest(delta: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(delta):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(delta[name], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 class SentenceEncoder:
@@ -213,6 +272,7 @@ class SentenceEncoder:
         num_threads: int | None = None,
         quantize: bool = False,
         layers: int | None = None,
+        encoder_delta: Mapping[str, np.ndarray] | None = None,
     ):
         from sentence_transformers import SentenceTransformer
 
@@ -224,6 +284,8 @@ class SentenceEncoder:
         self.layers = layers
         if layers:
             keep_layers(self.model[0].auto_model, layers)
+        if encoder_delta:
+            add_encoder_delta(self.model[0].auto_model, encoder_delta)
         self.quantized = quantize and self.device == "cpu"
         if self.quantized:
             self.model = _quantize_linear(self.model)
@@ -276,6 +338,7 @@ class OnnxEncoder:
         quantize: bool = True,
         cache_dir: Path | None = None,
         layers: int | None = None,
+        encoder_delta: Mapping[str, np.ndarray] | None = None,
     ):
         import onnxruntime as ort
         from transformers import AutoTokenizer
@@ -286,7 +349,9 @@ class OnnxEncoder:
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.layers = layers
-        onnx_path = export_onnx_encoder(self.path, quantize=quantize, cache_dir=cache_dir, layers=layers)
+        onnx_path = export_onnx_encoder(
+            self.path, quantize=quantize, cache_dir=cache_dir, layers=layers, encoder_delta=encoder_delta
+        )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads or _usable_cores()
         opts.inter_op_num_threads = 1
@@ -317,7 +382,14 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def export_onnx_encoder(path: Path, *, quantize: bool = True, cache_dir: Path | None = None, layers: int | None = None) -> Path:
+def export_onnx_encoder(
+    path: Path,
+    *,
+    quantize: bool = True,
+    cache_dir: Path | None = None,
+    layers: int | None = None,
+    encoder_delta: Mapping[str, np.ndarray] | None = None,
+) -> Path:
     """The ONNX file of a sentence-transformers folder's encoder with mean pooling and L2
     normalisation in the graph (int8 weights with `quantize`); exported once, then reused."""
     import onnxruntime
@@ -327,7 +399,7 @@ def export_onnx_encoder(path: Path, *, quantize: bool = True, cache_dir: Path | 
 
     identity = _checkpoint_identity(str(path))
     key = hashlib.sha256(f"{identity}|{torch.__version__}|{onnxruntime.__version__}".encode()).hexdigest()[:16]
-    cut = f"-{layers}layers" if layers else ""
+    cut = (f"-{layers}layers" if layers else "") + (f"-tuned{delta_digest(encoder_delta)}" if encoder_delta else "")
     folder = (cache_dir or cache_root()) / "value-encoder" / f"{path.name}{cut}-{key}"
     target = folder / ("model.int8.onnx" if quantize else "model.onnx")
     if target.is_file():
@@ -335,7 +407,7 @@ def export_onnx_encoder(path: Path, *, quantize: bool = True, cache_dir: Path | 
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = folder / "model.onnx"
     if not fp32.is_file():
-        _export_pooled(path, fp32, layers)
+        _export_pooled(path, fp32, layers, encoder_delta)
     if quantize:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -349,7 +421,7 @@ def export_onnx_encoder(path: Path, *, quantize: bool = True, cache_dir: Path | 
     return target
 
 
-def _export_pooled(path: Path, target: Path, layers: int | None) -> None:
+def _export_pooled(path: Path, target: Path, layers: int | None, encoder_delta: Mapping[str, np.ndarray] | None) -> None:
     import warnings
 
     import torch
@@ -360,6 +432,8 @@ def _export_pooled(path: Path, target: Path, layers: int | None) -> None:
     model = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
     if layers:
         keep_layers(model, layers)
+    if encoder_delta:
+        add_encoder_delta(model, encoder_delta)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
 
     class Pooled(torch.nn.Module):
@@ -681,25 +755,18 @@ def load_value_detector(cfg: ValueDetectorConfig, chat_model: ChatModel | None =
     if cfg.backend == "embedding":
         head_path = Path(cfg.head) if cfg.head else DEFAULT_HEAD
         head = ValueHead.load(head_path)
-        encoder: SentenceEncoder | OnnxEncoder
-        if cfg.runtime == "onnx" and _pick_device(cfg.device) == "cpu":
-            encoder = OnnxEncoder(
-                cfg.encoder,
-                max_seq_length=cfg.max_seq_length or EMBEDDING_MAX_LENGTH,
-                batch_size=cfg.batch_size,
-                num_threads=cfg.num_threads,
-                quantize=cfg.quantize,
-                layers=head.layers,
-            )
-            return EmbeddingValueDetector(head, encoder, threshold=cfg.threshold, head_path=head_path)
-        encoder = SentenceEncoder(
-            cfg.encoder,
-            max_seq_length=cfg.max_seq_length or EMBEDDING_MAX_LENGTH,
-            batch_size=cfg.batch_size,
-            device=cfg.device,
-            num_threads=cfg.num_threads,
-            quantize=cfg.quantize,
-            layers=head.layers,
+        shared: dict[str, Any] = {
+            "max_seq_length": cfg.max_seq_length or EMBEDDING_MAX_LENGTH,
+            "batch_size": cfg.batch_size,
+            "num_threads": cfg.num_threads,
+            "quantize": cfg.quantize,
+            "layers": head.layers,
+            "encoder_delta": head.encoder_delta,
+        }
+        encoder = (
+            OnnxEncoder(cfg.encoder, **shared)
+            if cfg.runtime == "onnx" and _pick_device(cfg.device) == "cpu"
+            else SentenceEncoder(cfg.encoder, device=cfg.device, **shared)
         )
         return EmbeddingValueDetector(head, encoder, threshold=cfg.threshold, head_path=head_path)
     if cfg.backend == "hf":

@@ -383,3 +383,72 @@ def test_llm_backend_scores_each_value():
     assert "I worked hard" in chat.prompts[0] and "Self-direction: thought" in chat.prompts[0]
     with pytest.raises(ValueError, match="chat model"):
         load_value_detector(ValueDetectorConfig(backend="llm"))
+
+
+# --------------------------------------------------------------------------------------------
+# end-to-end training (the encoder's layers with the head)
+# --------------------------------------------------------------------------------------------
+
+_TOPICS = {
+    "Universalism: nature": "we must protect the forests, the rivers and the animals that live there",
+    "Self-direction: action": "people should be free to choose their own path and decide for themselves",
+    "Security: personal": "this keeps my family safe and healthy and out of danger at home",
+}
+
+
+def _touche_folder(folder: Path, per_split: int = 24) -> Path:
+    """A Touché23-shaped folder whose premises name one of three values by topic."""
+    names = value_names()
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("training", "validation", "test"):
+        args = ["Argument ID\tConclusion\tStance\tPremise"]
+        labels = ["Argument ID\t" + "\t".join(names)]
+        for i in range(per_split):
+            value, premise = list(_TOPICS.items())[i % len(_TOPICS)]
+            arg_id = f"{split[0].upper()}{i:04d}"
+            args.append(f"{arg_id}\tWe should act\tin favor of\t{premise}, argument {i}")
+            labels.append(arg_id + "\t" + "\t".join("1" if n == value else "0" for n in names))
+        (folder / f"arguments-{split}.tsv").write_text("\n".join(args) + "\n")
+        (folder / f"labels-{split}.tsv").write_text("\n".join(labels) + "\n")
+    return folder
+
+
+def test_an_encoder_delta_survives_the_head_file_within_int8_rounding(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    delta = {"encoder.layer.0.output.dense.weight": rng.normal(0, 0.01, (384, 1536)).astype(np.float32)}
+    delta["encoder.layer.0.output.dense.bias"] = rng.normal(0, 0.01, 384).astype(np.float32)
+    head = ValueHead(np.zeros((20, 384), np.float32), np.zeros(20, np.float32), 0.5, value_names(), encoder_delta=delta)
+    loaded = ValueHead.load(head.save(tmp_path / "head.npz")).encoder_delta
+    assert set(loaded) == set(delta)
+    for name, d in delta.items():
+        assert np.abs(loaded[name] - d).max() <= 0.005 * np.abs(d).max()
+
+
+def test_end_to_end_training_changes_the_encoder_and_every_loader_reads_the_change(tmp_path: Path):
+    from esvr.models.value_checkpoint import build_value_checkpoint
+    from esvr.tasks.labeling.value_head import EndToEnd
+
+    data = _touche_folder(tmp_path / "touche")
+    settings = EndToEnd(epochs=2, lr=2e-4, head_lr=1e-2, batch_size=8)
+    metrics = train_value_head(data, tmp_path / "head.npz", max_seq_length=32, layers=1, end_to_end=settings)
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["epochs"][1]["loss"] < metrics["epochs"][0]["loss"]
+    head = ValueHead.load(tmp_path / "head.npz")
+    assert head.layers == 1 and head.threshold == 0.5
+    # the first layer's weights trained, the embeddings table stayed as it was
+    assert head.encoder_delta and all(n.startswith("encoder.layer.0.") for n in head.encoder_delta)
+    assert max(float(np.abs(d).max()) for d in head.encoder_delta.values()) > 1e-4
+
+    stock = SentenceEncoder(max_seq_length=32, layers=1).encode(TEXTS)
+    tuned = SentenceEncoder(max_seq_length=32, layers=1, encoder_delta=head.encoder_delta).encode(TEXTS)
+    assert np.abs(tuned - stock).max() > 1e-3
+    detector = load_value_detector(ValueDetectorConfig(head=tmp_path / "head.npz", quantize=False, max_seq_length=32))
+    np.testing.assert_allclose(detector.predict_proba(TEXTS), head.proba(tuned), atol=1e-5)
+    # the hf checkpoint built from the head carries the tuned layer too
+    hf = HFValueDetector(
+        [str(build_value_checkpoint(tmp_path / "ckpt", tmp_path / "head.npz"))],
+        max_length=32,
+        threshold=0.5,
+        trust_remote_code=True,
+    )
+    np.testing.assert_allclose(hf.predict_proba(TEXTS), head.proba(tuned), atol=1e-4)

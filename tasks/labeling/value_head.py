@@ -6,6 +6,11 @@ regression per value on the training split, picks the regularization strength on
 split and then one threshold per value there (never on the test split), folds the thresholds into
 the biases, and reports macro-F1 and per-value F1 on the test split. It writes the head
 (``value_head.npz``, a few tens of KB) and its metrics (``value_head.metrics.json``).
+
+With ``--end-to-end`` (`EndToEnd`) the encoder's layers train with a linear head instead
+(`finetune_encoder`), the epoch chosen on validation; the head file then also carries what training
+changed in the encoder (``ValueHead.encoder_delta``, a few MB), which every loader adds to the stock
+encoder.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +148,7 @@ def fold_thresholds(head: ValueHead, thresholds: np.ndarray) -> ValueHead:
     that its probability reaches 0.5 exactly where the original reached threshold_j. Every consumer
     of the head (the detector, the checkpoint built from it) keeps one threshold."""
     t = np.clip(thresholds.astype(np.float64), 1e-4, 1 - 1e-4)
-    bias = (head.bias - np.log(t / (1 - t))).astype(np.float32)
-    return ValueHead(head.weights, bias, 0.5, head.names, head.encoder, head.max_seq_length, head.text_format, head.layers)
+    return replace(head, bias=(head.bias - np.log(t / (1 - t))).astype(np.float32), threshold=0.5)
 
 
 def fit_heads(emb: np.ndarray, y: np.ndarray, c: float, class_weight: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +186,139 @@ def fit_heads(emb: np.ndarray, y: np.ndarray, c: float, class_weight: str | None
     return w.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32)
 
 
+@dataclass
+class EndToEnd:
+    """Training the encoder's layers with the head (`finetune_encoder`); the embeddings table stays
+    frozen. The defaults are the project's choice, measured on Touché23 (docs/labeling.md)."""
+
+    epochs: int = 3
+    lr: float = 5e-5
+    head_lr: float = 1e-3
+    batch_size: int = 32
+    #: share of the steps the learning rate warms up over, then it decays linearly to 0
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+#: the head sees the unit-length embedding times this while training: at scale 1 its logits barely
+#: move at the head's learning rate. The shipped head's weights carry the factor.
+LOGIT_SCALE = 10.0
+
+
+def finetune_encoder(
+    train: ToucheSplit,
+    validation: ToucheSplit,
+    *,
+    settings: EndToEnd,
+    max_seq_length: int,
+    layers: int | None,
+    text_format: str,
+    encoder_path: str | Path | None = None,
+) -> tuple[ValueHead, list[dict]]:
+    """The encoder's layers and a linear head trained on `train` with binary cross-entropy per
+    value, over mean-pooled unit-length embeddings (what `SentenceEncoder` returns); the epoch with
+    the best validation macro-F1 (one threshold per value, tuned there) is kept.
+
+    Returns the head (threshold 0.5, not yet tuned) with ``encoder_delta`` set, and a row per
+    epoch (loss, validation macro-F1, seconds)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from esvr.models.value_detector import keep_layers, minilm_path
+
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    path = str(encoder_path or minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    if layers:
+        keep_layers(bert, layers)
+    stock = {n: p.detach().clone() for n, p in bert.named_parameters()}
+    for name, param in bert.named_parameters():
+        param.requires_grad = name.startswith("encoder.")
+    head = torch.nn.Linear(bert.config.hidden_size, train.labels.shape[1])
+    prior = np.clip(train.labels.mean(0), 1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.as_tensor(np.log(prior / (1 - prior)), dtype=torch.float32))
+
+    def logits(texts: list[str]) -> torch.Tensor:
+        batch = tokenizer(texts, truncation=True, max_length=max_seq_length, padding=True, return_tensors="pt")
+        states = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return head(LOGIT_SCALE * torch.nn.functional.normalize(pooled, dim=-1))
+
+    def validation_probs() -> np.ndarray:
+        bert.eval()
+        with torch.inference_mode():
+            out = [torch.sigmoid(logits(validation.texts[i : i + 128])).numpy() for i in range(0, len(validation.texts), 128)]
+        bert.train()
+        return np.concatenate(out)
+
+    trained = [p for p in bert.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": trained, "lr": settings.lr, "weight_decay": settings.weight_decay},
+            {"params": list(head.parameters()), "lr": settings.head_lr, "weight_decay": 0.0},
+        ]
+    )
+    n = len(train.texts)
+    steps = -(-n // settings.batch_size) * settings.epochs
+    warm = max(1, int(settings.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
+    )
+    targets = torch.as_tensor(train.labels, dtype=torch.float32)
+    history: list[dict] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    bert.train()
+    for epoch in range(1, settings.epochs + 1):
+        t0, total = time.time(), 0.0
+        order = rng.permutation(n)
+        for step, start in enumerate(range(0, n, settings.batch_size), 1):
+            rows = order[start : start + settings.batch_size]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits([train.texts[i] for i in rows]), targets[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+            if step % 50 == 0:
+                log.info("epoch %d: step %d of %d, loss %.4f", epoch, step, -(-n // settings.batch_size), total / step)
+        probs = validation_probs()
+        marked = probs >= tune_value_thresholds(validation.labels, probs)
+        f1 = float(f1_per_value(validation.labels, marked.astype(np.int8)).mean())
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": round(total / step, 4),
+                "validation_macro_f1": round(f1, 4),
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+        log.info("epoch %d: loss %.4f, validation macro-F1 %.4f (%.0f s)", epoch, total / step, f1, time.time() - t0)
+        if best is None or f1 > best[0]:
+            state = {f"bert.{k}": v.detach().clone() for k, v in bert.named_parameters() if v.requires_grad}
+            state |= {f"head.{k}": v.detach().clone() for k, v in head.named_parameters()}
+            best = (f1, state)
+    assert best is not None
+    state = best[1]
+    delta = {k: (state[f"bert.{k}"] - stock[k]).numpy() for k in stock if f"bert.{k}" in state}
+    result = ValueHead(
+        (state["head.weight"] * LOGIT_SCALE).numpy().astype(np.float32),
+        state["head.bias"].numpy().astype(np.float32),
+        0.5,
+        value_names(),
+        max_seq_length=max_seq_length,
+        text_format=text_format,
+        layers=layers,
+        encoder_delta=delta,
+    )
+    return result, history
+
+
 def train_value_head(
     data_dir: str | Path,
     out_path: str | Path = DEFAULT_HEAD,
@@ -201,28 +338,49 @@ def train_value_head(
     # threshold may mark more than this share of them (docs/labeling.md, "Thresholds per value")
     conversational_texts: Sequence[str] | None = None,
     max_conversational_rate: float | None = 1 / 3,
+    # train the encoder's layers with the head instead of logistic heads on frozen embeddings
+    end_to_end: EndToEnd | None = None,
 ) -> dict:
     """Train, select on validation, evaluate on test, write head + metrics; return the metrics."""
     t0 = time.time()
     names = value_names()
-    encoder = encoder or SentenceEncoder(max_seq_length=max_seq_length, layers=layers)
     splits = {s: read_touche_split(data_dir, s, text_format, limit) for s in SPLITS}
-    emb = {s: encoder.encode(splits[s].texts) for s in SPLITS}
-    log.info("embedded %s arguments in %.0f s", {s: len(v.ids) for s, v in splits.items()}, time.time() - t0)
-
-    best = None
-    for cw in class_weights:
-        for c in c_grid:
-            w, b = fit_heads(emb["training"], splits["training"].labels, c, cw)
-            head = ValueHead(w, b, 0.5, names)
-            thr, f1 = tune_threshold(splits["validation"].labels, head.proba(emb["validation"]))
-            log.info("C=%s class_weight=%s: validation macro-F1 %.4f at threshold %.2f", c, cw, f1, thr)
-            if best is None or f1 > best[0]:
-                best = (f1, c, cw, thr, w, b)
-    assert best is not None
-    val_f1, c, cw, thr, w, b = best
-    max_len = encoder.max_seq_length
-    head = ValueHead(w, b, thr, names, max_seq_length=max_len, text_format=text_format, layers=encoder.layers)
+    fit: dict = {}
+    if end_to_end is not None:
+        if encoder is not None:
+            raise ValueError("end-to-end training builds its own encoder: pass no encoder")
+        tuned, history = finetune_encoder(
+            splits["training"],
+            splits["validation"],
+            settings=end_to_end,
+            max_seq_length=max_seq_length,
+            layers=layers,
+            text_format=text_format,
+        )
+        fit = {"end_to_end": asdict(end_to_end), "epochs": history, "trained_encoder_parameters": len(tuned.encoder_delta)}
+        # thresholds are tuned on what labels by default, the int8 encoder: on Touché23 test, fp32
+        # thresholds cost the int8 encoder 0.01 macro-F1 (docs/labeling.md)
+        encoder = SentenceEncoder(max_seq_length=max_seq_length, layers=layers, quantize=True, encoder_delta=tuned.encoder_delta)
+        emb = {s: encoder.encode(splits[s].texts) for s in ("validation", "test")}
+        thr, _ = tune_threshold(splits["validation"].labels, tuned.proba(emb["validation"]))
+        head = replace(tuned, threshold=thr)
+    else:
+        encoder = encoder or SentenceEncoder(max_seq_length=max_seq_length, layers=layers)
+        emb = {s: encoder.encode(splits[s].texts) for s in SPLITS}
+        log.info("embedded %s arguments in %.0f s", {s: len(v.ids) for s, v in splits.items()}, time.time() - t0)
+        best = None
+        for cw in class_weights:
+            for c in c_grid:
+                w, b = fit_heads(emb["training"], splits["training"].labels, c, cw)
+                head = ValueHead(w, b, 0.5, names)
+                thr, f1 = tune_threshold(splits["validation"].labels, head.proba(emb["validation"]))
+                log.info("C=%s class_weight=%s: validation macro-F1 %.4f at threshold %.2f", c, cw, f1, thr)
+                if best is None or f1 > best[0]:
+                    best = (f1, c, cw, thr, w, b)
+        assert best is not None
+        _, c, cw, thr, w, b = best
+        fit = {"C": c, "class_weight": cw}
+        head = ValueHead(w, b, thr, names, max_seq_length=encoder.max_seq_length, text_format=text_format, layers=encoder.layers)
     test = splits["test"]
     # the one global threshold's test figure, for comparison with the per-value ones that ship
     global_f1 = f1_per_value(test.labels, (head.proba(emb["test"]) >= thr).astype(np.int8)).mean()
@@ -235,8 +393,17 @@ def train_value_head(
     val_f1 = float(f1_per_value(val_labels, val_marked.astype(np.int8)).mean())
     head = fold_thresholds(head, thresholds)
     out_path = head.save(out_path)
-    # evaluate what was saved (float16 weights), not what was fitted
+    # evaluate what was saved (float16 weights, the int8 encoder delta), not what was fitted
     head = ValueHead.load(out_path)
+    extra = {}
+    if head.encoder_delta:
+        for quantize in (False, True):
+            saved = SentenceEncoder(
+                max_seq_length=max_seq_length, layers=layers, quantize=quantize, encoder_delta=head.encoder_delta
+            )
+            emb["test"] = saved.encode(test.texts)
+            f1 = f1_per_value(test.labels, (head.proba(emb["test"]) >= head.threshold).astype(np.int8)).mean()
+            extra[f"test_macro_f1_{'int8' if quantize else 'fp32'}"] = round(float(f1), 4)
     pred = (head.proba(emb["test"]) >= head.threshold).astype(np.int8)
     per_value = f1_per_value(test.labels, pred)
     metrics = {
@@ -245,8 +412,7 @@ def train_value_head(
         "max_seq_length": head.max_seq_length,
         "layers": head.layers,
         "text_format": text_format,
-        "C": c,
-        "class_weight": cw,
+        **fit,
         "threshold": head.threshold,
         "threshold_selected_on": "validation",
         "per_value_thresholds": {n: round(float(t), 2) for n, t in zip(names, thresholds)},
@@ -262,6 +428,7 @@ def train_value_head(
         "test_macro_f1_global_threshold": round(float(global_f1), 4),
         "validation_macro_f1": round(val_f1, 4),
         "test_macro_f1": round(float(per_value.mean()), 4),
+        **extra,
         "test_f1_per_value": {n: round(float(f), 4) for n, f in zip(names, per_value)},
         "n_arguments": {s: len(splits[s].ids) for s in SPLITS},
         "schroter_et_al_test_f1": SCHROTER_TEST_F1,
