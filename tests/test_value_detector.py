@@ -51,7 +51,9 @@ def test_committed_head_loads_with_its_metrics():
     assert head.names == value_names() and len(head.names) == 20
     assert head.weights.shape == (20, 384) and head.bias.shape == (20,)
     assert 0 < head.threshold < 1
-    assert DEFAULT_HEAD.stat().st_size < 500_000
+    # trained end to end on MiniLM's first 3 layers: the head carries their change (int8, ~5 MB)
+    assert head.layers == 3 and head.encoder_delta and all(n.startswith("encoder.layer.") for n in head.encoder_delta)
+    assert DEFAULT_HEAD.stat().st_size < 8_000_000
     metrics = json.loads(DEFAULT_HEAD.with_name("value_head.metrics.json").read_text())
     assert metrics["threshold_selected_on"] == "validation"
     assert metrics["threshold"] == pytest.approx(head.threshold)
@@ -72,7 +74,7 @@ def test_default_detector_output_shape_and_detect(default_detector):
 def test_quantized_encoder_agrees_with_fp32(default_detector):
     fp32 = load_value_detector(ValueDetectorConfig(runtime="torch", quantize=False))
     assert default_detector.encoder.quantized and not fp32.encoder.quantized
-    assert np.abs(fp32.predict_proba(TEXTS) - default_detector.predict_proba(TEXTS)).max() < 0.15
+    assert np.abs(fp32.predict_proba(TEXTS) - default_detector.predict_proba(TEXTS)).max() < 0.2
     assert fp32.fingerprint != default_detector.fingerprint
 
 
@@ -96,10 +98,10 @@ def test_a_head_may_read_the_first_layers_only(tmp_path: Path, default_detector)
     """A head trained on the first 3 of MiniLM's 6 layers halves the encoder's cost
     (docs/labeling.md); every runtime cuts the encoder the same way."""
     committed = ValueHead.load(DEFAULT_HEAD)
-    assert committed.layers is None and default_detector.encoder.layers is None
-    head = ValueHead(committed.weights, committed.bias, committed.threshold, committed.names, layers=3)
+    assert committed.layers == 3 and default_detector.encoder.layers == 3
+    head = ValueHead(committed.weights, committed.bias, committed.threshold, committed.names, layers=3)  # the stock layers
     path = head.save(tmp_path / "head.npz")
-    assert ValueHead.load(path).layers == 3
+    assert ValueHead.load(path).layers == 3 and not ValueHead.load(path).encoder_delta
     onnx = load_value_detector(ValueDetectorConfig(head=path, runtime="onnx"))
     torch_fp32 = load_value_detector(ValueDetectorConfig(head=path, runtime="torch", quantize=False))
     assert onnx.encoder.layers == 3 and len(torch_fp32.encoder.model[0].auto_model.encoder.layer) == 3
@@ -148,7 +150,7 @@ REDDIT_LIKE = [
 def test_committed_head_marks_few_values_on_conversational_text(default_detector):
     """One threshold tuned for F1 on arguments marked 4 values per utterance here, five of them in
     over a third of the utterances, Security: personal in 77%. The committed per-value thresholds,
-    capped at the annotators' rates and at a third of ESConv's seeker turns (not these texts), mark
+    capped at the annotators' rates and at a fifth of ESConv's seeker turns (not these texts), mark
     under 2, and no value in more than 40% of them."""
     marked = default_detector.predict_proba(REDDIT_LIKE) >= default_detector.threshold
     assert marked.sum(1).mean() <= 2.0

@@ -223,6 +223,7 @@ def finetune_encoder(
     Returns the head (threshold 0.5, not yet tuned) with ``encoder_delta`` set, and a row per
     epoch (loss, validation macro-F1, seconds)."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModel, AutoTokenizer
 
     from esvr.models.value_detector import keep_layers, minilm_path
@@ -231,7 +232,7 @@ def finetune_encoder(
     rng = np.random.default_rng(settings.seed)
     path = str(encoder_path or minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    bert = AutoModel.from_pretrained(path)  # its pooler stays frozen and unused
     if layers:
         keep_layers(bert, layers)
     stock = {n: p.detach().clone() for n, p in bert.named_parameters()}
@@ -274,22 +275,25 @@ def finetune_encoder(
     history: list[dict] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     bert.train()
+    per_epoch = -(-n // settings.batch_size)
     for epoch in range(1, settings.epochs + 1):
         t0, total = time.time(), 0.0
         order = rng.permutation(n)
-        for step, start in enumerate(range(0, n, settings.batch_size), 1):
-            rows = order[start : start + settings.batch_size]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits([train.texts[i] for i in rows]), targets[rows])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-            if step % 50 == 0:
-                log.info("epoch %d: step %d of %d, loss %.4f", epoch, step, -(-n // settings.batch_size), total / step)
-        probs = validation_probs()
-        marked = probs >= tune_value_thresholds(validation.labels, probs)
-        f1 = float(f1_per_value(validation.labels, marked.astype(np.int8)).mean())
+        with tqdm(total=per_epoch, desc=f"end-to-end epoch {epoch}/{settings.epochs}", unit="batch") as bar:
+            for step, start in enumerate(range(0, n, settings.batch_size), 1):
+                rows = order[start : start + settings.batch_size]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits([train.texts[i] for i in rows]), targets[rows])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item()
+                bar.update()
+                bar.set_postfix(loss=f"{total / step:.4f}", refresh=False)
+            probs = validation_probs()
+            marked = probs >= tune_value_thresholds(validation.labels, probs)
+            f1 = float(f1_per_value(validation.labels, marked.astype(np.int8)).mean())
+            bar.set_postfix(loss=f"{total / step:.4f}", validation_macro_f1=f"{f1:.4f}")
         history.append(
             {
                 "epoch": epoch,
@@ -298,7 +302,6 @@ def finetune_encoder(
                 "seconds": round(time.time() - t0, 1),
             }
         )
-        log.info("epoch %d: loss %.4f, validation macro-F1 %.4f (%.0f s)", epoch, total / step, f1, time.time() - t0)
         if best is None or f1 > best[0]:
             state = {f"bert.{k}": v.detach().clone() for k, v in bert.named_parameters() if v.requires_grad}
             state |= {f"head.{k}": v.detach().clone() for k, v in head.named_parameters()}
