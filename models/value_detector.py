@@ -169,14 +169,13 @@ class ValueHead:
             "layers": self.layers,
         }
         # float16 weights keep the committed file small; the rounding moves probabilities by < 1e-3
+        arrays = {
+            "weights": self.weights.astype(np.float16),
+            "bias": self.bias.astype(np.float32),
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        } | _packed_delta(self.encoder_delta)
         with open(path, "wb") as fh:
-            np.savez_compressed(
-                fh,
-                weights=self.weights.astype(np.float16),
-                bias=self.bias.astype(np.float32),
-                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                **_packed_delta(self.encoder_delta),
-            )
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types the keywords as its own flags
         return path
 
     @classmethod
