@@ -51,8 +51,8 @@ def test_committed_head_loads_with_its_metrics():
     assert head.names == value_names() and len(head.names) == 20
     assert head.weights.shape == (20, 384) and head.bias.shape == (20,)
     assert 0 < head.threshold < 1
-    # trained end to end on MiniLM's first 3 layers: the head carries their change (int8, ~5 MB)
-    assert head.layers == 3 and head.encoder_delta and all(n.startswith("encoder.layer.") for n in head.encoder_delta)
+    # trained end to end on MiniLM's first 2 layers: the head carries their change (int8, ~3.5 MB)
+    assert head.layers == 2 and head.encoder_delta and all(n.startswith("encoder.layer.") for n in head.encoder_delta)
     assert DEFAULT_HEAD.stat().st_size < 8_000_000
     metrics = json.loads(DEFAULT_HEAD.with_name("value_head.metrics.json").read_text())
     assert metrics["threshold_selected_on"] == "validation"
@@ -98,7 +98,7 @@ def test_a_head_may_read_the_first_layers_only(tmp_path: Path, default_detector)
     """A head trained on the first 3 of MiniLM's 6 layers halves the encoder's cost
     (docs/labeling.md); every runtime cuts the encoder the same way."""
     committed = ValueHead.load(DEFAULT_HEAD)
-    assert committed.layers == 3 and default_detector.encoder.layers == 3
+    assert committed.layers == 2 and default_detector.encoder.layers == 2
     head = ValueHead(committed.weights, committed.bias, committed.threshold, committed.names, layers=3)  # the stock layers
     path = head.save(tmp_path / "head.npz")
     assert ValueHead.load(path).layers == 3 and not ValueHead.load(path).encoder_delta
