@@ -426,6 +426,15 @@ def test_an_encoder_delta_survives_the_head_file_within_int8_rounding(tmp_path: 
         assert np.abs(loaded[name] - d).max() <= 0.005 * np.abs(d).max()
 
 
+def test_end_to_end_settings_refuse_what_cannot_train():
+    from esvr.tasks.labeling.value_head import EndToEnd
+
+    with pytest.raises(ValueError, match="at least 1 epoch"):
+        EndToEnd(epochs=-1)
+    with pytest.raises(ValueError, match="learning rates must be > 0"):
+        EndToEnd(lr=0)
+
+
 def test_end_to_end_training_changes_the_encoder_and_every_loader_reads_the_change(tmp_path: Path):
     from esvr.models.value_checkpoint import build_value_checkpoint
     from esvr.tasks.labeling.value_head import EndToEnd

@@ -200,6 +200,14 @@ class EndToEnd:
     weight_decay: float = 0.01
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"end-to-end training needs at least 1 epoch and 1 text per batch, got {self.epochs} and {self.batch_size}"
+            )
+        if self.lr <= 0 or self.head_lr <= 0 or not 0 <= self.warmup < 1:
+            raise ValueError(f"end-to-end training: learning rates must be > 0 and warmup in [0, 1), got {self}")
+
 
 #: the head sees the unit-length embedding times this while training: at scale 1 its logits barely
 #: move at the head's learning rate. The shipped head's weights carry the factor.
