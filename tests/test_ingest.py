@@ -662,6 +662,32 @@ def test_incremental_same_dump_elsewhere_is_reused_new_dump_is_staged(sample, tm
     assert len(changed.staged_now) == 4
 
 
+def test_new_dumps_stage_smallest_first_and_merge_in_the_given_order(sample, tmp_path):
+    # the dumps are hashed smallest first in a thread, each staged as soon as its hash is known
+    rs, rc = sample["submissions"][0], sample["comments"][0]
+    assert rs.stat().st_size < rc.stat().st_size
+    copy = tmp_path / "copy" / "RC_copy.zst"
+    copy.parent.mkdir()
+    shutil.copy(rc, copy)
+    calls = []
+
+    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
+        calls.append(path)
+        return stage_dump(path, stage_dir, cfg)
+
+    out = tmp_path / "out"
+    result = ingest_dumps([rc, rs, copy], out, IngestConfig(), stage_fn=stage_fn)
+    assert calls == [rs, rc]  # the copy holds the same bytes: staged once
+    assert [d["dump"] for d in result.summary["dumps"]] == [rc.name, rs.name]
+    assert result.staged_now == [rc.name, rs.name] and result.reused == []
+    manifest = load_manifest(out)
+    (entry,) = [e for e in manifest["dumps"].values() if e["name"] == rc.name]
+    assert entry["paths"] == [str(rc.resolve()), str(copy.resolve())]
+    assert set(manifest["hashes"]) == {str(p.resolve()) for p in (rc, rs, copy)}
+    alone = ingest_dumps([rs, rc], tmp_path / "alone", IngestConfig())
+    assert read_threads(result.threads).equals(read_threads(alone.threads))
+
+
 def test_find_new_dumps_picks_only_new_files(sample, tmp_path):
     folder = tmp_path / "incoming"
     folder.mkdir()

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -1269,6 +1270,42 @@ def dump_hash(path: Path, manifest: dict[str, Any]) -> str:
     return sha
 
 
+class _HashAhead:
+    """The SHA-256 of the given dumps. Those the manifest does not remember are hashed in a thread,
+    smallest file first, so staging one dump overlaps hashing the next (hashlib gives up the GIL
+    while it hashes); a hash is recorded in the manifest by the thread that asks for it."""
+
+    def __init__(self, paths: Sequence[Path], manifest: dict[str, Any]):
+        self.manifest = manifest
+        unknown = {p.resolve(): p for p in paths if not self.remembered(p)}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-hash")
+        self.futures: dict[Path, Future[str]] = {
+            key: self.pool.submit(file_sha256, p) for key, p in sorted(unknown.items(), key=lambda kv: kv[1].stat().st_size)
+        }
+
+    def remembered(self, path: Path) -> bool:
+        st = path.stat()
+        known = self.manifest["hashes"].get(str(path.resolve()))
+        return bool(known) and known[0] == st.st_size and known[1] == st.st_mtime_ns
+
+    def pending(self, paths: Sequence[Path]) -> list[Path]:
+        """`paths` whose hash is being computed, in the order the thread computes them."""
+        rank = {key: i for i, key in enumerate(self.futures)}
+        return sorted((p for p in paths if p.resolve() in rank), key=lambda p: rank[p.resolve()])
+
+    def sha(self, path: Path) -> str:
+        future = self.futures.get(path.resolve())
+        if future is None:
+            return dump_hash(path, self.manifest)
+        st = path.stat()
+        sha = future.result()
+        self.manifest["hashes"][str(path.resolve())] = [st.st_size, st.st_mtime_ns, sha]
+        return sha
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def find_new_dumps(folder: str | Path, manifest: str | Path | dict[str, Any], min_age_s: float = 60.0) -> list[Path]:
     """The .zst files in `folder` whose content is not in the manifest yet.
 
@@ -1328,42 +1365,51 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
     if problems:
         raise IngestError("not a Pushshift dump (NDJSON compressed by zstd): " + "; ".join(problems))
     fp = filters_fingerprint(cfg, author_salt(cfg, out_dir / "staged"))
-    # recorded dumps first, then the given ones; a dump seen twice (same bytes) is staged once
-    todo: dict[str, Path] = {}
-    for sha, entry in list(manifest["dumps"].items()):
-        on_disk = {p: dump_hash(Path(p), manifest) for p in entry.get("paths", [entry["path"]]) if Path(p).is_file()}
-        same = [p for p, h in on_disk.items() if h == sha]
-        if on_disk and not same:
-            # every copy still there holds other bytes: the new content replaces the recorded one
-            log.info("%s changed since it was staged: staging its new content", ", ".join(on_disk))
-            shutil.rmtree(out_dir / entry["stage"], ignore_errors=True)
-            del manifest["dumps"][sha]
-            todo.update({h: Path(p) for p, h in on_disk.items()})
-        elif entry.get("filters") == fp:
-            todo[sha] = Path(same[0] if same else entry["path"])
-        elif same:
-            todo[sha] = Path(same[0])
-        else:
-            log.warning(
-                "%s was staged with other filters and is gone from %s: left out of the merge", entry["name"], entry["path"]
-            )
-    for p in given:
-        todo[dump_hash(p, manifest)] = p
-    staged_now, reused, errors = [], [], []
-    stage_dirs = []
-    for sha, path in todo.items():
-        entry = manifest["dumps"].get(sha)
-        stage_dir = out_dir / "staged" / f"{sha[:24]}-{fp}"
-        if entry and entry.get("filters") == fp and (out_dir / entry["stage"] / "stats.json").exists():
-            reused.append(entry["name"])
-            if path.is_file() and str(path.resolve()) not in entry["paths"]:
-                entry["paths"].append(str(path.resolve()))
-        else:
+    hashes = _HashAhead(given, manifest)
+    try:
+        # recorded dumps first, then the given ones; a dump seen twice (same bytes) is staged once
+        todo: dict[str, Path] = {}
+        for sha, entry in list(manifest["dumps"].items()):
+            on_disk = {p: hashes.sha(Path(p)) for p in entry.get("paths", [entry["path"]]) if Path(p).is_file()}
+            same = [p for p, h in on_disk.items() if h == sha]
+            if on_disk and not same:
+                # every copy still there holds other bytes: the new content replaces the recorded one
+                log.info("%s changed since it was staged: staging its new content", ", ".join(on_disk))
+                shutil.rmtree(out_dir / entry["stage"], ignore_errors=True)
+                del manifest["dumps"][sha]
+                todo.update({h: Path(p) for p, h in on_disk.items()})
+            elif entry.get("filters") == fp:
+                todo[sha] = Path(same[0] if same else entry["path"])
+            elif same:
+                todo[sha] = Path(same[0])
+            else:
+                log.warning(
+                    "%s was staged with other filters and is gone from %s: left out of the merge", entry["name"], entry["path"]
+                )
+        waiting = hashes.pending(given)
+        for p in given:
+            if p not in waiting:
+                todo[hashes.sha(p)] = p
+        staged_now: set[str] = set()
+        handled: set[str] = set()
+
+        def stage(sha: str, path: Path) -> None:
+            entry = manifest["dumps"].get(sha)
+            if sha in handled:  # the same bytes under a second name, given in this run
+                if entry and str(path.resolve()) not in entry["paths"]:
+                    entry["paths"].append(str(path.resolve()))
+                return
+            handled.add(sha)
+            stage_dir = out_dir / "staged" / f"{sha[:24]}-{fp}"
+            if entry and entry.get("filters") == fp and (out_dir / entry["stage"] / "stats.json").exists():
+                if path.is_file() and str(path.resolve()) not in entry["paths"]:
+                    entry["paths"].append(str(path.resolve()))
+                return
             log.info("staging %s", path)
             result = stage_fn(path, stage_dir, cfg)
             if entry and entry.get("stage") and entry["stage"] != str(stage_dir.relative_to(out_dir)):
                 shutil.rmtree(out_dir / entry["stage"], ignore_errors=True)
-            entry = {
+            manifest["dumps"][sha] = {
                 "name": path.name,
                 "path": str(path.resolve()),
                 "paths": [str(path.resolve())],
@@ -1373,13 +1419,23 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
                 "error": result.error,
                 "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            manifest["dumps"][sha] = entry
-            staged_now.append(path.name)
+            staged_now.add(sha)
             save_manifest(manifest, manifest_path)  # a crash later keeps what was staged
-        if entry.get("error"):
-            errors.append(entry["error"])
-        stage_dirs.append(out_dir / entry["stage"])
+
+        for sha, path in todo.items():
+            stage(sha, path)
+        # each dump still being hashed is staged as soon as its hash is known
+        for p in waiting:
+            stage(hashes.sha(p), p)
+        order = list(dict.fromkeys([*todo, *(hashes.sha(p) for p in given)]))
+    finally:
+        hashes.close()
     save_manifest(manifest, manifest_path)
+    entries = [manifest["dumps"][sha] for sha in order]
+    staged_names = [e["name"] for sha, e in zip(order, entries) if sha in staged_now]
+    reused = [e["name"] for sha, e in zip(order, entries) if sha not in staged_now]
+    errors = [e["error"] for e in entries if e.get("error")]
+    stage_dirs = [out_dir / e["stage"] for e in entries]
 
     per_dump = [json.loads((d / "stats.json").read_text()) for d in stage_dirs]
     rejects_path = out_dir / "rejects.ndjson"
@@ -1407,7 +1463,7 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
         "dumps": per_dump,
         "totals": {k: dict(v) if isinstance(v, Counter) else v for k, v in totals.items()},
         "threads": build,
-        "staged_now": staged_now,
+        "staged_now": staged_names,
         "reused": reused,
         "errors": errors,
         "filters_fingerprint": fp,
@@ -1445,7 +1501,7 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
             f"drops per reason: posts {dict(totals['submissions'])}, comments {dict(totals['comments'])}; "
             f"{totals['malformed']} malformed lines (see {rejects_path}); details in {stats_path}"
         )
-    return IngestResult(threads_path, rejects_path, stats_path, manifest_path, summary, staged_now, reused, errors)
+    return IngestResult(threads_path, rejects_path, stats_path, manifest_path, summary, staged_names, reused, errors)
 
 
 def read_threads(path: str | Path) -> pl.DataFrame:
