@@ -14,6 +14,7 @@ import pytest
 import zstandard
 
 from esvr.flows.config import load_config
+from esvr.tasks.reddit import ingest
 from esvr.tasks.reddit.ingest import (
     THREADS_SCHEMA,
     Anonymizer,
@@ -662,22 +663,25 @@ def test_incremental_same_dump_elsewhere_is_reused_new_dump_is_staged(sample, tm
     assert len(changed.staged_now) == 4
 
 
-def test_new_dumps_stage_smallest_first_and_merge_in_the_given_order(sample, tmp_path):
-    # the dumps are hashed smallest first in a thread, each staged as soon as its hash is known
+def test_new_dumps_hash_smallest_first_stage_as_their_hash_arrives_and_merge_in_the_given_order(sample, tmp_path, monkeypatch):
+    # hashed smallest first in a thread; each dump is staged as soon as its hash is known
     rs, rc = sample["submissions"][0], sample["comments"][0]
     assert rs.stat().st_size < rc.stat().st_size
     copy = tmp_path / "copy" / "RC_copy.zst"
     copy.parent.mkdir()
     shutil.copy(rc, copy)
-    calls = []
+    hashed, staged = [], []
+    file_sha256 = ingest.file_sha256
+    monkeypatch.setattr(ingest, "file_sha256", lambda p: hashed.append(p) or file_sha256(p))
 
     def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
-        calls.append(path)
+        staged.append(path)
         return stage_dump(path, stage_dir, cfg)
 
     out = tmp_path / "out"
     result = ingest_dumps([rc, rs, copy], out, IngestConfig(), stage_fn=stage_fn)
-    assert calls == [rs, rc]  # the copy holds the same bytes: staged once
+    assert hashed == [rs, rc, copy]
+    assert staged == [rs, rc]  # the copy holds the same bytes: staged once
     assert [d["dump"] for d in result.summary["dumps"]] == [rc.name, rs.name]
     assert result.staged_now == [rc.name, rs.name] and result.reused == []
     manifest = load_manifest(out)
@@ -686,6 +690,22 @@ def test_new_dumps_stage_smallest_first_and_merge_in_the_given_order(sample, tmp
     assert set(manifest["hashes"]) == {str(p.resolve()) for p in (rc, rs, copy)}
     alone = ingest_dumps([rs, rc], tmp_path / "alone", IngestConfig())
     assert read_threads(result.threads).equals(read_threads(alone.threads))
+
+
+def test_a_dump_whose_staging_fails_loses_nothing_staged_before_it(sample, tmp_path):
+    rs, rc = sample["submissions"][0], sample["comments"][0]
+
+    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
+        if path == rc:
+            raise OSError(f"No space left on device: {stage_dir}")
+        return stage_dump(path, stage_dir, cfg)
+
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        ingest_dumps([rs, rc], out, IngestConfig(), stage_fn=stage_fn)
+    assert [e["name"] for e in load_manifest(out)["dumps"].values()] == [rs.name]
+    again = ingest_dumps([rs, rc], out, IngestConfig())
+    assert again.reused == [rs.name] and again.staged_now == [rc.name]
 
 
 def test_find_new_dumps_picks_only_new_files(sample, tmp_path):
