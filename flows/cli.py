@@ -173,6 +173,17 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 # ---- one command per pipeline stage (flows/stages.py), in pipeline order ----------------------
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a bad value ends in a usage line naming it, not a traceback later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def _option(*flags: str, **kwargs: Any) -> Option:
     return flags, kwargs
 
@@ -600,7 +611,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench_ingest(args: argparse.Namespace) -> int:
     from esvr.tasks.bench.ingest import run_bench
 
-    run_bench(size_mb=args.size_mb, tmp_dir=args.tmp)
+    run_bench(size_mb=args.size_mb, tmp_dir=args.tmp, repeats=args.repeats)
     return 0
 
 
@@ -676,8 +687,9 @@ def add_bench_commands(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--end-after", type=int, default=3, help="supporter turns before the scripted seeker says [END]")
     p.set_defaults(func=cmd_bench_simulate)
     p = bench_sub.add_parser("ingest", help="ingest throughput vs zstd decompression alone and a stdlib-json baseline")
-    p.add_argument("--size-mb", type=int, default=520, help="decompressed size of the generated comments dump")
+    p.add_argument("--size-mb", type=_positive_int, default=520, help="decompressed size of the generated comments dump")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the generated dump (deleted afterwards)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="rounds of the three phases; each keeps its median run")
     p.set_defaults(func=cmd_bench_ingest)
     p = bench_sub.add_parser(
         "train", help="LoRA SFT/DPO step time, tokens/s, memory and MFU through the trainers; --generate: hf backend tokens/s"
@@ -723,7 +735,7 @@ def add_label_bench(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("label", help="utterances/s of the value detector and emotion scorer on this machine")
     p.add_argument("--n", type=int, default=1000, help="texts to label")
     p.add_argument("--threads", type=Path, default=None, help="label the utterances of this threads.parquet instead")
-    p.add_argument("--repeats", type=int, default=1, help="best of this many passes")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="best of this many passes")
     p.add_argument(
         "--max-seq-length",
         type=int,

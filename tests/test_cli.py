@@ -61,3 +61,18 @@ print(get_current_settings().home)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith(str(tmp_path / "from-recipe" / ".prefect"))
+
+
+def test_a_bench_count_below_one_is_a_usage_error_naming_the_option(capsys):
+    for argv, shown in (
+        (["bench", "ingest", "--repeats", "0"], "--repeats: 0 is not at least 1"),
+        (["bench", "label", "--repeats", "two"], "--repeats: 'two' is not a whole number"),
+        (["bench", "ingest", "--size-mb", "-5"], "--size-mb: -5 is not at least 1"),
+    ):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            assert exc.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+        assert shown in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 On a generated monthly-style dump pair (tasks/sample_dump.make_bench_dump: >= 500 MB of comments
 decompressed, r/offmychest about 1% of them), three measurements, each in a fresh subprocess (so
-peak memory is that phase's own, the process's VmHWM):
+peak memory is that phase's own, the process's VmHWM), taking turns for ``repeats`` rounds; each
+phase reports its median run:
 
 - floor: zstandard decompression alone, to nowhere, on one core: no reader can beat it;
 - ingest: `ingest_dumps` end to end (stream, shape check, prefilter, parse, filter, stage, threads,
@@ -142,6 +143,11 @@ def _run_phase(name: str, out: Path, paths: list[Path]) -> dict[str, Any]:
     return result
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time (the lower one of an even count): its figures belong together."""
+    return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+
+
 def cpu_name() -> str:
     """The processor's model name (from /proc/cpuinfo where there is one)."""
     cpu = platform.processor() or platform.machine()
@@ -159,7 +165,7 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def run_bench(size_mb: int = 520, tmp_dir: str | Path | None = None) -> dict[str, Any]:
+def run_bench(size_mb: int = 520, tmp_dir: str | Path | None = None, repeats: int = 3) -> dict[str, Any]:
     from esvr.tasks.reddit.sample_dump import make_bench_dump
 
     work = Path(tempfile.mkdtemp(prefix="esvr-bench-ingest-", dir=tmp_dir))
@@ -176,15 +182,22 @@ def run_bench(size_mb: int = 520, tmp_dir: str | Path | None = None) -> dict[str
         print(f"machine: {machine()}; {cores} usable; cores per phase: {CORES}")
         if cores < 2:
             print("  (one usable core: ingest's decode and parse threads share it)")
+        # the phases take turns, `repeats` rounds: a burst of other work on the machine lands in one
+        # round of each rather than in all runs of one phase; each phase keeps its median run
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CORES}
+        for round_no in range(repeats):
+            for name in CORES:
+                out = work / f"{name}-{round_no}"
+                out.mkdir()
+                runs[name].append(_run_phase(name, out, paths))
+                shutil.rmtree(out, ignore_errors=True)
         results: dict[str, Any] = {}
-        for name in ("floor", "ingest", "naive"):
-            out = work / name
-            out.mkdir()
-            r = _run_phase(name, out, paths)
-            results[name] = r
+        for name, phase_runs in runs.items():
+            r = results[name] = _median_run(phase_runs)
+            spread = f" (median of {repeats}: {min(x['seconds'] for x in phase_runs):.2f}-{max(x['seconds'] for x in phase_runs):.2f} s)"
             print(
                 f"  {name:<6} {r['bytes'] / 1e6:8.0f} MB in {r['seconds']:6.2f} s = {r['mb_s']:6.1f} MB/s, "
-                f"{r['cpu_seconds']:6.2f} CPU-s, peak memory {r['peak_mb']:.0f} MB"
+                f"{r['cpu_seconds']:6.2f} CPU-s, peak memory {r['peak_mb']:.0f} MB" + (spread if repeats > 1 else "")
             )
         ing, flo, nai = results["ingest"]["mb_s"], results["floor"]["mb_s"], results["naive"]["mb_s"]
         own = results["ingest"]["peak_mb"] - results["floor"]["peak_mb"]
