@@ -38,7 +38,9 @@ from esvr.tasks.reddit.sample_dump import make_sample_dump
 STAGE = "esvr.tasks.reddit"
 
 
-@task(cache_policy=cache_policy(STAGE), persist_result=True)
+# Keyed by the stage folder, whose name holds the dump's SHA-256 (from the manifest) and the filters'
+# fingerprint: the dump's own content digest would read a multi-GB file a second time.
+@task(cache_policy=cache_policy(STAGE, exclude=["dump"]), persist_result=True)
 def stage_dump_task(dump: Path, out_stage_dir: Path, cfg: IngestConfig) -> dict:
     result = stage_dump(dump, out_stage_dir, cfg)
     return {"stats": result.stats, "error": result.error}

@@ -750,14 +750,20 @@ def test_make_sample_dump_cli(tmp_path):
 
 
 @pytest.mark.slow  # three flow runs with MLflow: ~20-35 s on 2 cores (plus the shared Prefect harness)
-def test_ingest_flow_logs_counts_and_the_scheduled_flow_ingests_only_new_dumps(prefect_harness, sample, tmp_path):
+def test_ingest_flow_logs_counts_and_the_scheduled_flow_ingests_only_new_dumps(prefect_harness, sample, tmp_path, monkeypatch):
     import mlflow
 
     from esvr.flows.ingest import ingest_flow, ingest_new_dumps
+    from esvr.tasks.common import hashing
 
+    digested = []
+    file_digest = hashing.file_digest
+    monkeypatch.setattr(hashing, "file_digest", lambda p: digested.append(Path(p)) or file_digest(p))
     run_dir = tmp_path / "run"
     config = load_config(None, [f"run.out_dir={run_dir}", "run.experiment=ingest-test"])
     artifacts = ingest_flow(config)  # no dumps: the sample dump
+    # each dump is read once for its hash (the manifest's); the staging task's key does not read it again
+    assert not [p for p in digested if p.suffix == ".zst"]
     assert Path(artifacts["threads"]).exists() and read_threads(artifacts["threads"]).height > 20
     mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ingest-test"], filter_string="tags.`esvr.stage` = 'ingest'")
