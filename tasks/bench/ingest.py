@@ -104,6 +104,7 @@ def _phase_main(argv: list[str]) -> None:
     import zstandard  # noqa: F401
 
     if name == "ingest":
+        import pandas  # noqa: F401  # pyarrow's row conversion in the thread build imports it (the flow has it loaded)
         import pyarrow.parquet  # noqa: F401  # imported by the thread build: 0.2 s of start-up
 
         import esvr.tasks.reddit.ingest  # noqa: F401
