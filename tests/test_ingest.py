@@ -156,6 +156,25 @@ def test_siblings_with_op_replies_first_then_by_score_and_capped():
     assert [(t, s.id) for t, s, _ in chain_siblings(chain, "OP", max_siblings=1)] == [(1, "s1"), (3, "t1")]
 
 
+@pytest.mark.parametrize(
+    "text, cleaned",
+    [
+        ("call (555) 123-4567 tonight", "call [phone] tonight"),
+        ("call 555-123-4567", "call [phone]"),
+        ("call +1 555 123 4567", "call [phone]"),
+        ("call 555.123.4567.", "call [phone]."),
+        ("text 5551234567!", "text [phone]!"),
+        ("mail a.b+c@example.co.uk now", "mail [email] now"),
+        ("ask u/some_user or /u/Other-User", "ask [user] or [user]"),
+        ("in 2019 I owed 300 dollars, 12 345 people saw it", "in 2019 I owed 300 dollars, 12 345 people saw it"),
+        ("Tom &amp; me", "Tom & me"),
+    ],
+)
+def test_texts_lose_phone_numbers_emails_and_user_names_and_nothing_else(text, cleaned):
+    assert Anonymizer("salt", scrub_pii=True).text(text) == cleaned
+    assert Anonymizer("salt", scrub_pii=False).text(text) == text.replace("&amp;", "&")
+
+
 def test_thread_rows_follow_the_contract():
     anon = Anonymizer("salt", scrub_pii=True)
     op, a, b = anon.author("OP"), anon.author("A"), anon.author("B")  # staged rows hold hashed authors

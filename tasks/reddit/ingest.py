@@ -1060,7 +1060,9 @@ THREADS_SCHEMA = pl.Schema(
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"(?<!\w)(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{3}\)|\d{3})[\s.-]?\d{3}[\s.-]?\d{4}(?!\w)")
 _USER = re.compile(r"(?<![\w/])/?u/[A-Za-z0-9_-]{3,20}")
-_THREE_DIGITS = re.compile(r"\d{3}")  # every match of _PHONE holds one
+#: every match of _PHONE holds one: two groups of three digits with at most ")" and one separator
+#: between them (years and counts, which hold three digits in a row, do not run _PHONE)
+_PHONE_HINT = re.compile(r"\d{3}\)?[\s.-]?\d{3}")
 
 
 class Anonymizer:
@@ -1085,7 +1087,7 @@ class Anonymizer:
             # ~100x faster than the patterns' scan, and most texts hold none of them.
             if "@" in text:
                 text = _EMAIL.sub("[email]", text)
-            if _THREE_DIGITS.search(text):
+            if _PHONE_HINT.search(text):
                 text = _PHONE.sub("[phone]", text)
             if "u/" in text:
                 text = _USER.sub("[user]", text)
