@@ -1284,15 +1284,20 @@ def save_manifest(manifest: dict[str, Any], path: Path) -> None:
     tmp.replace(path)  # atomic: a crash never leaves half a manifest
 
 
+def remembered_hash(path: Path, manifest: dict[str, Any]) -> str | None:
+    """The SHA-256 the manifest holds for `path`, while its size and mtime are unchanged."""
+    st = path.stat()
+    known = manifest["hashes"].get(str(path.resolve()))
+    return known[2] if known and known[0] == st.st_size and known[1] == st.st_mtime_ns else None
+
+
 def dump_hash(path: Path, manifest: dict[str, Any]) -> str:
     """SHA-256 of the file, remembered per (path, size, mtime) so an unchanged file is hashed once."""
+    if sha := remembered_hash(path, manifest):
+        return sha
     st = path.stat()
-    key = str(path.resolve())
-    known = manifest["hashes"].get(key)
-    if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-        return known[2]
     sha = file_sha256(path)
-    manifest["hashes"][key] = [st.st_size, st.st_mtime_ns, sha]
+    manifest["hashes"][str(path.resolve())] = [st.st_size, st.st_mtime_ns, sha]
     return sha
 
 
@@ -1303,16 +1308,13 @@ class _HashAhead:
 
     def __init__(self, paths: Sequence[Path], manifest: dict[str, Any]):
         self.manifest = manifest
-        unknown = {p.resolve(): p for p in paths if not self.remembered(p)}
+        unknown = {p.resolve(): p for p in paths if remembered_hash(p, manifest) is None}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-hash")
-        self.futures: dict[Path, Future[str]] = {
-            key: self.pool.submit(file_sha256, p) for key, p in sorted(unknown.items(), key=lambda kv: kv[1].stat().st_size)
+        # the size and mtime before hashing are what the hash is remembered under, as in `dump_hash`
+        self.futures: dict[Path, tuple[os.stat_result, Future[str]]] = {
+            key: (p.stat(), self.pool.submit(file_sha256, p))
+            for key, p in sorted(unknown.items(), key=lambda kv: kv[1].stat().st_size)
         }
-
-    def remembered(self, path: Path) -> bool:
-        st = path.stat()
-        known = self.manifest["hashes"].get(str(path.resolve()))
-        return bool(known) and known[0] == st.st_size and known[1] == st.st_mtime_ns
 
     def pending(self, paths: Sequence[Path]) -> list[Path]:
         """`paths` whose hash is being computed, in the order the thread computes them."""
@@ -1320,10 +1322,10 @@ class _HashAhead:
         return sorted((p for p in paths if p.resolve() in rank), key=lambda p: rank[p.resolve()])
 
     def sha(self, path: Path) -> str:
-        future = self.futures.get(path.resolve())
-        if future is None:
+        pending = self.futures.get(path.resolve())
+        if pending is None:
             return dump_hash(path, self.manifest)
-        st = path.stat()
+        st, future = pending
         sha = future.result()
         self.manifest["hashes"][str(path.resolve())] = [st.st_size, st.st_mtime_ns, sha]
         return sha
