@@ -24,7 +24,6 @@ from esvr.tasks.common.locks import LockBusy
 from esvr.tasks.common.paths import RunPaths
 from esvr.tasks.reddit.ingest import (
     MANIFEST,
-    DecodeAhead,
     IngestConfig,
     IngestError,
     StageResult,
@@ -40,18 +39,17 @@ STAGE = "esvr.tasks.reddit"
 
 
 # Keyed by the stage folder, whose name holds the dump's SHA-256 (from the manifest) and the filters'
-# fingerprint: the dump's own content digest would read a multi-GB file a second time. The decoder
-# is where the dump's blocks come from, not what they are.
-@task(cache_policy=cache_policy(STAGE, exclude=["dump", "decoder"]), persist_result=True)
-def stage_dump_task(dump: Path, out_stage_dir: Path, cfg: IngestConfig, decoder: DecodeAhead | None = None) -> dict:
-    result = stage_dump(dump, out_stage_dir, cfg, decoder=decoder)
+# fingerprint: the dump's own content digest would read a multi-GB file a second time.
+@task(cache_policy=cache_policy(STAGE, exclude=["dump"]), persist_result=True)
+def stage_dump_task(dump: Path, out_stage_dir: Path, cfg: IngestConfig) -> dict:
+    result = stage_dump(dump, out_stage_dir, cfg)
     return {"stats": result.stats, "error": result.error}
 
 
-def _stage_via_task(dump: Path, stage_dir: Path, cfg: IngestConfig, decoder: DecodeAhead | None) -> StageResult:
+def _stage_via_task(dump: Path, stage_dir: Path, cfg: IngestConfig) -> StageResult:
     # a cache hit is only good while the staged files are still there
     fresh = not (stage_dir / "stats.json").exists()
-    out = stage_dump_task.with_options(refresh_cache=fresh)(Path(dump), stage_dir, cfg, decoder)
+    out = stage_dump_task.with_options(refresh_cache=fresh)(Path(dump), stage_dir, cfg)
     return StageResult(out["stats"], out["error"])
 
 

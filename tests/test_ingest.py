@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import orjson
@@ -20,7 +19,6 @@ from esvr.tasks.reddit import ingest
 from esvr.tasks.reddit.ingest import (
     THREADS_SCHEMA,
     Anonymizer,
-    DecodeAhead,
     DumpCorruptError,
     IngestConfig,
     IngestError,
@@ -36,6 +34,7 @@ from esvr.tasks.reddit.ingest import (
     ingest_dumps,
     iter_blocks,
     load_manifest,
+    read_ahead,
     read_threads,
     stage_dump,
     thread_rows,
@@ -569,50 +568,22 @@ def test_line_numbers_and_counts_hold_across_reads_with_and_without_the_decoding
 
 
 def test_the_decoding_thread_stops_when_the_reader_leaves_early_and_hands_on_the_damage(tmp_path):
+    import threading
+
     lines = [orjson.dumps({"id": f"r{i}", "body": os.urandom(30).hex()}) for i in range(40000)]
     path = zst(tmp_path / "RC_t.zst", lines)
     before = threading.active_count()
-    with DecodeAhead([path], read_bytes=64 << 10, depth=2) as decoder:
-        blocks = decoder.blocks(path)
-        next(blocks)
-        blocks.close()  # the caller stops (an error, Ctrl-C): the producer ends instead of decoding on
-        decoder.thread.join(5)
-        assert not decoder.thread.is_alive()
+    blocks = read_ahead(iter_blocks(path, read_bytes=64 << 10), depth=2)
+    next(blocks)
+    blocks.close()  # the caller stops (an error, Ctrl-C): the producer ends instead of decoding on
     assert threading.active_count() == before
     _flip_middle(path)
     got: list[bytes] = []
-    with pytest.raises(DumpCorruptError), DecodeAhead([path], read_bytes=64 << 10, depth=2) as decoder:
-        for b in decoder.blocks(path):
+    with pytest.raises(DumpCorruptError):
+        for b in read_ahead(iter_blocks(path, read_bytes=64 << 10), depth=2):
             got += b.lines.splitlines()
     assert got[:15000] == lines[:15000]
     assert threading.active_count() == before
-
-
-def test_one_thread_decodes_the_next_dump_while_the_last_one_is_parsed_within_its_bounds(tmp_path):
-    dumps = [
-        zst(tmp_path / f"RC_{n}.zst", [orjson.dumps({"id": f"{n}{i}", "body": os.urandom(40).hex()}) for i in range(20000)])
-        for n in "abc"
-    ]
-    a, b, c = dumps
-    with DecodeAhead(dumps, read_bytes=64 << 10, depth=2, lookahead=5) as decoder:
-        got_a = [blk.lines for blk in decoder.blocks(a)]
-        # the reader of `a` is done: the thread goes on with `b` up to the lookahead, before b's reader starts
-        deadline = time.monotonic() + 10
-        while len(decoder.queues[b]) < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(decoder.queues[b]) == 5
-        time.sleep(0.1)
-        assert len(decoder.queues[b]) == 5 and not decoder.queues[c]  # bounded, one dump at a time
-        decoder.release(b)  # staged from a cache, never read: the thread moves on to `c`
-        sizes = []
-        got_c = []
-        for blk in decoder.blocks(c):
-            sizes.append(len(decoder.queues[c]))
-            got_c.append(blk.lines)
-        assert max(sizes) <= 2  # once its reader started, a dump runs at most `depth` blocks ahead
-        assert set(decoder.cpu) == {a, b, c}
-    for path, got in ((a, got_a), (c, got_c)):
-        assert b"".join(got) == zstandard.ZstdDecompressor().decompress(path.read_bytes(), max_output_size=1 << 30)
 
 
 def test_an_out_of_range_field_rejects_its_record_and_the_rest_becomes_threads(sample, tmp_path):
@@ -731,18 +702,18 @@ def test_new_dumps_are_staged_while_they_are_hashed_and_merged_in_the_given_orde
 
     monkeypatch.setattr(ingest, "file_sha256", hash_after_staging_began)
 
-    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig, decoder=None):
+    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
         staged.append(path)
         folders.append(stage_dir.name)
         if path == rc:
             rc_staging.set()
-        return stage_dump(path, stage_dir, cfg, decoder=decoder)
+        return stage_dump(path, stage_dir, cfg)
 
     out = tmp_path / "out"
     result = ingest_dumps([rc, rs, copy], out, IngestConfig(), stage_fn=stage_fn)
     assert hashed == [rs, rc, copy]
     assert staged == [rs, rc]  # the copy is as large as rc: it waited for its hash, the same bytes
-    assert folders[staged.index(rc)].startswith(ingest.PROVISIONAL)  # staged before its hash was known
+    assert all(name.startswith(ingest.PROVISIONAL) for name in folders)
     assert [d["dump"] for d in result.summary["dumps"]] == [rc.name, rs.name]
     assert result.staged_now == [rc.name, rs.name] and result.reused == []
     manifest = load_manifest(out)
@@ -771,9 +742,9 @@ def test_a_copy_under_another_name_is_staged_once_and_a_stopped_runs_provisional
     shutil.copy(rc, renamed)
     staged = []
 
-    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig, decoder=None):
+    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
         staged.append(path)
-        return stage_dump(path, stage_dir, cfg, decoder=decoder)
+        return stage_dump(path, stage_dir, cfg)
 
     again = ingest_dumps([renamed], out, IngestConfig(), stage_fn=stage_fn)
     assert staged == [] and again.staged_now == []
@@ -789,10 +760,10 @@ def test_a_copy_under_another_name_is_staged_once_and_a_stopped_runs_provisional
 def test_a_dump_whose_staging_fails_loses_nothing_staged_before_it(sample, tmp_path):
     rs, rc = sample["submissions"][0], sample["comments"][0]
 
-    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig, decoder=None):
+    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
         if path == rc:
             raise OSError(f"No space left on device: {stage_dir}")
-        return stage_dump(path, stage_dir, cfg, decoder=decoder)
+        return stage_dump(path, stage_dir, cfg)
 
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):

@@ -7,7 +7,7 @@ phase reports its median run:
 
 - floor: zstandard decompression alone, to nowhere, on one core: no reader can beat it;
 - ingest: `ingest_dumps` end to end (stream, shape check, prefilter, parse, filter, stage, threads,
-  write) on two cores: one thread decodes (``ingest.DecodeAhead``, every dump back to back) while the other parses;
+  write) on two cores: one thread decodes while the other parses (``ingest.read_ahead``);
 - naive: Watchful1's PushshiftDumps method on one core: decode the text, split lines, stdlib
   ``json.loads`` every line, filter on subreddit and date, write the matches.
 

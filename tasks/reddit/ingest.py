@@ -26,13 +26,14 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import shutil
 import threading
 import time
-from collections import Counter, defaultdict, deque
-from collections.abc import Generator, Iterator, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -342,7 +343,7 @@ DECODE_SLICE = 256 << 10
 
 def iter_blocks(
     path: str | Path, read_bytes: int = 2 << 20, scratch: _Scratch | None = None, count_lines: bool = True
-) -> Generator[Block, None, None]:
+) -> Iterator[Block]:
     """Decompress `path` and yield blocks of whole lines: `read_bytes` of compressed input read at a
     time, decoded in slices of DECODE_SLICE bytes, a block per slice.
 
@@ -441,117 +442,53 @@ def dump_problem(path: str | Path) -> str | None:
 _END = object()
 
 
-class DecodeAhead:
-    """Decode `paths` in one thread, one dump after the other, each in blocks up to `depth` ahead of
-    its reader (`blocks`).
+def read_ahead(blocks: Iterator[Block], depth: int, cpu: dict[str, float] | None = None) -> Iterator[Block]:
+    """Yield `blocks`, produced by a second thread at most `depth` blocks ahead.
 
-    The decoder's work (zstd, numpy) runs without the GIL, so it overlaps the reader's parsing. The
-    thread starts on the next dump as soon as the last block of one is queued, and that dump's
-    blocks may run up to `lookahead` ahead until its reader starts: the decoding core keeps
-    decoding while the parser finishes a dump and writes its files. One dump's decoder (its window
-    of up to 2 GiB) is alive at a time. A dump's damage (DumpCorruptError) is raised by `blocks`
-    after the blocks before it. A reader that leaves early, or a dump `release`d unread, lets the
-    thread move on; `close` (the context's exit) stops it. `depth` 0 starts no thread: `blocks`
-    decodes in the caller.
+    The decoder's work (zstd, newline counting in numpy) runs without the GIL, so it overlaps the
+    caller's parsing; memory is `depth` + 2 blocks. The producer's exception (a damaged dump) is
+    raised here after the blocks before it; leaving early stops the producer. `cpu` receives the
+    decoding thread's CPU seconds under "decode".
     """
+    if depth <= 0:
+        yield from blocks
+        return
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
 
-    def __init__(self, paths: Sequence[Path], read_bytes: int = 2 << 20, depth: int = 2, lookahead: int = 16):
-        self.paths = list(dict.fromkeys(Path(p) for p in paths))
-        self.read_bytes, self.depth, self.lookahead = read_bytes, depth, max(depth, lookahead)
-        self.queues: dict[Path, deque[Any]] = {p: deque() for p in self.paths}
-        self.reading: set[Path] = set()
-        self.left: set[Path] = set()
-        #: the decoding thread's CPU seconds per dump
-        self.cpu: dict[Path, float] = {}
-        self.closed = False
-        self.cond = threading.Condition()
-        self.thread = None
-        if depth > 0 and self.paths:
-            self.thread = threading.Thread(target=self._decode_all, name="ingest-decode", daemon=True)
-            self.thread.start()
-
-    def __enter__(self) -> DecodeAhead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _put(self, path: Path, item: Any) -> bool:
-        with self.cond:
-            while len(self.queues[path]) >= (self.depth if path in self.reading else self.lookahead):
-                if self.closed or path in self.left:
-                    return False
-                self.cond.wait()
-            if self.closed or path in self.left:
-                return False
-            self.queues[path].append(item)
-            self.cond.notify_all()
-            return True
-
-    def _decode_all(self) -> None:
-        for path in self.paths:
-            t0 = time.thread_time()
-            end: Any = _END
-            blocks = iter_blocks(path, read_bytes=self.read_bytes, count_lines=False)
+    def put(item: Any) -> bool:
+        while not stop.is_set():
             try:
-                for block in blocks:
-                    if not self._put(path, block):
-                        break
-            except Exception as exc:  # noqa: BLE001  # not swallowed: the reader raises it
-                end = exc
-            finally:
-                blocks.close()  # closes the file
-                self.cpu[path] = time.thread_time() - t0
-            self._put(path, end)
-            if self.closed:
-                return
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    def blocks(self, path: Path, cpu: dict[str, float] | None = None) -> Iterator[Block]:
-        """The blocks of `path` (one of those given); `cpu` receives the decoding's CPU seconds
-        under "decode" once the dump is read to its end."""
-        path = Path(path)
-        if self.thread is None:
-            t0 = time.thread_time()
-            yield from iter_blocks(path, read_bytes=self.read_bytes, count_lines=False)
+    def produce() -> None:
+        t0 = time.thread_time()
+        try:
+            for block in blocks:
+                if not put(block):
+                    return
+            put(_END)
+        except Exception as exc:  # noqa: BLE001  # not swallowed: the consumer raises it
+            put(exc)
+        finally:
+            blocks.close()  # type: ignore[attr-defined]  # a generator: closes the file
             if cpu is not None:
                 cpu["decode"] = time.thread_time() - t0
-            return
-        if path in self.left:
-            raise ValueError(f"{path} was read or released already")
-        queued = self.queues[path]
-        try:
-            while True:
-                with self.cond:
-                    self.reading.add(path)
-                    while not queued:
-                        self.cond.wait()
-                    item = queued.popleft()
-                    self.cond.notify_all()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.release(path)
-        if cpu is not None:
-            cpu["decode"] = self.cpu[path]
 
-    def release(self, path: Path) -> None:
-        """`path` is not read (further): its queued blocks are dropped and the thread moves on."""
-        with self.cond:
-            self.left.add(Path(path))
-            self.queues[Path(path)].clear()
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            for queued in self.queues.values():
-                queued.clear()
-            self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join()
+    thread = threading.Thread(target=produce, name="ingest-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def dump_kind(path: str | Path) -> str | None:
@@ -866,9 +803,7 @@ def _misshapen(data: bytes, start: int, end: int, scratch: _Scratch) -> tuple[li
     return bad, blank, len(nl)
 
 
-def stage_dump(
-    path: str | Path, stage_dir: str | Path, cfg: IngestConfig, salt: str | None = None, decoder: DecodeAhead | None = None
-) -> StageResult:
+def stage_dump(path: str | Path, stage_dir: str | Path, cfg: IngestConfig, salt: str | None = None) -> StageResult:
     """Stream one dump, filter it and stage the survivors in `stage_dir`.
 
     Writes posts-*.parquet, comments-*.parquet (authors hashed with `salt`, by default the one of
@@ -876,22 +811,10 @@ def stage_dump(
     JSON object or whose record has a missing or invalid field: file, line number, reason; no raw
     text, which could hold user names) and stats.json. A damaged .zst keeps every complete line
     before the damage and returns the error instead of raising, so the caller can merge the rest
-    and then report it. `decoder`: a `DecodeAhead` that decodes `path` among other dumps; by
-    default one of its own decodes this dump alone.
+    and then report it.
     """
     path = Path(path)
     stage_dir = Path(stage_dir)
-    own_decoder = decoder is None
-    if decoder is None:
-        decoder = DecodeAhead([path], read_bytes=cfg.read_mb << 20, depth=cfg.read_ahead)
-    try:
-        return _stage(path, stage_dir, cfg, salt, decoder)
-    finally:
-        if own_decoder:
-            decoder.close()
-
-
-def _stage(path: Path, stage_dir: Path, cfg: IngestConfig, salt: str | None, decoder: DecodeAhead) -> StageResult:
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
@@ -929,8 +852,9 @@ def _stage(path: Path, stage_dir: Path, cfg: IngestConfig, salt: str | None, dec
         scratch = _Scratch()
         try:
             # lines are counted here, by the shape check: the decoding thread only decodes
+            blocks = iter_blocks(path, read_bytes=cfg.read_mb << 20, count_lines=False)
             line_no = 1
-            for block in decoder.blocks(path, cpu):
+            for block in read_ahead(blocks, cfg.read_ahead, cpu):
                 data, start, end = block.data, block.start, block.end
                 t_shape = time.thread_time()
                 bad, n_blank, newlines = _misshapen(data, start, end, scratch)
@@ -1399,11 +1323,6 @@ class _HashAhead:
         rank = {key: i for i, key in enumerate(self.futures)}
         return sorted((p for p in paths if p.resolve() in rank), key=lambda p: rank[p.resolve()])
 
-    def ready(self, path: Path) -> str | None:
-        """The hash of `path` if it is known by now, else None."""
-        pending = self.futures.get(path.resolve())
-        return self.sha(path) if pending is None or pending[1].done() else None
-
     def sha(self, path: Path) -> str:
         pending = self.futures.get(path.resolve())
         if pending is None:
@@ -1453,10 +1372,6 @@ class IngestResult:
         return {"threads": self.threads, "rejects": self.rejects, "stats": self.stats, "manifest": self.manifest}
 
 
-def _stage_dump_with(path: Path, stage_dir: Path, cfg: IngestConfig, decoder: DecodeAhead | None) -> StageResult:
-    return stage_dump(path, stage_dir, cfg, decoder=decoder)
-
-
 def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestConfig, stage_fn: Any = None) -> IngestResult:
     """The whole stage: stage the dumps not staged yet, merge every staged dump, write the outputs.
 
@@ -1464,19 +1379,17 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
     Dumps recorded in the manifest are merged too (a new month's comments complete the last
     month's posts). When the filters changed, recorded dumps that still exist are re-staged; a
     recorded dump whose file now holds other bytes (a damaged download fetched again) is replaced
-    by the new content. `stage_fn(path, stage_dir, cfg, decoder) -> StageResult` lets the flow wrap
-    staging in a cached task; it finds the salt of author hashes as `stage_dump` does, and reads the
-    dump's blocks from `decoder` (a `DecodeAhead` of every dump this run stages; None: its own).
+    by the new content. `stage_fn(path, stage_dir, cfg) -> StageResult` lets the flow wrap staging
+    in a cached task; it finds the salt of author hashes as `stage_dump` does.
 
     A new dump is staged while it is hashed, under a provisional folder (``staged/new-*``) that
     takes its hash's name once the hash is known; its bytes are staged once per run and folder,
     also when given twice. A dump as large as one staged before waits for its hash: it is most
-    likely a copy, which needs no staging. One thread decodes the dumps to stage one after the
-    other (`DecodeAhead`), so the next dump decodes while the last one's parsing ends.
+    likely a copy, which needs no staging.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage_fn = stage_fn or _stage_dump_with
+    stage_fn = stage_fn or stage_dump
     manifest_path = out_dir / MANIFEST
     manifest = load_manifest(manifest_path)
     given = [Path(d) for d in dumps]
@@ -1546,16 +1459,17 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
             staged_now.add(sha)
             save_manifest(manifest, manifest_path)  # a crash later keeps what was staged
 
-        def stage(sha: str, path: Path, decoder: DecodeAhead | None) -> None:
-            log.info("staging %s", path)
-            stage_dir = staged / f"{sha[:24]}-{fp}"
-            record(sha, path, stage_dir, stage_fn(path, stage_dir, cfg, decoder))
+        def stage(sha: str, path: Path) -> None:
+            if needs_staging(sha, path):
+                log.info("staging %s", path)
+                stage_dir = staged / f"{sha[:24]}-{fp}"
+                record(sha, path, stage_dir, stage_fn(path, stage_dir, cfg))
 
-        def stage_while_hashing(path: Path, number: int, decoder: DecodeAhead) -> None:
+        def stage_while_hashing(path: Path, number: int) -> None:
             # staged under a provisional name, then moved to its hash's once the hash is known
             provisional = staged / f"{PROVISIONAL}{number}-{path.name}"
             log.info("staging %s", path)
-            result = stage_fn(path, provisional, cfg, decoder)
+            result = stage_fn(path, provisional, cfg)
             sha = hashes.sha(path)
             if not needs_staging(sha, path):  # the same bytes as a dump staged already: work lost, nothing wrong
                 shutil.rmtree(provisional)
@@ -1565,35 +1479,18 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
             provisional.rename(stage_dir)
             record(sha, path, stage_dir, result)
 
-        # What to stage, in order: (its hash, or None while it is being hashed; the dump). A dump the
-        # manifest holds no hash for is staged while it is hashed; one as large as a dump staged
-        # before (a copy or a renamed file, most likely) waits for its hash instead, after the others.
-        plan: list[tuple[str | None, Path]] = [(sha, path) for sha, path in todo.items() if needs_staging(sha, path)]
+        for sha, path in todo.items():
+            stage(sha, path)
+        # A dump the manifest holds no hash for is staged while it is hashed; one as large as a dump
+        # staged before (a copy or a renamed file, most likely) waits for its hash instead.
         sizes = {size for size, _, sha in manifest["hashes"].values() if sha in manifest["dumps"]}
-        likely_copies = []
-        for p in waiting:
+        for number, p in enumerate(waiting):
             size = p.stat().st_size
-            if (sha := hashes.ready(p)) is not None:  # hashed by now
-                if needs_staging(sha, p):
-                    sizes.add(size)
-                    plan.append((sha, p))
-            elif size in sizes:
-                likely_copies.append(p)
+            if size in sizes:
+                stage(hashes.sha(p), p)
             else:
                 sizes.add(size)
-                plan.append((None, p))
-        with DecodeAhead([path for _, path in plan], read_bytes=cfg.read_mb << 20, depth=cfg.read_ahead) as decoder:
-            for number, (known, path) in enumerate(plan):
-                try:
-                    if known:
-                        stage(known, path, decoder)
-                    else:
-                        stage_while_hashing(path, number, decoder)
-                finally:
-                    decoder.release(path)  # read, or a cached staging that did not read it
-        for p in likely_copies:
-            if needs_staging(sha := hashes.sha(p), p):
-                stage(sha, p, None)
+                stage_while_hashing(p, number)
         order = list(dict.fromkeys([*todo, *(hashes.sha(p) for p in given)]))
     finally:
         hashes.close()
