@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import threading
 from pathlib import Path
 
 import orjson
@@ -683,78 +682,33 @@ def test_incremental_same_dump_elsewhere_is_reused_new_dump_is_staged(sample, tm
     assert len(changed.staged_now) == 4
 
 
-def test_new_dumps_are_staged_while_they_are_hashed_and_merged_in_the_given_order(sample, tmp_path, monkeypatch):
-    # hashed smallest first in a thread; a new dump's staging does not wait for its hash
+def test_new_dumps_hash_smallest_first_stage_as_their_hash_arrives_and_merge_in_the_given_order(sample, tmp_path, monkeypatch):
+    # hashed smallest first in a thread; each dump is staged as soon as its hash is known
     rs, rc = sample["submissions"][0], sample["comments"][0]
     assert rs.stat().st_size < rc.stat().st_size
     copy = tmp_path / "copy" / "RC_copy.zst"
     copy.parent.mkdir()
     shutil.copy(rc, copy)
-    hashed, staged, folders = [], [], []
-    rc_staging = threading.Event()
+    hashed, staged = [], []
     file_sha256 = ingest.file_sha256
-
-    def hash_after_staging_began(path: Path) -> str:
-        hashed.append(path)
-        if path == rc:  # would time out if the staging of rc waited for this hash
-            assert rc_staging.wait(20), "rc was not staged before its hash was known"
-        return file_sha256(path)
-
-    monkeypatch.setattr(ingest, "file_sha256", hash_after_staging_began)
+    monkeypatch.setattr(ingest, "file_sha256", lambda p: hashed.append(p) or file_sha256(p))
 
     def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
         staged.append(path)
-        folders.append(stage_dir.name)
-        if path == rc:
-            rc_staging.set()
         return stage_dump(path, stage_dir, cfg)
 
     out = tmp_path / "out"
     result = ingest_dumps([rc, rs, copy], out, IngestConfig(), stage_fn=stage_fn)
     assert hashed == [rs, rc, copy]
-    assert staged == [rs, rc]  # the copy is as large as rc: it waited for its hash, the same bytes
-    assert all(name.startswith(ingest.PROVISIONAL) for name in folders)
+    assert staged == [rs, rc]  # the copy holds the same bytes: staged once
     assert [d["dump"] for d in result.summary["dumps"]] == [rc.name, rs.name]
     assert result.staged_now == [rc.name, rs.name] and result.reused == []
     manifest = load_manifest(out)
     (entry,) = [e for e in manifest["dumps"].values() if e["name"] == rc.name]
     assert entry["paths"] == [str(rc.resolve()), str(copy.resolve())]
     assert set(manifest["hashes"]) == {str(p.resolve()) for p in (rc, rs, copy)}
-    # each staged folder took its dump's hash for a name; no provisional folder is left
-    assert sorted(p.name for p in (out / "staged").iterdir() if p.is_dir()) == sorted(
-        Path(e["stage"]).name for e in manifest["dumps"].values()
-    )
-    assert all(Path(e["stage"]).name.startswith(sha[:24]) for sha, e in manifest["dumps"].items())
     alone = ingest_dumps([rs, rc], tmp_path / "alone", IngestConfig())
     assert read_threads(result.threads).equals(read_threads(alone.threads))
-
-
-def test_a_copy_under_another_name_is_staged_once_and_a_stopped_runs_provisional_folder_is_removed(sample, tmp_path):
-    rs, rc = sample["submissions"][0], sample["comments"][0]
-    out = tmp_path / "out"
-    left = out / "staged" / f"{ingest.PROVISIONAL}0-RC_2021-06.zst"
-    left.mkdir(parents=True)
-    (left / "comments-0.parquet").write_bytes(b"half written")
-    ingest_dumps([rs, rc], out, IngestConfig())
-    assert not left.exists()
-    # a dump renamed since it was staged: as large as a staged one, so its hash decides, before staging
-    renamed = tmp_path / "RC_renamed.zst"
-    shutil.copy(rc, renamed)
-    staged = []
-
-    def stage_fn(path: Path, stage_dir: Path, cfg: IngestConfig):
-        staged.append(path)
-        return stage_dump(path, stage_dir, cfg)
-
-    again = ingest_dumps([renamed], out, IngestConfig(), stage_fn=stage_fn)
-    assert staged == [] and again.staged_now == []
-    # two new dumps holding the same bytes: the second waits for its hash and is not staged
-    twin_a, twin_b = tmp_path / "a" / "RC_x.zst", tmp_path / "b" / "RC_x.zst"
-    for twin in (twin_a, twin_b):
-        twin.parent.mkdir()
-        shutil.copy(sample["comments"][1], twin)
-    both = ingest_dumps([twin_a, twin_b], out, IngestConfig(), stage_fn=stage_fn)
-    assert staged == [twin_a] and both.staged_now == ["RC_x.zst"]
 
 
 def test_a_dump_whose_staging_fails_loses_nothing_staged_before_it(sample, tmp_path):

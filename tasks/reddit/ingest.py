@@ -1260,8 +1260,6 @@ def build_threads(stage_dirs: list[Path], out_path: Path, cfg: IngestConfig) -> 
 # --------------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"
-#: the name's start of a staged folder whose dump is still being hashed (never in the manifest)
-PROVISIONAL = "new-"
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
@@ -1305,8 +1303,8 @@ def dump_hash(path: Path, manifest: dict[str, Any]) -> str:
 
 class _HashAhead:
     """The SHA-256 of the given dumps. Those the manifest does not remember are hashed in a thread,
-    smallest file first, beside the staging (hashlib gives up the GIL while it hashes); a hash is
-    recorded in the manifest by the thread that asks for it."""
+    smallest file first, so staging one dump overlaps hashing the next (hashlib gives up the GIL
+    while it hashes); a hash is recorded in the manifest by the thread that asks for it."""
 
     def __init__(self, paths: Sequence[Path], manifest: dict[str, Any]):
         self.manifest = manifest
@@ -1381,11 +1379,6 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
     recorded dump whose file now holds other bytes (a damaged download fetched again) is replaced
     by the new content. `stage_fn(path, stage_dir, cfg) -> StageResult` lets the flow wrap staging
     in a cached task; it finds the salt of author hashes as `stage_dump` does.
-
-    A new dump is staged while it is hashed, under a provisional folder (``staged/new-*``) that
-    takes its hash's name once the hash is known; its bytes are staged once per run and folder,
-    also when given twice. A dump as large as one staged before waits for its hash: it is most
-    likely a copy, which needs no staging.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1399,10 +1392,7 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
     problems = [f"{p} {why}" for p in given if (why := dump_problem(p))]
     if problems:
         raise IngestError("not a Pushshift dump (NDJSON compressed by zstd): " + "; ".join(problems))
-    staged = out_dir / "staged"
-    fp = filters_fingerprint(cfg, author_salt(cfg, staged))
-    for left in staged.glob(f"{PROVISIONAL}*"):  # staged by a run that stopped before its hash was known
-        shutil.rmtree(left, ignore_errors=True)
+    fp = filters_fingerprint(cfg, author_salt(cfg, out_dir / "staged"))
     hashes = _HashAhead(given, manifest)
     try:
         # recorded dumps first, then the given ones; a dump seen twice (same bytes) is staged once
@@ -1431,19 +1421,20 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
         staged_now: set[str] = set()
         handled: set[str] = set()
 
-        def needs_staging(sha: str, path: Path) -> bool:
-            """False for bytes this run has staged already or the manifest holds staged with these
-            filters: `path` is then recorded as another place of those bytes."""
+        def stage(sha: str, path: Path) -> None:
             entry = manifest["dumps"].get(sha)
-            if sha in handled or (entry and entry.get("filters") == fp and (out_dir / entry["stage"] / "stats.json").exists()):
-                if entry and path.is_file() and str(path.resolve()) not in entry["paths"]:
+            if sha in handled:  # the same bytes under a second name, given in this run
+                if entry and str(path.resolve()) not in entry["paths"]:
                     entry["paths"].append(str(path.resolve()))
-                return False
+                return
             handled.add(sha)
-            return True
-
-        def record(sha: str, path: Path, stage_dir: Path, result: StageResult) -> None:
-            entry = manifest["dumps"].get(sha)
+            stage_dir = out_dir / "staged" / f"{sha[:24]}-{fp}"
+            if entry and entry.get("filters") == fp and (out_dir / entry["stage"] / "stats.json").exists():
+                if path.is_file() and str(path.resolve()) not in entry["paths"]:
+                    entry["paths"].append(str(path.resolve()))
+                return
+            log.info("staging %s", path)
+            result = stage_fn(path, stage_dir, cfg)
             if entry and entry.get("stage") and entry["stage"] != str(stage_dir.relative_to(out_dir)):
                 shutil.rmtree(out_dir / entry["stage"], ignore_errors=True)
             manifest["dumps"][sha] = {
@@ -1459,38 +1450,11 @@ def ingest_dumps(dumps: Sequence[str | Path], out_dir: str | Path, cfg: IngestCo
             staged_now.add(sha)
             save_manifest(manifest, manifest_path)  # a crash later keeps what was staged
 
-        def stage(sha: str, path: Path) -> None:
-            if needs_staging(sha, path):
-                log.info("staging %s", path)
-                stage_dir = staged / f"{sha[:24]}-{fp}"
-                record(sha, path, stage_dir, stage_fn(path, stage_dir, cfg))
-
-        def stage_while_hashing(path: Path, number: int) -> None:
-            # staged under a provisional name, then moved to its hash's once the hash is known
-            provisional = staged / f"{PROVISIONAL}{number}-{path.name}"
-            log.info("staging %s", path)
-            result = stage_fn(path, provisional, cfg)
-            sha = hashes.sha(path)
-            if not needs_staging(sha, path):  # the same bytes as a dump staged already: work lost, nothing wrong
-                shutil.rmtree(provisional)
-                return
-            stage_dir = staged / f"{sha[:24]}-{fp}"
-            shutil.rmtree(stage_dir, ignore_errors=True)  # left by a run that stopped before recording it
-            provisional.rename(stage_dir)
-            record(sha, path, stage_dir, result)
-
         for sha, path in todo.items():
             stage(sha, path)
-        # A dump the manifest holds no hash for is staged while it is hashed; one as large as a dump
-        # staged before (a copy or a renamed file, most likely) waits for its hash instead.
-        sizes = {size for size, _, sha in manifest["hashes"].values() if sha in manifest["dumps"]}
-        for number, p in enumerate(waiting):
-            size = p.stat().st_size
-            if size in sizes:
-                stage(hashes.sha(p), p)
-            else:
-                sizes.add(size)
-                stage_while_hashing(p, number)
+        # each dump still being hashed is staged as soon as its hash is known
+        for p in waiting:
+            stage(hashes.sha(p), p)
         order = list(dict.fromkeys([*todo, *(hashes.sha(p) for p in given)]))
     finally:
         hashes.close()
