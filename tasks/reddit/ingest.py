@@ -1291,14 +1291,19 @@ def remembered_hash(path: Path, manifest: dict[str, Any]) -> str | None:
     return known[2] if known and known[0] == st.st_size and known[1] == st.st_mtime_ns else None
 
 
+def remember_hash(path: Path, before: os.stat_result, sha: str, manifest: dict[str, Any]) -> str:
+    """Record `sha` for `path` under the size and mtime it had before it was read (`before`): a file
+    changed while it was hashed is hashed again next time."""
+    manifest["hashes"][str(path.resolve())] = [before.st_size, before.st_mtime_ns, sha]
+    return sha
+
+
 def dump_hash(path: Path, manifest: dict[str, Any]) -> str:
     """SHA-256 of the file, remembered per (path, size, mtime) so an unchanged file is hashed once."""
     if sha := remembered_hash(path, manifest):
         return sha
-    st = path.stat()
-    sha = file_sha256(path)
-    manifest["hashes"][str(path.resolve())] = [st.st_size, st.st_mtime_ns, sha]
-    return sha
+    before = path.stat()
+    return remember_hash(path, before, file_sha256(path), manifest)
 
 
 class _HashAhead:
@@ -1310,7 +1315,7 @@ class _HashAhead:
         self.manifest = manifest
         unknown = {p.resolve(): p for p in paths if remembered_hash(p, manifest) is None}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-hash")
-        # the size and mtime before hashing are what the hash is remembered under, as in `dump_hash`
+        # the size and mtime before hashing are what the hash is remembered under (`remember_hash`)
         self.futures: dict[Path, tuple[os.stat_result, Future[str]]] = {
             key: (p.stat(), self.pool.submit(file_sha256, p))
             for key, p in sorted(unknown.items(), key=lambda kv: kv[1].stat().st_size)
@@ -1325,10 +1330,8 @@ class _HashAhead:
         pending = self.futures.get(path.resolve())
         if pending is None:
             return dump_hash(path, self.manifest)
-        st, future = pending
-        sha = future.result()
-        self.manifest["hashes"][str(path.resolve())] = [st.st_size, st.st_mtime_ns, sha]
-        return sha
+        before, future = pending
+        return remember_hash(path, before, future.result(), self.manifest)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
