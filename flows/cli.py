@@ -108,15 +108,25 @@ def _print_artifacts(artifacts: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    config = prepared(args)
+def checked(config: PipelineConfig, stages: list[str] | None = None) -> None:
+    """Everything the stages (default: the run's) will need, found missing now rather than hours
+    into the run, and before Prefect starts: a missing input or a stopped server is one line
+    naming the recipe key, not a failed flow's traceback."""
     from esvr.flows.preflight import ensure_ready, format_report
 
-    # Everything the run will need, found missing now rather than hours into it (and before
-    # Prefect is imported, which takes seconds).
-    warnings = ensure_ready(config)
+    warnings = ensure_ready(config, stages)
     if warnings:
         print(format_report(warnings), file=sys.stderr)
+
+
+def options_given(args: argparse.Namespace) -> bool:
+    """Whether the command was given any of its stage options (--threads, --personas, ...)."""
+    return any(getattr(args, dest) != default for dest, default in args.option_defaults.items())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = prepared(args)
+    checked(config)
     from esvr.flows.pipeline import pipeline_flow
 
     _print_artifacts(pipeline_flow(config))
@@ -270,6 +280,8 @@ STAGE_OPTIONS: dict[str, tuple[Option, ...]] = {
 def cmd_stage(args: argparse.Namespace) -> int:
     """The stage's flow on the recipe, with the command's options as its keywords."""
     config = prepared(args)
+    if not options_given(args):  # options name other inputs than the recipe's: the flow checks those
+        checked(config, [args.stage])
     from esvr.flows.stages import STAGES_BY_NAME
 
     flow = STAGES_BY_NAME[args.stage].load()
@@ -281,6 +293,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = prepared(args)
     if args.dumps:
         config.ingest.dumps = args.dumps
+    checked(config, ["ingest"])
     from esvr.flows.ingest import ingest_flow
     from esvr.tasks.reddit.ingest import IngestError
 
@@ -304,6 +317,8 @@ def _name_specs(items: list[str]) -> dict[str, str]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = prepared(args)
+    if not options_given(args):
+        checked(config, ["evaluate"])
     from esvr.flows.evaluate import evaluate_flow
 
     artifacts = evaluate_flow(
@@ -319,6 +334,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     config = prepared(args)
+    if not options_given(args):
+        checked(config, ["report"])
     from esvr.flows.report import report_flow
     from esvr.tasks.evaluation.report import parse_tags
 
@@ -368,7 +385,7 @@ def add_command(
     if common:
         _common(p)
     dests = [p.add_argument(*flags, **kwargs).dest for flags, kwargs in options]
-    p.set_defaults(func=func, flow_options=dests)
+    p.set_defaults(func=func, flow_options=dests, option_defaults={dest: p.get_default(dest) for dest in dests})
     return p
 
 

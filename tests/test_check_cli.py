@@ -51,3 +51,36 @@ def test_check_passes_the_demo_recipe(tmp_path: Path):
     proc, _ = _esvr("check", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 error(s)" in proc.stdout or "nothing missing" in proc.stdout
+
+
+def test_a_stage_command_refuses_before_prefect_when_an_earlier_stage_has_not_run(tmp_path: Path):
+    run = tmp_path / "run"
+    label, _ = _esvr("label", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(run), cwd=ROOT)
+    ingest, _ = _esvr(
+        "ingest",
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--out",
+        str(run),
+        "--dumps",
+        str(tmp_path / "RS_2021-06.zst"),
+        cwd=ROOT,
+    )
+    for proc, line in (
+        (label, f"label reads {run / 'ingest' / 'threads.parquet'}, which the ingest stage writes, and it is not there"),
+        (ingest, f"ingest.dumps[0]: dump {tmp_path / 'RS_2021-06.zst'} does not exist"),
+    ):
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert line in proc.stderr and "Traceback" not in proc.stderr
+        assert "Starting temporary server" not in proc.stdout + proc.stderr  # Prefect never started
+
+
+def test_a_stage_command_leaves_the_check_to_the_flow_when_its_options_name_other_inputs():
+    from esvr.flows.cli import build_parser, options_given
+
+    parser = build_parser()
+    assert not options_given(parser.parse_args(["label"]))
+    assert not options_given(parser.parse_args(["simulate", "--name", "main"]))  # the default, given again
+    assert options_given(parser.parse_args(["label", "--threads", "other.parquet"]))
+    assert options_given(parser.parse_args(["evaluate", "--supporter", "Ours (SFT)=mlflow:abc"]))
+    assert options_given(parser.parse_args(["report", "--summary", "summary.json"]))
