@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -31,6 +32,23 @@ if TYPE_CHECKING:
 Option = tuple[tuple[str, ...], dict[str, Any]]
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
+
+#: errors that are the user's to fix (a missing file, a bad recipe): `main` says them in one line
+USER_ERRORS = (ConfigError, FileNotFoundError)
+
+
+class NoUserErrorTraceback(logging.Filter):
+    """Keeps a flow's or task's log line for a user error but drops its traceback: the line and
+    `main`'s message name what to fix, and a traceback would read as a crash of the program
+    (``ESVR_TRACEBACK=1`` keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS) and not os.environ.get("ESVR_TRACEBACK"):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_NO_USER_ERROR_TRACEBACK = NoUserErrorTraceback()  # one instance: addFilter keeps it once per logger
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +110,8 @@ def prepared(args: argparse.Namespace) -> PipelineConfig:
     if run_lock is not None and hasattr(args, "held"):  # `main` holds it for the command's length
         args.held.enter_context(run_folder_lock(config.run.out_dir, shared=run_lock == "shared"))
     detach_temporary_server()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NO_USER_ERROR_TRACEBACK)
     from esvr.flows.tracking import use_tracking_uri
 
     use_tracking_uri(config)  # `mlflow:<run_id>` references resolve against the run's tracking store

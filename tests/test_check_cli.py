@@ -84,3 +84,32 @@ def test_a_stage_command_leaves_the_check_to_the_flow_when_its_options_name_othe
     assert options_given(parser.parse_args(["label", "--threads", "other.parquet"]))
     assert options_given(parser.parse_args(["evaluate", "--supporter", "Ours (SFT)=mlflow:abc"]))
     assert options_given(parser.parse_args(["report", "--summary", "summary.json"]))
+
+
+def test_a_missing_input_the_flow_finds_is_one_line_without_a_traceback(tmp_path: Path):
+    args = ("label", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"))
+    proc, _ = _esvr(*args, "--threads", str(tmp_path / "absent.parquet"), cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"esvr: label: threads file not found: {tmp_path / 'absent.parquet'}" in proc.stderr
+    assert "Encountered exception during execution: FileNotFoundError" in proc.stdout + proc.stderr  # Prefect's line stays
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_the_traceback_filter_drops_only_user_errors_and_only_without_esvr_traceback(monkeypatch):
+    import logging
+
+    from esvr.flows.cli import NoUserErrorTraceback
+    from esvr.models.config import ConfigError
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", (), (type(exc), exc, None))
+
+    monkeypatch.delenv("ESVR_TRACEBACK", raising=False)
+    for user_error in (FileNotFoundError("absent.parquet"), ConfigError("bad key")):
+        kept = record(user_error)
+        assert NoUserErrorTraceback().filter(kept) and kept.exc_info is None  # the line stays, its traceback goes
+    crash = record(RuntimeError("a bug"))
+    assert NoUserErrorTraceback().filter(crash) and crash.exc_info is not None
+    monkeypatch.setenv("ESVR_TRACEBACK", "1")
+    asked = record(FileNotFoundError("absent.parquet"))
+    assert NoUserErrorTraceback().filter(asked) and asked.exc_info is not None
