@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from esvr.models.chat import ChatModel
-from esvr.models.config import ModelConfig
+from esvr.models.config import ConfigError, ModelConfig
 from esvr.prompts import load_prompt
 from esvr.tasks.common import roles
 from esvr.tasks.components.tvd import TVDMethod
@@ -300,8 +300,13 @@ def resolve_supporter(ref: str, experiment: str | None = None) -> ResolvedSuppor
         return _from_train_supporter_run(client, runs[0])
     run_id = ref[len("mlflow:") :] if ref.startswith("mlflow:") and "/" not in ref[len("mlflow:") :] else ref
     if _RUN_ID.match(run_id):
+        from mlflow.exceptions import MlflowException
+
         client = _client()
-        run = client.get_run(run_id)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            raise FileNotFoundError(f"--supporter {ref!r}: {exc.message} in the MLflow store {client.tracking_uri}") from None
         if run.data.tags.get("esvr.stage") == "train_supporter":
             return _from_train_supporter_run(client, run)
         parent = run.data.tags.get("mlflow.parentRunId")
@@ -310,7 +315,13 @@ def resolve_supporter(ref: str, experiment: str | None = None) -> ResolvedSuppor
             p = client.get_run(parent)
             tvd, rg = _recorded(p, "esvr.tvd"), _recorded(p, "esvr.rg")
         return ResolvedSupporter(roles.resolve_component(f"mlflow:{run_id}"), f"MLflow run {run_id}", tvd, rg)
-    return ResolvedSupporter(roles.resolve_component(ref), ref)
+    try:
+        return ResolvedSupporter(roles.resolve_component(ref), ref)
+    except ValueError:
+        raise ConfigError(
+            f"--supporter {ref!r}: expected an MLflow run id (32 hex digits), mlflow:<run_id>, an adapter folder "
+            "with component.json, a model spec (default, hf:<path>[+<adapter>], openai:<model>) or 'latest'"
+        ) from None
 
 
 @contextmanager

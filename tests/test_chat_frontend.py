@@ -73,3 +73,19 @@ def test_terminal_loop_streams_replies_and_quits(stub_server, tmp_path: Path):
     assert out.startswith("supporter> Hi")
     assert "your career shows real strength" in out and "988" in out
     assert len(chat.replies) == 2 and chat.replies[1].crisis
+
+
+def test_a_supporter_reference_that_names_nothing_is_a_user_error_naming_the_choices(tmp_path: Path, monkeypatch):
+    import pytest
+
+    from esvr.flows.chat import resolve_supporter
+    from esvr.models.config import ConfigError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"--supporter 'nosuchrun': expected an MLflow run id .* or 'latest'"):
+        resolve_supporter("nosuchrun")
+    absent = "0123456789abcdef0123456789abcdef"
+    with pytest.raises(
+        FileNotFoundError, match=rf"--supporter '{absent}': Run with id={absent} not found in the MLflow store sqlite"
+    ):
+        resolve_supporter(absent)
