@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from esvr.models.config import ConfigError
+from esvr.models.config import ConfigError, InputFileError
 from esvr.tasks.common.locks import LockBusy
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ Option = tuple[tuple[str, ...], dict[str, Any]]
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
 
-#: errors that are the user's to fix (a missing file, a bad recipe): `main` says them in one line
-USER_ERRORS = (ConfigError, FileNotFoundError)
+#: errors that are the user's to fix (a bad recipe, a missing or malformed file): `main` says them in one line
+USER_ERRORS = (ConfigError, FileNotFoundError, InputFileError)
 
 
 class NoUserErrorTraceback(logging.Filter):
@@ -894,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"esvr: config error:\n{exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, InputFileError) as exc:
         print(f"esvr: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The config base class, the model config and the config error: the bottom of the package.
+"""The config base class, the model config and the user-error classes: the bottom of the package.
 
 Every layer builds its settings from `Section` (models' trainers and labelers, the stages' sections
 in ``esvr.tasks``, the recipe in ``esvr.flows.config``), and every chat model of a recipe is a
@@ -21,6 +21,12 @@ BACKENDS = ("default", "openai", "hf")
 
 class ConfigError(ValueError):
     """A recipe that does not validate; the message names the key and the file."""
+
+
+class InputFileError(ValueError):
+    """A file a stage reads is not what it should be (not JSON, a column or field missing, a
+    damaged parquet); the message names the file and, where it can, the line. Like a
+    `ConfigError` it is the user's to fix: the CLI prints it in one line."""
 
 
 _AT_LEAST_1 = """

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from esvr.models.config import ModelConfig, Section
+from esvr.models.config import InputFileError, ModelConfig, Section
 from esvr.prompts import load_prompt, value_names, values
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class ValueHead:
         with np.load(path) as data:
             missing = {"weights", "bias", "meta"} - set(data.files)
             if missing:
-                raise ValueError(f"{path}: not a value head file, missing arrays {sorted(missing)}")
+                raise InputFileError(f"{path}: not a value head file, missing arrays {sorted(missing)}")
             meta = json.loads(bytes(data["meta"]).decode())
             head = cls(
                 weights=data["weights"].astype(np.float32),
@@ -201,9 +201,9 @@ class ValueHead:
             )
         expected = value_names()
         if head.names != expected:
-            raise ValueError(f"{path}: its values {head.names} are not those of prompts/values.yaml in that order")
+            raise InputFileError(f"{path}: its values {head.names} are not those of prompts/values.yaml in that order")
         if head.weights.shape[0] != len(expected) or head.bias.shape != (len(expected),):
-            raise ValueError(f"{path}: weights {head.weights.shape} / bias {head.bias.shape} do not match 20 values")
+            raise InputFileError(f"{path}: weights {head.weights.shape} / bias {head.bias.shape} do not match 20 values")
         return head
 
 

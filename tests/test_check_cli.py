@@ -95,17 +95,27 @@ def test_a_missing_input_the_flow_finds_is_one_line_without_a_traceback(tmp_path
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_a_malformed_input_file_is_one_line_naming_it_without_a_traceback(tmp_path: Path):
+    summary = tmp_path / "summary.json"
+    summary.write_text('{"rows": [')
+    args = ("report", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"))
+    proc, _ = _esvr(*args, "--summary", str(summary), cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"esvr: {summary}: not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_the_traceback_filter_drops_only_user_errors_and_only_without_esvr_traceback(monkeypatch):
     import logging
 
     from esvr.flows.cli import NoUserErrorTraceback
-    from esvr.models.config import ConfigError
+    from esvr.models.config import ConfigError, InputFileError
 
     def record(exc: BaseException) -> logging.LogRecord:
         return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", (), (type(exc), exc, None))
 
     monkeypatch.delenv("ESVR_TRACEBACK", raising=False)
-    for user_error in (FileNotFoundError("absent.parquet"), ConfigError("bad key")):
+    for user_error in (FileNotFoundError("absent.parquet"), ConfigError("bad key"), InputFileError("d.jsonl: line 3")):
         kept = record(user_error)
         assert NoUserErrorTraceback().filter(kept) and kept.exc_info is None  # the line stays, its traceback goes
     crash = record(RuntimeError("a bug"))

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from esvr.models.config import InputFileError
+
 log = logging.getLogger(__name__)
 
 Role = Literal["seeker", "supporter"]
@@ -182,14 +184,14 @@ def read_records(p: Path) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg != "Extra data":  # "Extra data" = a second document follows: JSON Lines
-            raise ValueError(f"{p}: not valid JSON: {exc}") from exc
+            raise InputFileError(f"{p}: not valid JSON: {exc}") from exc
         return _json_lines(p, text)
     if isinstance(data, dict) and isinstance(data.get("dialog"), list):
         return [data]  # JSON Lines holding one dialogue
     if isinstance(data, dict):  # some conversions wrap the list
         data = next((v for v in data.values() if isinstance(v, list)), None)
     if not isinstance(data, list):
-        raise ValueError(f"{p}: expected a list of dialogues or one dialogue per line")
+        raise InputFileError(f"{p}: expected a list of dialogues or one dialogue per line")
     return data
 
 
@@ -201,7 +203,7 @@ def _json_lines(p: Path, text: str) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}:{lineno}: not valid JSON: {exc}") from exc
+            raise InputFileError(f"{p}:{lineno}: not valid JSON: {exc}") from exc
     return records
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from esvr.models.config import InputFileError
 from esvr.tasks.common.locks import held_lock
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             try:
                 out.append(orjson.loads(line))
             except orjson.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {i} is not valid JSON ({exc})") from None
+                raise InputFileError(f"{path}: line {i} is not valid JSON ({exc})") from None
     return out
 
 
@@ -60,7 +61,7 @@ def read_jsonl_repairing(path: Path) -> list[dict[str, Any]]:
             try:
                 records.append(orjson.loads(line))
             except orjson.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {len(records) + 1} is not valid JSON ({exc}); the file is damaged") from None
+                raise InputFileError(f"{path}: line {len(records) + 1} is not valid JSON ({exc}); the file is damaged") from None
             good_end = end
         pos = end
     if good_end < len(data):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
+from esvr.models.config import InputFileError
+
 
 def read_parquet(path: str | Path, what: str, columns: frozenset[str] | set[str] = frozenset()) -> pl.DataFrame:
     """The `what` file at `path` (e.g. "threads"), which must have `columns`.
@@ -19,11 +21,11 @@ def read_parquet(path: str | Path, what: str, columns: frozenset[str] | set[str]
     try:
         df = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise ValueError(
+        raise InputFileError(
             f"{path}: not a readable {what} parquet file ({type(exc).__name__}: {exc}); it may be truncated: "
             "write it again (run the stage that makes it) or give another file"
         ) from None
     missing = columns - set(df.columns)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; has {df.columns}")
+        raise InputFileError(f"{path}: missing column(s) {sorted(missing)}; has {df.columns}")
     return df

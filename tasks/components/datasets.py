@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import polars as pl
 
-from esvr.models.config import Section
+from esvr.models.config import InputFileError, Section
 from esvr.models.emotion import POSITIVE_VALENCE
 from esvr.prompts import value_names
 from esvr.tasks.common.tables import read_parquet
@@ -98,10 +98,10 @@ def read_threads(path: str | Path) -> pl.DataFrame:
     df = read_parquet(path, "threads", _THREAD_COLUMNS)
     turn_type = df.schema["turns"]
     if not isinstance(turn_type, pl.List) or not isinstance(turn_type.inner, pl.Struct):
-        raise ValueError(f"{path}: column 'turns' must be list<struct>, got {turn_type}")
+        raise InputFileError(f"{path}: column 'turns' must be list<struct>, got {turn_type}")
     fields = {f.name for f in turn_type.inner.fields}
     if not _TURN_FIELDS <= fields:
-        raise ValueError(f"{path}: column 'turns' structs lack field(s) {sorted(_TURN_FIELDS - fields)}")
+        raise InputFileError(f"{path}: column 'turns' structs lack field(s) {sorted(_TURN_FIELDS - fields)}")
     return df
 
 

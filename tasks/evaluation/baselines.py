@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from esvr.models.chat import ChatModel, Message
+from esvr.models.config import InputFileError
 from esvr.prompts import load_prompt
 from esvr.tasks.simulation.supporter import (
     Supporter,
@@ -92,11 +93,11 @@ def _read_json_records(path: Path) -> list[Any]:
                 try:
                     data.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {i} is neither part of a JSON document nor a JSON line: {exc}") from None
+                    raise InputFileError(f"{path}: line {i} is neither part of a JSON document nor a JSON line: {exc}") from None
     if isinstance(data, dict):  # some releases wrap the list, e.g. {"data": [...]}
         data = next((v for v in data.values() if isinstance(v, list)), None)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+        raise InputFileError(f"{path}: expected a JSON list of records")
     return data
 
 
@@ -157,7 +158,7 @@ def load_corpus(kind: CorpusKind, path: str | os.PathLike[str]) -> list[Utteranc
         for i, rec in enumerate(records):
             if not isinstance(rec, Mapping) or "input" not in rec or "output" not in rec:
                 keys = sorted(rec) if isinstance(rec, Mapping) else type(rec).__name__
-                raise ValueError(f"{p}: record {i} needs 'input' and 'output' fields (has {keys})")
+                raise InputFileError(f"{p}: record {i} needs 'input' and 'output' fields (has {keys})")
             out.append(_merge([{"role": "seeker", "text": str(rec["input"])}, {"role": "supporter", "text": str(rec["output"])}]))
         return out
     raise ValueError(f"unknown corpus kind {kind!r}; expected esconv, extes or psych8k")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from esvr.models.chat import ChatModel, ChatRequest, Message
+from esvr.models.config import InputFileError
 from esvr.prompts import load_prompt
 from esvr.tasks.evaluation.metrics import (
     classification_metrics,
@@ -485,10 +486,10 @@ def read_human_ratings(path: str | Path) -> list[dict[str, Any]]:
         cols = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in ID_COLUMNS if c not in cols]
         if missing:
-            raise ValueError(f"{p}: missing column(s) {missing}; the header must start with supporter,persona_id")
+            raise InputFileError(f"{p}: missing column(s) {missing}; the header must start with supporter,persona_id")
         unknown = [c for c in cols if c not in known and c not in ID_COLUMNS]
         if unknown:
-            raise ValueError(f"{p}: unknown column(s) {unknown}; criteria are {sorted(known)}")
+            raise InputFileError(f"{p}: unknown column(s) {unknown}; criteria are {sorted(known)}")
         rows = []
         for i, raw in enumerate(reader, 2):
             row: dict[str, Any] = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
@@ -499,7 +500,7 @@ def read_human_ratings(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     row[c] = float(row[c])
                 except ValueError:
-                    raise ValueError(f"{p}: line {i}, column '{c}': {row[c]!r} is not a number") from None
+                    raise InputFileError(f"{p}: line {i}, column '{c}': {row[c]!r} is not a number") from None
             rows.append(row)
     return rows
 

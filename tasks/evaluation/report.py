@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from esvr.models.config import InputFileError
 from esvr.tasks.evaluation.judges import criterion_labels
 
 PERSPECTIVE_LABELS = {"seeker": "Seeker", "supporter": "Supporter"}
@@ -45,10 +46,10 @@ def load_summary(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"no evaluation summary {p}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not valid JSON: {exc}") from None
+        raise InputFileError(f"{p}: not valid JSON: {exc}") from None
     for key in ("reference", "criteria", "models"):
         if key not in data:
-            raise ValueError(f"{p}: not an evaluation summary (no '{key}' field)")
+            raise InputFileError(f"{p}: not an evaluation summary (no '{key}' field)")
     return data
 
 

@@ -33,7 +33,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from esvr.models.chat import ChatModel, ChatRequest, Message
-from esvr.models.config import ModelConfig, Section
+from esvr.models.config import InputFileError, ModelConfig, Section
 from esvr.prompts import load_prompt, load_taxonomy, values
 from esvr.tasks.common.jsonl import write_jsonl
 from esvr.tasks.common.roles import chat_model
@@ -773,7 +773,7 @@ def read_personas(path: str | Path, splits: Sequence[str] | None = None) -> list
             out.append(p)
     if found:
         more = f" (and {len(found) - 10} more)" if len(found) > 10 else ""
-        raise ValueError(f"{path}: " + " | ".join(found[:10]) + more)
+        raise InputFileError(f"{path}: " + " | ".join(found[:10]) + more)
     return out
 
 
@@ -950,7 +950,7 @@ def read_persona_sources(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for i, rec in enumerate(read_records(p), start=1):
         if not isinstance(rec, dict):
-            raise ValueError(f"{p}: record {i} is a {type(rec).__name__}, expected an object")
+            raise InputFileError(f"{p}: record {i} is a {type(rec).__name__}, expected an object")
         out.append((f"{p}: record {i}", rec))
     return out
 

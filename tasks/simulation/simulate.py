@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from esvr.models.chat import ChatModel
-from esvr.models.config import ModelConfig, Section
+from esvr.models.config import InputFileError, ModelConfig, Section
 from esvr.models.emotion import EmotionConfig
 from esvr.tasks.common import roles
 from esvr.tasks.common.jsonl import append_jsonl, exclusive, read_jsonl_repairing
@@ -506,7 +506,7 @@ def load_dialogues(path: str | os.PathLike[str], *, complete_only: bool = False)
     for i, rec in enumerate(read_jsonl_repairing(path), 1):
         for key in ("id", "utterances", "turns", "end_reason", "complete"):
             if key not in rec:
-                raise ValueError(f"{path}: line {i} has no '{key}' field")
+                raise InputFileError(f"{path}: line {i} has no '{key}' field")
         if not complete_only or rec["complete"]:
             out.append(rec)
     return out

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 from pydantic import field_validator
 
-from esvr.models.config import ModelConfig, Section
+from esvr.models.config import InputFileError, ModelConfig, Section
 from esvr.models.emotion import EmotionConfig
 from esvr.models.training import TrainConfig
 from esvr.models.value_detector import ValueDetectorConfig
@@ -476,9 +476,9 @@ def read_rollouts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for i, r in enumerate(rows, 1):
         for key in ("key", "dialogue_id", "turn", "kind", "at", "continuation"):
             if key not in r:
-                raise ValueError(f"{path}: line {i} has no '{key}' field")
+                raise InputFileError(f"{path}: line {i} has no '{key}' field")
         if r["kind"] not in CANDIDATES:
-            raise ValueError(f"{path}: line {i}: kind {r['kind']!r} is not one of {CANDIDATES}")
+            raise InputFileError(f"{path}: line {i}: kind {r['kind']!r} is not one of {CANDIDATES}")
     return rows
 
 
