@@ -33,8 +33,14 @@ Option = tuple[tuple[str, ...], dict[str, Any]]
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
 
-#: errors that are the user's to fix (a bad recipe, a missing or malformed file): `main` says them in one line
-USER_ERRORS = (ConfigError, FileNotFoundError, InputFileError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's to fix (a bad recipe, a missing or malformed file, a damaged
+    dump): `main` says them in one line with exit status 2. Imported when asked, so that
+    `esvr --help` does not load the ingest."""
+    from esvr.tasks.reddit.ingest import IngestError
+
+    return (ConfigError, FileNotFoundError, InputFileError, IngestError)
 
 
 class NoUserErrorTraceback(logging.Filter):
@@ -43,7 +49,7 @@ class NoUserErrorTraceback(logging.Filter):
     (``ESVR_TRACEBACK=1`` keeps it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS) and not os.environ.get("ESVR_TRACEBACK"):
+        if record.exc_info and isinstance(record.exc_info[1], user_errors()) and not os.environ.get("ESVR_TRACEBACK"):
             record.exc_info = record.exc_text = None
         return True
 
@@ -315,13 +321,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         config.ingest.dumps = args.dumps
     checked(config, ["ingest"])
     from esvr.flows.ingest import ingest_flow
-    from esvr.tasks.reddit.ingest import IngestError
 
-    try:
-        _print_artifacts(ingest_flow(config))
-    except IngestError as exc:
-        print(f"esvr ingest: {exc}", file=sys.stderr)
-        return 1
+    _print_artifacts(ingest_flow(config))
     return 0
 
 
@@ -894,9 +895,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"esvr: config error:\n{exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, InputFileError) as exc:
-        print(f"esvr: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("esvr: interrupted; rerun the same command to resume (finished work is kept and cached)", file=sys.stderr)
         return 130
@@ -905,6 +903,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, LocalServerError):
             print(f"esvr: local server: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, user_errors()):
+            print(f"esvr: {exc}", file=sys.stderr)
             return 2
         if os.environ.get("ESVR_TRACEBACK"):
             raise

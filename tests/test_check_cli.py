@@ -105,17 +105,36 @@ def test_a_malformed_input_file_is_one_line_naming_it_without_a_traceback(tmp_pa
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_a_damaged_dump_is_one_line_naming_it_and_where_without_a_traceback(tmp_path: Path):
+    from esvr.tasks.reddit.sample_dump import make_sample_dump
+
+    make_sample_dump(tmp_path / "dumps", months=["2021-06"], posts=20)
+    posts, comments = tmp_path / "dumps" / "RS_2021-06.zst", tmp_path / "dumps" / "RC_2021-06.zst"
+    comments.write_bytes(comments.read_bytes()[: comments.stat().st_size // 2])  # a download cut short
+    args = ("ingest", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"))
+    proc, _ = _esvr(*args, "--dumps", str(posts), str(comments), cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "esvr: damaged dump(s)" in proc.stderr and f"{comments}: truncated zstd stream" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_the_traceback_filter_drops_only_user_errors_and_only_without_esvr_traceback(monkeypatch):
     import logging
 
     from esvr.flows.cli import NoUserErrorTraceback
     from esvr.models.config import ConfigError, InputFileError
+    from esvr.tasks.reddit.ingest import NoThreadsError
 
     def record(exc: BaseException) -> logging.LogRecord:
         return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", (), (type(exc), exc, None))
 
     monkeypatch.delenv("ESVR_TRACEBACK", raising=False)
-    for user_error in (FileNotFoundError("absent.parquet"), ConfigError("bad key"), InputFileError("d.jsonl: line 3")):
+    for user_error in (
+        FileNotFoundError("absent.parquet"),
+        ConfigError("bad key"),
+        InputFileError("d.jsonl: line 3"),
+        NoThreadsError("no thread"),
+    ):
         kept = record(user_error)
         assert NoUserErrorTraceback().filter(kept) and kept.exc_info is None  # the line stays, its traceback goes
     crash = record(RuntimeError("a bug"))
