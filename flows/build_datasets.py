@@ -45,9 +45,10 @@ def build_datasets_flow(
     paths = RunPaths(config.run.out_dir.resolve())
     threads_path = Path(threads) if threads else paths.out_dir / "ingest" / "threads.parquet"
     labels_path = Path(labels) if labels else paths.out_dir / "label" / "labels.parquet"
-    for what, path, stage in (("threads", threads_path, "ingest"), ("labels", labels_path, "label")):
+    for what, given, path, stage in (("threads", threads, threads_path, "ingest"), ("labels", labels, labels_path, "label")):
         if not path.is_file():
-            raise FileNotFoundError(f"build_datasets: {what} file not found: {path} (run the {stage} stage first)")
+            hint = "" if given else f" (run the {stage} stage first)"
+            raise FileNotFoundError(f"build_datasets: {what} file not found: {path}{hint}")
     with tracking.flow_run("build_datasets", config, section="datasets", prompts=PROMPTS):
         cfg = config.datasets
         if cfg.value_threshold is None:  # a value is observed where the labelling detector says so

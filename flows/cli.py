@@ -910,10 +910,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ESVR_TRACEBACK"):
             raise
         # The flow's log above holds the traceback; finished stages stay cached in the run folder.
+        runs_stages = hasattr(args, "stage") or args.command in ("run", "rehearse")
+        resume = "finished stages are kept and cached: fix the cause and run the same command to resume " if runs_stages else ""
         print(
-            f"esvr {args.command}: failed: {type(exc).__name__}: {exc}\n"
-            "finished stages are kept and cached: fix the cause and run the same command to resume "
-            "(ESVR_TRACEBACK=1 shows the traceback here)",
+            f"esvr {args.command}: failed: {type(exc).__name__}: {exc}\n{resume}(ESVR_TRACEBACK=1 shows the traceback here)",
             file=sys.stderr,
         )
         return 1

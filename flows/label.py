@@ -86,7 +86,8 @@ def label_flow(config: PipelineConfig, threads: str | Path | None = None) -> dic
     paths = RunPaths(config.run.out_dir.resolve())
     threads_path = Path(threads) if threads else paths.out_dir / "ingest" / "threads.parquet"
     if not threads_path.is_file():
-        raise FileNotFoundError(f"label: threads file not found: {threads_path} (run the ingest stage first)")
+        hint = "" if threads else " (run the ingest stage first)"
+        raise FileNotFoundError(f"label: threads file not found: {threads_path}{hint}")
     cfg = config.label
     with tracking.flow_run(
         "label",

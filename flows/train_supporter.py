@@ -95,7 +95,8 @@ def train_supporter_flow(
     paths = RunPaths(config.run.out_dir.resolve())
     dialogues = Path(dialogues_path) if dialogues_path else paths.out_dir / "simulate" / "main" / "dialogues.jsonl"
     if not dialogues.exists():
-        raise FileNotFoundError(f"train_supporter: no dialogues file {dialogues} (run the simulate stage first)")
+        hint = "" if dialogues_path else " (run the simulate stage first)"
+        raise FileNotFoundError(f"train_supporter: no dialogues file {dialogues}{hint}")
     tvd_cfg = config.simulate.tvd if tvd is None else model_config(tvd)
     rg_cfg = config.simulate.rg if rg is None else model_config(rg)
     stage_dir = paths.stage("train_supporter")

@@ -90,7 +90,7 @@ def test_a_missing_input_the_flow_finds_is_one_line_without_a_traceback(tmp_path
     args = ("label", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "run"))
     proc, _ = _esvr(*args, "--threads", str(tmp_path / "absent.parquet"), cwd=ROOT)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"esvr: label: threads file not found: {tmp_path / 'absent.parquet'}" in proc.stderr
+    assert f"esvr: label: threads file not found: {tmp_path / 'absent.parquet'}\n" in proc.stderr  # given: no "run ingest first"
     assert "Encountered exception during execution: FileNotFoundError" in proc.stdout + proc.stderr  # Prefect's line stays
     assert "Traceback" not in proc.stdout + proc.stderr
 
@@ -142,3 +142,19 @@ def test_the_traceback_filter_drops_only_user_errors_and_only_without_esvr_trace
     monkeypatch.setenv("ESVR_TRACEBACK", "1")
     asked = record(FileNotFoundError("absent.parquet"))
     assert NoUserErrorTraceback().filter(asked) and asked.exc_info is not None
+
+
+def test_the_failure_line_offers_a_resume_only_where_stages_resume(monkeypatch, capsys):
+    from esvr.flows import cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.delenv("ESVR_TRACEBACK", raising=False)
+    for command in ("cmd_stage", "cmd_run", "cmd_chat", "cmd_compare"):  # main's parser takes them from the module
+        monkeypatch.setattr(cli, command, broken)
+    for argv, resumes in ((["label"], True), (["run"], True), (["chat"], False), (["compare", "a", "b"], False)):
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"esvr {argv[0]}: failed: RuntimeError: a bug" in err
+        assert ("run the same command to resume" in err) == resumes, err
