@@ -64,6 +64,8 @@ def recipe_chain(path: str | Path) -> list[Path]:
             raise ConfigError(f"{resolved}: 'extends' must be the path of another recipe, got {parent!r}")
         else:
             current = resolved.parent / parent
+            if not current.exists():
+                raise ConfigError(f"{resolved}: 'extends: {parent}' names no file ({current} not found)")
     return chain
 
 

@@ -46,9 +46,9 @@ def test_cycle_is_an_error_naming_the_files(tmp_path: Path):
     assert "a.yaml" in str(err.value) and "b.yaml" in str(err.value)
 
 
-def test_missing_parent_names_it(tmp_path: Path):
+def test_missing_parent_names_it_and_the_recipe_that_extends_it(tmp_path: Path):
     child = write(tmp_path / "child.yaml", "extends: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match="nowhere.yaml"):
+    with pytest.raises(ConfigError, match=r"child.yaml: 'extends: nowhere.yaml' names no file \(.*nowhere.yaml not found\)"):
         load_config(child)
 
 
