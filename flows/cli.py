@@ -150,6 +150,13 @@ def options_given(args: argparse.Namespace) -> bool:
     return any(getattr(args, dest) != default for dest, default in args.option_defaults.items())
 
 
+def checked_stage(args: argparse.Namespace, config: PipelineConfig) -> None:
+    """`checked` for a stage's own command; options that name other inputs than the recipe's
+    leave the check to the stage's flow, which finds what is missing itself."""
+    if not options_given(args):
+        checked(config, [args.stage])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = prepared(args)
     checked(config)
@@ -306,8 +313,7 @@ STAGE_OPTIONS: dict[str, tuple[Option, ...]] = {
 def cmd_stage(args: argparse.Namespace) -> int:
     """The stage's flow on the recipe, with the command's options as its keywords."""
     config = prepared(args)
-    if not options_given(args):  # options name other inputs than the recipe's: the flow checks those
-        checked(config, [args.stage])
+    checked_stage(args, config)
     from esvr.flows.stages import STAGES_BY_NAME
 
     flow = STAGES_BY_NAME[args.stage].load()
@@ -338,8 +344,7 @@ def _name_specs(items: list[str]) -> dict[str, str]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = prepared(args)
-    if not options_given(args):
-        checked(config, ["evaluate"])
+    checked_stage(args, config)
     from esvr.flows.evaluate import evaluate_flow
 
     artifacts = evaluate_flow(
@@ -355,8 +360,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     config = prepared(args)
-    if not options_given(args):
-        checked(config, ["report"])
+    checked_stage(args, config)
     from esvr.flows.report import report_flow
     from esvr.tasks.evaluation.report import parse_tags
 
